@@ -1,0 +1,93 @@
+"""The `bnlab` command: `train` (a Hydra app), `data fetch|list` and `summarize`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+
+from bnlab.config import ConfigError, DataConfig, TrainConfig
+from bnlab.data import DATASETS, DataError, fetch, file_report
+from bnlab.summarize import summarize
+from bnlab.train import results_table, train
+
+log = logging.getLogger("bnlab")
+console = Console()
+
+# A run directory is named by its overrides (`norm=batch,optim.lr=0.1`), or `default` when there are none.
+OmegaConf.register_new_resolver("bnlab.run_name", lambda overrides: overrides or "default", replace=True)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://bnlab.conf", config_name="train")
+def train_app(dcfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    console.print(Syntax(OmegaConf.to_yaml(dcfg), "yaml", background_color="default"))
+    log.info("run directory: %s", run_dir)
+    cfg: TrainConfig = OmegaConf.to_object(dcfg)
+    try:
+        summary = train(cfg, run_dir, console)
+    except Exception as e:
+        if hc.mode == RunMode.MULTIRUN:  # the sweep goes on; its table shows this run as failed
+            log.error("%s", e, exc_info=not isinstance(e, (ConfigError, DataError)))
+            return
+        if isinstance(e, (ConfigError, DataError)):
+            log.error("%s", e)
+            sys.exit(2)
+        raise
+    console.print(results_table(run_dir.name, summary))
+
+
+def data_root(arg: str | None) -> Path:
+    return Path(arg or OmegaConf.structured(DataConfig).root).expanduser()
+
+
+def data_list(root: Path) -> None:
+    table = Table(title=f"datasets under {root}")
+    for col in ("dataset", "file", "status"):
+        table.add_column(col)
+    for name in DATASETS:
+        for path, status in file_report(name, root):
+            table.add_row(name, str(path), status)
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        sys.argv = [f"{Path(sys.argv[0]).name} train", *argv[1:]]
+        train_app()
+        return
+    parser = argparse.ArgumentParser(prog="bnlab", description="Batch normalization vs no normalization experiments.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train one model, or a sweep with -m (a Hydra app: bnlab train --help)")
+    data = sub.add_parser("data", help="fetch and check the datasets").add_subparsers(dest="action", required=True)
+    fetch_p = data.add_parser("fetch", help="download or copy a dataset into the data root and verify it")
+    fetch_p.add_argument("name", choices=[n for n in DATASETS if n != "synthetic"])
+    list_p = data.add_parser("list", help="show which dataset files are present and verified")
+    for p in (fetch_p, list_p):
+        p.add_argument("--root", help="data root (default: $BNLAB_DATA or ~/.cache/bnlab/data)")
+    summ = sub.add_parser("summarize", help="print the table of the runs below a sweep or runs folder")
+    summ.add_argument("dirs", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+
+    if args.command == "data" and args.action == "fetch":
+        try:
+            fetch(args.name, data_root(args.root), log=console.print)
+        except DataError as e:
+            console.print(f"[red]error:[/] {e}")
+            sys.exit(2)
+    elif args.command == "data":
+        data_list(data_root(args.root))
+    elif args.command == "summarize":
+        for d in args.dirs:
+            summarize(d, console)

@@ -1,0 +1,156 @@
+"""Structured configs: one dataclass per Hydra config group, and their validation at start-up.
+
+The YAML files under conf/ only pick values; every key, its type and its default lives here, so a
+typo in an override is refused by Hydra and a wrong value is refused by `validate` before any data
+is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"  # mlp | cnn | resnet
+    widths: list[int] = field(default_factory=lambda: [100, 100, 100])  # mlp: units per hidden layer; cnn, resnet: channels per stage
+    blocks: int = 1  # resnet: basic residual blocks per stage
+    activation: str = "relu"  # relu | sigmoid | tanh | gelu
+    init: str = "default"  # default: PyTorch's init; normal: weights ~ N(0, init_std), biases 0
+    init_std: float = 0.05  # standard deviation of the normal init (BRIEF: 0.05 good, 5 bad)
+    bias: str = "auto"  # auto: drop the bias of a layer that a norm follows | true | false
+
+
+@dataclass
+class NormConfig:
+    name: str = "batch"  # a key of bnlab.norms.NORMS
+    placement: str = "before_act"  # before_act: layer -> norm -> act; after_act: layer -> act -> norm
+    eps: float = 1e-5  # added to the variance before the square root
+    momentum: float = 0.1  # running statistics: run = (1 - momentum) * run + momentum * batch
+    affine: bool = True  # learn a per-channel scale gamma and shift beta
+    groups: int = 4  # group: channel groups (must divide every layer's channel count)
+    virtual_batch_size: int = 16  # ghost_batch: examples per virtual batch
+    r_max: float = 3.0  # batch_renorm: final clip of r = sigma_B / sigma
+    d_max: float = 5.0  # batch_renorm: final clip of d = (mu_B - mu) / sigma
+    renorm_warmup: int = 5000  # batch_renorm: steps of plain BN (r_max = 1, d_max = 0)
+    r_max_steps: int = 40000  # batch_renorm: step at which r_max is reached (linear ramp after warm-up)
+    d_max_steps: int = 25000  # batch_renorm: step at which d_max is reached (linear ramp after warm-up)
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"  # mnist | fashion_mnist | cifar10 | synthetic
+    root: str = "${oc.env:BNLAB_DATA,'~/.cache/bnlab/data'}"  # torchvision's on-disk layout below it
+    batch_size: int = 60  # examples per training step
+    download: bool = True  # fetch missing files on first use
+    normalize: bool = False  # standardize inputs per channel with train-set statistics (off: pixels in [0, 1])
+    num_train: int = 2048  # synthetic: training examples
+    num_test: int = 512  # synthetic: test examples
+    num_classes: int = 10  # synthetic: classes
+    channels: int = 1  # synthetic: image channels
+    image_size: int = 28  # synthetic: image height and width in pixels
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adam
+    lr: float = 0.01  # learning rate per step
+    momentum: float = 0.0  # sgd: heavy-ball momentum (0 = plain SGD)
+    weight_decay: float = 0.0  # L2 penalty coefficient
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 3000  # optimizer steps (iterations)
+    eval_every: int = 100  # steps between test evaluations (the resolution of iterations-to-threshold)
+    device: str = "auto"  # auto | cpu | cuda | mps
+
+
+@dataclass
+class ThresholdConfig:
+    metric: str = "test_acc"  # test_acc | train_acc | test_loss | train_loss
+    values: list[float] = field(default_factory=lambda: [0.90, 0.95, 0.97])  # acc: reach >= value; loss: reach <= value
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    seed: int = 0  # seeds the weights, the batch order and synthetic data
+
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+BIAS_CHOICES = ("auto", "true", "false")
+INIT_CHOICES = ("default", "normal")
+PLACEMENTS = ("before_act", "after_act")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+THRESHOLD_METRICS = ("test_acc", "train_acc", "test_loss", "train_loss")
+BATCH_STAT_NORMS = ("batch", "batch_manual", "batch_renorm", "ghost_batch")
+
+
+class ConfigError(ValueError):
+    """A config value that bnlab refuses; the message names the key, the value and what is accepted."""
+
+
+def _choice(key: str, value: str, accepted) -> None:
+    accepted = list(accepted)
+    if value in accepted:
+        return
+    close = difflib.get_close_matches(str(value), accepted, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"{key}={value!r} is not accepted; accepted values: {', '.join(accepted)}.{hint}")
+
+
+def _require(ok: bool, key: str, value, accepted: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not accepted; accepted values: {accepted}.")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse a config that cannot train, before any data is loaded or any run directory written."""
+    from bnlab.data import DATASETS
+    from bnlab.models import ACTIVATIONS, MODELS
+    from bnlab.norms import NORMS
+    from bnlab.optim import OPTIMIZERS
+
+    m, n, d, o, t = cfg.model, cfg.norm, cfg.data, cfg.optim, cfg.trainer
+    _choice("model.name", m.name, MODELS)
+    _choice("model.activation", m.activation, ACTIVATIONS)
+    _choice("model.init", m.init, INIT_CHOICES)
+    _choice("model.bias", m.bias.lower(), BIAS_CHOICES)
+    _require(len(m.widths) > 0 and all(w > 0 for w in m.widths), "model.widths", m.widths, "a non-empty list of positive integers")
+    _require(m.blocks >= 1, "model.blocks", m.blocks, "an integer >= 1")
+    _require(m.init_std > 0, "model.init_std", m.init_std, "a number > 0")
+    _choice("norm.name", n.name, NORMS)
+    _choice("norm.placement", n.placement, PLACEMENTS)
+    _require(n.eps > 0, "norm.eps", n.eps, "a number > 0")
+    _require(0 <= n.momentum <= 1, "norm.momentum", n.momentum, "a number in [0, 1]")
+    _require(n.groups >= 1, "norm.groups", n.groups, "an integer >= 1")
+    if n.name == "group":
+        bad = [w for w in m.widths if w % n.groups]
+        _require(not bad, "norm.groups", n.groups, f"a divisor of every width in model.widths={m.widths} (not of {bad})")
+    _require(n.virtual_batch_size >= 2, "norm.virtual_batch_size", n.virtual_batch_size, "an integer >= 2")
+    _require(n.r_max >= 1, "norm.r_max", n.r_max, "a number >= 1")
+    _require(n.d_max >= 0, "norm.d_max", n.d_max, "a number >= 0")
+    _choice("data.name", d.name, DATASETS)
+    min_batch = 2 if n.name in BATCH_STAT_NORMS else 1
+    _require(d.batch_size >= min_batch, "data.batch_size", d.batch_size, f"an integer >= {min_batch} with norm={n.name}")
+    _choice("optim.name", o.name, OPTIMIZERS)
+    _require(o.lr > 0, "optim.lr", o.lr, "a number > 0")
+    _require(o.momentum >= 0, "optim.momentum", o.momentum, "a number >= 0")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+    _require(t.max_steps > 0, "trainer.max_steps", t.max_steps, "an integer > 0")
+    _require(t.eval_every > 0, "trainer.eval_every", t.eval_every, "an integer > 0")
+    _choice("trainer.device", t.device, DEVICES)
+    _choice("threshold.metric", cfg.threshold.metric, THRESHOLD_METRICS)
+    if cfg.threshold.metric.endswith("_acc"):
+        bad = [v for v in cfg.threshold.values if not 0 <= v <= 1]
+        _require(not bad, "threshold.values", list(cfg.threshold.values), "accuracies in [0, 1]")

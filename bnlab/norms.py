@@ -1,0 +1,244 @@
+"""Normalization layers, chosen by name from one registry (`NORMS`, used through `create_norm`).
+
+Every constructor takes the channel count first and the `NormConfig` second, and every layer works
+on feature vectors (N, C) from an MLP and on feature maps (N, C, H, W) from a conv net, in train and
+eval mode. This module owns the layers themselves: torch's batch norm, a from-scratch batch norm to
+read, Batch Renormalization with its r_max/d_max schedule, Ghost batch norm, layer, group, instance
+and RMS norm, and `none` (no layer at all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+if TYPE_CHECKING:
+    from bnlab.config import NormConfig
+
+
+def _per_channel(v: Tensor, x: Tensor) -> Tensor:
+    """View a per-channel vector (C,) so that it broadcasts against x of shape (N, C) or (N, C, H, W)."""
+    return v.view(1, -1, *[1] * (x.dim() - 2))
+
+
+def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel mean, biased variance and unbiased variance of x over every dim but C (dim 1)."""
+    dims = [0, *range(2, x.dim())]
+    count = x.numel() // x.shape[1]  # values per channel: N, or N * H * W
+    if count < 2:
+        raise ValueError(f"batch statistics need more than 1 value per channel, got input of shape {tuple(x.shape)}")
+    mean = x.mean(dims)
+    var = (x - _per_channel(mean, x)).square().mean(dims)  # biased: divides by count
+    return mean, var, var * count / (count - 1)
+
+
+class _ChannelAffine(nn.Module):
+    """Holds the learned per-channel scale `weight` (gamma, starts at 1) and shift `bias` (beta, starts at 0)."""
+
+    def __init__(self, channels: int, affine: bool, shift: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(channels)) if affine and shift else None
+
+    def _scale_shift(self, x_hat: Tensor) -> Tensor:
+        if self.weight is not None:
+            x_hat = x_hat * _per_channel(self.weight, x_hat)
+        if self.bias is not None:
+            x_hat = x_hat + _per_channel(self.bias, x_hat)
+        return x_hat
+
+
+@torch.no_grad()
+def _update_running(norm: nn.Module, mean: Tensor, var_unbiased: Tensor) -> None:
+    """One step of the moving averages: run = (1 - momentum) * run + momentum * batch."""
+    norm.running_mean.lerp_(mean, norm.momentum)
+    norm.running_var.lerp_(var_unbiased, norm.momentum)
+    norm.num_batches_tracked += 1
+
+
+class BatchNorm(_BatchNorm):
+    """torch's batch norm (F.batch_norm) for feature vectors (N, C) and feature maps (N, C, H, W) alike."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (2, 4):
+            raise ValueError(f"expected input of shape (N, C) or (N, C, H, W), got {tuple(input.shape)}")
+
+
+class ManualBatchNorm(_ChannelAffine):
+    """Batch norm from scratch in plain tensor ops, to be read; autograd does the backward pass.
+
+    Train mode: normalize with the batch mean and biased batch variance over every dim but C, then
+    fold those into the running statistics (the variance unbiased, as torch does). Eval mode:
+    normalize with the running statistics. Matches torch's BatchNorm1d/2d to float rounding.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True) -> None:
+        super().__init__(channels, affine)
+        self.eps = eps  # added to the variance before the square root
+        self.momentum = momentum  # weight of the current batch in the running statistics
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            mean, var, var_unbiased = _batch_moments(x)
+            _update_running(self, mean, var_unbiased)
+        else:
+            mean, var = self.running_mean, self.running_var
+        x_hat = (x - _per_channel(mean, x)) / torch.sqrt(_per_channel(var, x) + self.eps)
+        return self._scale_shift(x_hat)
+
+
+class BatchRenorm(_ChannelAffine):
+    """Batch Renormalization (Ioffe 2017): batch norm corrected towards the running statistics.
+
+    Train mode, with sigma_B = sqrt(var_B + eps) from the biased batch variance var_B:
+    y = gamma * ((x - mu_B) / sigma_B * r + d) + beta, where r = clip(sigma_B / sigma, 1/r_max, r_max)
+    and d = clip((mu_B - mu) / sigma, -d_max, d_max) carry no gradient. Eval mode: y = gamma * (x - mu) / sigma + beta.
+    The running mean mu starts at 0 and the running std sigma at 1; both are moving averages with
+    `momentum`, sigma of sqrt(unbiased batch variance + eps), so that it estimates the population std
+    as torch's running_var does the variance. r_max and d_max follow a schedule in training steps,
+    counted by `num_batches_tracked` (see `limits`).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = True,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup: int = 5000,
+        r_max_steps: int = 40000,
+        d_max_steps: int = 25000,
+    ) -> None:
+        super().__init__(channels, affine)
+        self.eps = eps  # added to the variance before the square root
+        self.momentum = momentum  # weight of the current batch in the running statistics
+        self.r_max, self.d_max = r_max, d_max  # final clips of r and d
+        self.warmup = warmup  # steps of plain batch norm (r_max = 1, d_max = 0)
+        self.r_max_steps, self.d_max_steps = r_max_steps, d_max_steps  # steps at which the final clips are reached
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_std", torch.ones(channels))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def _ramp(self, end: int) -> float:
+        """0 until the warm-up ends, then rising linearly to 1 at step `end` (at once if end <= warmup)."""
+        step = int(self.num_batches_tracked)
+        if step < self.warmup:
+            return 0.0
+        if end <= self.warmup:
+            return 1.0
+        return min(1.0, (step - self.warmup) / (end - self.warmup))
+
+    def limits(self) -> tuple[float, float]:
+        """(r_max, d_max) for the next training step: (1, 0) in the warm-up, then linear ramps to the final clips."""
+        return 1.0 + (self.r_max - 1.0) * self._ramp(self.r_max_steps), self.d_max * self._ramp(self.d_max_steps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return self._scale_shift((x - _per_channel(self.running_mean, x)) / _per_channel(self.running_std, x))
+        mean, var, var_unbiased = _batch_moments(x)
+        std = torch.sqrt(var + self.eps)
+        r_max, d_max = self.limits()
+        with torch.no_grad():
+            r = (std / self.running_std).clamp(1.0 / r_max, r_max)
+            d = ((mean - self.running_mean) / self.running_std).clamp(-d_max, d_max)
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_std.lerp_(torch.sqrt(var_unbiased + self.eps), self.momentum)
+            self.num_batches_tracked += 1
+        x_hat = (x - _per_channel(mean, x)) / _per_channel(std, x) * _per_channel(r, x) + _per_channel(d, x)
+        return self._scale_shift(x_hat)
+
+
+class GhostBatchNorm(BatchNorm):
+    """Ghost batch norm (Hoffer et al. 2017): in training, each virtual sub-batch is normalized on its own.
+
+    A batch of N examples is split into k = round(N / virtual_batch_size) nearly equal chunks (at
+    least 1, at most N // 2 so that no chunk holds a single example). The running statistics take
+    one step per training batch, towards the mean over chunks of the chunk means and of the unbiased
+    chunk variances: the within-virtual-batch statistics each example was normalized with. Eval mode,
+    and training with k = 1, is exactly torch's batch norm.
+    """
+
+    def __init__(
+        self, channels: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True, virtual_batch_size: int = 16
+    ) -> None:
+        super().__init__(channels, eps=eps, momentum=momentum, affine=affine)
+        self.virtual_batch_size = virtual_batch_size  # examples per virtual batch
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        k = max(1, min(round(n / self.virtual_batch_size), n // 2))
+        if not self.training or k == 1:
+            return super().forward(x)
+        self._check_input_dim(x)
+        chunks = x.tensor_split(k)
+        with torch.no_grad():
+            means, _, vars_unbiased = zip(*map(_batch_moments, chunks))
+        _update_running(self, torch.stack(means).mean(0), torch.stack(vars_unbiased).mean(0))
+        return torch.cat([F.batch_norm(c, None, None, self.weight, self.bias, training=True, eps=self.eps) for c in chunks])
+
+
+class InstanceNorm(nn.GroupNorm):
+    """Instance norm: each (example, channel) of a feature map normalized over H, W (GroupNorm(C, C)).
+
+    A feature vector (N, C) has no spatial positions, so there the whole vector is the instance and it
+    is normalized over its C features, which is layer norm.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__(channels, channels, eps=eps, affine=affine)
+
+    def forward(self, x: Tensor) -> Tensor:
+        groups = self.num_groups if x.dim() > 2 else 1
+        return F.group_norm(x, groups, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(_ChannelAffine):
+    """RMS norm: y = x / sqrt(mean(x^2) + eps) * gamma, the mean over each example's C (or C, H, W) values."""
+
+    def __init__(self, channels: int, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__(channels, affine, shift=False)
+        self.eps = eps  # added to the mean square before the square root
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean_square = x.square().mean(list(range(1, x.dim())), keepdim=True)
+        return self._scale_shift(x * torch.rsqrt(mean_square + self.eps))
+
+
+NORMS: dict[str, Callable[[int, NormConfig], nn.Module]] = {
+    "none": lambda c, cfg: nn.Identity(),
+    "batch": lambda c, cfg: BatchNorm(c, eps=cfg.eps, momentum=cfg.momentum, affine=cfg.affine),
+    "layer": lambda c, cfg: nn.GroupNorm(1, c, eps=cfg.eps, affine=cfg.affine),
+    "group": lambda c, cfg: nn.GroupNorm(cfg.groups, c, eps=cfg.eps, affine=cfg.affine),
+    "instance": lambda c, cfg: InstanceNorm(c, eps=cfg.eps, affine=cfg.affine),
+    "batch_renorm": lambda c, cfg: BatchRenorm(
+        c,
+        eps=cfg.eps,
+        momentum=cfg.momentum,
+        affine=cfg.affine,
+        r_max=cfg.r_max,
+        d_max=cfg.d_max,
+        warmup=cfg.renorm_warmup,
+        r_max_steps=cfg.r_max_steps,
+        d_max_steps=cfg.d_max_steps,
+    ),
+    "ghost_batch": lambda c, cfg: GhostBatchNorm(
+        c, eps=cfg.eps, momentum=cfg.momentum, affine=cfg.affine, virtual_batch_size=cfg.virtual_batch_size
+    ),
+    "rms": lambda c, cfg: RMSNorm(c, eps=cfg.eps, affine=cfg.affine),
+    "batch_manual": lambda c, cfg: ManualBatchNorm(c, eps=cfg.eps, momentum=cfg.momentum, affine=cfg.affine),
+}
+
+
+def create_norm(channels: int, cfg: NormConfig) -> nn.Module:
+    """The normalization layer `cfg.name` for `channels` channels (nn.Identity for `none`)."""
+    return NORMS[cfg.name](channels, cfg)

@@ -1,0 +1,240 @@
+"""The training loop: one run of one config, its TensorBoard curves and its summary.json.
+
+The whole dataset sits on the device as tensors; each step indexes it with a slice of a random
+permutation. Test evaluation runs every `trainer.eval_every` steps in eval mode (running statistics)
+and feeds the iterations-to-threshold record.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
+
+from bnlab.config import ConfigError, TrainConfig, validate
+from bnlab.data import load_data
+from bnlab.files import write_json
+from bnlab.metrics import Thresholds
+from bnlab.models import build_model
+from bnlab.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+EVAL_CHUNK = 10_000  # examples per forward pass during evaluation
+
+
+def resolve_device(name: str) -> torch.device:
+    """trainer.device: auto picks cuda, then mps, then cpu; a named device must exist here."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        return torch.device(next(d for d, ok in available.items() if ok))
+    if not available[name]:
+        here = ", ".join(["auto", *(d for d, ok in available.items() if ok)])
+        raise ConfigError(f"trainer.device={name!r} is not available on this machine; accepted values here: {here}.")
+    return torch.device(name)
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index tensors of `batch_size` examples; every epoch a new random permutation, the remainder dropped."""
+    while True:
+        perm = torch.randperm(n, generator=generator, device=generator.device)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield perm[start : start + batch_size]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over (x, y) in eval mode; the model's mode is restored after."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device)
+    for start in range(0, len(x), EVAL_CHUNK):
+        logits = model(x[start : start + EVAL_CHUNK])
+        target = y[start : start + EVAL_CHUNK]
+        loss_sum += F.cross_entropy(logits, target, reduction="sum")
+        correct += (logits.argmax(1) == target).sum()
+    model.train(was_training)
+    return loss_sum.item() / len(x), correct.item() / len(x)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'norm': {'name': 'batch'}} -> {'norm.name': 'batch'}; lists become strings (TensorBoard hparams)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+class Run:
+    """The mutable record of one run: what the loop has done so far, turned into summary.json at the end."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.status = "running"
+        self.steps = 0  # optimizer updates done
+        self.error: str | None = None
+        self.device = ""
+        self.final: dict[str, float] = {}  # metrics of the last evaluation
+        self.thresholds = Thresholds(cfg.threshold.metric, cfg.threshold.values)
+        self.start = time.perf_counter()
+        self.loop_time = 0.0  # seconds spent in the training loop, evaluations included
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "steps": self.steps,
+            "error": self.error,
+            "wall_time_s": round(time.perf_counter() - self.start, 3),
+            "steps_per_s": round(self.steps / self.loop_time, 2) if self.loop_time else None,
+            "device": self.device,
+            "final": self.final,
+            "threshold_metric": self.thresholds.metric,
+            "iterations_to_threshold": self.thresholds.as_dict(),
+            "config": asdict(self.cfg),
+        }
+
+
+def train(cfg: TrainConfig, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
+    """Train one model as `cfg` says; write TensorBoard events and summary.json into `run_dir`.
+
+    Whatever happens (divergence, an error, Ctrl-C) summary.json is written and the events flushed;
+    errors and interrupts are raised again after that.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = Run(cfg)
+    writer = SummaryWriter(str(run_dir))
+    try:
+        _fit(cfg, run, writer, console or Console())
+    except KeyboardInterrupt:
+        run.status = "interrupted"
+        raise
+    except BaseException as e:
+        run.status, run.error = "failed", f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        summary = run.summary()
+        _log_hparams(writer, summary)
+        writer.close()
+        write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _fit(cfg: TrainConfig, run: Run, writer: SummaryWriter, console: Console) -> None:
+    validate(cfg)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    run.device = str(device)
+    data = load_data(cfg.data, device, cfg.seed)
+    if cfg.data.batch_size > len(data.train_y):
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is not accepted; accepted values: at most the "
+            f"{len(data.train_y)} training examples of data={cfg.data.name}."
+        )
+    model = build_model(cfg, data.in_shape, data.num_classes).to(device)
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    order = batches(len(data.train_y), cfg.data.batch_size, torch.Generator(device=device).manual_seed(cfg.seed))
+    log.info("%s: %s, %d parameters, %d training examples", cfg.model.name, device, sum(p.numel() for p in model.parameters()), len(data.train_y))
+
+    window = {"train_loss": 0.0, "train_acc": 0.0}  # sums over the steps since the last evaluation
+    window_steps = 0
+
+    def evaluate_and_log(step: int) -> None:
+        nonlocal window_steps
+        test_loss, test_acc = evaluate(model, data.test_x, data.test_y)
+        metrics = {"test_loss": test_loss, "test_acc": test_acc}
+        if window_steps:
+            metrics.update({k: v / window_steps for k, v in window.items()})
+            window.update(train_loss=0.0, train_acc=0.0)
+            window_steps = 0
+        writer.add_scalar("test/loss", test_loss, step)
+        writer.add_scalar("test/acc", test_acc, step)
+        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+        run.final = metrics
+        log.debug("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if run.thresholds.metric in metrics:
+            for v in run.thresholds.update(step, metrics[run.thresholds.metric]):
+                log.info("step %d: %s reached %g", step, run.thresholds.metric, v)
+        progress.update(task, test_acc=test_acc)
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.3f}  test acc {task.fields[test_acc]:.3f}"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    task = progress.add_task("train", total=cfg.trainer.max_steps, loss=math.nan, acc=math.nan, test_acc=math.nan)
+    loop_start = time.perf_counter()
+    with progress:
+        evaluate_and_log(0)
+        last_eval = 0
+        for step in range(1, cfg.trainer.max_steps + 1):
+            idx = next(order)
+            x, y = data.train_x[idx], data.train_y[idx]
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                run.status = "diverged"
+                log.warning("step %d: the loss is %s; the run diverged", step, loss_value)
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            acc = (logits.argmax(1) == y).float().mean().item()
+            run.steps = step
+            writer.add_scalar("train/loss", loss_value, step)
+            writer.add_scalar("train/acc", acc, step)
+            window["train_loss"] += loss_value
+            window["train_acc"] += acc
+            window_steps += 1
+            progress.update(task, advance=1, loss=loss_value, acc=acc)
+            if step % cfg.trainer.eval_every == 0:
+                evaluate_and_log(step)
+                last_eval = step
+        if last_eval != run.steps:
+            evaluate_and_log(run.steps)
+    run.loop_time = time.perf_counter() - loop_start
+    if run.status == "running":
+        run.status = "completed"
+
+
+def _log_hparams(writer: SummaryWriter, summary: dict[str, Any]) -> None:
+    """The run's config as hparams and its iterations-to-threshold as hparams metrics (never reached: NaN)."""
+    metric = summary["threshold_metric"]
+    metrics = {f"iters_to/{metric}={k}": math.nan if v is None else float(v) for k, v in summary["iterations_to_threshold"].items()}
+    metrics["final/test_acc"] = summary["final"].get("test_acc", math.nan)
+    for s in hparams(flatten(summary["config"]), metrics):
+        writer.file_writer.add_summary(s)
+    for k, v in metrics.items():
+        writer.add_scalar(k, v, summary["steps"])
+
+
+def results_table(name: str, summary: dict[str, Any]) -> Table:
+    """The short table printed at the end of a run."""
+    table = Table(title=f"{name}: {summary['status']} after {summary['steps']} steps ({summary['steps_per_s']} steps/s)")
+    table.add_column(f"{summary['threshold_metric']} threshold")
+    table.add_column("iterations to reach it", justify="right")
+    for k, v in summary["iterations_to_threshold"].items():
+        table.add_row(k, "never" if v is None else str(v))
+    for k, v in summary["final"].items():
+        table.add_row(f"final {k}", f"{v:.4f}")
+    return table

@@ -1,0 +1,1 @@
+"""Hydra config tree of bnlab, shipped inside the package as `bnlab.conf`."""

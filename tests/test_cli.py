@@ -1,0 +1,76 @@
+"""The `bnlab` command as a user runs it: a subprocess in a scratch folder."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TINY
+
+
+def bnlab(*args: str, cwd) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", "from bnlab.cli import main; main()", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env={"COLUMNS": "200", "PATH": ""})
+
+
+def test_train_help_lists_the_config_groups(tmp_path):
+    out = bnlab("train", "--help", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for group in ("model: cnn, mlp, resnet", "norm: batch, batch_manual, batch_renorm, ghost_batch, group, instance, layer, none, rms", "optim: adam, sgd"):
+        assert group in out.stdout
+
+
+def test_train_cfg_job_prints_the_composed_config(tmp_path):
+    out = bnlab("train", "--cfg", "job", "norm=group", "optim.lr=0.5", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "name: group" in out.stdout and "lr: 0.5" in out.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_single_run_writes_under_outputs_runs_named_by_its_overrides(tmp_path):
+    out = bnlab("train", *TINY, "norm=layer", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (summary,) = (tmp_path / "outputs" / "runs").glob("*/*/summary.json")
+    assert "norm=layer" in summary.parent.name
+    assert json.loads(summary.read_text())["status"] == "completed"
+    assert (summary.parent / "train.log").read_text().count("step 2:") == 1
+    assert (summary.parent / ".hydra" / "config.yaml").exists()
+    assert "iterations to reach it" in out.stdout
+
+
+def test_sweep_ends_with_a_table_of_its_runs(tmp_path):
+    out = bnlab("train", "-m", *TINY, "norm=none,batch", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    runs = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/summary.json"))
+    assert len(runs) == 2 and all(",norm=" in r or r.startswith("norm=") for r in runs)
+    assert all(r in out.stdout.replace("\n", "") or r[:20] in out.stdout for r in runs)
+    assert "final test acc" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("optim.lr=-1", "optim.lr"), ("norm.placement=middle", "norm.placement"), ("model.activation=relu6", "model.activation"),
+     ("trainer.max_steps=0", "trainer.max_steps"), ("threshold.values=[1.5]", "threshold.values")],
+)
+def test_a_bad_value_exits_non_zero_with_a_message_naming_the_key(tmp_path, override, key):
+    out = bnlab("train", *TINY, override, cwd=tmp_path)
+    assert out.returncode == 2
+    text = out.stdout + out.stderr
+    assert key in text and "accepted" in text and "Traceback" not in text
+    (summary,) = (tmp_path / "outputs" / "runs").glob("*/*/summary.json")
+    assert json.loads(summary.read_text())["status"] == "failed"
+
+
+def test_a_sweep_with_one_bad_job_runs_the_rest_and_shows_the_failure(tmp_path):
+    out = bnlab("train", "-m", *TINY, "optim.lr=0.01,-1", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert out.returncode == 1
+    statuses = sorted(json.loads(p.read_text())["status"] for p in (tmp_path / "sweep").glob("*/summary.json"))
+    assert statuses == ["completed", "failed"]
+    assert "failed" in out.stdout
+
+
+def test_data_list_reports_missing_files(tmp_path):
+    out = bnlab("data", "list", "--root", str(tmp_path), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "missing" in out.stdout and "train-images-idx3-ubyte" in out.stdout

@@ -1,0 +1,70 @@
+import pytest
+import torch
+from torch import nn
+
+from bnlab.config import PLACEMENTS
+from bnlab.models import MODELS, Unit, build_model
+from bnlab.norms import NORMS
+from bnlab.train import train
+
+SMALL = {"mlp": "model.widths=[16,16]", "cnn": "model.widths=[8,16]", "resnet": "model.widths=[8,16]"}
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("norm", sorted(NORMS))
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_every_model_norm_and_placement_trains(tiny_config, tmp_path, model, norm, placement):
+    cfg = tiny_config(f"model={model}", SMALL[model], f"norm={norm}", f"norm.placement={placement}", "norm.groups=2")
+    summary = train(cfg, tmp_path)
+    assert summary["status"] == "completed"
+    assert summary["steps"] == 3
+    assert 0.0 <= summary["final"]["test_acc"] <= 1.0
+    assert torch.isfinite(torch.tensor(summary["final"]["train_loss"]))
+
+
+def units(model: nn.Module) -> list[Unit]:
+    return [m for m in model.modules() if isinstance(m, Unit)]
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_norm_placement_sets_the_order_of_norm_and_activation(tiny_config, model):
+    for placement, before in [("before_act", True), ("after_act", False)]:
+        net = build_model(tiny_config(f"model={model}", SMALL[model], f"norm.placement={placement}"), (1, 8, 8), 10)
+        assert units(net) and all(u.norm_before_act is before for u in units(net))
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_auto_bias_is_dropped_only_where_a_norm_follows(tiny_config, model):
+    def biases(*overrides):
+        net = build_model(tiny_config(f"model={model}", SMALL[model], *overrides), (1, 8, 8), 10)
+        return [u.layer.bias is not None for u in units(net)]
+
+    assert not any(biases("norm=batch", "norm.placement=before_act"))
+    assert all(biases("norm=batch", "norm.placement=after_act"))
+    assert all(biases("norm=none"))
+    assert all(biases("norm=batch", "model.bias=true"))
+    assert not any(biases("norm=none", "model.bias=false"))
+
+
+def test_mlp_has_the_tutorial_shape(tiny_config):
+    net = build_model(tiny_config("model.widths=[100,100,100]"), (1, 28, 28), 10)
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 100), (100, 100), (100, 100), (100, 10)]
+    assert [type(m.act) for m in units(net)] == [nn.ReLU] * 3
+
+
+@pytest.mark.parametrize("std", [0.05, 5.0])
+def test_normal_init_draws_weights_with_the_given_std(tiny_config, std):
+    torch.manual_seed(0)
+    net = build_model(tiny_config("model.widths=[256,256]", "model.init=normal", f"model.init_std={std}", "norm=none"), (1, 16, 16), 10)
+    w = net[1].layer.weight
+    assert w.mean().abs() < 0.05 * std
+    assert w.std().item() == pytest.approx(std, rel=0.02)
+    assert torch.count_nonzero(net[1].layer.bias) == 0
+
+
+@pytest.mark.parametrize("model", ["cnn", "resnet"])
+@pytest.mark.parametrize("size", [28, 32])
+def test_conv_models_take_mnist_and_cifar_sizes(tiny_config, model, size):
+    net = build_model(tiny_config(f"model={model}", SMALL[model]), (3, size, size), 10)
+    assert net(torch.randn(4, 3, size, size)).shape == (4, 10)

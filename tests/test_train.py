@@ -1,0 +1,93 @@
+import json
+import math
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from bnlab.config import ConfigError
+from bnlab.train import batches, train
+
+import torch
+
+
+def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_summary_json_and_tensorboard_scalars(tiny_config, tmp_path):
+    cfg = tiny_config("trainer.max_steps=10", "trainer.eval_every=4", "threshold.values=[0.05,0.99]")
+    summary = train(cfg, tmp_path)
+
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == summary
+    assert summary["status"] == "completed"
+    assert summary["steps"] == 10
+    assert summary["steps_per_s"] > 0 and summary["wall_time_s"] > 0
+    assert summary["config"]["norm"]["name"] == "batch"
+    assert set(summary["final"]) == {"train_loss", "train_acc", "test_loss", "test_acc"}
+    assert summary["threshold_metric"] == "test_acc"
+    assert summary["iterations_to_threshold"] == {"0.05": 0, "0.99": None}
+
+    s = scalars(tmp_path)
+    assert [step for step, _ in s["train/loss"]] == list(range(1, 11))
+    assert [step for step, _ in s["train/acc"]] == list(range(1, 11))
+    assert [step for step, _ in s["test/acc"]] == [0, 4, 8, 10]
+    assert [step for step, _ in s["test/loss"]] == [0, 4, 8, 10]
+    assert s["test/acc"][-1][1] == pytest.approx(summary["final"]["test_acc"])
+    assert s["iters_to/test_acc=0.05"] == [(10, 0.0)]
+    assert math.isnan(s["iters_to/test_acc=0.99"][0][1])
+
+
+def test_hparams_name_the_config_and_the_threshold_metrics(tiny_config, tmp_path):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    train(tiny_config("optim.lr=0.05"), tmp_path)
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert {"norm.name", "norm.placement", "optim.lr", "data.batch_size", "seed"} <= {h.name for h in experiment.hparam_infos}
+    assert {m.name.tag for m in experiment.metric_infos} == {"iters_to/test_acc=0.9", "iters_to/test_acc=0.95", "iters_to/test_acc=0.97", "final/test_acc"}
+    assert session.hparams["optim.lr"].number_value == 0.05
+    assert session.hparams["norm.name"].string_value == "batch"
+
+
+def test_a_learnable_task_crosses_its_thresholds_in_order(tiny_config, tmp_path):
+    cfg = tiny_config("data.num_train=512", "data.num_test=256", "trainer.max_steps=300", "trainer.eval_every=10",
+                      "optim.lr=0.1", "threshold.values=[0.3,0.5]")
+    reached = train(cfg, tmp_path)["iterations_to_threshold"]
+    assert reached["0.3"] is not None and reached["0.5"] is not None
+    assert 0 < reached["0.3"] <= reached["0.5"] <= 300
+    assert reached["0.3"] % 10 == 0 and reached["0.5"] % 10 == 0
+
+
+def test_a_non_finite_loss_ends_the_run_as_diverged(tiny_config, tmp_path):
+    summary = train(tiny_config("norm=none", "optim.lr=1e12", "trainer.max_steps=50"), tmp_path)
+    assert summary["status"] == "diverged"
+    assert summary["steps"] < 50
+    assert (tmp_path / "summary.json").exists()
+
+
+def test_same_seed_gives_identical_metrics(tiny_config, tmp_path):
+    a = train(tiny_config("seed=3"), tmp_path / "a")
+    b = train(tiny_config("seed=3"), tmp_path / "b")
+    c = train(tiny_config("seed=4"), tmp_path / "c")
+    assert a["final"] == b["final"]
+    assert a["final"] != c["final"]
+
+
+def test_a_refused_config_still_leaves_a_failed_summary(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match="optim.lr"):
+        train(tiny_config("optim.lr=-1"), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "optim.lr" in summary["error"]
+
+
+def test_batches_cover_each_epoch_once_and_drop_the_remainder():
+    it = batches(10, 3, torch.Generator().manual_seed(0))
+    epoch = torch.cat([next(it) for _ in range(3)])
+    assert len(epoch) == 9 and len(set(epoch.tolist())) == 9
+    assert len(torch.cat([next(it) for _ in range(3)]).unique()) == 9
