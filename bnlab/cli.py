@@ -54,10 +54,10 @@ def data_root(arg: str | None) -> Path:
 def data_list(root: Path) -> None:
     table = Table(title=f"datasets under {root}")
     for col in ("dataset", "file", "status"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for name in DATASETS:
         for path, status in file_report(name, root):
-            table.add_row(name, str(path), status)
+            table.add_row(name, str(path.relative_to(root)), status)
     console.print(table)
 
 

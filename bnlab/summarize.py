@@ -24,13 +24,13 @@ def load_runs(root: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def runs_table(title: str, runs: list[tuple[str, dict[str, Any]]]) -> Table:
-    table = Table(title=title)
-    table.add_column("run")
-    table.add_column("status")
-    metrics = sorted({s["threshold_metric"] for _, s in runs})
+    metrics = "/".join(sorted({s["threshold_metric"] for _, s in runs}))
+    table = Table(title=f"{title}\niterations to reach each {metrics} threshold")
+    table.add_column("run", overflow="fold")
+    table.add_column("status", no_wrap=True)
     keys = sorted({k for _, s in runs for k in s["iterations_to_threshold"]}, key=float)
     for k in keys:
-        table.add_column(f"iters to {'/'.join(metrics)} {k}", justify="right")
+        table.add_column(k, justify="right")
     table.add_column("final test acc", justify="right")
     table.add_column("steps/s", justify="right")
     for name, s in runs:
