@@ -4,36 +4,39 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
 from bnlab.config import ConfigError, DataConfig, TrainConfig
 from bnlab.data import DATASETS, DataError, fetch, file_report
-from bnlab.summarize import summarize
+from bnlab.summarize import compare, summarize, table_console
 from bnlab.train import results_table, train
 
 log = logging.getLogger("bnlab")
-console = Console()
+console = table_console()
 
 # A run directory is named by its overrides (`norm=batch,optim.lr=0.1`), or `default` when there are none.
 OmegaConf.register_new_resolver("bnlab.run_name", lambda overrides: overrides or "default", replace=True)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://bnlab.conf", config_name="train")
-def train_app(dcfg: DictConfig) -> None:
+def train_job(dcfg: DictConfig) -> None:
+    """One job of `bnlab train`: a run, or one run of a sweep."""
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     console.print(Syntax(OmegaConf.to_yaml(dcfg), "yaml", background_color="default"))
     log.info("run directory: %s", run_dir)
     cfg: TrainConfig = OmegaConf.to_object(dcfg)
+    torch.set_num_threads(cfg.trainer.threads or threads_per_job(hc.launcher.get("n_jobs")))
     try:
         summary = train(cfg, run_dir, console)
     except Exception as e:
@@ -45,6 +48,17 @@ def train_app(dcfg: DictConfig) -> None:
             sys.exit(2)
         raise
     console.print(results_table(run_dir.name, summary))
+
+
+# Kept apart from `train_job` so that parallel launchers (joblib) pickle the job by its module and name.
+train_app = hydra.main(version_base="1.3", config_path="pkg://bnlab.conf", config_name="train")(train_job)
+
+
+def threads_per_job(n_jobs: int | None) -> int:
+    """The cores shared out among a sweep's parallel jobs (joblib's n_jobs; -1 means one job per core)."""
+    cores = os.cpu_count() or 1
+    jobs = cores if n_jobs is not None and n_jobs < 0 else n_jobs or 1
+    return max(1, cores // jobs)
 
 
 def data_root(arg: str | None) -> Path:
@@ -76,8 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     list_p = data.add_parser("list", help="show which dataset files are present and verified")
     for p in (fetch_p, list_p):
         p.add_argument("--root", help="data root (default: $BNLAB_DATA or ~/.cache/bnlab/data)")
-    summ = sub.add_parser("summarize", help="print the table of the runs below a sweep or runs folder")
+    summ = sub.add_parser("summarize", help="the table of the runs below a sweep folder; two folders: side by side")
     summ.add_argument("dirs", nargs="+", type=Path)
+    tb = sub.add_parser("tb", help="open TensorBoard on a folder of runs (tensorboard --logdir DIR ...)")
+    tb.add_argument("dir", type=Path)
+    tb.add_argument("tensorboard_args", nargs=argparse.REMAINDER, help="passed on to tensorboard, e.g. --port 6007")
     args = parser.parse_args(argv)
 
     if args.command == "data" and args.action == "fetch":
@@ -88,6 +105,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
     elif args.command == "data":
         data_list(data_root(args.root))
+    elif args.command == "summarize" and len(args.dirs) == 1:
+        summarize(args.dirs[0], console)
     elif args.command == "summarize":
-        for d in args.dirs:
-            summarize(d, console)
+        compare(args.dirs, console)
+    elif args.command == "tb":
+        cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(args.dir), *args.tensorboard_args]
+        sys.exit(subprocess.call(cmd))

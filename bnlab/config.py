@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -67,6 +68,8 @@ class TrainerConfig:
     max_steps: int = 3000  # optimizer steps (iterations)
     eval_every: int = 100  # steps between test evaluations (the resolution of iterations-to-threshold)
     device: str = "auto"  # auto | cpu | cuda | mps
+    threads: int = 0  # torch CPU threads; 0: the machine's cores, shared out among a sweep's parallel jobs
+    resume: bool = False  # a run whose summary.json says completed is skipped, the others run again
 
 
 @dataclass
@@ -84,6 +87,17 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     seed: int = 0  # seeds the weights, the batch order and synthetic data
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'norm': {'name': 'batch'}} -> {'norm.name': 'batch'}; lists become strings."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v) if isinstance(v, (list, tuple)) else v
+    return out
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
@@ -150,6 +164,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(t.max_steps > 0, "trainer.max_steps", t.max_steps, "an integer > 0")
     _require(t.eval_every > 0, "trainer.eval_every", t.eval_every, "an integer > 0")
     _choice("trainer.device", t.device, DEVICES)
+    _require(t.threads >= 0, "trainer.threads", t.threads, "an integer >= 0 (0: automatic)")
     _choice("threshold.metric", cfg.threshold.metric, THRESHOLD_METRICS)
     if cfg.threshold.metric.endswith("_acc"):
         bad = [v for v in cfg.threshold.values if not 0 <= v <= 1]

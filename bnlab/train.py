@@ -24,9 +24,9 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from bnlab.config import ConfigError, TrainConfig, validate
+from bnlab.config import ConfigError, TrainConfig, flatten, validate
 from bnlab.data import load_data
-from bnlab.files import write_json
+from bnlab.files import read_json, write_json
 from bnlab.metrics import Thresholds
 from bnlab.models import build_model
 from bnlab.optim import build_optimizer
@@ -71,17 +71,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return loss_sum.item() / len(x), correct.item() / len(x)
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'norm': {'name': 'batch'}} -> {'norm.name': 'batch'}; lists become strings (TensorBoard hparams)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = str(v) if isinstance(v, (list, tuple)) else v
-    return out
-
-
 class Run:
     """The mutable record of one run: what the loop has done so far, turned into summary.json at the end."""
 
@@ -117,7 +106,13 @@ def train(cfg: TrainConfig, run_dir: Path, console: Console | None = None) -> di
     Whatever happens (divergence, an error, Ctrl-C) summary.json is written and the events flushed;
     errors and interrupts are raised again after that.
     """
+    summary_path = run_dir / "summary.json"
+    if cfg.trainer.resume and summary_path.exists() and read_json(summary_path)["status"] == "completed":
+        log.info("%s: already completed, skipped (trainer.resume=true)", run_dir)
+        return read_json(summary_path)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob("events.out.tfevents.*"):  # a run that starts over owns its curves alone
+        stale.unlink()
     run = Run(cfg)
     writer = SummaryWriter(str(run_dir))
     try:
@@ -132,7 +127,7 @@ def train(cfg: TrainConfig, run_dir: Path, console: Console | None = None) -> di
         summary = run.summary()
         _log_hparams(writer, summary)
         writer.close()
-        write_json(run_dir / "summary.json", summary)
+        write_json(summary_path, summary)
     return summary
 
 
