@@ -53,6 +53,7 @@ class DataConfig:
     num_classes: int = 10  # synthetic: classes
     channels: int = 1  # synthetic: image channels
     image_size: int = 28  # synthetic: image height and width in pixels
+    seed: int = 0  # synthetic: seed of the generated task (the run's own seed leaves the task as it is)
 
 
 @dataclass
@@ -86,7 +87,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
-    seed: int = 0  # seeds the weights, the batch order and synthetic data
+    seed: int = 0  # seeds the weights and the batch order
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -136,7 +136,7 @@ def _fit(cfg: TrainConfig, run: Run, writer: SummaryWriter, console: Console) ->
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.trainer.device)
     run.device = str(device)
-    data = load_data(cfg.data, device, cfg.seed)
+    data = load_data(cfg.data, device)
     if cfg.data.batch_size > len(data.train_y):
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} is not accepted; accepted values: at most the "

