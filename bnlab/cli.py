@@ -5,20 +5,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from bnlab.config import ConfigError, DataConfig, TrainConfig
+from bnlab.config import ConfigError, DataConfig, TrainConfig, check_overrides
 from bnlab.data import DATASETS, DataError, fetch, file_report
+from bnlab.files import read_json
 from bnlab.summarize import compare, summarize, table_console
 from bnlab.train import results_table, train
 
@@ -33,21 +33,28 @@ def train_job(dcfg: DictConfig) -> None:
     """One job of `bnlab train`: a run, or one run of a sweep."""
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
     console.print(Syntax(OmegaConf.to_yaml(dcfg), "yaml", background_color="default"))
     log.info("run directory: %s", run_dir)
     cfg: TrainConfig = OmegaConf.to_object(dcfg)
-    torch.set_num_threads(cfg.trainer.threads or threads_per_job(hc.launcher.get("n_jobs")))
+    cfg.trainer.threads = cfg.trainer.threads or threads_per_job(hc.launcher.get("n_jobs"))
     try:
-        summary = train(cfg, run_dir, console)
+        status = train(cfg, run_dir, console)["status"]
+    except KeyboardInterrupt:
+        status = "interrupted"
     except Exception as e:
-        if hc.mode == RunMode.MULTIRUN:  # the sweep goes on; its table shows this run as failed
-            log.error("%s", e, exc_info=not isinstance(e, (ConfigError, DataError)))
+        known = isinstance(e, (ConfigError, DataError))
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not (known or multirun):
+            raise
+        log.error("%s", e, exc_info=not known)
+        if multirun:  # the sweep goes on; its table shows this run as failed
             return
-        if isinstance(e, (ConfigError, DataError)):
-            log.error("%s", e)
-            sys.exit(2)
-        raise
-    console.print(results_table(run_dir.name, summary))
+        sys.exit(2)
+    if status == "interrupted":
+        if multirun:  # no further run starts; the sweep's table covers what ran
+            summarize(Path(hc.sweep.dir), console)
+        sys.exit(130)
+    console.print(results_table(run_dir.name, read_json(run_dir / "summary.json")))
 
 
 # Kept apart from `train_job` so that parallel launchers (joblib) pickle the job by its module and name.
@@ -78,6 +85,13 @@ def data_list(root: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
+        try:
+            check_overrides(argv[1:])
+        except ConfigError as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            Console(stderr=True).print(f"[red]error:[/] {e}")
+            sys.exit(2)
         sys.argv = [f"{Path(sys.argv[0]).name} train", *argv[1:]]
         train_app()
         return
@@ -110,5 +124,4 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "summarize":
         compare(args.dirs, console)
     elif args.command == "tb":
-        cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(args.dir), *args.tensorboard_args]
-        sys.exit(subprocess.call(cmd))
+        os.execv(sys.executable, [sys.executable, "-m", "tensorboard.main", "--logdir", str(args.dir), *args.tensorboard_args])

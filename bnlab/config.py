@@ -7,11 +7,13 @@ is loaded.
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from importlib.resources import files
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Glob
 
 
 @dataclass
@@ -70,7 +72,11 @@ class TrainerConfig:
     eval_every: int = 100  # steps between test evaluations (the resolution of iterations-to-threshold)
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int = 0  # torch CPU threads; 0: the machine's cores, shared out among a sweep's parallel jobs
-    resume: bool = False  # a run whose summary.json says completed is skipped, the others run again
+    resume: bool = False  # skip a run whose summary.json says completed; continue one from its checkpoint
+    checkpoint_every: int = 500  # steps between checkpoints (0: only at the end of a run)
+    stop_loss: float = 0.0  # > 0: end the run as diverged once the training loss stays above this ...
+    stop_patience: int = 100  # ... for this many consecutive steps
+    deterministic: bool = False  # GPU: deterministic kernels only (slower); CPU runs are deterministic anyway
 
 
 @dataclass
@@ -108,25 +114,68 @@ INIT_CHOICES = ("default", "normal")
 PLACEMENTS = ("before_act", "after_act")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 THRESHOLD_METRICS = ("test_acc", "train_acc", "test_loss", "train_loss")
-BATCH_STAT_NORMS = ("batch", "batch_manual", "batch_renorm", "ghost_batch")
+BATCH_STAT_NORMS = ("batch", "batch_manual", "batch_renorm", "ghost_batch", "noisy_batch")
 
 
 class ConfigError(ValueError):
     """A config value that bnlab refuses; the message names the key, the value and what is accepted."""
 
 
-def _choice(key: str, value: str, accepted) -> None:
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest single-character insertions, deletions and substitutions from a to b."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def _choice(key: str, value: str, accepted, what: str = "values") -> None:
+    """Refuse `value` unless it is one of `accepted`, naming the closest accepted one."""
     accepted = list(accepted)
     if value in accepted:
         return
-    close = difflib.get_close_matches(str(value), accepted, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    raise ConfigError(f"{key}={value!r} is not accepted; accepted values: {', '.join(accepted)}.{hint}")
+    value = str(value)
+    distance, closest = min((_edits(value, a), a) for a in accepted)
+    hint = f" Did you mean '{closest}'?" if distance <= max(2, len(value) // 2) else ""
+    refused = f"{value} is not a config key" if what == "keys" else f"{key}={value!r} is not accepted"
+    raise ConfigError(f"{refused}; accepted {what}: {', '.join(accepted)}.{hint}")
 
 
 def _require(ok: bool, key: str, value, accepted: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not accepted; accepted values: {accepted}.")
+
+
+GROUPS = ("model", "norm", "data", "optim")  # the config groups: one folder each under conf/
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group: the YAML files in its folder of conf/."""
+    return sorted(p.name.removesuffix(".yaml") for p in (files("bnlab.conf") / group).iterdir() if p.name.endswith(".yaml"))
+
+
+def check_overrides(args: list[str]) -> None:
+    """Refuse, before Hydra composes anything, an override naming an unknown group option or key.
+
+    Hydra's own message lists the options but suggests nothing; this one names the closest match.
+    Appends (+key), deletions (~key), hydra.* keys and what does not parse are left to Hydra.
+    """
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except Exception:
+        return
+    keys = [*GROUPS, *flatten(asdict(TrainConfig()))]
+    for o in overrides:
+        key = o.key_or_group
+        if o.is_add() or o.is_force_add() or o.is_delete() or key.split(".")[0].split("/")[0] == "hydra":
+            continue
+        section = key.rpartition(".")[0]
+        _choice(key, key, [k for k in keys if k.rpartition(".")[0] == section] or keys, what="keys")
+        if key in GROUPS and not isinstance(o.value(), Glob):
+            for value in o.sweep_string_iterator() if o.is_sweep_override() else [str(o.value())]:
+                _choice(key, value, group_options(key))
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -166,6 +215,9 @@ def validate(cfg: TrainConfig) -> None:
     _require(t.eval_every > 0, "trainer.eval_every", t.eval_every, "an integer > 0")
     _choice("trainer.device", t.device, DEVICES)
     _require(t.threads >= 0, "trainer.threads", t.threads, "an integer >= 0 (0: automatic)")
+    _require(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 0 (0: only at the end)")
+    _require(t.stop_loss >= 0, "trainer.stop_loss", t.stop_loss, "a number >= 0 (0: off)")
+    _require(t.stop_patience >= 1, "trainer.stop_patience", t.stop_patience, "an integer >= 1")
     _choice("threshold.metric", cfg.threshold.metric, THRESHOLD_METRICS)
     if cfg.threshold.metric.endswith("_acc"):
         bad = [v for v in cfg.threshold.values if not 0 <= v <= 1]

@@ -178,10 +178,17 @@ def _require_files(name: str, spec: Spec, root: Path, download: bool) -> dict[st
     folder = root / spec.folder
     missing = [file for file in spec.md5 if _locate(folder, file) is None]
     if missing and download:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(
+                f"data.root={root} cannot be written ({e.strerror}), so the missing {name} files cannot be fetched "
+                f"into it. Set data.root (or BNLAB_DATA) to a writable folder. {_how_to_get(name, spec, root)}"
+            ) from e
         fetch(name, root, log=_log.info)  # raises DataError unless every file ends up present and verified
     elif missing:
         raise DataError(
-            f"Dataset {name}: {len(missing)} of {len(spec.md5)} files missing from {folder} "
+            f"data={name}, data.root={root}: {len(missing)} of {len(spec.md5)} files missing from {folder} "
             f"(data.download is false, so nothing was fetched): {', '.join(missing)} (each may also be NAME.gz). "
             f"{_how_to_get(name, spec, root)}"
         )
@@ -191,7 +198,7 @@ def _require_files(name: str, spec: Spec, root: Path, download: bool) -> dict[st
         contents[file], found = _content(path)
         if found != md5:
             raise DataError(
-                f"Dataset {name}: {path} fails its checksum: expected MD5 {md5} of the uncompressed content, "
+                f"data={name}, data.root={root}: {path} fails its checksum: expected MD5 {md5} of the uncompressed content, "
                 f"found {found}. It is damaged, partial (an interrupted copy or download) or another version. "
                 f"Delete it and get a good copy. {_how_to_get(name, spec, root)}"
             )
@@ -273,7 +280,7 @@ def fetch(name: str, root: str | Path, log: Log = print) -> None:
             return
         log(f"{step} finished, but not verified: {', '.join(bad)}")
     raise DataError(
-        f"Dataset {name}: could not fetch a verified copy of {', '.join(_unverified(name, root))} into "
+        f"data={name}, data.root={root}: could not fetch a verified copy of {', '.join(_unverified(name, root))} into "
         f"{root / spec.folder}; every way failed (see the log above). "
         f"{_how_to_get(name, spec, root, suggest_fetch=False)}"
     )

@@ -7,11 +7,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
 
 def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _tmp(path).write_text(text)
+    os.replace(_tmp(path), path)
+
+
+def write_torch(path: Path, obj: Any) -> None:
+    """torch.save, atomically (checkpoints)."""
+    torch.save(obj, _tmp(path))
+    os.replace(_tmp(path), path)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -26,7 +29,7 @@ from torch.utils.tensorboard.summary import hparams
 
 from bnlab.config import ConfigError, TrainConfig, flatten, validate
 from bnlab.data import load_data
-from bnlab.files import read_json, write_json
+from bnlab.files import read_json, write_json, write_torch
 from bnlab.metrics import Thresholds
 from bnlab.models import build_model
 from bnlab.optim import build_optimizer
@@ -34,6 +37,7 @@ from bnlab.optim import build_optimizer
 log = logging.getLogger(__name__)
 
 EVAL_CHUNK = 10_000  # examples per forward pass during evaluation
+CHECKPOINT = "checkpoint.pt"  # in the run directory: model, optimizer, RNG and the run's record so far
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,6 +87,7 @@ class Run:
         self.final: dict[str, float] = {}  # metrics of the last evaluation
         self.thresholds = Thresholds(cfg.threshold.metric, cfg.threshold.values)
         self.start = time.perf_counter()
+        self.earlier_wall_time = 0.0  # seconds spent before a resume
         self.loop_time = 0.0  # seconds spent in the training loop, evaluations included
 
     def summary(self) -> dict[str, Any]:
@@ -90,7 +95,7 @@ class Run:
             "status": self.status,
             "steps": self.steps,
             "error": self.error,
-            "wall_time_s": round(time.perf_counter() - self.start, 3),
+            "wall_time_s": round(self.earlier_wall_time + time.perf_counter() - self.start, 3),
             "steps_per_s": round(self.steps / self.loop_time, 2) if self.loop_time else None,
             "device": self.device,
             "final": self.final,
@@ -100,23 +105,51 @@ class Run:
         }
 
 
+class StopOnSignal:
+    """Ctrl-C or SIGTERM asks the loop to stop after the current step (a second one stops at once)."""
+
+    def __enter__(self) -> StopOnSignal:
+        self.requested: str | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def train(cfg: TrainConfig, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
     """Train one model as `cfg` says; write TensorBoard events and summary.json into `run_dir`.
 
-    Whatever happens (divergence, an error, Ctrl-C) summary.json is written and the events flushed;
-    errors and interrupts are raised again after that.
+    With trainer.resume=true a completed run is skipped and a run with a checkpoint continues from
+    it; otherwise the run starts over. Whatever happens (divergence, an error, Ctrl-C) summary.json
+    is written and the events flushed; errors are raised again after that.
     """
-    summary_path = run_dir / "summary.json"
+    summary_path, checkpoint_path = run_dir / "summary.json", run_dir / CHECKPOINT
     if cfg.trainer.resume and summary_path.exists() and read_json(summary_path)["status"] == "completed":
         log.info("%s: already completed, skipped (trainer.resume=true)", run_dir)
         return read_json(summary_path)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob("events.out.tfevents.*"):  # a run that starts over owns its curves alone
-        stale.unlink()
+    checkpoint = torch.load(checkpoint_path, weights_only=False) if cfg.trainer.resume and checkpoint_path.exists() else None
+    if checkpoint and not checkpoint["finished"]:
+        log.info("%s: resuming from the checkpoint at step %d", run_dir, checkpoint["step"])
+    else:  # nothing to continue (no checkpoint, or the run had ended): start over
+        checkpoint = None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in [*run_dir.glob("events.out.tfevents.*"), checkpoint_path]:  # a run that starts over owns its dir
+            stale.unlink(missing_ok=True)
     run = Run(cfg)
-    writer = SummaryWriter(str(run_dir))
+    # On a resume, TensorBoard hides what the killed run logged after its checkpoint.
+    writer = SummaryWriter(str(run_dir), purge_step=checkpoint["step"] + 1 if checkpoint else None)
     try:
-        _fit(cfg, run, writer, console or Console())
+        _fit(cfg, run, writer, console or Console(), checkpoint_path, checkpoint)
     except KeyboardInterrupt:
         run.status = "interrupted"
         raise
@@ -125,16 +158,24 @@ def train(cfg: TrainConfig, run_dir: Path, console: Console | None = None) -> di
         raise
     finally:
         summary = run.summary()
-        _log_hparams(writer, summary)
+        if run.status != "interrupted":  # an interrupted run logs them when it is resumed and ends
+            _log_hparams(writer, summary)
         writer.close()
         write_json(summary_path, summary)
     return summary
 
 
-def _fit(cfg: TrainConfig, run: Run, writer: SummaryWriter, console: Console) -> None:
+def _fit(cfg: TrainConfig, run: Run, writer: SummaryWriter, console: Console, checkpoint_path: Path, checkpoint: dict | None) -> None:
     validate(cfg)
+    t = cfg.trainer
+    if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    if t.threads:
+        torch.set_num_threads(t.threads)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.trainer.device)
+    device = resolve_device(t.device)
     run.device = str(device)
     data = load_data(cfg.data, device)
     if cfg.data.batch_size > len(data.train_y):
@@ -147,21 +188,38 @@ def _fit(cfg: TrainConfig, run: Run, writer: SummaryWriter, console: Console) ->
     order = batches(len(data.train_y), cfg.data.batch_size, torch.Generator(device=device).manual_seed(cfg.seed))
     log.info("%s: %s, %d parameters, %d training examples", cfg.model.name, device, sum(p.numel() for p in model.parameters()), len(data.train_y))
 
-    window = {"train_loss": 0.0, "train_acc": 0.0}  # sums over the steps since the last evaluation
-    window_steps = 0
+    window = {"train_loss": 0.0, "train_acc": 0.0, "steps": 0}  # sums over the steps since the last evaluation
+    last_eval, high_loss_steps = -1, 0  # last evaluated step; consecutive steps with the loss above trainer.stop_loss
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng"])
+        for _ in range(checkpoint["step"]):  # the batch order goes on where it stopped
+            next(order)
+        run.steps, run.final, run.loop_time, run.earlier_wall_time = (checkpoint["run"][k] for k in ("steps", "final", "loop_time", "wall_time"))
+        run.thresholds.reached = checkpoint["run"]["reached"]
+        window, last_eval, high_loss_steps = checkpoint["window"], checkpoint["last_eval"], checkpoint["high_loss_steps"]
+
+    def save_checkpoint(finished: bool = False) -> None:
+        run_state = {"steps": run.steps, "final": run.final, "reached": run.thresholds.reached,
+                     "loop_time": run.loop_time + time.perf_counter() - loop_start,
+                     "wall_time": run.earlier_wall_time + time.perf_counter() - run.start}
+        write_torch(checkpoint_path, {
+            "step": run.steps, "finished": finished, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+            "run": run_state, "window": window, "last_eval": last_eval, "high_loss_steps": high_loss_steps,
+        })
 
     def evaluate_and_log(step: int) -> None:
-        nonlocal window_steps
+        nonlocal last_eval
         test_loss, test_acc = evaluate(model, data.test_x, data.test_y)
         metrics = {"test_loss": test_loss, "test_acc": test_acc}
-        if window_steps:
-            metrics.update({k: v / window_steps for k, v in window.items()})
-            window.update(train_loss=0.0, train_acc=0.0)
-            window_steps = 0
+        if window["steps"]:
+            metrics.update(train_loss=window["train_loss"] / window["steps"], train_acc=window["train_acc"] / window["steps"])
+            window.update(train_loss=0.0, train_acc=0.0, steps=0)
         writer.add_scalar("test/loss", test_loss, step)
         writer.add_scalar("test/acc", test_acc, step)
         writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-        run.final = metrics
+        run.final, last_eval = metrics, step
         log.debug("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if run.thresholds.metric in metrics:
             for v in run.thresholds.update(step, metrics[run.thresholds.metric]):
@@ -176,18 +234,23 @@ def _fit(cfg: TrainConfig, run: Run, writer: SummaryWriter, console: Console) ->
         TimeRemainingColumn(),
         console=console,
     )
-    task = progress.add_task("train", total=cfg.trainer.max_steps, loss=math.nan, acc=math.nan, test_acc=math.nan)
+    task = progress.add_task("train", total=t.max_steps, completed=run.steps, loss=math.nan, acc=math.nan, test_acc=math.nan)
     loop_start = time.perf_counter()
-    with progress:
-        evaluate_and_log(0)
-        last_eval = 0
-        for step in range(1, cfg.trainer.max_steps + 1):
+    with StopOnSignal() as stop, progress:
+        if last_eval < 0:
+            evaluate_and_log(0)
+        for step in range(run.steps + 1, t.max_steps + 1):
+            if stop.requested:
+                run.status = "interrupted"
+                log.warning("step %d: %s received; the run stops here (resume it with trainer.resume=true)", step, stop.requested)
+                break
             idx = next(order)
             x, y = data.train_x[idx], data.train_y[idx]
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
+            high_loss_steps = high_loss_steps + 1 if t.stop_loss and loss_value > t.stop_loss else 0
+            if not math.isfinite(loss_value) or (t.stop_loss and high_loss_steps >= t.stop_patience):
                 run.status = "diverged"
                 log.warning("step %d: the loss is %s; the run diverged", step, loss_value)
                 break
@@ -200,14 +263,16 @@ def _fit(cfg: TrainConfig, run: Run, writer: SummaryWriter, console: Console) ->
             writer.add_scalar("train/acc", acc, step)
             window["train_loss"] += loss_value
             window["train_acc"] += acc
-            window_steps += 1
+            window["steps"] += 1
             progress.update(task, advance=1, loss=loss_value, acc=acc)
-            if step % cfg.trainer.eval_every == 0:
+            if step % t.eval_every == 0:
                 evaluate_and_log(step)
-                last_eval = step
-        if last_eval != run.steps:
+            if t.checkpoint_every and step % t.checkpoint_every == 0:
+                save_checkpoint()
+        if last_eval != run.steps and run.status != "interrupted":
             evaluate_and_log(run.steps)
-    run.loop_time = time.perf_counter() - loop_start
+        save_checkpoint(finished=run.status != "interrupted")
+    run.loop_time += time.perf_counter() - loop_start
     if run.status == "running":
         run.status = "completed"
 

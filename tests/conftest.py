@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from bnlab.config import TrainConfig
+
+torch.set_num_threads(1)
 
 # A tiny synthetic task: enough for every model to take a few steps in well under a second.
 TINY = [
@@ -18,6 +21,7 @@ TINY = [
     "data.image_size=8",
     "data.batch_size=16",
     "trainer.device=cpu",
+    "trainer.threads=1",  # tests run beside other work: one thread cannot be starved by a busy second core
     "trainer.max_steps=3",
     "trainer.eval_every=2",
 ]

@@ -1,0 +1,214 @@
+"""Bad input, faults and interrupted runs lose nothing: refusals, kills, signals, resume, atomic files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bnlab.config import ConfigError
+from bnlab.files import write_json
+from bnlab.train import train
+from conftest import TINY
+from test_cli import bnlab
+from test_train import scalars
+
+# A run long enough (about 1,000 steps of a 256-256 MLP) to be stopped halfway through.
+LONG = [*TINY, "data.num_train=512", "data.image_size=28", "data.batch_size=64", "model.widths=[256,256]",
+        "trainer.max_steps=1000", "trainer.eval_every=50", "trainer.checkpoint_every=50"]
+CLI = [sys.executable, "-c", "from bnlab.cli import main; main()", "train"]
+
+
+def start(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([*CLI, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for(path: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.01)
+    time.sleep(0.2)  # let the run go on past its first checkpoint
+
+
+def comparable(summary: dict) -> dict:
+    """A summary without what differs between a resumed and an unbroken run: timings and the resume switch."""
+    s = {k: v for k, v in summary.items() if k not in ("wall_time_s", "steps_per_s")}
+    s["config"] = {**s["config"], "trainer": {k: v for k, v in s["config"]["trainer"].items() if k != "resume"}}
+    return s
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("unbroken")
+    assert subprocess.run([*CLI, *LONG, "hydra.run.dir=run"], cwd=cwd, capture_output=True).returncode == 0
+    return cwd / "run"
+
+
+def assert_equal_runs(resumed: Path, unbroken: Path) -> None:
+    a, b = scalars(resumed), scalars(unbroken)
+    assert a.keys() == b.keys()
+    for tag in b:
+        steps = [step for step, _ in a[tag]]
+        assert len(steps) == len(set(steps)), f"{tag}: duplicated steps"
+        assert a[tag] == b[tag], tag
+    assert comparable(json.loads((resumed / "summary.json").read_text())) == comparable(json.loads((unbroken / "summary.json").read_text()))
+
+
+def test_a_killed_run_resumes_to_exactly_the_unbroken_run(tmp_path, unbroken):
+    proc = start(*LONG, "hydra.run.dir=run", cwd=tmp_path)
+    wait_for(tmp_path / "run" / "checkpoint.pt")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] < 1000
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+    out = bnlab("train", *LONG, "hydra.run.dir=run", "trainer.resume=true", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert_equal_runs(tmp_path / "run", unbroken)
+
+
+def test_sigterm_stops_at_the_next_step_with_the_summary_written_and_the_run_resumable(tmp_path, unbroken):
+    proc = start(*LONG, "hydra.run.dir=run", cwd=tmp_path)
+    wait_for(tmp_path / "run" / "checkpoint.pt")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 0 < summary["steps"] < 1000
+    assert scalars(tmp_path / "run")["train/loss"][-1][0] == summary["steps"]  # flushed up to the last step
+
+    assert bnlab("train", *LONG, "hydra.run.dir=run", "trainer.resume=true", cwd=tmp_path).returncode == 0
+    assert_equal_runs(tmp_path / "run", unbroken)
+
+
+def test_sigterm_in_a_sweep_starts_no_further_run_and_keeps_the_sweep_table(tmp_path):
+    proc = start("-m", *LONG, "seed=0,1,2", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "sweep").glob("*/checkpoint.pt")):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    runs = [p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(runs) == 1 and "seed=0" in runs[0].name
+    assert json.loads((runs[0] / "summary.json").read_text())["status"] == "interrupted"
+    assert "interrupted" in (tmp_path / "sweep" / "summary.csv").read_text().splitlines()[0]
+
+
+def test_a_loss_that_stays_above_the_bound_ends_the_run_early(tiny_config, tmp_path):
+    summary = train(tiny_config("trainer.max_steps=50", "trainer.stop_loss=0.001", "trainer.stop_patience=5"), tmp_path)
+    assert summary["status"] == "diverged"
+    assert summary["steps"] == 4  # the 5th step above the bound is not taken
+    assert (tmp_path / "summary.json").exists()
+
+
+def test_result_files_are_replaced_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    write_json(path, {"status": "completed"})
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        write_json(path, {"status": "running"})
+    assert json.loads(path.read_text()) == {"status": "completed"}
+
+
+BAD_INPUTS = [
+    (["norm=batchnrm"], "norm", "Did you mean 'batch'"),
+    (["model=mpl"], "model", "Did you mean 'mlp'"),
+    (["data=mnst"], "data", "Did you mean 'mnist'"),
+    (["optim=sgdd"], "optim", "Did you mean 'sgd'"),
+    (["-m", "norm=none,layr"], "norm", "Did you mean 'layer'"),
+    (["norm.epsilon=0.1"], "norm.epsilon", "Did you mean 'norm.eps'"),
+    (["seeds=1"], "seeds", "Did you mean 'seed'"),
+    (["optim.lr=0"], "optim.lr", "a number > 0"),
+    (["optim.lr=-0.1"], "optim.lr", "a number > 0"),
+    (["data.batch_size=1"], "data.batch_size", "with norm=batch"),
+    (["norm=group", "norm.groups=3", "model.widths=[16,16]"], "norm.groups", "a divisor"),
+    (["threshold.values=[1.5]"], "threshold.values", "accuracies in [0, 1]"),
+    (["threshold.values=[0.5,-0.1]"], "threshold.values", "accuracies in [0, 1]"),
+    (["threshold.metric=test_accuracy"], "threshold.metric", "Did you mean 'test_acc'"),
+    (["trainer.max_steps=0"], "trainer.max_steps", "an integer > 0"),
+    (["trainer.eval_every=0"], "trainer.eval_every", "an integer > 0"),
+    (["trainer.device=tpu"], "trainer.device", "auto, cpu, cuda, mps"),
+    (["norm.placement=middle"], "norm.placement", "before_act, after_act"),
+    (["model.activation=relu6"], "model.activation", "Did you mean 'relu'"),
+    (["model.init=xavier"], "model.init", "default, normal"),
+    (["model.bias=maybe"], "model.bias", "auto, true, false"),
+    (["norm.momentum=1.5"], "norm.momentum", "[0, 1]"),
+    (["model.widths=[]"], "model.widths", "non-empty"),
+    (["trainer.threads=-1"], "trainer.threads", ">= 0"),
+    (["data.batch_size=100000"], "data.batch_size", "at most the 64 training examples"),
+]
+if not torch.cuda.is_available():
+    BAD_INPUTS.append((["trainer.device=cuda"], "trainer.device", "not available on this machine"))
+
+
+@pytest.mark.parametrize("args, key, accepted", BAD_INPUTS, ids=[" ".join(a) for a, _, _ in BAD_INPUTS])
+def test_bad_input_exits_non_zero_with_one_paragraph_naming_the_key(tmp_path, args, key, accepted):
+    tiny = [a for a in TINY if a.split("=")[0] not in {b.split("=")[0] for b in args}]
+    out = bnlab("train", *tiny, *args, cwd=tmp_path)
+    text = " ".join((out.stdout + out.stderr).split())
+    assert out.returncode == 2, text
+    assert key in text and accepted in text
+    assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("problem", ["corrupt", "unwritable"])
+def test_bad_data_files_or_root_exit_non_zero_naming_the_key(tmp_path, problem):
+    root = tmp_path / "data"
+    if problem == "corrupt":
+        (root / "MNIST" / "raw").mkdir(parents=True)
+        for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+            (root / "MNIST" / "raw" / name).write_bytes(b"\x00\x00\x08\x01" + b"\x00" * 12)
+    else:
+        root.write_text("a file, not a folder")
+    out = bnlab("train", "data=mnist", f"data.root={root / 'sub' if problem == 'unwritable' else root}", "trainer.max_steps=1", cwd=tmp_path)
+    text = " ".join((out.stdout + out.stderr).split())
+    assert out.returncode == 2 and "data.root" in text and "Traceback" not in text
+    assert ("fails its checksum" if problem == "corrupt" else "cannot be written") in text
+
+
+def test_the_full_traceback_is_there_on_request(tmp_path):
+    out = subprocess.run([*CLI, *TINY, "optim.lr=-1"], cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert out.returncode != 0 and "Traceback" in out.stderr and "ConfigError" in out.stderr
+
+
+NORMS = ["none", "batch", "layer", "group", "instance", "batch_renorm", "ghost_batch", "rms", "batch_manual", "noisy_batch"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    model=st.sampled_from(["mlp", "cnn", "resnet"]),
+    norm=st.sampled_from(NORMS),
+    placement=st.sampled_from(["before_act", "after_act"]),
+    activation=st.sampled_from(["relu", "sigmoid", "tanh", "gelu"]),
+    widths=st.lists(st.integers(1, 12), min_size=1, max_size=3),
+    groups=st.integers(1, 4),
+    batch_size=st.integers(1, 12),
+    lr=st.floats(-1, 10),
+    momentum=st.floats(0, 1),
+    init=st.sampled_from(["default", "normal"]),
+    bias=st.sampled_from(["auto", "true", "false"]),
+    optim=st.sampled_from(["sgd", "adam"]),
+)
+def test_random_configs_train_or_are_refused_never_crash(tiny_config, tmp_path, model, norm, placement, activation, widths,
+                                                        groups, batch_size, lr, momentum, init, bias, optim):
+    cfg = tiny_config(f"model={model}", f"norm={norm}", f"norm.placement={placement}", f"model.activation={activation}",
+                      f"model.widths=[{','.join(map(str, widths))}]", f"norm.groups={groups}", f"data.batch_size={batch_size}",
+                      f"optim={optim}", f"optim.lr={lr}", f"norm.momentum={momentum}", f"model.init={init}", f"model.bias={bias}")
+    try:
+        summary = train(cfg, tmp_path)
+    except ConfigError as e:
+        assert "accepted" in str(e) and "\n" not in str(e)
+        return
+    assert summary["status"] in ("completed", "diverged")
