@@ -3,8 +3,8 @@
 Every constructor takes the channel count first and the `NormConfig` second, and every layer works
 on feature vectors (N, C) from an MLP and on feature maps (N, C, H, W) from a conv net, in train and
 eval mode. This module owns the layers themselves: torch's batch norm, a from-scratch batch norm to
-read, Batch Renormalization with its r_max/d_max schedule, Ghost batch norm, layer, group, instance
-and RMS norm, and `none` (no layer at all).
+read, Batch Renormalization with its r_max/d_max schedule, Ghost batch norm, Santurkar et al.'s noisy
+batch norm, layer, group, instance and RMS norm, and `none` (no layer at all).
 """
 
 from __future__ import annotations
@@ -187,6 +187,29 @@ class GhostBatchNorm(BatchNorm):
         return torch.cat([F.batch_norm(c, None, None, self.weight, self.bias, training=True, eps=self.eps) for c in chunks])
 
 
+class NoisyBatchNorm(BatchNorm):
+    """Noisy batch norm (Santurkar et al. 2018): torch's batch norm, then, in training only, random noise.
+
+    Each training step draws per unit (channel) j a mean shift mu_j ~ U(-0.5, 0.5) and a mean scale
+    sigma_j ~ U(1, 1.25), and per example i a scale s_ij ~ N(sigma_j, 0.1) (0.1 the standard deviation)
+    and a shift m_ij ~ U(mu_j - 0.1, mu_j + 0.1); the batch-norm output a_ij becomes s_ij * a_ij + m_ij.
+    On feature maps one (s_ij, m_ij) per example and channel is shared by all H x W positions. The
+    noise carries no gradient and leaves the running statistics alone; eval mode is plain batch norm.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = super().forward(x)
+        if not self.training:
+            return a
+        n, c = a.shape[:2]
+        mu = torch.rand(c, dtype=a.dtype, device=a.device) - 0.5
+        sigma = 1.0 + 0.25 * torch.rand(c, dtype=a.dtype, device=a.device)
+        s = sigma + 0.1 * torch.randn(n, c, dtype=a.dtype, device=a.device)
+        m = mu + 0.2 * torch.rand(n, c, dtype=a.dtype, device=a.device) - 0.1
+        per_example_channel = (n, c, *[1] * (a.dim() - 2))  # broadcast over H, W
+        return s.view(per_example_channel) * a + m.view(per_example_channel)
+
+
 class InstanceNorm(nn.GroupNorm):
     """Instance norm: each (example, channel) of a feature map normalized over H, W (GroupNorm(C, C)).
 
@@ -236,6 +259,7 @@ NORMS: dict[str, Callable[[int, NormConfig], nn.Module]] = {
     ),
     "rms": lambda c, cfg: RMSNorm(c, eps=cfg.eps, affine=cfg.affine),
     "batch_manual": lambda c, cfg: ManualBatchNorm(c, eps=cfg.eps, momentum=cfg.momentum, affine=cfg.affine),
+    "noisy_batch": lambda c, cfg: NoisyBatchNorm(c, eps=cfg.eps, momentum=cfg.momentum, affine=cfg.affine),
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnlab.config import NormConfig
@@ -72,7 +73,7 @@ def assert_close_all(a: list[Tensor], b: list[Tensor]) -> None:
 
 
 def test_registry():
-    assert set(NORMS) == {"none", "batch", "layer", "group", "instance", "batch_renorm", "ghost_batch", "rms", "batch_manual"}
+    assert set(NORMS) == {"none", "batch", "layer", "group", "instance", "batch_renorm", "ghost_batch", "rms", "batch_manual", "noisy_batch"}
     assert isinstance(create_norm(C, NormConfig(name="none")), nn.Identity)
 
 
@@ -346,6 +347,57 @@ def test_ghost_batch_never_makes_a_single_example_chunk(batch_size):
     # round(N / 2) chunks would leave one example alone for N = 3, 7; torch's BN refuses such a chunk.
     y = make("ghost_batch", virtual_batch_size=2)(data(batch_size, C))
     assert torch.isfinite(y).all()
+
+
+# --- noisy_batch -------------------------------------------------------------------------------
+
+
+def noisy_scale_and_shift(norm: nn.Module, shape: tuple[int, ...], seed: int) -> tuple[Tensor, Tensor]:
+    """The scale s and shift m one training step of noisy_batch applies to each value of its BN output a
+    (y = s * a + m): two inputs through the same noise draws (same RNG seed) give two equations per value."""
+    ys, bns = [], []
+    for x in (data(*shape, seed=2 * seed), data(*shape, seed=2 * seed + 1)):
+        torch.manual_seed(seed)
+        ys.append(norm(x).detach())
+        bns.append(F.batch_norm(x, None, None, norm.weight, norm.bias, training=True, eps=norm.eps).detach())
+    s = (ys[0] - ys[1]) / (bns[0] - bns[1])
+    return s, ys[0] - s * bns[0]
+
+
+@pytest.mark.parametrize("shape", [(2000, C), (2000, C, 2, 2)])
+def test_noisy_batch_noise_moments(shape):
+    norm = make("noisy_batch")
+    randomize_affine(norm)  # the noise comes after gamma and beta
+    mus, sigmas = [], []  # per step and unit: the centre of the shifts and the mean of the scales
+    for seed in range(50):
+        s, m = noisy_scale_and_shift(norm, shape, seed)
+        if len(shape) == 4:  # one (s, m) per example and channel, shared by the H x W positions
+            torch.testing.assert_close(s, s[:, :, :1, :1].expand_as(s))
+            torch.testing.assert_close(m, m[:, :, :1, :1].expand_as(m))
+            s, m = s[:, :, 0, 0], m[:, :, 0, 0]
+        lo, hi = m.min(0).values, m.max(0).values
+        assert ((hi - lo) <= 0.2 + 1e-9).all() and ((hi - lo) > 0.19).all()  # m_ij ~ U(mu_j - 0.1, mu_j + 0.1)
+        torch.testing.assert_close(s.std(0), torch.full((C,), 0.1, dtype=torch.float64), atol=0.01, rtol=0)  # s_ij ~ N(sigma_j, 0.1)
+        mus.append((hi + lo) / 2)
+        sigmas.append(s.mean(0))
+    mu, sigma = torch.cat(mus), torch.cat(sigmas)  # 400 draws each
+    assert mu.min() >= -0.5 - 1e-3 and mu.max() <= 0.5 + 1e-3 and mu.min() < -0.45 and mu.max() > 0.45  # mu_j ~ U(-0.5, 0.5)
+    assert (mu.mean().item(), mu.std().item()) == pytest.approx((0.0, 12**-0.5), abs=0.03)
+    assert sigma.min() >= 1 - 0.01 and sigma.max() <= 1.25 + 0.01 and sigma.min() < 1.02 and sigma.max() > 1.23  # sigma_j ~ U(1, 1.25)
+    assert (sigma.mean().item(), sigma.std().item()) == pytest.approx((1.125, 0.25 * 12**-0.5), abs=0.01)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_noisy_batch_running_stats_and_eval_are_batch_norm(shape):
+    noisy, batch = make("noisy_batch"), make("batch")
+    randomize_affine(noisy, batch)
+    for seed in range(3):
+        x = data(*shape, seed=seed)
+        assert not torch.allclose(noisy(x), batch(x))  # training: noise
+    for key, value in batch.state_dict().items():
+        assert torch.equal(noisy.state_dict()[key], value), key
+    x = data(*shape, seed=50)
+    assert torch.equal(noisy.eval()(x), batch.eval()(x))
 
 
 # --- per-example norms: layer, instance, group, rms -----------------------------------------
