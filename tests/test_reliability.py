@@ -75,10 +75,11 @@ def test_a_killed_run_resumes_to_exactly_the_unbroken_run(tmp_path, unbroken):
     assert_equal_runs(tmp_path / "run", unbroken)
 
 
-def test_sigterm_stops_at_the_next_step_with_the_summary_written_and_the_run_resumable(tmp_path, unbroken):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_stops_at_the_next_step_with_the_summary_written_and_the_run_resumable(tmp_path, unbroken, sig):
     proc = start(*LONG, "hydra.run.dir=run", cwd=tmp_path)
     wait_for(tmp_path / "run" / "checkpoint.pt")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     assert proc.wait(timeout=60) == 130
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and 0 < summary["steps"] < 1000
