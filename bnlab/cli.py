@@ -25,9 +25,6 @@ from bnlab.train import results_table, train
 log = logging.getLogger("bnlab")
 console = table_console()
 
-# A run directory is named by its overrides (`norm=batch,optim.lr=0.1`), or `default` when there are none.
-OmegaConf.register_new_resolver("bnlab.run_name", lambda overrides: overrides or "default", replace=True)
-
 
 def train_job(dcfg: DictConfig) -> None:
     """One job of `bnlab train`: a run, or one run of a sweep."""

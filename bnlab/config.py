@@ -7,6 +7,7 @@ is loaded.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -77,12 +79,25 @@ class TrainerConfig:
     stop_loss: float = 0.0  # > 0: end the run as diverged once the training loss stays above this ...
     stop_patience: int = 100  # ... for this many consecutive steps
     deterministic: bool = False  # GPU: deterministic kernels only (slower); CPU runs are deterministic anyway
+    precise_bn: int = 0  # > 0: after training, also test in train mode and after precise BN over this many batches
 
 
 @dataclass
 class ThresholdConfig:
     metric: str = "test_acc"  # test_acc | train_acc | test_loss | train_loss
     values: list[float] = field(default_factory=lambda: [0.90, 0.95, 0.97])  # acc: reach >= value; loss: reach <= value
+
+
+@dataclass
+class DiagConfig:
+    every: int = 100  # steps between the diagnostics switched on below
+    layers: list[int] = field(default_factory=lambda: [-1])  # hidden layers whose activations are tracked (-1: the last)
+    probe: int = 1000  # test examples the activation percentiles are computed on
+    percentiles: bool = False  # 15/50/85th percentiles and histograms of the inputs to the nonlinearity
+    ics: bool = False  # internal covariate shift per layer, ||G - G'|| and cos(G, G') (Santurkar et al.)
+    landscape: bool = False  # loss variation, gradient predictiveness, effective beta-smoothness along the gradient
+    grad_norms: bool = False  # L2 norm of each layer's weight gradient
+    stat_drift: bool = False  # change of the norm layers' running statistics since the last diagnostic
 
 
 @dataclass
@@ -93,6 +108,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    diag: DiagConfig = field(default_factory=DiagConfig)
     seed: int = 0  # seeds the weights and the batch order
 
 
@@ -108,6 +124,21 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+# Resolvers for conf/: a run directory is named by its overrides (`norm=batch,optim.lr=0.1`, or `default`);
+# presets scale with the batch size: ${bnlab.div:60000,${data.batch_size}} steps is one MNIST epoch,
+# ${bnlab.scale:0.05,${data.batch_size},32} is lr 0.05 at batch 32, linearly scaled (Goyal et al. 2017).
+def run_name(overrides: str, limit: int = 200) -> str:
+    """A run directory's name: its overrides, `default` when none, cut to `limit` characters with a hash of
+    the whole kept at the end (file systems refuse names over 255 bytes)."""
+    if len(overrides) <= limit:
+        return overrides or "default"
+    return f"{overrides[: limit - 9]}-{hashlib.md5(overrides.encode()).hexdigest()[:8]}"
+
+
+OmegaConf.register_new_resolver("bnlab.run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("bnlab.div", lambda a, b: int(a) // int(b), replace=True)
+OmegaConf.register_new_resolver("bnlab.scale", lambda x, b, ref: float(x) * float(b) / float(ref), replace=True)
 
 BIAS_CHOICES = ("auto", "true", "false")
 INIT_CHOICES = ("default", "normal")
@@ -148,7 +179,7 @@ def _require(ok: bool, key: str, value, accepted: str) -> None:
         raise ConfigError(f"{key}={value!r} is not accepted; accepted values: {accepted}.")
 
 
-GROUPS = ("model", "norm", "data", "optim")  # the config groups: one folder each under conf/
+GROUPS = ("model", "norm", "data", "optim", "experiment")  # the config groups: one folder each under conf/
 
 
 def group_options(group: str) -> list[str]:
@@ -218,6 +249,12 @@ def validate(cfg: TrainConfig) -> None:
     _require(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 0 (0: only at the end)")
     _require(t.stop_loss >= 0, "trainer.stop_loss", t.stop_loss, "a number >= 0 (0: off)")
     _require(t.stop_patience >= 1, "trainer.stop_patience", t.stop_patience, "an integer >= 1")
+    _require(t.precise_bn >= 0, "trainer.precise_bn", t.precise_bn, "an integer >= 0 (0: off)")
+    _require(cfg.diag.every > 0, "diag.every", cfg.diag.every, "an integer > 0")
+    _require(cfg.diag.probe > 0, "diag.probe", cfg.diag.probe, "an integer > 0")
+    depth = len(m.widths) * (m.blocks * 2 if m.name == "resnet" else 1) + (m.name == "resnet")
+    bad = [i for i in cfg.diag.layers if not -depth <= i < depth]
+    _require(not bad, "diag.layers", list(cfg.diag.layers), f"indices of the model's {depth} hidden layers, -{depth} to {depth - 1}")
     _choice("threshold.metric", cfg.threshold.metric, THRESHOLD_METRICS)
     if cfg.threshold.metric.endswith("_acc"):
         bad = [v for v in cfg.threshold.values if not 0 <= v <= 1]

@@ -218,3 +218,52 @@ def precise_bn(model: nn.Module, x_train: Tensor, batch_size: int, num_batches: 
     for m, total in zip(norms, sums):
         for k, s in total.items():
             getattr(m, k).copy_(s / num_batches)
+
+
+class DiagnosticLog:
+    """Runs the diagnostics that `cfg` (DiagConfig) switches on every `cfg.every` steps and logs them to
+    TensorBoard: `act/L/p15|p50|p85` (all units of layer L) and `act/L/unit0/...` with histograms `act/L`,
+    `ics/layer{i}/l2|cos`, `landscape/<metric>`, `grad_norm/layer{i}` and `stat_drift/<buffer>`.
+
+    The trainer calls `before_step` after backward and `after_step` after the optimizer step, on the
+    steps where `due` says so.
+    """
+
+    def __init__(self, cfg, model: nn.Module, writer, probe: Tensor, optimizer: torch.optim.Optimizer) -> None:
+        self.cfg, self.model, self.writer, self.probe, self.optimizer = cfg, model, writer, probe, optimizer
+        self.on = cfg.percentiles or cfg.ics or cfg.landscape or cfg.grad_norms or cfg.stat_drift
+        self.stats = running_stats(model) if cfg.stat_drift else {}
+        self.before: dict[str, Tensor] = {}
+
+    def due(self, step: int) -> bool:
+        return self.on and step % self.cfg.every == 0
+
+    def _log(self, prefix: str, values: dict, step: int) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def before_step(self, step: int, x: Tensor, y: Tensor) -> None:
+        """At the step's weights, with its gradients: landscape along them, gradient norms, a snapshot for ICS."""
+        if self.cfg.landscape:
+            self._log("landscape", landscape(self.model, x, y, self.optimizer.param_groups[0]["lr"]), step)
+        if self.cfg.grad_norms:
+            self._log("grad_norm", grad_norms(self.model), step)
+        if self.cfg.ics:
+            self.before = snapshot(self.model)
+
+    def after_step(self, step: int, x: Tensor, y: Tensor) -> None:
+        """After the update: ICS of this step, activation percentiles on the probe, running-statistics drift."""
+        if self.cfg.ics:
+            shift = internal_covariate_shift(self.model, x, y, deltas(self.model, self.before))
+            for i, (l2, cos) in enumerate(shift):
+                self._log(f"ics/layer{i}", {"l2": l2, "cos": cos}, step)
+        if self.cfg.percentiles:
+            q = (15, 50, 85)
+            for layer, a in activations(self.model, self.probe, list(self.cfg.layers)).items():
+                self._log(f"act/{layer}", dict(zip(("p15", "p50", "p85"), _percentiles(a, q))), step)
+                self._log(f"act/{layer}/unit0", dict(zip(("p15", "p50", "p85"), _percentiles(a[:, 0], q))), step)
+                self.writer.add_histogram(f"act/{layer}", a, step)
+        if self.cfg.stat_drift:
+            now = running_stats(self.model)
+            self._log("stat_drift", drift(self.stats, now), step)
+            self.stats = now

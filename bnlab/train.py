@@ -7,6 +7,7 @@ and feeds the iterations-to-threshold record.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -28,7 +29,8 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from bnlab.config import ConfigError, TrainConfig, flatten, validate
-from bnlab.data import load_data
+from bnlab.data import Dataset, load_data
+from bnlab.diagnostics import DiagnosticLog, precise_bn
 from bnlab.files import read_json, write_json, write_torch
 from bnlab.metrics import Thresholds
 from bnlab.models import build_model
@@ -60,15 +62,17 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[tor
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over (x, y) in eval mode; the model's mode is restored after."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = EVAL_CHUNK, train_mode: bool = False) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over (x, y), `chunk` examples at a time, in eval mode (running
+    statistics) or, with `train_mode`, in train mode (each chunk's own batch statistics, which also
+    moves the running statistics); the model's mode is restored after."""
     was_training = model.training
-    model.eval()
+    model.train(train_mode)
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device)
-    for start in range(0, len(x), EVAL_CHUNK):
-        logits = model(x[start : start + EVAL_CHUNK])
-        target = y[start : start + EVAL_CHUNK]
+    for start in range(0, len(x), chunk):
+        logits = model(x[start : start + chunk])
+        target = y[start : start + chunk]
         loss_sum += F.cross_entropy(logits, target, reduction="sum")
         correct += (logits.argmax(1) == target).sum()
     model.train(was_training)
@@ -187,6 +191,7 @@ def _fit(cfg: TrainConfig, run: Run, writer: SummaryWriter, console: Console, ch
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     order = batches(len(data.train_y), cfg.data.batch_size, torch.Generator(device=device).manual_seed(cfg.seed))
     log.info("%s: %s, %d parameters, %d training examples", cfg.model.name, device, sum(p.numel() for p in model.parameters()), len(data.train_y))
+    diagnostics = DiagnosticLog(cfg.diag, model, writer, data.test_x[: cfg.diag.probe], optimizer)
 
     window = {"train_loss": 0.0, "train_acc": 0.0, "steps": 0}  # sums over the steps since the last evaluation
     last_eval, high_loss_steps = -1, 0  # last evaluated step; consecutive steps with the loss above trainer.stop_loss
@@ -256,7 +261,11 @@ def _fit(cfg: TrainConfig, run: Run, writer: SummaryWriter, console: Console, ch
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if diagnostics.due(step):
+                diagnostics.before_step(step, x, y)
             optimizer.step()
+            if diagnostics.due(step):
+                diagnostics.after_step(step, x, y)
             acc = (logits.argmax(1) == y).float().mean().item()
             run.steps = step
             writer.add_scalar("train/loss", loss_value, step)
@@ -271,10 +280,25 @@ def _fit(cfg: TrainConfig, run: Run, writer: SummaryWriter, console: Console, ch
                 save_checkpoint()
         if last_eval != run.steps and run.status != "interrupted":
             evaluate_and_log(run.steps)
+        if t.precise_bn and run.status != "interrupted":
+            run.final.update(eval_modes(model, data, cfg))
+            log.info("test accuracy in train mode %(test_acc_train_mode).4f, after precise BN %(test_acc_precise_bn).4f", run.final)
         save_checkpoint(finished=run.status != "interrupted")
     run.loop_time += time.perf_counter() - loop_start
     if run.status == "running":
         run.status = "completed"
+
+
+def eval_modes(model: nn.Module, data: Dataset, cfg: TrainConfig) -> dict[str, float]:
+    """Test accuracy of a trained model in train mode (batch statistics of test batches of data.batch_size:
+    the forgotten model.eval()) and in eval mode after precise BN over trainer.precise_bn batches; on a
+    copy, so the model keeps its own running statistics."""
+    probe = copy.deepcopy(model)
+    _, train_mode = evaluate(probe, data.test_x, data.test_y, chunk=cfg.data.batch_size, train_mode=True)
+    generator = torch.Generator(device=data.train_x.device).manual_seed(cfg.seed)
+    precise_bn(probe, data.train_x, cfg.data.batch_size, cfg.trainer.precise_bn, generator)
+    _, precise = evaluate(probe, data.test_x, data.test_y)
+    return {"test_acc_train_mode": train_mode, "test_acc_precise_bn": precise}
 
 
 def _log_hparams(writer: SummaryWriter, summary: dict[str, Any]) -> None:

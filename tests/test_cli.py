@@ -74,3 +74,12 @@ def test_data_list_reports_missing_files(tmp_path):
     out = bnlab("data", "list", "--root", str(tmp_path), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "missing" in out.stdout and "train-images-idx3-ubyte" in out.stdout
+
+
+def test_run_names_stay_within_file_system_limits():
+    from bnlab.config import run_name
+
+    assert run_name("") == "default"
+    assert run_name("norm=batch,optim.lr=0.1") == "norm=batch,optim.lr=0.1"
+    long_a, long_b = "x" * 300 + "a", "x" * 300 + "b"
+    assert len(run_name(long_a)) == 200 and run_name(long_a) != run_name(long_b)

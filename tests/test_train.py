@@ -91,3 +91,32 @@ def test_batches_cover_each_epoch_once_and_drop_the_remainder():
     epoch = torch.cat([next(it) for _ in range(3)])
     assert len(epoch) == 9 and len(set(epoch.tolist())) == 9
     assert len(torch.cat([next(it) for _ in range(3)]).unique()) == 9
+
+
+@pytest.mark.parametrize("model", ["mlp", "resnet"])
+def test_switched_on_diagnostics_are_logged_every_k_steps(tiny_config, tmp_path, model):
+    widths = "model.widths=[8,8]"
+    cfg = tiny_config(f"model={model}", widths, "trainer.max_steps=6", "diag.every=3", "diag.layers=[0,-1]", "diag.percentiles=true",
+                      "diag.ics=true", "diag.landscape=true", "diag.grad_norms=true", "diag.stat_drift=true")
+    train(cfg, tmp_path)
+    s = scalars(tmp_path)
+    depth = 2 if model == "mlp" else 5
+    expected = {"act/0/p50", "act/-1/p15", "act/-1/unit0/p85", "landscape/loss_variation", "landscape/grad_predictiveness",
+                "landscape/beta_smoothness", *(f"ics/layer{i}/cos" for i in range(depth)), *(f"grad_norm/layer{i}" for i in range(depth))}
+    assert expected <= set(s)
+    assert any(tag.startswith("stat_drift/") for tag in s)
+    assert [step for step, _ in s["ics/layer1/l2"]] == [3, 6]
+    assert s["ics/layer0/cos"] == [(3, 1.0), (6, 1.0)]  # nothing comes before the first layer
+    p15, p50, p85 = (s[f"act/-1/{p}"][0][1] for p in ("p15", "p50", "p85"))
+    assert p15 <= p50 <= p85
+
+
+def test_diagnostics_are_off_by_default(tiny_config, tmp_path):
+    train(tiny_config(), tmp_path)
+    assert not any(tag.split("/")[0] in ("act", "ics", "landscape", "grad_norm", "stat_drift") for tag in scalars(tmp_path))
+
+
+def test_precise_bn_reports_the_three_ways_to_evaluate(tiny_config, tmp_path):
+    final = train(tiny_config("trainer.max_steps=20", "trainer.precise_bn=4", "norm.momentum=0.001"), tmp_path)["final"]
+    assert {"test_acc", "test_acc_train_mode", "test_acc_precise_bn"} <= set(final)
+    assert all(0 <= final[k] <= 1 for k in ("test_acc_train_mode", "test_acc_precise_bn"))
