@@ -19,6 +19,7 @@ from rich.table import Table
 from bnlab.config import ConfigError, DataConfig, TrainConfig, check_overrides
 from bnlab.data import DATASETS, DataError, fetch, file_report
 from bnlab.files import read_json
+from bnlab.report import write_report
 from bnlab.summarize import compare, summarize, table_console
 from bnlab.train import results_table, train
 
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--root", help="data root (default: $BNLAB_DATA or ~/.cache/bnlab/data)")
     summ = sub.add_parser("summarize", help="the table of the runs below a sweep folder; two folders: side by side")
     summ.add_argument("dirs", nargs="+", type=Path)
+    report = sub.add_parser("report", help="figures (PNG) and report.md for a sweep or folder of runs, written into it")
+    report.add_argument("dir", type=Path)
     tb = sub.add_parser("tb", help="open TensorBoard on a folder of runs (tensorboard --logdir DIR ...)")
     tb.add_argument("dir", type=Path)
     tb.add_argument("tensorboard_args", nargs=argparse.REMAINDER, help="passed on to tensorboard, e.g. --port 6007")
@@ -120,5 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         summarize(args.dirs[0], console)
     elif args.command == "summarize":
         compare(args.dirs, console)
+    elif args.command == "report":
+        console.print(f"report: {write_report(args.dir)}")
     elif args.command == "tb":
         os.execv(sys.executable, [sys.executable, "-m", "tensorboard.main", "--logdir", str(args.dir), *args.tensorboard_args])

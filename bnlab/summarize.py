@@ -29,9 +29,16 @@ STATUSES = ("completed", "diverged", "failed", "interrupted")
 Row = dict[str, Any]
 
 
+def load_run_dirs(root: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(run directory, summary) for every run below `root`: each summary.json with a status and a
+    config (a sweep's own summary.json, a table, is not a run)."""
+    found = ((p.parent, read_json(p)) for p in sorted(root.rglob("summary.json")))
+    return [(d, s) for d, s in found if isinstance(s, dict) and "status" in s and "config" in s]
+
+
 def load_runs(root: Path) -> list[dict[str, Any]]:
-    """The summary of every run below `root` (every summary.json but the sweep's own)."""
-    return [read_json(p) for p in sorted(root.rglob("summary.json")) if p.parent != root]
+    """The summary of every run below `root`."""
+    return [s for _, s in load_run_dirs(root)]
 
 
 def _short(key: str) -> str:

@@ -1,0 +1,224 @@
+"""The report on fake sweeps: summary.json files and TensorBoard events written here, no training."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from rich.console import Console
+from torch.utils.tensorboard import SummaryWriter
+
+from bnlab.config import TrainConfig
+from bnlab.files import write_json
+from bnlab.report import FIGURE_FILES, largest_lr_that_trains, write_report
+from bnlab.summarize import summarize
+
+THRESHOLDS = [0.9, 0.95, 0.97]
+
+
+def curve(norm: str, lr: float, seed: int, step: int) -> float:
+    """A made-up test accuracy: BN rises faster and higher; a larger lr is faster."""
+    tau = (150 if norm == "batch" else 250) * math.sqrt(0.1 / lr)
+    top = 0.985 if norm == "batch" else 0.965
+    wiggle = 0.004 * math.sin(step / 90 + seed)
+    return min(1.0, top - (top - 0.1) * math.exp(-step / tau) + wiggle)
+
+
+def fake_run(
+    root: Path,
+    norm: str,
+    seed: int,
+    lr: float = 0.1,
+    *,
+    max_steps: int = 1000,
+    eval_every: int = 100,
+    diverge_at: int | None = None,
+    status: str | None = None,
+    final_acc: float | None = None,
+    diag: bool = False,
+    precise: bool = False,
+    events: bool = True,
+    train_every: int = 1,
+) -> dict:
+    """One run folder as bnlab.train writes it: summary.json and (unless events=False) TensorBoard events."""
+    cfg = asdict(TrainConfig())
+    cfg["norm"]["name"], cfg["optim"]["lr"], cfg["seed"] = norm, lr, seed
+    cfg["trainer"].update(max_steps=max_steps, eval_every=eval_every)
+    cfg["threshold"]["values"] = THRESHOLDS
+    run_dir = root / f"norm={norm},optim.lr={lr},seed={seed}"
+    run_dir.mkdir(parents=True)
+    last = diverge_at - 1 if diverge_at else max_steps
+    evals = [*range(0, last + 1, eval_every), *([last] if last % eval_every else [])]
+    accs = {s: curve(norm, lr, seed, s) for s in evals}
+    if diverge_at:
+        accs[last] = 0.098
+    reached = {str(v): next((s for s in evals if accs[s] >= v), None) for v in THRESHOLDS}
+    if events:
+        w = SummaryWriter(str(run_dir))
+        for s in range(1, last + 1, train_every):
+            acc = curve(norm, lr, seed, s)
+            w.add_scalar("train/loss", -math.log(max(acc, 0.05)) + 0.05 * math.sin(s), s)
+            w.add_scalar("train/acc", acc, s)
+        for s in evals:
+            w.add_scalar("test/loss", -math.log(accs[s]), s)
+            w.add_scalar("test/acc", accs[s], s)
+            w.add_scalar("train/lr", lr, s)
+        if diag:
+            bn = norm == "batch"
+            rng = np.random.default_rng(seed)
+            for s in range(50, last + 1, 50):
+                for layer in (-1, 0):
+                    centre = 0.0 if bn else 0.3 + layer + s / 300  # no BN: the distribution drifts
+                    spread = 1.0 if bn else 0.6 + s / 400
+                    a = rng.normal(centre, spread, (200, 10))
+                    for prefix, values in ((f"act/{layer}", a), (f"act/{layer}/unit0", a[:, 0])):
+                        for q, v in zip((15, 50, 85), np.percentile(values, (15, 50, 85))):
+                            w.add_scalar(f"{prefix}/p{q}", v, s)
+                    if s % 500 == 0:  # present, as bnlab writes them (fewer here: they are slow to read back)
+                        w.add_histogram(f"act/{layer}", a, s)
+                for i in range(3):
+                    w.add_scalar(f"ics/layer{i}/l2", 0.0 if i == 0 else (1.5 if bn else 1.0) * (1 + lr) * (1 + 0.2 * rng.random()) / (1 + s / 300), s)
+                    w.add_scalar(f"ics/layer{i}/cos", 1.0 if i == 0 else (0.8 if bn else 0.9) + 0.05 * rng.random(), s)
+                    w.add_scalar(f"grad_norm/layer{i}", rng.random(), s)
+                scale = (0.2 if bn else 1.0) * (1 + lr)
+                w.add_scalar("landscape/loss_variation", scale * (0.5 + rng.random()) / (1 + s / 200), s)
+                w.add_scalar("landscape/grad_predictiveness", scale * (2 + rng.random()), s)
+                w.add_scalar("landscape/beta_smoothness", scale * (10 + 5 * rng.random()), s)
+                if bn:
+                    w.add_scalar("stat_drift/1.norm.running_mean", rng.random(), s)
+        w.add_scalar("final/test_acc", accs[last], last)
+        for v, step in reached.items():
+            w.add_scalar(f"iters_to/test_acc={v}", math.nan if step is None else step, last)
+        w.close()
+    final = {"train_loss": 0.1, "train_acc": accs[last], "test_loss": -math.log(accs[last]), "test_acc": final_acc or accs[last]}
+    if precise:
+        final["test_acc_precise_bn"] = final["test_acc"] + (0.005 if norm == "batch" else 0.0)
+        final["test_acc_train_mode"] = final["test_acc"] - (0.04 if norm == "batch" else 0.0)
+    summary = {
+        "status": status or ("diverged" if diverge_at else "completed"),
+        "steps": last,
+        "error": None,
+        "wall_time_s": 1.0,
+        "steps_per_s": 500.0,
+        "device": "cpu",
+        "final": final,
+        "threshold_metric": "test_acc",
+        "iterations_to_threshold": reached,
+        "config": cfg,
+    }
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def image_ok(path: Path) -> bool:
+    """A real PNG of a reasonable size with something drawn on it."""
+    pixels = imread(path)
+    return pixels.ndim == 3 and pixels.shape[0] >= 300 and pixels.shape[1] >= 500 and float(np.ptp(pixels)) > 0
+
+
+def embedded(report: str) -> set[str]:
+    return {name for name in FIGURE_FILES if f"]({name})" in report}
+
+
+@pytest.fixture(scope="module")
+def basic(tmp_path_factory) -> Path:
+    """2 groups x 3 seeds, only the curves every run logs; a stale figure and the sweep's own table files."""
+    root = tmp_path_factory.mktemp("basic")
+    for norm in ("none", "batch"):
+        for seed in range(3):
+            fake_run(root, norm, seed, train_every=5)
+    summarize(root, Console(file=io.StringIO()))  # the sweep's summary.json at the top is not a run
+    (root / "ics.png").write_bytes(b"stale")  # left by an earlier report of other runs
+    return root
+
+
+@pytest.fixture(scope="module")
+def lr_sweep(tmp_path_factory) -> Path:
+    """norm x lr x 3 seeds: norm=none diverges once at lr 1; norm=batch trains at every lr."""
+    root = tmp_path_factory.mktemp("lr")
+    for norm in ("none", "batch"):
+        for lr in (0.01, 0.1, 1.0):
+            for seed in range(3):
+                diverge = norm == "none" and lr == 1.0 and seed == 1
+                fake_run(root, norm, seed, lr, diverge_at=250 if diverge else None, train_every=10)
+    return root
+
+
+def test_basic_sweep_gets_curves_bars_and_the_table_only(basic):
+    report = write_report(basic)
+    assert report == basic / "report.md"
+    text = report.read_text()
+    assert embedded(text) == {"metric_curves.png", "iterations_to_threshold.png"}
+    for name in ("metric_curves.png", "iterations_to_threshold.png"):
+        assert image_ok(basic / name)
+    for name in set(FIGURE_FILES) - embedded(text):
+        assert not (basic / name).exists(), name  # skipped figures leave no file, stale ones are removed
+    assert "| group | runs | ok/div/fail | iters to test_acc 0.9 |" in text
+    assert "| norm=batch | 3 | 3/0/0 |" in text and "| norm=none | 3 | 3/0/0 |" in text
+    assert "Largest learning rate" not in text
+
+
+def test_lr_sweep_finds_the_largest_lr_that_trains(lr_sweep):
+    text = write_report(lr_sweep).read_text()
+    assert {"lr_sensitivity.png", "metric_curves.png", "iterations_to_threshold.png"} <= embedded(text)
+    assert image_ok(lr_sweep / "lr_sensitivity.png")
+    assert "| norm=none, optim.lr=1.0 | 3 | 2/1/0 |" in text
+    assert "- norm=batch: **1**" in text
+    assert "- norm=none: **0.1**" in text  # lr 1 had a diverged seed
+    assert "final test_acc ≥ 0.9" in text
+
+
+def test_largest_lr_that_trains_needs_every_seed_completed_and_above_the_lowest_threshold(tmp_path):
+    runs = [fake_run(tmp_path, "batch", seed, lr, max_steps=3000, events=False) for lr in (0.01, 0.1, 1.0) for seed in range(2)]
+    assert largest_lr_that_trains(runs) == {"all runs": 1.0}
+    runs[-1]["status"] = "failed"  # lr 1, seed 1
+    assert largest_lr_that_trains(runs) == {"all runs": 0.1}
+    runs[3]["final"]["test_acc"] = 0.85  # lr 0.1, seed 1: completed but below 0.9
+    assert largest_lr_that_trains(runs) == {"all runs": 0.01}
+    for s in runs[:2]:
+        s["status"] = "diverged"
+    assert largest_lr_that_trains(runs) == {"all runs": None}
+    assert largest_lr_that_trains([]) == {}
+
+
+def test_diagnostics_give_activation_ics_and_landscape_figures(tmp_path):
+    for norm in ("none", "batch"):
+        for seed in range(3):
+            fake_run(tmp_path, norm, seed, diag=True, train_every=20)
+    text = write_report(tmp_path).read_text()
+    expected = {"metric_curves.png", "iterations_to_threshold.png", "activation_percentiles.png", "ics.png", "landscape.png"}
+    assert embedded(text) == expected
+    for name in expected:
+        assert image_ok(tmp_path / name), name
+
+
+def test_precise_bn_keys_give_the_mode_chart_and_runs_without_events_still_report(tmp_path):
+    for norm in ("none", "batch"):
+        for seed in range(3):
+            fake_run(tmp_path, norm, seed, precise=True, events=False)
+    text = write_report(tmp_path).read_text()
+    assert embedded(text) == {"iterations_to_threshold.png", "precise_bn.png"}  # no events: no curves
+    assert image_ok(tmp_path / "precise_bn.png")
+
+
+def test_never_reached_and_failed_runs_are_shown_not_dropped(tmp_path):
+    fake_run(tmp_path, "none", 0, lr=0.001)  # too slow to reach any threshold in 1000 steps
+    fake_run(tmp_path, "batch", 0, lr=0.001)
+    fake_run(tmp_path, "batch", 1, lr=0.001, status="failed", events=False)
+    text = write_report(tmp_path).read_text()
+    assert "| norm=none | 1 | 1/0/0 | never |" in text
+    assert "| norm=batch | 2 | 1/0/1 |" in text
+    assert image_ok(tmp_path / "iterations_to_threshold.png")
+
+
+def test_a_folder_without_runs_gets_a_short_report(tmp_path):
+    text = write_report(tmp_path).read_text()
+    assert "No runs" in text
+    assert not list(tmp_path.glob("*.png"))
+    with pytest.raises(FileNotFoundError):
+        write_report(tmp_path / "missing")
