@@ -47,6 +47,10 @@ def test_sweep_ends_with_a_table_of_its_runs(tmp_path):
     assert all(r in out.stdout.replace("\n", "") or r[:20] in out.stdout for r in runs)
     assert "final test acc" in out.stdout
 
+    report = bnlab("report", "sweep", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert "metric_curves.png" in (tmp_path / "sweep" / "report.md").read_text()
+
 
 @pytest.mark.parametrize(
     "override, key",
