@@ -1,0 +1,426 @@
+"""Fused training: N runs that differ only in seed, learning rate and weight decay (`can_fuse`) trained as
+one stacked model, each member following its separate run to float rounding. `FusedModel` walks an
+ordinary model and swaps each layer for its stacked counterpart (`STACKERS`) on activations laid out
+(B, N*C, ...), member n owning channels n*C to (n+1)*C - 1: a Linear becomes a batched matmul, a Conv2d a
+grouped conv, and a norm the same norm over N*C channels (with N times the groups), so no statistic
+crosses members. Every stacked tensor is the members' tensors concatenated along dim 0, which
+`member_state_dict` splits back. `StackedSGD`/`StackedAdam` take one lr and weight decay per member, the
+loss is the sum of the members' mean losses, and `train_fused` is the reference loop."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bnlab.config import OptimConfig, TrainConfig, flatten
+from bnlab.data import Dataset
+from bnlab.models import CNN, MLP, BasicBlock, ResNet, Unit, build_model
+from bnlab.norms import BatchNorm, BatchRenorm, GhostBatchNorm, InstanceNorm, ManualBatchNorm, RMSNorm
+
+# Config keys that may differ between members: what the stacked optimizer takes per member, and the
+# bookkeeping keys that leave a run's trajectory alone (hydra's override_dirname also excludes them).
+PER_MEMBER_KEYS = ("seed", "optim.lr", "optim.weight_decay")
+IGNORED_KEYS = ("trainer.resume", "trainer.threads", "data.root", "data.download")
+# Every bnlab norm is a per-channel or per-(example, group) op without randomness, so it stacks by channel
+# count. A norm added later is refused until someone adds it here and its stacked counterpart to STACKERS.
+FUSABLE_NORMS = ("none", "batch", "batch_manual", "batch_renorm", "ghost_batch", "layer", "group", "instance", "rms")
+FUSABLE_MODELS = ("mlp", "cnn", "resnet")
+
+
+def can_fuse(cfgs: Sequence[TrainConfig]) -> str | None:
+    """None if these runs can train as one fused model, else a short reason why not."""
+    if not cfgs:
+        return "no configs"
+    flat = [flatten(asdict(c)) for c in cfgs]
+    for key, value in flat[0].items():
+        if key in PER_MEMBER_KEYS or key in IGNORED_KEYS:
+            continue
+        others = {str(f.get(key)) for f in flat[1:]} - {str(value)}
+        if others:
+            return f"{key} differs ({value} vs {', '.join(sorted(others))}); only {', '.join(PER_MEMBER_KEYS)} may"
+    cfg = cfgs[0]
+    if cfg.model.name not in FUSABLE_MODELS:
+        return f"model={cfg.model.name} has no stacked form (fusable: {', '.join(FUSABLE_MODELS)})"
+    if cfg.norm.name not in FUSABLE_NORMS:
+        return f"norm={cfg.norm.name} has no stacked form (fusable: {', '.join(FUSABLE_NORMS)})"
+    if cfg.optim.name not in STACKED_OPTIMIZERS:
+        return f"optim={cfg.optim.name} has no stacked form (fusable: {', '.join(STACKED_OPTIMIZERS)})"
+    return None
+
+
+# ---------------------------------------------------------------- stacked layers
+
+
+def _widen(m: nn.Module, n: int, *counts: str) -> nn.Module:
+    """A copy of m for n members: each parameter and non-scalar buffer n times as long along dim 0 (its
+    values are loaded by FusedModel), and each attribute named in `counts` multiplied by n."""
+    new = copy.deepcopy(m)
+    for name, p in m.named_parameters(recurse=False):
+        setattr(new, name, nn.Parameter(p.new_empty(n * p.shape[0], *p.shape[1:]), p.requires_grad))
+    for name, b in m.named_buffers(recurse=False):
+        if b.dim() > 0:
+            setattr(new, name, b.new_empty(n * b.shape[0], *b.shape[1:]))
+    for attr in counts:
+        setattr(new, attr, getattr(m, attr) * n)
+    return new
+
+
+class _BatchedLinear(torch.autograd.Function):
+    """y[n] = x[n] W[n]^T + b[n] for x (N, B, in), W (N, out, in) and b (N, out) or None.
+
+    torch.baddbmm computes the same, but its autograd hands back either the weight's gradient
+    transposed (a copy of the largest tensor every step) or the input's gradient column-major
+    (elementwise backward kernels downstream run several times slower on it). This backward is
+    F.linear's, batched: each gradient comes out in the layout of its tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        wt = weight.transpose(1, 2)
+        return torch.bmm(x, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, wt)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None  # (N, B, in)
+        grad_w = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None  # (N, out, in)
+        grad_b = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+class StackedLinear(nn.Module):
+    """N Linear layers as one batched matmul, (B, N*in) -> (B, N*out); weight (N*out, in) and bias
+    (N*out,) are the members' weights and biases one after another."""
+
+    def __init__(self, linear: nn.Linear, members: int) -> None:
+        super().__init__()
+        self.members, self.in_features, self.out_features = members, linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.new_empty(members * self.out_features, self.in_features))
+        bias = None if linear.bias is None else nn.Parameter(linear.bias.new_empty(members * self.out_features))
+        self.register_parameter("bias", bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, b = self.members, x.shape[0]
+        xs = x.reshape(b, n, self.in_features).transpose(0, 1).contiguous()  # (N, B, in)
+        w = self.weight.view(n, self.out_features, self.in_features)
+        bias = None if self.bias is None else self.bias.view(n, self.out_features)
+        y = _BatchedLinear.apply(xs, w, bias)  # (N, B, out)
+        return y.transpose(0, 1).reshape(b, n * self.out_features)  # row-major again, as norms and activations like it
+
+
+class StackedInstanceNorm(nn.GroupNorm):
+    """InstanceNorm of N members: GroupNorm(N*C, N*C) on feature maps; on feature vectors, where
+    InstanceNorm is layer norm, one group per member."""
+
+    def __init__(self, norm: InstanceNorm, members: int) -> None:
+        channels = members * norm.num_channels
+        super().__init__(channels, channels, eps=norm.eps, affine=norm.affine)
+        self.members = members
+
+    def forward(self, x: Tensor) -> Tensor:
+        groups = self.num_groups if x.dim() > 2 else self.members
+        return F.group_norm(x, groups, self.weight, self.bias, self.eps)
+
+
+class StackedRMSNorm(RMSNorm):
+    """RMSNorm of N members: each example's mean square taken over its member's C (or C, H, W) values."""
+
+    def __init__(self, norm: RMSNorm, members: int) -> None:
+        affine = norm.weight is not None
+        super().__init__(members * norm.weight.shape[0] if affine else 0, eps=norm.eps, affine=affine)
+        self.members = members
+
+    def forward(self, x: Tensor) -> Tensor:
+        per_member = x.reshape(x.shape[0], self.members, -1)
+        mean_square = per_member.square().mean(-1, keepdim=True)
+        return self._scale_shift((per_member * torch.rsqrt(mean_square + self.eps)).view_as(x))
+
+
+def _copy(m: nn.Module, n: int) -> nn.Module:
+    """Layers without state that act on each channel alone (activations, pooling, flatten) stack as they are."""
+    if isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) != (1, -1):
+        raise TypeError(f"only Flatten(1, -1) stacks, not Flatten({m.start_dim}, {m.end_dim})")
+    return copy.deepcopy(m)
+
+
+STATELESS = (nn.Identity, nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)
+
+# Layer type (exact, not subclasses) -> its stacked counterpart, built from one member's layer and N.
+STACKERS: dict[type, Callable[[nn.Module, int], nn.Module]] = {
+    nn.Linear: StackedLinear,
+    nn.Conv2d: lambda m, n: _widen(m, n, "in_channels", "out_channels", "groups"),
+    BatchNorm: lambda m, n: _widen(m, n, "num_features"),
+    GhostBatchNorm: lambda m, n: _widen(m, n, "num_features"),  # chunks split the batch dim, the same for all members
+    ManualBatchNorm: _widen,
+    BatchRenorm: _widen,  # its r_max/d_max schedule counts steps, which the members share
+    nn.GroupNorm: lambda m, n: _widen(m, n, "num_groups", "num_channels"),  # layer norm is GroupNorm(1, C)
+    InstanceNorm: StackedInstanceNorm,
+    RMSNorm: StackedRMSNorm,
+    **{t: _copy for t in STATELESS},
+}
+# Modules without parameters of their own whose forward only calls children and adds their outputs.
+CONTAINERS = (nn.Sequential, MLP, CNN, ResNet, Unit, BasicBlock)
+
+
+def stack_module(m: nn.Module, n: int) -> nn.Module:
+    """The stacked counterpart of m for n members (parameters and buffers not yet filled in)."""
+    kind = type(m)
+    if kind in STACKERS:
+        return STACKERS[kind](m, n)
+    if kind in CONTAINERS and not m._parameters and not m._buffers:
+        new = copy.copy(m)
+        new._parameters, new._buffers = {}, {}
+        new._modules = {name: stack_module(child, n) for name, child in m.named_children()}
+        return new
+    raise TypeError(f"{kind.__name__} has no stacked counterpart (see bnlab.fused.STACKERS)")
+
+
+def _member(v: Tensor, members: int, n: int) -> Tensor:
+    """Member n's part of a stacked tensor; a scalar (num_batches_tracked) is shared by all members."""
+    return v if v.dim() == 0 else v.unflatten(0, (members, -1))[n]
+
+
+class FusedModel(nn.Module):
+    """N ordinary bnlab models of one architecture as one stacked model; member n starts as models[n]."""
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not models:
+            raise ValueError("FusedModel needs at least one model")
+        states = [m.state_dict() for m in models]
+        layout = [(k, v.shape, v.dtype) for k, v in states[0].items()]
+        for i, state in enumerate(states[1:], 1):
+            if [(k, v.shape, v.dtype) for k, v in state.items()] != layout:
+                raise ValueError(f"model {i} differs from model 0 in its parameters or buffers")
+        self.members = len(models)
+        self.net = stack_module(models[0], self.members)
+        stacked = {}
+        for k in states[0]:
+            parts = [s[k] for s in states]
+            if parts[0].dim() == 0 and any(not torch.equal(p, parts[0]) for p in parts):
+                raise ValueError(f"{k} is shared by the stacked members but differs between the models")
+            stacked[k] = parts[0] if parts[0].dim() == 0 else torch.cat(parts)
+        self.net.load_state_dict(stacked)
+        # Feature maps channels-last: CPU grouped convs (their backward most of all) and max-pooling run
+        # markedly faster on them than on contiguous ones.
+        self.channels_last = any(isinstance(m, nn.Conv2d) for m in self.net.modules())
+        self.train(models[0].training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Inputs (N, B, *example shape) -> logits (N, B, classes), member n applied to x[n]."""
+        n, b = x.shape[:2]
+        if n != self.members:
+            raise ValueError(f"expected inputs for {self.members} members, got shape {tuple(x.shape)}")
+        stacked = x.transpose(0, 1).reshape(b, n * x.shape[2], *x.shape[3:])  # (B, N*C, ...)
+        if self.channels_last and stacked.dim() == 4:
+            stacked = stacked.contiguous(memory_format=torch.channels_last)
+        return self.net(stacked).view(b, n, -1).transpose(0, 1)
+
+    def member_state_dict(self, n: int) -> dict[str, Tensor]:
+        """Member n's parameters and buffers as the ordinary model's state_dict (copies)."""
+        return {k: _member(v, self.members, n).clone() for k, v in self.net.state_dict().items()}
+
+
+def build_fused(cfgs: Sequence[TrainConfig], in_shape: tuple[int, int, int], num_classes: int) -> FusedModel:
+    """Each member built exactly as train.py builds its model (torch.manual_seed(seed), build_model), stacked."""
+    models = []
+    for cfg in cfgs:
+        torch.manual_seed(cfg.seed)
+        models.append(build_model(cfg, in_shape, num_classes))
+    return FusedModel(models)
+
+
+# ---------------------------------------------------------------- optimizers
+
+
+class _StackedOptimizer(torch.optim.Optimizer):
+    """Base of the stacked optimizers: each param group holds one lr and one weight decay per member
+    (lists), applied along dim 0 of every parameter, whose i-th of N equal parts is member i's."""
+
+    def __init__(self, params: Iterable[Tensor], members: int, lr: Sequence[float], weight_decay: Sequence[float], **defaults) -> None:
+        lr, weight_decay = [float(v) for v in lr], [float(v) for v in weight_decay]
+        if len(lr) != members or len(weight_decay) != members:
+            raise ValueError(f"need {members} learning rates and weight decays, got {len(lr)} and {len(weight_decay)}")
+        self.members = members
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, **defaults))
+
+    def _view(self, t: Tensor) -> Tensor:
+        """t (N*d, ...) as (N, d, ...): a view, so in-place updates reach t."""
+        return t.unflatten(0, (self.members, -1))
+
+    def _per_member(self, values: Sequence[float], p: Tensor) -> Tensor:
+        """values (N,) shaped to broadcast against self._view(p)."""
+        return torch.tensor(values, dtype=p.dtype, device=p.device).view(-1, *[1] * p.dim())
+
+
+class StackedSGD(_StackedOptimizer):
+    """torch.optim.SGD (heavy-ball momentum, no dampening, no Nesterov; weight decay added to the
+    gradient) with one learning rate and weight decay per member."""
+
+    def __init__(self, params: Iterable[Tensor], members: int, lr: Sequence[float], momentum: float = 0.0,
+                 weight_decay: Sequence[float] | None = None) -> None:
+        super().__init__(params, members, lr, weight_decay or [0.0] * members, momentum=momentum)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            momentum, decay = group["momentum"], any(group["weight_decay"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                w, d = self._view(p), self._view(p.grad)
+                if decay:
+                    d = torch.addcmul(d, self._per_member(group["weight_decay"], p), w)  # d + wd * w
+                if momentum:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = d.clone()
+                    else:
+                        state["momentum_buffer"].mul_(momentum).add_(d)
+                    d = state["momentum_buffer"]
+                w.addcmul_(self._per_member([-lr for lr in group["lr"]], p), d)  # w - lr * d, in place
+        return loss
+
+
+class StackedAdam(_StackedOptimizer):
+    """torch.optim.Adam (no AMSGrad; weight decay as L2 added to the gradient) with one learning rate
+    and weight decay per member."""
+
+    def __init__(self, params: Iterable[Tensor], members: int, lr: Sequence[float], weight_decay: Sequence[float] | None = None,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        super().__init__(params, members, lr, weight_decay or [0.0] * members, betas=betas, eps=eps)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            (beta1, beta2), decay = group["betas"], any(group["weight_decay"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                w, g = self._view(p), self._view(p.grad)
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(w), exp_avg_sq=torch.zeros_like(w))
+                state["step"] += 1
+                t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
+                if decay:
+                    g = torch.addcmul(g, self._per_member(group["weight_decay"], p), w)  # g + wd * w
+                exp_avg.lerp_(g, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                step_size = self._per_member([lr / (1 - beta1**t) for lr in group["lr"]], p)
+                denom = (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
+                w.addcdiv_(step_size * exp_avg, denom, value=-1.0)  # w - step_size * exp_avg / denom
+        return loss
+
+
+STACKED_OPTIMIZERS: dict[str, Callable[[Iterable[Tensor], Sequence[OptimConfig]], torch.optim.Optimizer]] = {
+    "sgd": lambda params, cfgs: StackedSGD(
+        params, len(cfgs), [c.lr for c in cfgs], momentum=cfgs[0].momentum, weight_decay=[c.weight_decay for c in cfgs]
+    ),
+    "adam": lambda params, cfgs: StackedAdam(params, len(cfgs), [c.lr for c in cfgs], weight_decay=[c.weight_decay for c in cfgs]),
+}
+
+
+def build_fused_optimizer(params: Iterable[Tensor], cfgs: Sequence[OptimConfig]) -> torch.optim.Optimizer:
+    """The stacked counterpart of bnlab.optim.build_optimizer, member n taking cfgs[n].lr and .weight_decay."""
+    return STACKED_OPTIMIZERS[cfgs[0].name](params, cfgs)
+
+
+# ---------------------------------------------------------------- training and evaluation
+
+
+def member_losses(logits: Tensor, y: Tensor) -> Tensor:
+    """Each member's mean cross-entropy (N,) from logits (N, B, K) and targets (N, B); the fused loss is their sum."""
+    n, b, k = logits.shape
+    return F.cross_entropy(logits.reshape(n * b, k), y.reshape(n * b), reduction="none").view(n, b).mean(1)
+
+
+@torch.no_grad()
+def evaluate_fused(model: FusedModel, x: Tensor, y: Tensor) -> list[tuple[float, float]]:
+    """Each member's (mean cross-entropy, accuracy) over the shared (x, y) in eval mode, as train.evaluate."""
+    from bnlab.train import EVAL_CHUNK  # here: train.py may import this module
+
+    n, chunk = model.members, max(1, EVAL_CHUNK // model.members)
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros(n, device=x.device, dtype=x.dtype)
+    correct = torch.zeros(n, device=x.device)
+    for start in range(0, len(x), chunk):
+        xc, yc = x[start : start + chunk], y[start : start + chunk]
+        logits = model(xc.expand(n, *xc.shape))
+        loss_sum += member_losses(logits, yc.expand(n, -1)) * len(yc)
+        correct += (logits.argmax(-1) == yc).sum(1)
+    model.train(was_training)
+    return [(loss / len(x), acc / len(x)) for loss, acc in zip(loss_sum.tolist(), correct.tolist())]
+
+
+@dataclass
+class FusedResult:
+    losses: Tensor  # (steps, N): member n's training loss at step t + 1; NaN from its divergence on
+    accs: Tensor  # (steps, N): its accuracy on that training batch
+    diverged_at: list[int | None]  # the step whose loss was not finite (train.py stops there), None if none
+    state_dicts: list[dict[str, Tensor]]  # each member's final state as the ordinary model's state_dict
+    model: FusedModel
+
+
+def train_fused(cfgs: Sequence[TrainConfig], data: Dataset, steps: int | None = None) -> FusedResult:
+    """Train the members of `cfgs` as one fused model for `steps` (default trainer.max_steps) steps.
+
+    Each member draws its batches as train.py does, from a generator seeded with its seed. The model
+    takes the data's device and dtype (float32 for bnlab's datasets). A member whose loss is not finite
+    stops as train.py stops it: its state is kept as it was before that step's update; it goes on in
+    the stack (its values are its own, so it does not disturb the others) but is no longer recorded.
+    """
+    from bnlab.train import batches  # here: train.py may import this module
+
+    reason = can_fuse(cfgs)
+    if reason:
+        raise ValueError(f"these runs cannot be fused: {reason}")
+    n, device = len(cfgs), data.train_x.device
+    steps = cfgs[0].trainer.max_steps if steps is None else steps
+    model = build_fused(cfgs, data.in_shape, data.num_classes).to(device=device, dtype=data.train_x.dtype)
+    optimizer = build_fused_optimizer(model.parameters(), [c.optim for c in cfgs])
+    orders = [batches(len(data.train_y), c.data.batch_size, torch.Generator(device=device).manual_seed(c.seed)) for c in cfgs]
+    losses = [[math.nan] * n for _ in range(steps)]
+    accs = [[math.nan] * n for _ in range(steps)]
+    diverged_at: list[int | None] = [None] * n
+    final: list[dict[str, Tensor] | None] = [None] * n
+    model.train()
+    for step in range(1, steps + 1):
+        idx = torch.stack([next(o) for o in orders], 1).flatten()  # (B*N,), example-major: the stacked layout
+        x = data.train_x.index_select(0, idx).unflatten(0, (-1, n)).transpose(0, 1)  # (N, B, ...), a view
+        y = data.train_y.index_select(0, idx).view(-1, n).t()
+        logits = model(x)
+        per_member = member_losses(logits, y)
+        values = per_member.tolist()
+        acc = (logits.argmax(-1) == y).float().mean(1).tolist()
+        for m in range(n):
+            if diverged_at[m] is not None:
+                continue
+            if math.isfinite(values[m]):
+                losses[step - 1][m], accs[step - 1][m] = values[m], acc[m]
+            else:
+                diverged_at[m], final[m] = step, model.member_state_dict(m)
+        if all(d is not None for d in diverged_at):
+            break
+        optimizer.zero_grad(set_to_none=True)
+        per_member.sum().backward()
+        optimizer.step()
+    states = [f if f is not None else model.member_state_dict(m) for m, f in enumerate(final)]
+    return FusedResult(torch.tensor(losses, dtype=torch.float64), torch.tensor(accs, dtype=torch.float64), diverged_at, states, model)
