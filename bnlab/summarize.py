@@ -120,7 +120,7 @@ def group_rows(runs: list[dict[str, Any]], varying: list[str] | None = None) -> 
         speeds = [s["steps_per_s"] for s in done if s["steps_per_s"]]
         row["steps_per_s_mean"] = round(statistics.fmean(speeds), 1) if speeds else None
         rows.append(row)
-    return sorted(rows, key=lambda r: r["group"])
+    return sorted(rows, key=lambda r: [(type(r[k]).__name__, r[k]) for k in varying])  # numbers in numeric order
 
 
 def varying_keys(flat_configs: Iterable[dict[str, Any]]) -> list[str]:
@@ -217,7 +217,7 @@ def compare(roots: list[Path], console: Console) -> list[Row]:
     runs = {root: load_runs(root) for root in roots}
     varying = varying_keys(flatten(s["config"]) for rs in runs.values() for s in rs)
     rows = [{"sweep": str(root), **row} for root, rs in runs.items() for row in group_rows(rs, varying)]
-    rows.sort(key=lambda r: r["group"])
+    rows.sort(key=lambda r: [(type(r[k]).__name__, r[k]) for k in varying])
     metric = next((s["threshold_metric"] for rs in runs.values() for s in rs), "test_acc")
     console.print(rich_table(" vs ".join(map(str, roots)), rows, metric, sweep_column=True))
     return rows
