@@ -11,6 +11,7 @@ import copy
 import logging
 import math
 import os
+import resource
 import signal
 import threading
 import time
@@ -79,6 +80,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = EV
     return loss_sum.item() / len(x), correct.item() / len(x)
 
 
+def peak_memory_mb(device: str) -> dict[str, float]:
+    """Peak resident memory of this process (host) and, on a CUDA device, peak allocated GPU memory, in MiB."""
+    peak = {"host": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # ru_maxrss: KiB on Linux
+    if device.startswith("cuda"):
+        peak["gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
+
+
 class Run:
     """The mutable record of one run: what the loop has done so far, turned into summary.json at the end."""
 
@@ -102,6 +111,7 @@ class Run:
             "wall_time_s": round(self.earlier_wall_time + time.perf_counter() - self.start, 3),
             "steps_per_s": round(self.steps / self.loop_time, 2) if self.loop_time else None,
             "device": self.device,
+            "peak_memory_mb": peak_memory_mb(self.device),
             "final": self.final,
             "threshold_metric": self.thresholds.metric,
             "iterations_to_threshold": self.thresholds.as_dict(),

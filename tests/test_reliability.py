@@ -39,8 +39,8 @@ def wait_for(path: Path, timeout: float = 120) -> None:
 
 
 def comparable(summary: dict) -> dict:
-    """A summary without what differs between a resumed and an unbroken run: timings and the resume switch."""
-    s = {k: v for k, v in summary.items() if k not in ("wall_time_s", "steps_per_s")}
+    """A summary without what differs between a resumed and an unbroken run: timings, memory, the resume switch."""
+    s = {k: v for k, v in summary.items() if k not in ("wall_time_s", "steps_per_s", "peak_memory_mb")}
     s["config"] = {**s["config"], "trainer": {k: v for k, v in s["config"]["trainer"].items() if k != "resume"}}
     return s
 

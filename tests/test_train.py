@@ -25,6 +25,7 @@ def test_summary_json_and_tensorboard_scalars(tiny_config, tmp_path):
     assert summary["status"] == "completed"
     assert summary["steps"] == 10
     assert summary["steps_per_s"] > 0 and summary["wall_time_s"] > 0
+    assert summary["peak_memory_mb"]["host"] > 50  # MiB: at least the interpreter and torch
     assert summary["config"]["norm"]["name"] == "batch"
     assert set(summary["final"]) == {"train_loss", "train_acc", "test_loss", "test_acc"}
     assert summary["threshold_metric"] == "test_acc"
