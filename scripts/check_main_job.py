@@ -9,7 +9,7 @@ from bnlab.summarize import load_runs
 
 def main(sweeps: Path) -> int:
     newest = max(p for p in sweeps.iterdir() if p.is_dir())
-    runs = {s["config"]["norm"]["name"]: s for _, s in load_runs(newest)}
+    runs = {s["config"]["norm"]["name"]: s for s in load_runs(newest)}
     for norm, s in sorted(runs.items()):
         print(f"{newest.name} norm={norm}: {s['status']}, iterations to test_acc: {s['iterations_to_threshold']}")
     bn, none = runs["batch"]["iterations_to_threshold"]["0.95"], runs["none"]["iterations_to_threshold"]["0.95"]

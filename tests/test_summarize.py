@@ -95,3 +95,17 @@ def test_two_sweeps_side_by_side(tmp_path, capsys):
     write_sweep(tmp_path / "b", [dict(s, config={**s["config"], "optim": {"lr": 0.01}}) for s in RUNS[:6]])
     rows = compare([tmp_path / "a", tmp_path / "b"], table_console())
     assert [(r["group"], r["sweep"][-1]) for r in rows] == [("norm=batch", "a"), ("norm=batch", "b"), ("norm=none", "a"), ("norm=none", "b")]
+
+
+def test_the_ci_check_of_the_main_job_reads_the_newest_sweep(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "check_main_job.py"
+    spec = importlib.util.spec_from_file_location("check_main_job", path)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    write_sweep(tmp_path / "2026-01-01_00-00-00", [run("batch", 0.01, 0, {"0.95": 900}), run("none", 0.01, 0, {"0.95": None})])
+    assert check.main(tmp_path) == 0
+    write_sweep(tmp_path / "2026-01-02_00-00-00", [run("batch", 0.01, 0, {"0.95": None}), run("none", 0.01, 0, {"0.95": 900})])
+    assert check.main(tmp_path) == 1
