@@ -260,6 +260,26 @@ class _StackedOptimizer(torch.optim.Optimizer):
         """values (N,) shaped to broadcast against self._view(p)."""
         return torch.tensor(values, dtype=p.dtype, device=p.device).view(-1, *[1] * p.dim())
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                w, g = self._view(p), self._view(p.grad)
+                if any(group["weight_decay"]):
+                    g = torch.addcmul(g, self._per_member(group["weight_decay"], p), w)  # g + wd * w
+                self._update(p, w, g, group)
+        return loss
+
+    def _update(self, p: Tensor, w: Tensor, g: Tensor, group: dict) -> None:
+        """Update w, the (N, d, ...) view of parameter p, in place from its gradient g (weight decay added)."""
+        raise NotImplementedError
+
 
 class StackedSGD(_StackedOptimizer):
     """torch.optim.SGD (heavy-ball momentum, no dampening, no Nesterov; weight decay added to the
@@ -269,29 +289,15 @@ class StackedSGD(_StackedOptimizer):
                  weight_decay: Sequence[float] | None = None) -> None:
         super().__init__(params, members, lr, weight_decay or [0.0] * members, momentum=momentum)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            momentum, decay = group["momentum"], any(group["weight_decay"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                w, d = self._view(p), self._view(p.grad)
-                if decay:
-                    d = torch.addcmul(d, self._per_member(group["weight_decay"], p), w)  # d + wd * w
-                if momentum:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = d.clone()
-                    else:
-                        state["momentum_buffer"].mul_(momentum).add_(d)
-                    d = state["momentum_buffer"]
-                w.addcmul_(self._per_member([-lr for lr in group["lr"]], p), d)  # w - lr * d, in place
-        return loss
+    def _update(self, p: Tensor, w: Tensor, g: Tensor, group: dict) -> None:
+        if group["momentum"]:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = g.clone()
+            else:
+                state["momentum_buffer"].mul_(group["momentum"]).add_(g)
+            g = state["momentum_buffer"]
+        w.addcmul_(self._per_member([-lr for lr in group["lr"]], p), g)  # w - lr * g, in place
 
 
 class StackedAdam(_StackedOptimizer):
@@ -302,31 +308,17 @@ class StackedAdam(_StackedOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         super().__init__(params, members, lr, weight_decay or [0.0] * members, betas=betas, eps=eps)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            (beta1, beta2), decay = group["betas"], any(group["weight_decay"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                w, g = self._view(p), self._view(p.grad)
-                state = self.state[p]
-                if not state:
-                    state.update(step=0, exp_avg=torch.zeros_like(w), exp_avg_sq=torch.zeros_like(w))
-                state["step"] += 1
-                t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
-                if decay:
-                    g = torch.addcmul(g, self._per_member(group["weight_decay"], p), w)  # g + wd * w
-                exp_avg.lerp_(g, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                step_size = self._per_member([lr / (1 - beta1**t) for lr in group["lr"]], p)
-                denom = (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
-                w.addcdiv_(step_size * exp_avg, denom, value=-1.0)  # w - step_size * exp_avg / denom
-        return loss
+    def _update(self, p: Tensor, w: Tensor, g: Tensor, group: dict) -> None:
+        (beta1, beta2), state = group["betas"], self.state[p]
+        if not state:
+            state.update(step=0, exp_avg=torch.zeros_like(w), exp_avg_sq=torch.zeros_like(w))
+        state["step"] += 1
+        t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        step_size = self._per_member([lr / (1 - beta1**t) for lr in group["lr"]], p)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
+        w.addcdiv_(step_size * exp_avg, denom, value=-1.0)  # w - step_size * exp_avg / denom
 
 
 STACKED_OPTIMIZERS: dict[str, Callable[[Iterable[Tensor], Sequence[OptimConfig]], torch.optim.Optimizer]] = {
