@@ -1,0 +1,122 @@
+"""Single-run speed, measured three ways in one process for the same model, batch and number of steps:
+
+  (a) bnlab's trainer (per-step TensorBoard logging on, periodic evaluation off; its cost on its own line),
+  (b) a plain PyTorch loop as the tutorials write it: torchvision dataset with ToTensor, DataLoader(shuffle=True),
+  (c) a minimal hand-written loop over tensors already in memory (the floor of PyTorch's per-step overhead).
+
+Prints steps/s and the ratios (a)/(b) (target >= 5 on CPU) and (a)/(c) (target >= 0.9), for the default
+MNIST MLP (BN, batch 60) and for the CNN on 32x32 colour inputs. Not a test: the numbers depend on the machine.
+
+    python scripts/bench.py                 # 1,000 steps each
+    python scripts/bench.py 3000            # more steps
+"""
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets, transforms
+
+from bnlab.config import TrainConfig
+from bnlab.data import load_data
+from bnlab.models import build_model
+from bnlab.train import evaluate, train
+
+CASES = {  # name -> overrides of the default config (MNIST MLP 784-100-100-100-10, BN, batch 60)
+    "MLP on MNIST": [],
+    "CNN on 32x32x3": ["model=cnn", "data=synthetic", "data.channels=3", "data.image_size=32", "data.num_train=10000", "data.batch_size=60"],
+}
+
+
+def config(overrides: list[str], steps: int) -> TrainConfig:
+    with initialize_config_module("bnlab.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, f"trainer.max_steps={steps}", f"trainer.eval_every={steps + 1}", "trainer.device=cpu"])
+    return OmegaConf.to_object(cfg)
+
+
+class PilImages(Dataset):
+    """Images held as uint8 arrays and turned into PIL images one at a time, as torchvision's CIFAR10 does."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform) -> None:
+        self.images = (x * 255).round().byte().permute(0, 2, 3, 1).squeeze(-1).numpy()
+        self.labels, self.transform = y.tolist(), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.fromarray(np.ascontiguousarray(self.images[i]))), self.labels[i]
+
+
+def step(model, optimizer, x, y) -> torch.Tensor:
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def tutorial_loop(cfg: TrainConfig, dataset: Dataset, steps: int) -> float:
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, tuple(dataset[0][0].shape), 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
+    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True)
+    done, start = 0, time.perf_counter()
+    while done < steps:
+        for x, y in loader:
+            step(model, optimizer, x, y)
+            done += 1
+            if done == steps:
+                break
+    return steps / (time.perf_counter() - start)
+
+
+def tensor_loop(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, tuple(x.shape[1:]), 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
+    b, per_epoch = cfg.data.batch_size, len(x) // cfg.data.batch_size
+    start = time.perf_counter()
+    for i in range(steps):
+        if i % per_epoch == 0:
+            perm = torch.randperm(len(x))
+        idx = perm[(i % per_epoch) * b : (i % per_epoch + 1) * b]
+        step(model, optimizer, x[idx], y[idx])
+    return steps / (time.perf_counter() - start)
+
+
+def main(steps: int) -> None:
+    print(f"{steps} steps each, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    for name, overrides in CASES.items():
+        cfg = config(overrides, steps)
+        data = load_data(cfg.data, torch.device("cpu"))
+        if cfg.data.name == "mnist":
+            tutorial_data = datasets.MNIST(Path(cfg.data.root).expanduser(), train=True, transform=transforms.ToTensor())
+        else:
+            tutorial_data = PilImages(data.train_x, data.train_y, transforms.ToTensor())
+        with tempfile.TemporaryDirectory() as tmp:
+            a = train(cfg, Path(tmp))["steps_per_s"]
+        b = tutorial_loop(cfg, tutorial_data, steps)
+        c = tensor_loop(cfg, data.train_x, data.train_y, steps)
+        model = build_model(cfg, data.in_shape, data.num_classes)
+        start = time.perf_counter()
+        evaluate(model, data.test_x, data.test_y)
+        eval_s = time.perf_counter() - start
+        print(f"\n{name}, batch {cfg.data.batch_size}, norm={cfg.norm.name}")
+        print(f"  (a) bnlab trainer          {a:8.1f} steps/s")
+        print(f"  (b) tutorial DataLoader    {b:8.1f} steps/s   (a)/(b) = {a / b:5.2f}  (target >= 5)")
+        print(f"  (c) minimal tensor loop    {c:8.1f} steps/s   (a)/(c) = {a / c:5.2f}  (target >= 0.9)")
+        print(f"  evaluation: {eval_s * 1000:.0f} ms for {len(data.test_y)} test examples; every 100 steps it would add "
+              f"{100 * eval_s * a / 100:.1f} % to (a)'s time")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 1000)
