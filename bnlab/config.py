@@ -252,9 +252,6 @@ def validate(cfg: TrainConfig) -> None:
     _require(t.precise_bn >= 0, "trainer.precise_bn", t.precise_bn, "an integer >= 0 (0: off)")
     _require(cfg.diag.every > 0, "diag.every", cfg.diag.every, "an integer > 0")
     _require(cfg.diag.probe > 0, "diag.probe", cfg.diag.probe, "an integer > 0")
-    depth = len(m.widths) * (m.blocks * 2 if m.name == "resnet" else 1) + (m.name == "resnet")
-    bad = [i for i in cfg.diag.layers if not -depth <= i < depth]
-    _require(not bad, "diag.layers", list(cfg.diag.layers), f"indices of the model's {depth} hidden layers, -{depth} to {depth - 1}")
     _choice("threshold.metric", cfg.threshold.metric, THRESHOLD_METRICS)
     if cfg.threshold.metric.endswith("_acc"):
         bad = [v for v in cfg.threshold.values if not 0 <= v <= 1]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from bnlab.config import ConfigError
 from bnlab.models import Unit
 
 RUNNING_STATS = ("running_mean", "running_var", "running_std")  # the buffers a norm estimates the population with
@@ -231,6 +232,10 @@ class DiagnosticLog:
 
     def __init__(self, cfg, model: nn.Module, writer, probe: Tensor, optimizer: torch.optim.Optimizer) -> None:
         self.cfg, self.model, self.writer, self.probe, self.optimizer = cfg, model, writer, probe, optimizer
+        depth = len(units(model))
+        if cfg.percentiles and any(not -depth <= i < depth for i in cfg.layers):
+            raise ConfigError(f"diag.layers={list(cfg.layers)} is not accepted; accepted values: indices of the model's "
+                              f"{depth} hidden layers, -{depth} to {depth - 1}.")
         self.on = cfg.percentiles or cfg.ics or cfg.landscape or cfg.grad_norms or cfg.stat_drift
         self.stats = running_stats(model) if cfg.stat_drift else {}
         self.before: dict[str, Tensor] = {}

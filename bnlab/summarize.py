@@ -161,6 +161,13 @@ def fmt_status(row: Row) -> str:
     return "/".join(str(row[s]) for s in STATUSES[:3]) + (f" +{row['interrupted']} int." if row["interrupted"] else "")
 
 
+def cells(row: Row, thresholds: list[str], sep: str) -> list[str]:
+    """A row's table cells after the group: runs, statuses, per threshold iterations and speed-up (joined
+    by `sep`), final test accuracy, steps/s."""
+    iters = [sep.join(filter(None, (fmt_iters(row, k), fmt_speedup(row, k)))) for k in thresholds]
+    return [str(row["runs"]), fmt_status(row), *iters, fmt_acc(row), str(row["steps_per_s_mean"] or "-")]
+
+
 def rich_table(title: str, rows: list[Row], metric: str, sweep_column: bool = False) -> Table:
     table = Table(title=f"{title}\niterations to each {metric} threshold, median (min-max) over seeds;\nbelow: speed-up over the norm=none twin")
     if sweep_column:
@@ -174,8 +181,7 @@ def rich_table(title: str, rows: list[Row], metric: str, sweep_column: bool = Fa
     table.add_column("final test acc", justify="right")
     table.add_column("steps/s", justify="right")
     for r in rows:
-        cells = [f"{fmt_iters(r, k)}\n{fmt_speedup(r, k)}".rstrip() for k in thresholds_of(rows)]
-        table.add_row(*([r["sweep"]] if sweep_column else []), r["group"].replace(", ", "\n"), str(r["runs"]), fmt_status(r), *cells, fmt_acc(r), str(r["steps_per_s_mean"] or "-"))
+        table.add_row(*([r["sweep"]] if sweep_column else []), r["group"].replace(", ", "\n"), *cells(r, thresholds_of(rows), "\n"))
     return table
 
 
@@ -184,8 +190,7 @@ def markdown(rows: list[Row], metric: str) -> str:
     head = ["group", "runs", "ok/div/fail", *(f"iters to {metric} {k}" for k in ks), "final test acc", "steps/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [" ".join(filter(None, (fmt_iters(r, k), fmt_speedup(r, k)))) for k in ks]
-        lines.append("| " + " | ".join([r["group"], str(r["runs"]), fmt_status(r), *cells, fmt_acc(r), str(r["steps_per_s_mean"] or "-")]) + " |")
+        lines.append("| " + " | ".join([r["group"], *cells(r, ks, " ")]) + " |")
     return "\n".join(lines) + "\n"
 
 

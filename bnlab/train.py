@@ -148,9 +148,10 @@ def train(cfg: TrainConfig, run_dir: Path, console: Console | None = None) -> di
     is written and the events flushed; errors are raised again after that.
     """
     summary_path, checkpoint_path = run_dir / "summary.json", run_dir / CHECKPOINT
-    if cfg.trainer.resume and summary_path.exists() and read_json(summary_path)["status"] == "completed":
+    previous = read_json(summary_path) if cfg.trainer.resume and summary_path.exists() else None
+    if previous and previous["status"] == "completed":
         log.info("%s: already completed, skipped (trainer.resume=true)", run_dir)
-        return read_json(summary_path)
+        return previous
     checkpoint = torch.load(checkpoint_path, weights_only=False) if cfg.trainer.resume and checkpoint_path.exists() else None
     if checkpoint and not checkpoint["finished"]:
         log.info("%s: resuming from the checkpoint at step %d", run_dir, checkpoint["step"])

@@ -148,6 +148,7 @@ BAD_INPUTS = [
     (["norm.momentum=1.5"], "norm.momentum", "[0, 1]"),
     (["model.widths=[]"], "model.widths", "non-empty"),
     (["trainer.threads=-1"], "trainer.threads", ">= 0"),
+    (["diag.percentiles=true", "diag.layers=[7]"], "diag.layers", "-3 to 2"),
     (["data.batch_size=100000"], "data.batch_size", "at most the 64 training examples"),
 ]
 if not torch.cuda.is_available():
