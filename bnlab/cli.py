@@ -11,6 +11,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra_plugins.bnlab_launcher import TARGET as FUSING_LAUNCHER
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.syntax import Syntax
@@ -29,6 +30,12 @@ console = table_console()
 
 def train_job(dcfg: DictConfig) -> None:
     """One job of `bnlab train`: a run, or one run of a sweep."""
+    report_job(dcfg, None)
+
+
+def report_job(dcfg: DictConfig, outcome: dict | BaseException | None) -> None:
+    """A job's console output, exit status and error handling around its training; `outcome` is the
+    summary (or the error) of a run that bnlab.launcher already trained in a fused group, None to train here."""
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
@@ -36,8 +43,15 @@ def train_job(dcfg: DictConfig) -> None:
     log.info("run directory: %s", run_dir)
     cfg: TrainConfig = OmegaConf.to_object(dcfg)
     cfg.trainer.threads = cfg.trainer.threads or threads_per_job(hc.launcher.get("n_jobs"))
+    if cfg.trainer.fuse and multirun and outcome is None and hc.launcher.get("_target_") != FUSING_LAUNCHER:
+        log.warning("trainer.fuse=true fuses runs only with hydra/launcher=bnlab (the default); this run trains alone")
     try:
-        status = train(cfg, run_dir, console)["status"]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        summary = outcome or train(cfg, run_dir, console)
+        if outcome:
+            log.info("trained in a fused group of %d runs: %s", summary["fused_members"], summary["status"])
+        status = summary["status"]
     except KeyboardInterrupt:
         status = "interrupted"
     except Exception as e:

@@ -80,6 +80,11 @@ class TrainerConfig:
     stop_patience: int = 100  # ... for this many consecutive steps
     deterministic: bool = False  # GPU: deterministic kernels only (slower); CPU runs are deterministic anyway
     precise_bn: int = 0  # > 0: after training, also test in train mode and after precise BN over this many batches
+    log_every: int = 10  # steps between reads of the training loss and accuracy from the device (TensorBoard gets their mean)
+    fuse: bool = False  # in a sweep: train runs that differ only in seed, lr, weight decay as one stacked model
+    precision: str = "fp32"  # fp32 | bf16 (autocast, norm layers in fp32) | fp64 (exactness checks)
+    channels_last: bool = False  # conv models: NHWC feature maps (faster convolutions on GPUs with tensor cores)
+    compile: bool = False  # torch.compile the model (its first steps compile; CPU needs a C++ compiler)
 
 
 @dataclass
@@ -98,6 +103,9 @@ class DiagConfig:
     landscape: bool = False  # loss variation, gradient predictiveness, effective beta-smoothness along the gradient
     grad_norms: bool = False  # L2 norm of each layer's weight gradient
     stat_drift: bool = False  # change of the norm layers' running statistics since the last diagnostic
+
+    def switched_on(self) -> bool:
+        return self.percentiles or self.ics or self.landscape or self.grad_norms or self.stat_drift
 
 
 @dataclass
@@ -144,6 +152,7 @@ BIAS_CHOICES = ("auto", "true", "false")
 INIT_CHOICES = ("default", "normal")
 PLACEMENTS = ("before_act", "after_act")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16", "fp64")
 THRESHOLD_METRICS = ("test_acc", "train_acc", "test_loss", "train_loss")
 BATCH_STAT_NORMS = ("batch", "batch_manual", "batch_renorm", "ghost_batch", "noisy_batch")
 
@@ -250,6 +259,8 @@ def validate(cfg: TrainConfig) -> None:
     _require(t.stop_loss >= 0, "trainer.stop_loss", t.stop_loss, "a number >= 0 (0: off)")
     _require(t.stop_patience >= 1, "trainer.stop_patience", t.stop_patience, "an integer >= 1")
     _require(t.precise_bn >= 0, "trainer.precise_bn", t.precise_bn, "an integer >= 0 (0: off)")
+    _require(t.log_every > 0, "trainer.log_every", t.log_every, "an integer > 0")
+    _choice("trainer.precision", t.precision, PRECISIONS)
     _require(cfg.diag.every > 0, "diag.every", cfg.diag.every, "an integer > 0")
     _require(cfg.diag.probe > 0, "diag.probe", cfg.diag.probe, "an integer > 0")
     _choice("threshold.metric", cfg.threshold.metric, THRESHOLD_METRICS)

@@ -236,7 +236,7 @@ class DiagnosticLog:
         if cfg.percentiles and any(not -depth <= i < depth for i in cfg.layers):
             raise ConfigError(f"diag.layers={list(cfg.layers)} is not accepted; accepted values: indices of the model's "
                               f"{depth} hidden layers, -{depth} to {depth - 1}.")
-        self.on = cfg.percentiles or cfg.ics or cfg.landscape or cfg.grad_norms or cfg.stat_drift
+        self.on = cfg.switched_on()
         self.stats = running_stats(model) if cfg.stat_drift else {}
         self.before: dict[str, Tensor] = {}
 

@@ -5,28 +5,33 @@ ordinary model and swaps each layer for its stacked counterpart (`STACKERS`) on 
 grouped conv, and a norm the same norm over N*C channels (with N times the groups), so no statistic
 crosses members. Every stacked tensor is the members' tensors concatenated along dim 0, which
 `member_state_dict` splits back. `StackedSGD`/`StackedAdam` take one lr and weight decay per member, the
-loss is the sum of the members' mean losses, and `train_fused` is the reference loop."""
+loss is the sum of the members' mean losses, and `Fused` is the engine that bnlab.train's loop drives for
+a fused group (bnlab.launcher forms the groups of a sweep)."""
 
 from __future__ import annotations
 
 import copy
-import math
+import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnlab.config import OptimConfig, TrainConfig, flatten
+from bnlab.config import ConfigError, OptimConfig, TrainConfig, flatten
 from bnlab.data import Dataset
 from bnlab.models import CNN, MLP, BasicBlock, ResNet, Unit, build_model
 from bnlab.norms import BatchNorm, BatchRenorm, GhostBatchNorm, InstanceNorm, ManualBatchNorm, RMSNorm
+from bnlab.train import EVAL_CHUNK, Single, autocast, batches, prepare_model
+
+log = logging.getLogger(__name__)
 
 # Config keys that may differ between members: what the stacked optimizer takes per member, and the
 # bookkeeping keys that leave a run's trajectory alone (hydra's override_dirname also excludes them).
 PER_MEMBER_KEYS = ("seed", "optim.lr", "optim.weight_decay")
-IGNORED_KEYS = ("trainer.resume", "trainer.threads", "data.root", "data.download")
+IGNORED_KEYS = ("trainer.resume", "trainer.threads", "trainer.fuse", "data.root", "data.download")
 # Every bnlab norm is a per-channel or per-(example, group) op without randomness, so it stacks by channel
 # count. A norm added later is refused until someone adds it here and its stacked counterpart to STACKERS.
 FUSABLE_NORMS = ("none", "batch", "batch_manual", "batch_renorm", "ghost_batch", "layer", "group", "instance", "rms")
@@ -45,6 +50,8 @@ def can_fuse(cfgs: Sequence[TrainConfig]) -> str | None:
         if others:
             return f"{key} differs ({value} vs {', '.join(sorted(others))}); only {', '.join(PER_MEMBER_KEYS)} may"
     cfg = cfgs[0]
+    if cfg.diag.switched_on():
+        return "the diagnostics (diag.*) run on ordinary models only"
     if cfg.model.name not in FUSABLE_MODELS:
         return f"model={cfg.model.name} has no stacked form (fusable: {', '.join(FUSABLE_MODELS)})"
     if cfg.norm.name not in FUSABLE_NORMS:
@@ -72,26 +79,28 @@ def _widen(m: nn.Module, n: int, *counts: str) -> nn.Module:
 
 
 class _BatchedLinear(torch.autograd.Function):
-    """y[n] = x[n] W[n]^T + b[n] for x (N, B, in), W (N, out, in) and b (N, out) or None.
+    """y[n] = x[:, n] W[n]^T + b[n] for x (B, N, in), W (N, out, in) and b (N, out) or None; y (N, B, out).
 
     torch.baddbmm computes the same, but its autograd hands back either the weight's gradient
     transposed (a copy of the largest tensor every step) or the input's gradient column-major
     (elementwise backward kernels downstream run several times slower on it). This backward is
-    F.linear's, batched: each gradient comes out in the layout of its tensor.
+    F.linear's, batched: each gradient comes out in the layout of its tensor. x is taken and saved as
+    the (B, N, in) view of the layer's input, whose storage the previous activation keeps anyway, so
+    the saved activations of N members take N times one run's memory, not more.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        wt = weight.transpose(1, 2)
-        return torch.bmm(x, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, wt)
+        xs, wt = x.transpose(0, 1), weight.transpose(1, 2)  # (N, B, in), (N, in, out): views
+        return torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), xs, wt)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x, weight = ctx.saved_tensors
-        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None  # (N, B, in)
-        grad_w = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None  # (N, out, in)
+        grad_x = torch.bmm(grad, weight).transpose(0, 1) if ctx.needs_input_grad[0] else None  # (B, N, in)
+        grad_w = torch.bmm(grad.transpose(1, 2), x.transpose(0, 1)) if ctx.needs_input_grad[1] else None  # (N, out, in)
         grad_b = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
@@ -109,10 +118,9 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, b = self.members, x.shape[0]
-        xs = x.reshape(b, n, self.in_features).transpose(0, 1).contiguous()  # (N, B, in)
         w = self.weight.view(n, self.out_features, self.in_features)
         bias = None if self.bias is None else self.bias.view(n, self.out_features)
-        y = _BatchedLinear.apply(xs, w, bias)  # (N, B, out)
+        y = _BatchedLinear.apply(x.reshape(b, n, self.in_features), w, bias)  # (N, B, out)
         return y.transpose(0, 1).reshape(b, n * self.out_features)  # row-major again, as norms and activations like it
 
 
@@ -202,13 +210,7 @@ class FusedModel(nn.Module):
                 raise ValueError(f"model {i} differs from model 0 in its parameters or buffers")
         self.members = len(models)
         self.net = stack_module(models[0], self.members)
-        stacked = {}
-        for k in states[0]:
-            parts = [s[k] for s in states]
-            if parts[0].dim() == 0 and any(not torch.equal(p, parts[0]) for p in parts):
-                raise ValueError(f"{k} is shared by the stacked members but differs between the models")
-            stacked[k] = parts[0] if parts[0].dim() == 0 else torch.cat(parts)
-        self.net.load_state_dict(stacked)
+        self.load_member_state_dicts(states)
         # Feature maps channels-last: CPU grouped convs (their backward most of all) and max-pooling run
         # markedly faster on them than on contiguous ones.
         self.channels_last = any(isinstance(m, nn.Conv2d) for m in self.net.modules())
@@ -223,6 +225,17 @@ class FusedModel(nn.Module):
         if self.channels_last and stacked.dim() == 4:
             stacked = stacked.contiguous(memory_format=torch.channels_last)
         return self.net(stacked).view(b, n, -1).transpose(0, 1)
+
+    def load_member_state_dicts(self, states: Sequence[dict[str, Tensor]]) -> None:
+        """Load every member from its ordinary model's state_dict, in member order (values are copied
+        into the stacked tensors, which keep their dtype and device)."""
+        stacked = {}
+        for k in states[0]:
+            parts = [s[k] for s in states]
+            if parts[0].dim() == 0 and any(not torch.equal(p, parts[0]) for p in parts):
+                raise ValueError(f"{k} is shared by the stacked members but differs between the models")
+            stacked[k] = parts[0] if parts[0].dim() == 0 else torch.cat(parts)
+        self.net.load_state_dict(stacked)
 
     def member_state_dict(self, n: int) -> dict[str, Tensor]:
         """Member n's parameters and buffers as the ordinary model's state_dict (copies)."""
@@ -279,6 +292,22 @@ class _StackedOptimizer(torch.optim.Optimizer):
     def _update(self, p: Tensor, w: Tensor, g: Tensor, group: dict) -> None:
         """Update w, the (N, d, ...) view of parameter p, in place from its gradient g (weight decay added)."""
         raise NotImplementedError
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def member_state(self, n: int) -> dict[int, dict[str, Any]]:
+        """Member n's part of the state, per parameter index: its slice of each (N, ...) tensor (copies);
+        numbers (Adam's step count) are shared."""
+        return {i: {k: v[n].clone() if torch.is_tensor(v) else v for k, v in self.state[p].items()}
+                for i, p in enumerate(self._params()) if p in self.state}
+
+    def load_member_states(self, states: Sequence[dict[int, dict[str, Any]]]) -> None:
+        """The state again from every member's `member_state`, in member order."""
+        for i, p in enumerate(self._params()):
+            if i in states[0]:
+                self.state[p] = {k: torch.stack([s[i][k] for s in states]).to(p.device) if torch.is_tensor(v) else v
+                                 for k, v in states[0][i].items()}
 
 
 class StackedSGD(_StackedOptimizer):
@@ -346,8 +375,6 @@ def member_losses(logits: Tensor, y: Tensor) -> Tensor:
 @torch.no_grad()
 def evaluate_fused(model: FusedModel, x: Tensor, y: Tensor) -> list[tuple[float, float]]:
     """Each member's (mean cross-entropy, accuracy) over the shared (x, y) in eval mode, as train.evaluate."""
-    from bnlab.train import EVAL_CHUNK  # here: train.py may import this module
-
     n, chunk = model.members, max(1, EVAL_CHUNK // model.members)
     was_training = model.training
     model.eval()
@@ -362,57 +389,76 @@ def evaluate_fused(model: FusedModel, x: Tensor, y: Tensor) -> list[tuple[float,
     return [(loss / len(x), acc / len(x)) for loss, acc in zip(loss_sum.tolist(), correct.tolist())]
 
 
-@dataclass
-class FusedResult:
-    losses: Tensor  # (steps, N): member n's training loss at step t + 1; NaN from its divergence on
-    accs: Tensor  # (steps, N): its accuracy on that training batch
-    diverged_at: list[int | None]  # the step whose loss was not finite (train.py stops there), None if none
-    state_dicts: list[dict[str, Tensor]]  # each member's final state as the ordinary model's state_dict
-    model: FusedModel
+class Fused:
+    """The engine of a fused group, bnlab.train's loop driving it as it drives `bnlab.train.Single`: the
+    runs as one FusedModel with a stacked optimizer, member n drawing its batches as its separate run
+    would. `step` hands back each member's loss and batch accuracy (N,), unread. A member whose loss
+    turns non-finite goes on in the stack (its values are its own, so it disturbs no other) while its
+    Run records no more steps."""
+
+    def __init__(self, cfgs: Sequence[TrainConfig], data: Dataset, device: torch.device, checkpoints: Sequence[dict] | None = None) -> None:
+        reason = can_fuse(cfgs)
+        if reason:
+            raise ConfigError(f"these runs cannot be fused: {reason}")
+        self.cfgs, self.data, self.device, self.members = list(cfgs), data, device, len(cfgs)
+        self.model = prepare_model(build_fused(cfgs, data.in_shape, data.num_classes), cfgs[0].trainer, device)
+        if checkpoints:
+            self.model.load_member_state_dicts([c["model"] for c in checkpoints])
+        self.optimizer = build_fused_optimizer(self.model.parameters(), [c.optim for c in cfgs])
+        self.orders = [batches(len(data.train_y), c.data.batch_size, torch.Generator(device=device).manual_seed(c.seed)) for c in cfgs]
+        log.info("%d %s runs fused: %s, %d parameters, %d training examples", self.members, cfgs[0].model.name, device,
+                 sum(p.numel() for p in self.model.parameters()), len(data.train_y))
+        if checkpoints:
+            self.optimizer.load_member_states([c["optimizer"] for c in checkpoints])
+            for order in self.orders:  # the batch orders go on where they stopped
+                for _ in range(checkpoints[0]["step"]):
+                    next(order)
+
+    def step(self, step: int) -> tuple[Tensor, Tensor]:
+        n = self.members
+        idx = torch.stack([next(o) for o in self.orders], 1).flatten()  # (B*N,), example-major: the stacked layout
+        x = self.data.train_x.index_select(0, idx).unflatten(0, (-1, n)).transpose(0, 1)  # (N, B, ...), a view
+        y = self.data.train_y.index_select(0, idx).view(-1, n).t()
+        with autocast(self.cfgs[0].trainer, self.device):
+            logits = self.model(x)
+            losses = member_losses(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        self.optimizer.step()
+        return losses.detach().float(), (logits.argmax(-1) == y).float().mean(1)
+
+    def evaluate(self) -> list[tuple[float, float]]:
+        with autocast(self.cfgs[0].trainer, self.device):
+            return evaluate_fused(self.model, self.data.test_x, self.data.test_y)
+
+    def lrs(self) -> list[float]:
+        return list(self.optimizer.param_groups[0]["lr"])
+
+    def member_state(self, n: int) -> dict[str, Any]:
+        """Member n's checkpoint: its model as the ordinary model's state_dict, its part of the optimizer."""
+        return {"model": self.model.member_state_dict(n), "optimizer": self.optimizer.member_state(n)}
+
+    def member_model(self, n: int) -> nn.Module:
+        """Member n as an ordinary model (a copy)."""
+        dtype = next(self.model.parameters()).dtype
+        model = build_model(self.cfgs[n], self.data.in_shape, self.data.num_classes).to(device=self.device, dtype=dtype)
+        model.load_state_dict(self.model.member_state_dict(n))
+        return model
 
 
-def train_fused(cfgs: Sequence[TrainConfig], data: Dataset, steps: int | None = None) -> FusedResult:
-    """Train the members of `cfgs` as one fused model for `steps` (default trainer.max_steps) steps.
+def activation_bytes(engine: Fused | Single) -> int:
+    """Bytes of the activations autograd keeps for backward during one training step of `engine` (a fused
+    group or, for comparison, one run): the storages of the tensors it saves, each counted once, the
+    parameters' own left out. scripts/bench_fused.py prints it; a test holds N members to N runs' worth."""
+    params = {p.untyped_storage().data_ptr() for p in engine.model.parameters()}
+    storages: dict[int, int] = {}
 
-    Each member draws its batches as train.py does, from a generator seeded with its seed. The model
-    takes the data's device and dtype (float32 for bnlab's datasets). A member whose loss is not finite
-    stops as train.py stops it: its state is kept as it was before that step's update; it goes on in
-    the stack (its values are its own, so it does not disturb the others) but is no longer recorded.
-    """
-    from bnlab.train import batches  # here: train.py may import this module
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
 
-    reason = can_fuse(cfgs)
-    if reason:
-        raise ValueError(f"these runs cannot be fused: {reason}")
-    n, device = len(cfgs), data.train_x.device
-    steps = cfgs[0].trainer.max_steps if steps is None else steps
-    model = build_fused(cfgs, data.in_shape, data.num_classes).to(device=device, dtype=data.train_x.dtype)
-    optimizer = build_fused_optimizer(model.parameters(), [c.optim for c in cfgs])
-    orders = [batches(len(data.train_y), c.data.batch_size, torch.Generator(device=device).manual_seed(c.seed)) for c in cfgs]
-    losses = [[math.nan] * n for _ in range(steps)]
-    accs = [[math.nan] * n for _ in range(steps)]
-    diverged_at: list[int | None] = [None] * n
-    final: list[dict[str, Tensor] | None] = [None] * n
-    model.train()
-    for step in range(1, steps + 1):
-        idx = torch.stack([next(o) for o in orders], 1).flatten()  # (B*N,), example-major: the stacked layout
-        x = data.train_x.index_select(0, idx).unflatten(0, (-1, n)).transpose(0, 1)  # (N, B, ...), a view
-        y = data.train_y.index_select(0, idx).view(-1, n).t()
-        logits = model(x)
-        per_member = member_losses(logits, y)
-        values = per_member.tolist()
-        acc = (logits.argmax(-1) == y).float().mean(1).tolist()
-        for m in range(n):
-            if diverged_at[m] is not None:
-                continue
-            if math.isfinite(values[m]):
-                losses[step - 1][m], accs[step - 1][m] = values[m], acc[m]
-            else:
-                diverged_at[m], final[m] = step, model.member_state_dict(m)
-        if all(d is not None for d in diverged_at):
-            break
-        optimizer.zero_grad(set_to_none=True)
-        per_member.sum().backward()
-        optimizer.step()
-    states = [f if f is not None else model.member_state_dict(m) for m, f in enumerate(final)]
-    return FusedResult(torch.tensor(losses, dtype=torch.float64), torch.tensor(accs, dtype=torch.float64), diverged_at, states, model)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        engine.step(1)
+    return sum(storages.values())

@@ -1,29 +1,31 @@
-"""bnlab.fused: N runs trained as one stacked model follow their N separate runs step for step.
+"""Fused runs: N runs trained as one stacked model end where their N separate runs end.
 
-The separate runs are train.py's loop in brief: torch.manual_seed(seed), build_model, the optimizer
-of bnlab.optim and the batches of bnlab.train.batches seeded with the run's seed. Most cases run in
-float64, where fused and separate runs agree to rounding (about 1e-15), so any difference in the
-maths shows; one case runs in float32, as bnlab trains, with float32 tolerances.
+Both sides go through bnlab.train: `train` for each separate run, `train_runs` for the fused group (the
+`Fused` engine), and the comparison reads what a user reads: summary.json, the TensorBoard scalars of
+every step (trainer.log_every=1) and the checkpoint's parameters and running statistics. Most cases run
+in float64 (trainer.precision=fp64), where fused and separate runs agree to rounding, so any difference
+in the maths shows; some run in float32, as bnlab trains by default, with float32 tolerances.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
-from functools import cache
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import compose_config
 
-from bnlab.config import TrainConfig
-from bnlab.data import Dataset, load_data
-from bnlab.fused import FUSABLE_NORMS, FusedModel, build_fused, can_fuse, evaluate_fused, train_fused
+from bnlab.config import ConfigError, TrainConfig
+from bnlab.data import load_data
+from bnlab.fused import FUSABLE_NORMS, Fused, FusedModel, activation_bytes, build_fused, can_fuse
+from bnlab.launcher import plan
 from bnlab.models import build_model
 from bnlab.norms import NORMS
-from bnlab.optim import build_optimizer
-from bnlab.train import batches, evaluate
+from bnlab.train import CHECKPOINT, Single, train, train_runs
+from test_train import scalars
 
 STEPS = 20
 SMALL = {"mlp": "model.widths=[16,12]", "cnn": "model.widths=[4,8]", "resnet": "model.widths=[4,8]"}
@@ -35,6 +37,12 @@ TASK = [
     "data.channels=2",
     "data.batch_size=32",
     "trainer.device=cpu",
+    "trainer.threads=1",
+    f"trainer.max_steps={STEPS}",
+    "trainer.eval_every=5",
+    "trainer.log_every=1",
+    "trainer.checkpoint_every=0",
+    "threshold.values=[0.3,0.5,0.9]",
     "norm.groups=2",
     "norm.virtual_batch_size=8",  # ghost_batch: 4 virtual batches of 8
     "norm.renorm_warmup=4",  # batch_renorm: r and d clipped and ramping within the 20 steps
@@ -43,10 +51,12 @@ TASK = [
 ]
 # (seed, lr, weight decay) of the three members
 MEMBERS = [(0, 0.1, 0.0), (1, 0.05, 1e-3), (2, 0.2, 1e-2)]
+FP64 = {"rtol": 1e-9, "atol": 1e-11}
+FP32 = {"rtol": 1e-4, "atol": 1e-5}
 
 
-def member_configs(*overrides: str, members=MEMBERS) -> list[TrainConfig]:
-    base = compose_config([*TASK, *overrides])
+def member_configs(*overrides: str, members=MEMBERS, precision: str = "fp64") -> list[TrainConfig]:
+    base = compose_config([*TASK, f"trainer.precision={precision}", *overrides])
     cfgs = []
     for seed, lr, wd in members:
         cfg = copy.deepcopy(base)
@@ -55,107 +65,122 @@ def member_configs(*overrides: str, members=MEMBERS) -> list[TrainConfig]:
     return cfgs
 
 
-@cache
-def task(dtype: torch.dtype) -> Dataset:
-    data = load_data(compose_config(TASK).data, torch.device("cpu"))
-    data.train_x, data.test_x = data.train_x.to(dtype), data.test_x.to(dtype)
-    return data
+def model_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / CHECKPOINT, weights_only=False)["model"]
 
 
-def separate_run(cfg: TrainConfig, data: Dataset, steps: int = STEPS):
-    """train.py's loop without its logging: per-step losses and accuracies, the trained model."""
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.in_shape, data.num_classes).to(data.train_x.dtype)
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
-    order = batches(len(data.train_y), cfg.data.batch_size, torch.Generator().manual_seed(cfg.seed))
-    losses, accs = [], []
-    for _ in range(steps):
-        idx = next(order)
-        logits = model(data.train_x[idx])
-        loss = F.cross_entropy(logits, data.train_y[idx])
-        if not math.isfinite(loss.item()):
-            break  # diverged: train.py stops before the update
-        losses.append(loss.item())
-        accs.append((logits.argmax(1) == data.train_y[idx]).float().mean().item())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return losses, accs, model
-
-
-def assert_fused_equals_separate(cfgs: list[TrainConfig], dtype: torch.dtype = torch.float64) -> None:
-    tol = {"rtol": 1e-9, "atol": 1e-11} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
-    data = task(dtype)
-    fused = train_fused(cfgs, data, STEPS)
-    assert fused.diverged_at == [None] * len(cfgs)
-    fused.model.eval()
-    fused_logits = fused.model(data.test_x.expand(len(cfgs), *data.test_x.shape))
-    fused_eval = evaluate_fused(fused.model, data.test_x, data.test_y)
+def assert_fused_equals_separate(cfgs: list[TrainConfig], tmp_path: Path) -> list[dict]:
+    """Train cfgs fused and one by one; every member's record equals its separate run's. Returns the
+    fused summaries."""
+    tol = FP64 if cfgs[0].trainer.precision == "fp64" else FP32
+    fused_dirs = [tmp_path / f"fused{n}" for n in range(len(cfgs))]
+    fused = train_runs(copy.deepcopy(cfgs), fused_dirs)
     for n, cfg in enumerate(cfgs):
-        losses, accs, model = separate_run(cfg, data)
-        torch.testing.assert_close(fused.losses[:, n], torch.tensor(losses, dtype=torch.float64), **tol)
-        if dtype == torch.float64:
-            assert fused.accs[:, n].tolist() == accs
-        plain = model.state_dict()
-        assert fused.state_dicts[n].keys() == plain.keys()
+        alone_dir = tmp_path / f"alone{n}"
+        alone = train(copy.deepcopy(cfg), alone_dir)
+        assert (fused[n]["status"], fused[n]["steps"]) == (alone["status"], alone["steps"])
+        assert fused[n]["fused_members"] == len(cfgs) and alone["fused_members"] == 1
+        assert fused[n]["final"].keys() == alone["final"].keys()
+        for key, value in alone["final"].items():
+            assert fused[n]["final"][key] == pytest.approx(value, rel=tol["rtol"], abs=tol["atol"], nan_ok=True), key
+        if tol is FP64:
+            assert fused[n]["iterations_to_threshold"] == alone["iterations_to_threshold"]
+        a, b = scalars(fused_dirs[n]), scalars(alone_dir)
+        assert a.keys() == b.keys()
+        for tag in b:  # train/loss and train/acc at every step, test metrics, lr, hparams metrics
+            assert [s for s, _ in a[tag]] == [s for s, _ in b[tag]], tag
+            torch.testing.assert_close(torch.tensor([v for _, v in a[tag]]), torch.tensor([v for _, v in b[tag]]), **tol, equal_nan=True, msg=tag)
+        plain = model_state(alone_dir)
+        state = model_state(fused_dirs[n])
+        assert state.keys() == plain.keys()
         for key, value in plain.items():  # parameters and running statistics
-            torch.testing.assert_close(fused.state_dicts[n][key], value, **tol, msg=f"member {n}: {key}")
-        model.eval()
-        with torch.no_grad():
-            torch.testing.assert_close(fused_logits[n], model(data.test_x), **tol)
-        loss, acc = evaluate(model, data.test_x, data.test_y)
-        assert fused_eval[n][0] == pytest.approx(loss, rel=1e-6)  # train.evaluate sums in float32
-        assert fused_eval[n][1] == pytest.approx(acc)
+            torch.testing.assert_close(state[key], value, **tol, equal_nan=True, msg=f"member {n}: {key}")
     # the members really are different runs
-    assert not torch.equal(fused.losses[:, 0], fused.losses[:, 1])
+    assert scalars(fused_dirs[0])["train/loss"] != scalars(fused_dirs[1])["train/loss"]
+    return fused
 
 
 @pytest.mark.parametrize("norm", sorted(FUSABLE_NORMS))
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
-def test_fused_members_follow_their_separate_runs(model, norm):
-    assert_fused_equals_separate(member_configs(f"model={model}", SMALL[model], f"norm={norm}"))
+def test_fused_members_follow_their_separate_runs(model, norm, tmp_path):
+    assert_fused_equals_separate(member_configs(f"model={model}", SMALL[model], f"norm={norm}"), tmp_path)
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer", "none"])
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_fused_members_follow_their_separate_runs_in_float32(model, norm, tmp_path):
+    # lr 4x smaller than MEMBERS': at lr 0.2 the CNN amplifies float32 rounding to 1e-3 in 20 steps
+    members = [(seed, lr / 4, wd) for seed, lr, wd in MEMBERS]
+    cfgs = member_configs(f"model={model}", SMALL[model], f"norm={norm}", precision="fp32", members=members)
+    assert_fused_equals_separate(cfgs, tmp_path)
 
 
 @pytest.mark.parametrize("norm", ["batch", "layer"])
-def test_a_fused_resnet_follows_its_separate_runs(norm):
-    assert_fused_equals_separate(member_configs("model=resnet", SMALL["resnet"], f"norm={norm}"))
+def test_a_fused_resnet_follows_its_separate_runs(norm, tmp_path):
+    assert_fused_equals_separate(member_configs("model=resnet", SMALL["resnet"], f"norm={norm}"), tmp_path)
 
 
 @pytest.mark.parametrize(
     "optim", [["optim=sgd", "optim.momentum=0.9"], ["optim=adam"]], ids=["sgd_momentum", "adam"]
 )
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
-def test_per_member_lr_and_weight_decay_with_momentum_and_adam(model, optim):
+def test_per_member_lr_and_weight_decay_with_momentum_and_adam(model, optim, tmp_path):
     members = [(seed, lr / 10, wd) for seed, lr, wd in MEMBERS] if optim == ["optim=adam"] else MEMBERS
-    assert_fused_equals_separate(member_configs(f"model={model}", SMALL[model], *optim, members=members))
+    assert_fused_equals_separate(member_configs(f"model={model}", SMALL[model], *optim, members=members), tmp_path)
 
 
 @pytest.mark.parametrize("placement", ["before_act", "after_act"])
-def test_placement_bias_and_sigmoid_in_float32(placement):
+def test_placement_bias_and_sigmoid(placement, tmp_path):
     cfgs = member_configs("model=cnn", SMALL["cnn"], f"norm.placement={placement}", "model.bias=true", "model.activation=sigmoid")
-    assert_fused_equals_separate(cfgs, torch.float32)
-    assert_fused_equals_separate(member_configs("model=mlp", SMALL["mlp"], f"norm.placement={placement}"), torch.float32)
+    assert_fused_equals_separate(cfgs, tmp_path)
 
 
-def test_a_diverging_member_stops_alone_and_leaves_the_others_alone():
+def test_a_diverging_member_stops_alone_and_leaves_the_others_alone(tmp_path):
     cfgs = member_configs("model=mlp", SMALL["mlp"], "norm=batch")
     cfgs[1].optim.lr = math.inf  # its weights turn inf and NaN in the first update
-    data = task(torch.float32)
-    fused = train_fused(cfgs, data, STEPS)
-    assert fused.diverged_at == [None, 2, None]
-    for n, cfg in enumerate(cfgs):
-        losses, _, model = separate_run(cfg, data)
-        torch.testing.assert_close(fused.losses[: len(losses), n], torch.tensor(losses, dtype=torch.float64), rtol=1e-4, atol=1e-5)
-        assert fused.losses[len(losses) :, n].isnan().all()
-        for key, value in model.state_dict().items():  # the diverged member: as it was when it stopped
-            torch.testing.assert_close(fused.state_dicts[n][key], value, rtol=1e-4, atol=1e-5, equal_nan=True)
-    assert len(separate_run(cfgs[1], data)[0]) == 1
+    fused = assert_fused_equals_separate(cfgs, tmp_path)
+    assert [s["status"] for s in fused] == ["completed", "diverged", "completed"]
+    assert [s["steps"] for s in fused] == [STEPS, 1, STEPS]
+
+
+def test_a_precise_bn_member_is_tested_as_its_separate_run(tmp_path):
+    cfgs = member_configs("model=mlp", SMALL["mlp"], "norm=batch", "trainer.precise_bn=4")
+    fused = assert_fused_equals_separate(cfgs, tmp_path)
+    assert all("test_acc_precise_bn" in s["final"] for s in fused)
+
+
+def test_an_interrupted_fused_group_resumes_to_the_unbroken_group(tmp_path, monkeypatch):
+    cfgs = member_configs("model=cnn", SMALL["cnn"], "norm=batch", "optim.momentum=0.9", "trainer.checkpoint_every=5")
+    unbroken = train_runs(copy.deepcopy(cfgs), [tmp_path / f"unbroken{n}" for n in range(3)])
+    step = Fused.step
+
+    def interrupted_at_12(self, i):
+        if i == 12:
+            raise KeyboardInterrupt
+        return step(self, i)
+
+    monkeypatch.setattr(Fused, "step", interrupted_at_12)
+    dirs = [tmp_path / f"run{n}" for n in range(3)]
+    with pytest.raises(KeyboardInterrupt):
+        train_runs(copy.deepcopy(cfgs), dirs)
+    assert [json.loads((d / "summary.json").read_text())["status"] for d in dirs] == ["interrupted"] * 3
+    monkeypatch.setattr(Fused, "step", step)
+    for cfg in cfgs:
+        cfg.trainer.resume = True
+    resumed = train_runs(cfgs, dirs)
+    for n in range(3):
+        assert resumed[n]["final"] == unbroken[n]["final"]
+        a, b = scalars(dirs[n]), scalars(tmp_path / f"unbroken{n}")
+        assert a.keys() == b.keys()
+        for tag in b:  # every step once, every value exact (NaN: a threshold never reached)
+            assert [s for s, _ in a[tag]] == [s for s, _ in b[tag]], tag
+            torch.testing.assert_close(torch.tensor([v for _, v in a[tag]]), torch.tensor([v for _, v in b[tag]]), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn", "resnet"])
 def test_member_state_dict_loads_into_an_ordinary_model(model):
     cfgs = member_configs(f"model={model}", SMALL[model])
-    data = task(torch.float32)
+    data = load_data(cfgs[0].data, torch.device("cpu"))
     fused = build_fused(cfgs, data.in_shape, data.num_classes)
     fused.eval()
     logits = fused(data.test_x.expand(len(cfgs), *data.test_x.shape))
@@ -201,8 +226,8 @@ def test_can_fuse_refuses_runs_that_differ_elsewhere(override, key):
     cfgs = [*member_configs("model=mlp", SMALL["mlp"])[:2], member_configs("model=mlp", SMALL["mlp"], override)[2]]
     reason = can_fuse(cfgs)
     assert reason is not None and key in reason
-    with pytest.raises(ValueError, match="cannot be fused"):
-        train_fused(cfgs, task(torch.float32), 1)
+    with pytest.raises(ConfigError, match="cannot be fused"):
+        Fused(cfgs, load_data(cfgs[0].data, torch.device("cpu")), torch.device("cpu"))
 
 
 def test_can_fuse_refuses_norms_without_a_stacked_form():
@@ -212,3 +237,48 @@ def test_can_fuse_refuses_norms_without_a_stacked_form():
         cfg.norm.name = "noisy_batch"  # e.g. a norm drawing random numbers: not (yet) known to stack
     assert "norm=noisy_batch" in can_fuse(cfgs)
     assert can_fuse([]) == "no configs"
+
+
+def test_can_fuse_refuses_runs_with_diagnostics():
+    cfgs = member_configs("model=mlp", SMALL["mlp"], "diag.grad_norms=true")
+    assert "diag" in can_fuse(cfgs)
+
+
+def test_the_launcher_fuses_only_the_jobs_that_ask_and_can():
+    fuse = member_configs("model=mlp", SMALL["mlp"], "trainer.fuse=true")
+    other_batch = member_configs("model=mlp", SMALL["mlp"], "trainer.fuse=true", "data.batch_size=16")[:2]
+    noisy = member_configs("model=mlp", SMALL["mlp"], "trainer.fuse=true", "norm=noisy_batch")[:2]
+    alone = member_configs("model=mlp", SMALL["mlp"])[:2]
+    cfgs = [fuse[0], alone[0], other_batch[0], fuse[1], noisy[0], other_batch[1], noisy[1], alone[1], fuse[2]]
+    assert plan(cfgs) == [[0, 3, 8], [1], [2, 5], [4], [6], [7]]
+
+
+def test_a_fused_sweep_writes_every_run_as_an_unfused_sweep_does(tmp_path):
+    from conftest import TINY
+    from test_cli import bnlab
+
+    sweep = ["-m", *TINY, "trainer.max_steps=6", "trainer.log_every=1", "seed=0,1", "optim.lr=0.05,0.1"]
+    out = bnlab("train", *sweep, "trainer.fuse=true", "hydra.sweep.dir=fused", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert bnlab("train", *sweep, "hydra.sweep.dir=alone", cwd=tmp_path).returncode == 0
+    runs = {d: sorted(p.name for p in (tmp_path / d).iterdir() if p.is_dir() and not p.name.startswith(".")) for d in ("fused", "alone")}
+    names = runs["alone"]
+    assert len(names) == 4 and runs["fused"] == names  # trainer.fuse stays out of the names
+    for name in names:
+        fused, alone = tmp_path / "fused" / name, tmp_path / "alone" / name
+        assert sorted(p.name for p in fused.iterdir() if not p.name.startswith("events")) == [".hydra", CHECKPOINT, "summary.json", "train.log"]
+        assert (fused / ".hydra" / "config.yaml").read_text() == (alone / ".hydra" / "config.yaml").read_text().replace("fuse: false", "fuse: true")
+        a, b = json.loads((fused / "summary.json").read_text()), json.loads((alone / "summary.json").read_text())
+        assert (a["status"], a["fused_members"], b["fused_members"]) == ("completed", 4, 1)
+        assert a["iterations_to_threshold"] == b["iterations_to_threshold"]
+        assert a["final"] == pytest.approx(b["final"], rel=1e-5)
+        assert scalars(fused).keys() == scalars(alone).keys()
+    assert (tmp_path / "fused" / "summary.csv").read_text().count("\n") == (tmp_path / "alone" / "summary.csv").read_text().count("\n")
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "resnet"])
+def test_a_fused_step_keeps_n_times_one_runs_activations_at_most(model):
+    cfgs = member_configs(f"model={model}", SMALL[model], precision="fp32")
+    data, cpu = load_data(cfgs[0].data, torch.device("cpu")), torch.device("cpu")
+    one = activation_bytes(Single(cfgs[0], data, cpu, None, None))
+    assert 0 < activation_bytes(Fused(cfgs, data, cpu)) <= len(cfgs) * one

@@ -2,12 +2,13 @@ import json
 import math
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bnlab.config import ConfigError
-from bnlab.train import batches, train
-
-import torch
+from bnlab.models import build_model
+from bnlab.norms import BatchNorm
+from bnlab.train import autocast, batches, prepare_model, train
 
 
 def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
@@ -17,8 +18,9 @@ def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_summary_json_and_tensorboard_scalars(tiny_config, tmp_path):
-    cfg = tiny_config("trainer.max_steps=10", "trainer.eval_every=4", "threshold.values=[0.05,0.99]")
-    summary = train(cfg, tmp_path)
+    cfg = tiny_config("trainer.max_steps=10", "trainer.eval_every=4", "trainer.log_every=3", "threshold.values=[0.05,0.99]")
+    summary = train(cfg, tmp_path / "run")
+    tmp_path = tmp_path / "run"
 
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == summary
@@ -32,8 +34,16 @@ def test_summary_json_and_tensorboard_scalars(tiny_config, tmp_path):
     assert summary["iterations_to_threshold"] == {"0.05": 0, "0.99": None}
 
     s = scalars(tmp_path)
-    assert [step for step, _ in s["train/loss"]] == list(range(1, 11))
-    assert [step for step, _ in s["train/acc"]] == list(range(1, 11))
+    assert [step for step, _ in s["train/loss"]] == [3, 6, 9, 10]  # every trainer.log_every steps and the last
+    assert [step for step, _ in s["train/acc"]] == [3, 6, 9, 10]
+    cfg.trainer.log_every = 1
+    train(cfg, tmp_path.parent / "every_step")
+    every = scalars(tmp_path.parent / "every_step")
+    assert [step for step, _ in every["train/loss"]] == list(range(1, 11))
+    for tag in ("train/loss", "train/acc"):  # each point: the mean of the steps since the previous one
+        values = [v for _, v in every[tag]]
+        means = [sum(values[a:b]) / (b - a) for a, b in ((0, 3), (3, 6), (6, 9), (9, 10))]
+        assert [v for _, v in s[tag]] == pytest.approx(means, rel=1e-6)
     assert [step for step, _ in s["test/acc"]] == [0, 4, 8, 10]
     assert [step for step, _ in s["test/loss"]] == [0, 4, 8, 10]
     assert s["test/acc"][-1][1] == pytest.approx(summary["final"]["test_acc"])
@@ -121,3 +131,35 @@ def test_precise_bn_reports_the_three_ways_to_evaluate(tiny_config, tmp_path):
     final = train(tiny_config("trainer.max_steps=20", "trainer.precise_bn=4", "norm.momentum=0.001"), tmp_path)["final"]
     assert {"test_acc", "test_acc_train_mode", "test_acc_precise_bn"} <= set(final)
     assert all(0 <= final[k] <= 1 for k in ("test_acc_train_mode", "test_acc_precise_bn"))
+
+
+def test_bf16_runs_the_layers_in_bfloat16_and_the_norms_in_float32(tiny_config):
+    cfg = tiny_config("model=cnn", "model.widths=[4,8]", "trainer.precision=bf16")
+    model = prepare_model(build_model(cfg, (1, 8, 8), 10), cfg.trainer, torch.device("cpu"))
+    dtypes = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, BatchNorm)):
+            m.register_forward_hook(lambda m, args, out, name=name: dtypes.update({name: (args[0].dtype, out.dtype)}))
+    with autocast(cfg.trainer, torch.device("cpu")):
+        model(torch.rand(16, 1, 8, 8))
+    norms = {k: v for k, v in dtypes.items() if k.endswith(".norm")}
+    assert len(norms) == 2 and set(norms.values()) == {(torch.float32, torch.float32)}
+    assert {out for k, (_, out) in dtypes.items() if k not in norms} == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay float32
+
+
+def test_a_bf16_run_trains_close_to_the_float32_run(tiny_config, tmp_path):
+    overrides = ["model=cnn", "model.widths=[8,16]", "trainer.max_steps=30", "optim.lr=0.1"]
+    fp32 = train(tiny_config(*overrides), tmp_path / "fp32")
+    bf16 = train(tiny_config(*overrides, "trainer.precision=bf16"), tmp_path / "bf16")
+    assert bf16["status"] == "completed"
+    assert bf16["final"]["train_loss"] == pytest.approx(fp32["final"]["train_loss"], rel=0.05)
+
+
+@pytest.mark.parametrize("option", ["trainer.channels_last=true", "trainer.compile=true"])
+def test_channels_last_and_compile_train_as_the_default_does(tiny_config, tmp_path, option):
+    overrides = ["model=cnn", "model.widths=[4,8]", "trainer.max_steps=5", "trainer.log_every=1"]
+    default = train(tiny_config(*overrides), tmp_path / "default")
+    other = train(tiny_config(*overrides, option), tmp_path / "other")
+    assert other["final"] == pytest.approx(default["final"], rel=1e-4)
+    assert [v for _, v in scalars(tmp_path / "other")["train/loss"]] == pytest.approx([v for _, v in scalars(tmp_path / "default")["train/loss"]], rel=1e-4)

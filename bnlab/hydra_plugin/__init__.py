@@ -1,0 +1,34 @@
+"""bnlab's launcher as Hydra sees it. Hydra loads launchers only from the hydra_plugins package, so this
+folder is installed as hydra_plugins.bnlab_launcher (pyproject.toml); the work is in bnlab/launcher.py."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+from bnlab.launcher import launch_jobs
+
+
+class BnlabLauncher(Launcher):
+    """`hydra/launcher=bnlab`: the basic launcher, fusing the jobs that ask for it (bnlab.launcher)."""
+
+    def __init__(self) -> None:
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        return launch_jobs(self, job_overrides, initial_job_idx)
+
+
+# Hydra finds plugins by walking hydra_plugins, which misses packages of an editable install.
+Plugins.instance().register(BnlabLauncher)
+TARGET = f"{BnlabLauncher.__module__}.{BnlabLauncher.__name__}"  # _target_ in conf/hydra/launcher/bnlab.yaml

@@ -1,0 +1,108 @@
+"""`hydra/launcher=bnlab`, the default launcher of `bnlab train -m`: Hydra's basic launcher (jobs one
+after another in this process), except that jobs with trainer.fuse=true that differ only in seed, lr
+and weight decay train together as one fused model (bnlab/fused.py). Each member still gets its own
+run directory, .hydra/ configs, train.log, TensorBoard run and summary.json, as if it had run alone.
+Hydra loads launchers only from the hydra_plugins package: bnlab/hydra_plugin is installed there and
+hands `launch` to `launch_jobs` here."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from bnlab.config import TrainConfig, flatten
+from bnlab.fused import IGNORED_KEYS, PER_MEMBER_KEYS, can_fuse
+
+log = logging.getLogger(__name__)
+
+
+def fuse_key(cfg: TrainConfig) -> str | None:
+    """Jobs with one key may be fused: everything but the per-member and bookkeeping keys; None: not fused."""
+    if not cfg.trainer.fuse:
+        return None
+    flat = flatten(asdict(cfg))
+    return json.dumps({k: str(v) for k, v in flat.items() if k not in PER_MEMBER_KEYS and k not in IGNORED_KEYS}, sort_keys=True)
+
+
+def plan(cfgs: Sequence[TrainConfig]) -> list[list[int]]:
+    """The jobs (indices) grouped for training, in sweep order by each group's first job: each fusable
+    group of two or more jobs together, every other job alone."""
+    groups: dict[Any, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        groups.setdefault(fuse_key(cfg) or ("alone", i), []).append(i)
+    planned = []
+    for members in groups.values():
+        reason = can_fuse([cfgs[i] for i in members]) if len(members) > 1 else None
+        if reason:
+            log.warning("trainer.fuse=true: %d jobs run one by one, not fused: %s", len(members), reason)
+        planned.extend([[i] for i in members] if reason else [members])
+    return sorted(planned, key=lambda g: g[0])
+
+
+def launch_jobs(launcher: Launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+    """What the basic launcher does for these jobs, with the fusable groups trained as one model each."""
+    from bnlab.cli import console, report_job  # the CLI imports this module at start-up
+
+    setup_globals()
+    configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    Path(str(launcher.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    log.info("Launching %d jobs locally", len(job_overrides))
+    configs = []
+    for idx, overrides in enumerate(job_overrides, initial_job_idx):
+        log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+        sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = sweep_config.hydra.job.num = idx
+        configs.append(sweep_config)
+    cfgs = [task_config(c) for c in configs]
+    returns: list[JobReturn] = []
+    for group in plan(cfgs):
+        if len(group) == 1:
+            tasks = {group[0]: launcher.task_function}
+        else:  # train the group, then hand each member's outcome to the job that reports it
+            outcomes = fused_outcomes([cfgs[i] for i in group], [job_dir(configs[i]) for i in group], console)
+            tasks = {i: lambda dcfg, outcome=outcome: report_job(dcfg, outcome) for i, outcome in zip(group, outcomes)}
+        for i, task in tasks.items():
+            returns.append(run_job(hydra_context=launcher.hydra_context, task_function=task, config=configs[i],
+                                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))
+            configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    return returns
+
+
+def task_config(config: DictConfig) -> TrainConfig:
+    """The job's TrainConfig: its config without the hydra node, as run_job hands it to the task."""
+    task = copy.deepcopy(config)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    return OmegaConf.to_object(task)
+
+
+def job_dir(config: DictConfig) -> Path:
+    """The run directory Hydra's run_job gives this job (hydra.sweep.dir / hydra.sweep.subdir)."""
+    HydraConfig.instance().set_config(config)
+    return Path(os.path.abspath(os.path.join(str(config.hydra.sweep.dir), str(config.hydra.sweep.subdir))))
+
+
+def fused_outcomes(cfgs: list[TrainConfig], run_dirs: list[Path], console) -> list[dict | BaseException]:
+    """Each member's summary after training the group, or the error that stopped the group (every
+    member's summary.json records it too)."""
+    from bnlab.train import train_runs
+
+    log.info("training %d runs as one fused model: %s", len(cfgs), ", ".join(d.name for d in run_dirs))
+    for cfg in cfgs:
+        cfg.trainer.threads = cfg.trainer.threads or os.cpu_count() or 1
+    try:
+        return train_runs(cfgs, run_dirs, console)
+    except Exception as e:
+        return [e] * len(cfgs)
