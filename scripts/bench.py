@@ -12,6 +12,7 @@ MLP (BN, batch 60) and for the CNN on 32x32 colour inputs. Not a test: the numbe
 
     python scripts/bench.py                 # 1,000 MLP steps, 100 CNN steps per measurement
     python scripts/bench.py 3000            # more steps
+    python scripts/bench.py 3000 cuda       # on the GPU: model and tensors there, (b) copies each batch to it
 """
 
 import statistics
@@ -41,10 +42,18 @@ CASES = {  # name -> (overrides of the default config: MNIST MLP 784-100-100-100
 ROUNDS = 3
 
 
+DEVICE = torch.device(sys.argv[2] if len(sys.argv) > 2 else "cpu")
+
+
 def config(overrides: list[str], steps: int) -> TrainConfig:
     with initialize_config_module("bnlab.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"trainer.max_steps={steps}", f"trainer.eval_every={steps + 1}", "trainer.device=cpu"])
+        cfg = compose("train", overrides=[*overrides, f"trainer.max_steps={steps}", f"trainer.eval_every={steps + 1}", f"trainer.device={DEVICE.type}"])
     return OmegaConf.to_object(cfg)
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 class PilImages(Dataset):
@@ -71,30 +80,32 @@ def step(model, optimizer, x, y) -> torch.Tensor:
 
 def tutorial_loop(cfg: TrainConfig, dataset: Dataset, steps: int) -> float:
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, tuple(dataset[0][0].shape), 10)
+    model = build_model(cfg, tuple(dataset[0][0].shape), 10).to(DEVICE)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
     loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True)
     done, start = 0, time.perf_counter()
     while done < steps:
         for x, y in loader:
-            step(model, optimizer, x, y)
+            step(model, optimizer, x.to(DEVICE), y.to(DEVICE))
             done += 1
             if done == steps:
                 break
+    synchronize()
     return steps / (time.perf_counter() - start)
 
 
 def tensor_loop(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, tuple(x.shape[1:]), 10)
+    model = build_model(cfg, tuple(x.shape[1:]), 10).to(DEVICE)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
     b, per_epoch = cfg.data.batch_size, len(x) // cfg.data.batch_size
     start = time.perf_counter()
     for i in range(steps):
         if i % per_epoch == 0:
-            perm = torch.randperm(len(x))
+            perm = torch.randperm(len(x), device=DEVICE)
         idx = perm[(i % per_epoch) * b : (i % per_epoch + 1) * b]
         step(model, optimizer, x[idx], y[idx])
+    synchronize()
     return steps / (time.perf_counter() - start)
 
 
@@ -107,16 +118,17 @@ def trainer(cfg: TrainConfig, eval_s: float) -> float:
 
 
 def main(steps: int) -> None:
-    print(f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, median of {ROUNDS} rounds")
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} torch threads"
+    print(f"{DEVICE.type}: {where}, torch {torch.__version__}, median of {ROUNDS} rounds")
     for name, (overrides, scale) in CASES.items():
         steps_here = max(10, int(steps * scale))
         cfg = config(overrides, steps_here)
-        data = load_data(cfg.data, torch.device("cpu"))
+        data = load_data(cfg.data, DEVICE)
         if cfg.data.name == "mnist":
             tutorial_data = datasets.MNIST(Path(cfg.data.root).expanduser(), train=True, transform=transforms.ToTensor())
         else:
-            tutorial_data = PilImages(data.train_x, data.train_y, transforms.ToTensor())
-        model = build_model(cfg, data.in_shape, data.num_classes)
+            tutorial_data = PilImages(data.train_x.cpu(), data.train_y.cpu(), transforms.ToTensor())
+        model = build_model(cfg, data.in_shape, data.num_classes).to(DEVICE)
         evaluate(model, data.test_x, data.test_y)  # warm-up
         start = time.perf_counter()
         evaluate(model, data.test_x, data.test_y)

@@ -7,6 +7,7 @@ ratio must stay <= N. Not a test: the timings depend on the machine and on what 
 
     python scripts/bench_fused.py                 # 8 seeds; 500 MLP steps, 50 CNN steps each
     python scripts/bench_fused.py 4 200 20        # 4 seeds; 200 MLP steps, 20 CNN steps each
+    python scripts/bench_fused.py 8 2000 500 cuda # on the GPU
 
 MNIST is read from the data root (~/.cache/bnlab/data or $BNLAB_DATA) when its files are there
 (`bnlab data fetch mnist`); otherwise synthetic 28x28 images stand in (the timing does not depend on
@@ -30,10 +31,12 @@ from bnlab.train import Single, train, train_runs
 
 MODELS = {"mlp (784-100-100-100-10, BN)": ["model=mlp"], "cnn (32-64, BN)": ["model=cnn"]}
 DEFAULT_STEPS = [500, 50]  # per model above: the CNN is about 25x slower per step on CPU
+DEVICE = torch.device(sys.argv[4] if len(sys.argv) > 4 else "cpu")
 
 
 def configs(seeds: int, overrides: list[str], steps: int, data: list[str]) -> list[TrainConfig]:
-    common = [*overrides, *data, f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", "trainer.checkpoint_every=0"]
+    common = [*overrides, *data, f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", "trainer.checkpoint_every=0",
+              f"trainer.device={DEVICE.type}"]
     with initialize_config_module("bnlab.conf", version_base="1.3"):
         return [OmegaConf.to_object(compose("train", overrides=[*common, f"seed={s}"])) for s in range(seeds)]
 
@@ -43,8 +46,9 @@ def main() -> None:
     steps = [int(a) for a in sys.argv[2:4]] + DEFAULT_STEPS[len(sys.argv[2:4]) :]
     mnist = all(status == "verified" for _, status in file_report("mnist", Path(configs(1, [], 1, [])[0].data.root).expanduser()))
     data = ["data.download=false"] if mnist else ["data=synthetic", "data.num_train=60000", "data.num_test=10000", "data.image_size=28"]
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"{seeds} seeds, batch 60, SGD; data: {'MNIST' if mnist else 'synthetic 28x28'}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+          f"{DEVICE.type}: {where}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     for (name, overrides), n_steps in zip(MODELS.items(), steps):
         cfgs = configs(seeds, overrides, n_steps, data)
         with tempfile.TemporaryDirectory() as tmp:
@@ -55,8 +59,8 @@ def main() -> None:
             start = time.perf_counter()
             train_runs(cfgs, [Path(tmp) / f"fused{cfg.seed}" for cfg in cfgs])
             t_fused = time.perf_counter() - start
-        dataset, device = load_data(cfgs[0].data, torch.device("cpu")), torch.device("cpu")
-        one, group = activation_bytes(Single(cfgs[0], dataset, device, None, None)), activation_bytes(Fused(cfgs, dataset, device))
+        dataset = load_data(cfgs[0].data, DEVICE)
+        one, group = activation_bytes(Single(cfgs[0], dataset, DEVICE, None, None)), activation_bytes(Fused(cfgs, dataset, DEVICE))
         print(f"{name}, {n_steps} steps: {seeds} runs one by one {t_seq:6.1f} s | fused {t_fused:6.1f} s | "
               f"speed-up {t_seq / t_fused:.2f}x | activation memory per step: one run {one / 2**20:.2f} MiB, "
               f"fused {group / 2**20:.2f} MiB = {group / one:.2f}x one run (limit {seeds}x)")
