@@ -263,6 +263,7 @@ class _StackedOptimizer(torch.optim.Optimizer):
         if len(lr) != members or len(weight_decay) != members:
             raise ValueError(f"need {members} learning rates and weight decays, got {len(lr)} and {len(weight_decay)}")
         self.members = members
+        self._constants: dict[tuple, Tensor] = {}
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, **defaults))
 
     def _view(self, t: Tensor) -> Tensor:
@@ -270,8 +271,12 @@ class _StackedOptimizer(torch.optim.Optimizer):
         return t.unflatten(0, (self.members, -1))
 
     def _per_member(self, values: Sequence[float], p: Tensor) -> Tensor:
-        """values (N,) shaped to broadcast against self._view(p)."""
-        return torch.tensor(values, dtype=p.dtype, device=p.device).view(-1, *[1] * p.dim())
+        """values (N,) shaped to broadcast against self._view(p); made once per set of values, so that a
+        step copies nothing from the host (on a GPU such a copy would wait for the queued work)."""
+        key = (tuple(values), p.dtype, p.device, p.dim())
+        if key not in self._constants:
+            self._constants[key] = torch.tensor(values, dtype=p.dtype, device=p.device).view(-1, *[1] * p.dim())
+        return self._constants[key]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -345,7 +350,7 @@ class StackedAdam(_StackedOptimizer):
         t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(g, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        step_size = self._per_member([lr / (1 - beta1**t) for lr in group["lr"]], p)
+        step_size = self._per_member(group["lr"], p) / (1 - beta1**t)
         denom = (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
         w.addcdiv_(step_size * exp_avg, denom, value=-1.0)  # w - step_size * exp_avg / denom
 
