@@ -11,7 +11,9 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.core.plugins import Plugins
 from hydra_plugins.bnlab_launcher import TARGET as FUSING_LAUNCHER
+from hydra_plugins.bnlab_launcher import BnlabLauncher
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.syntax import Syntax
@@ -25,6 +27,9 @@ from bnlab.summarize import compare, summarize, table_console
 from bnlab.train import results_table, train
 
 log = logging.getLogger("bnlab")
+# Hydra finds plugins by walking the hydra_plugins package, which misses those of an editable install
+# (pip install -e); registering it here finds it either way. Not in the plugin's module: Hydra's walk runs that.
+Plugins.instance().register(BnlabLauncher)
 console = table_console()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
@@ -29,6 +28,4 @@ class BnlabLauncher(Launcher):
         return launch_jobs(self, job_overrides, initial_job_idx)
 
 
-# Hydra finds plugins by walking hydra_plugins, which misses packages of an editable install.
-Plugins.instance().register(BnlabLauncher)
 TARGET = f"{BnlabLauncher.__module__}.{BnlabLauncher.__name__}"  # _target_ in conf/hydra/launcher/bnlab.yaml
