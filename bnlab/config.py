@@ -152,6 +152,9 @@ BIAS_CHOICES = ("auto", "true", "false")
 INIT_CHOICES = ("default", "normal")
 PLACEMENTS = ("before_act", "after_act")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# Keys that leave a run's trajectory alone (where the data lives, threads, the resume and fuse switches):
+# they name no run directory (conf/train.yaml's exclude_keys), no sweep group and no reason not to fuse.
+BOOKKEEPING_KEYS = ("data.root", "data.download", "trainer.threads", "trainer.resume", "trainer.fuse")
 PRECISIONS = ("fp32", "bf16", "fp64")
 THRESHOLD_METRICS = ("test_acc", "train_acc", "test_loss", "train_loss")
 BATCH_STAT_NORMS = ("batch", "batch_manual", "batch_renorm", "ghost_batch", "noisy_batch")

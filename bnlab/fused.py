@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnlab.config import ConfigError, OptimConfig, TrainConfig, flatten
+from bnlab.config import BOOKKEEPING_KEYS, ConfigError, OptimConfig, TrainConfig, flatten
 from bnlab.data import Dataset
 from bnlab.models import CNN, MLP, BasicBlock, ResNet, Unit, build_model
 from bnlab.norms import BatchNorm, BatchRenorm, GhostBatchNorm, InstanceNorm, ManualBatchNorm, RMSNorm
@@ -28,10 +28,9 @@ from bnlab.train import EVAL_CHUNK, Single, autocast, batches, prepare_model
 
 log = logging.getLogger(__name__)
 
-# Config keys that may differ between members: what the stacked optimizer takes per member, and the
-# bookkeeping keys that leave a run's trajectory alone (hydra's override_dirname also excludes them).
+# Config keys that may differ between members: what the stacked optimizer takes per member (and
+# config.BOOKKEEPING_KEYS, which leave a run's trajectory alone).
 PER_MEMBER_KEYS = ("seed", "optim.lr", "optim.weight_decay")
-IGNORED_KEYS = ("trainer.resume", "trainer.threads", "trainer.fuse", "data.root", "data.download")
 # Every bnlab norm is a per-channel or per-(example, group) op without randomness, so it stacks by channel
 # count. A norm added later is refused until someone adds it here and its stacked counterpart to STACKERS.
 FUSABLE_NORMS = ("none", "batch", "batch_manual", "batch_renorm", "ghost_batch", "layer", "group", "instance", "rms")
@@ -44,7 +43,7 @@ def can_fuse(cfgs: Sequence[TrainConfig]) -> str | None:
         return "no configs"
     flat = [flatten(asdict(c)) for c in cfgs]
     for key, value in flat[0].items():
-        if key in PER_MEMBER_KEYS or key in IGNORED_KEYS:
+        if key in PER_MEMBER_KEYS or key in BOOKKEEPING_KEYS:
             continue
         others = {str(f.get(key)) for f in flat[1:]} - {str(value)}
         if others:

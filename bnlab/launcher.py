@@ -21,8 +21,8 @@ from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from bnlab.config import TrainConfig, flatten
-from bnlab.fused import IGNORED_KEYS, PER_MEMBER_KEYS, can_fuse
+from bnlab.config import BOOKKEEPING_KEYS, TrainConfig, flatten
+from bnlab.fused import PER_MEMBER_KEYS, can_fuse
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def fuse_key(cfg: TrainConfig) -> str | None:
     if not cfg.trainer.fuse:
         return None
     flat = flatten(asdict(cfg))
-    return json.dumps({k: str(v) for k, v in flat.items() if k not in PER_MEMBER_KEYS and k not in IGNORED_KEYS}, sort_keys=True)
+    return json.dumps({k: str(v) for k, v in flat.items() if k not in PER_MEMBER_KEYS and k not in BOOKKEEPING_KEYS}, sort_keys=True)
 
 
 def plan(cfgs: Sequence[TrainConfig]) -> list[list[int]]:

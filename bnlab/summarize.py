@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from bnlab.config import flatten
+from bnlab.config import BOOKKEEPING_KEYS, flatten
 from bnlab.files import read_json, write_json, write_text
 
 STATUSES = ("completed", "diverged", "failed", "interrupted")
@@ -124,9 +124,9 @@ def group_rows(runs: list[dict[str, Any]], varying: list[str] | None = None) -> 
 
 
 def varying_keys(flat_configs: Iterable[dict[str, Any]]) -> list[str]:
-    """The config keys (seed aside) whose values differ between runs: what names a group."""
+    """The config keys (seed and bookkeeping aside) whose values differ between runs: what names a group."""
     flat_configs = list(flat_configs)
-    keys = sorted({k for f in flat_configs for k in f} - {"seed"})
+    keys = sorted({k for f in flat_configs for k in f} - {"seed", *BOOKKEEPING_KEYS})
     return [k for k in keys if len({repr(f.get(k)) for f in flat_configs}) > 1]
 
 

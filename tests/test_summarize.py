@@ -3,9 +3,12 @@
 import csv
 import io
 import json
+from importlib.resources import files
 
 import pytest
+import yaml
 
+from bnlab.config import BOOKKEEPING_KEYS
 from bnlab.summarize import compare, group_rows, load_runs, summarize, table_console
 from bnlab.files import write_json
 
@@ -43,6 +46,15 @@ def test_runs_are_grouped_by_config_minus_seed():
     assert set(rows) == {"norm=batch, optim.lr=0.01", "norm=none, optim.lr=0.01", "norm=batch, optim.lr=0.1", "norm=none, optim.lr=0.1"}
     assert rows["norm=batch, optim.lr=0.01"]["runs"] == 3
     assert rows["norm=batch, optim.lr=0.01"]["norm.name"] == "batch" and rows["norm=batch, optim.lr=0.01"]["optim.lr"] == 0.01
+
+
+def test_bookkeeping_keys_name_no_group_and_no_run_directory():
+    runs = [json.loads(json.dumps(r)) for r in RUNS]
+    for i, r in enumerate(runs):  # resumed runs with other thread counts, some fused
+        r["config"]["trainer"].update(threads=1 + i % 2, resume=i % 3 == 0, fuse=i % 2 == 0)
+    assert {r["group"] for r in group_rows(runs)} == {r["group"] for r in group_rows(RUNS)}
+    hydra_conf = yaml.safe_load((files("bnlab.conf") / "train.yaml").read_text())
+    assert set(hydra_conf["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"]) == set(BOOKKEEPING_KEYS)
 
 
 def test_iterations_are_median_min_max_and_never_reached_runs_are_counted():
