@@ -191,6 +191,17 @@ def trains(runs: list[dict[str, Any]], metric: str, threshold: float | None) -> 
     return bool(runs) and all(s["status"] == "completed" and good(s) for s in runs)
 
 
+def follows(summaries: list[dict[str, Any]], key: str, driver: str) -> bool:
+    """Whether `key` is set by `driver`: runs that share the driver's value share the key's (a preset's lr
+    and step budget scaled with the batch size, say)."""
+    seen: dict[str, str] = {}
+    for s in summaries:
+        flat = flatten(s["config"])
+        if seen.setdefault(repr(flat.get(driver)), repr(flat.get(key))) != repr(flat.get(key)):
+            return False
+    return True
+
+
 def lr_series(summaries: list[dict[str, Any]]) -> dict[str, dict[float, list[dict[str, Any]]]]:
     """Group (config minus seed and optim.lr) -> lr -> its runs, lrs ascending."""
     keys = [k for k in summarize.varying_keys(flatten(s["config"]) for s in summaries) if k != "optim.lr"]
@@ -429,7 +440,7 @@ def iterations_to_threshold(sweep: Sweep) -> Section | None:
 
 def lr_sensitivity(sweep: Sweep) -> Section | None:
     """3. Final test accuracy and iterations to threshold vs learning rate, per group minus the lr."""
-    if "optim.lr" not in sweep.varying:
+    if "optim.lr" not in sweep.varying or _batch_size_sweep(sweep):
         return None
     summaries = [r.summary for r in sweep.runs]
     series = lr_series(summaries)
@@ -516,6 +527,48 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
         "Right: iterations to each threshold vs learning rate (open markers: some seeds never reached it and count at the step budget).",
         fig,
         "\n".join(lines) + "\n",
+    )
+
+
+def _batch_size_sweep(sweep: Sweep) -> list[str]:
+    """The keys a batch-size sweep sets with the batch size (itself first), or [] if the batch size does not vary."""
+    if "data.batch_size" not in sweep.varying:
+        return []
+    summaries = [r.summary for r in sweep.runs]
+    return ["data.batch_size", *(k for k in sweep.varying if k != "data.batch_size" and follows(summaries, k, "data.batch_size"))]
+
+
+def batch_size_sensitivity(sweep: Sweep) -> Section | None:
+    """4. Final test accuracy vs batch size, per group minus the batch size and what the sweep scaled with it."""
+    driven = _batch_size_sweep(sweep)
+    if not driven:
+        return None
+    summaries = [r.summary for r in sweep.runs if r.summary["status"] in RESULTS]
+    keys = [k for k in sweep.varying if k not in driven]
+    series: dict[str, dict[int, list[float]]] = {}
+    for s, label in zip(summaries, group_labels(summaries, keys)):
+        if (acc := _final(s, "test_acc")) is not None:
+            series.setdefault(label, {}).setdefault(int(s["config"]["data"]["batch_size"]), []).append(acc)
+    colours = palette(sorted(series))
+    fig, ((ax,),) = _figure(1, 1, width=8.0, height=5.0)
+    for label, by_size in sorted(series.items()):
+        sizes = sorted(by_size)
+        ax.plot(sizes, [np.median(by_size[b]) for b in sizes], "o-", color=colours[label], lw=1.6, label=label)
+        ax.fill_between(sizes, [min(by_size[b]) for b in sizes], [max(by_size[b]) for b in sizes], color=colours[label], alpha=BAND_ALPHA, lw=0)
+    all_sizes = sorted({b for by_size in series.values() for b in by_size})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(all_sizes, [str(b) for b in all_sizes])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.set(xlabel="batch size (data.batch_size, log scale)", ylabel="final test accuracy",
+           title="final test accuracy vs batch size\n(median over seeds, band: min-max)")
+    _legend(fig)
+    scaled = f" The sweep set {', '.join(driven[1:])} with the batch size." if driven[1:] else ""
+    return Section(
+        "batch_size.png",
+        "Batch-size sensitivity",
+        f"Final test accuracy vs batch size per group (median over seeds, shaded min-max).{scaled}",
+        fig,
     )
 
 
@@ -662,6 +715,7 @@ FIGURES: tuple[Callable[[Sweep], Section | None], ...] = (
     metric_curves,
     iterations_to_threshold,
     lr_sensitivity,
+    batch_size_sensitivity,
     activation_percentiles,
     internal_covariate_shift,
     landscape,
@@ -671,6 +725,7 @@ FIGURE_FILES = (
     "metric_curves.png",
     "iterations_to_threshold.png",
     "lr_sensitivity.png",
+    "batch_size.png",
     "activation_percentiles.png",
     "ics.png",
     "landscape.png",

@@ -44,13 +44,15 @@ def fake_run(
     precise: bool = False,
     events: bool = True,
     train_every: int = 1,
+    batch_size: int = 60,
 ) -> dict:
     """One run folder as bnlab.train writes it: summary.json and (unless events=False) TensorBoard events."""
     cfg = asdict(TrainConfig())
     cfg["norm"]["name"], cfg["optim"]["lr"], cfg["seed"] = norm, lr, seed
     cfg["trainer"].update(max_steps=max_steps, eval_every=eval_every)
+    cfg["data"]["batch_size"] = batch_size
     cfg["threshold"]["values"] = THRESHOLDS
-    run_dir = root / f"norm={norm},optim.lr={lr},seed={seed}"
+    run_dir = root / f"data.batch_size={batch_size},norm={norm},optim.lr={lr},seed={seed}"
     run_dir.mkdir(parents=True)
     last = diverge_at - 1 if diverge_at else max_steps
     evals = [*range(0, last + 1, eval_every), *([last] if last % eval_every else [])]
@@ -171,6 +173,17 @@ def test_lr_sweep_finds_the_largest_lr_that_trains(lr_sweep):
     assert "- norm=batch: **1**" in text
     assert "- norm=none: **0.1**" in text  # lr 1 had a diverged seed
     assert "final test_acc ≥ 0.9" in text
+
+
+def test_a_batch_size_sweep_plots_accuracy_against_the_batch_size_not_the_lr_it_scaled(tmp_path):
+    for norm in ("batch", "group"):
+        for b in (2, 8, 32):
+            for seed in range(2):
+                fake_run(tmp_path, norm, seed, 0.05 * b / 32, batch_size=b, events=False)
+    text = write_report(tmp_path).read_text()
+    assert "batch_size.png" in embedded(text) and "lr_sensitivity.png" not in embedded(text)
+    assert image_ok(tmp_path / "batch_size.png")
+    assert "The sweep set optim.lr with the batch size." in text
 
 
 def test_largest_lr_that_trains_needs_every_seed_completed_and_above_the_lowest_threshold(tmp_path):
