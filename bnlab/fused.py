@@ -396,9 +396,9 @@ def evaluate_fused(model: FusedModel, x: Tensor, y: Tensor) -> list[tuple[float,
 class Fused:
     """The engine of a fused group, bnlab.train's loop driving it as it drives `bnlab.train.Single`: the
     runs as one FusedModel with a stacked optimizer, member n drawing its batches as its separate run
-    would. `step` hands back each member's loss and batch accuracy (N,), unread. A member whose loss
-    turns non-finite goes on in the stack (its values are its own, so it disturbs no other) while its
-    Run records no more steps."""
+    would. `step` hands back each member's loss and count of correct predictions (N,), unread. A member
+    whose loss turns non-finite goes on in the stack (its values are its own, so it disturbs no other)
+    while its Run records no more steps."""
 
     def __init__(self, cfgs: Sequence[TrainConfig], data: Dataset, device: torch.device, checkpoints: Sequence[dict] | None = None) -> None:
         reason = can_fuse(cfgs)
@@ -429,7 +429,7 @@ class Fused:
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         self.optimizer.step()
-        return losses.detach().float(), (logits.argmax(-1) == y).float().mean(1)
+        return losses.detach().float(), (logits.argmax(-1) == y).sum(1)
 
     def evaluate(self) -> list[tuple[float, float]]:
         with autocast(self.cfgs[0].trainer, self.device):

@@ -10,6 +10,7 @@ run keeps its own `Run` record, TensorBoard writer and directory either way.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -210,9 +211,9 @@ class StopOnSignal:
 # ---------------------------------------------------------------- numerics shared by every engine
 
 
-def autocast(t: TrainerConfig, device: torch.device) -> torch.autocast:
-    """trainer.precision=bf16: matmuls and convolutions in bfloat16 (a no-op context otherwise)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+def autocast(t: TrainerConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """trainer.precision=bf16: matmuls and convolutions in bfloat16 (otherwise a context that costs nothing)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else contextlib.nullcontext()
 
 
 def _float32_inputs(module: nn.Module, args: tuple) -> tuple:
@@ -244,8 +245,8 @@ def prepare_data(data: Dataset, t: TrainerConfig) -> Dataset:
 
 class Single:
     """The engine of an ordinary run: one model, its optimizer and its batch order. `step` trains one
-    step and hands back the loss and batch accuracy as device tensors (1,), unread; the loop reads them
-    every trainer.log_every steps. `bnlab.fused.Fused` is the same interface for N stacked runs."""
+    step and hands back the loss and the count of correct predictions as device tensors (1,), unread;
+    the loop reads them every trainer.log_every steps. `bnlab.fused.Fused` is the same interface for N stacked runs."""
 
     members = 1
 
@@ -277,7 +278,7 @@ class Single:
         self.optimizer.step()
         if due:
             self.diagnostics.after_step(step, x, y)
-        return loss.detach().float().view(1), (logits.argmax(1) == y).float().mean().view(1)
+        return loss.detach().float().view(1), (logits.argmax(1) == y).sum().view(1)
 
     def evaluate(self) -> list[tuple[float, float]]:
         with autocast(self.cfg.trainer, self.device):
@@ -437,12 +438,12 @@ def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None) -> N
     description = "train" if len(runs) == 1 else f"train {len(runs)} fused"
     task = progress.add_task(description, total=t.max_steps, completed=runs[0].steps, loss=math.nan, acc=math.nan, test_acc=math.nan)
     active = list(range(len(runs)))  # runs still training
-    unread: list[tuple[torch.Tensor, torch.Tensor]] = []  # (losses, accs) of the steps not yet read from the device
+    unread: list[tuple[torch.Tensor, torch.Tensor]] = []  # (losses, correct counts) of the steps not yet read from the device
 
     def read(step: int, write: bool) -> None:
         """Read the unread steps up to `step` and record them; runs that stop there leave `active`."""
         losses = torch.stack([loss for loss, _ in unread]).tolist()  # (steps, members): the one host synchronisation
-        accs = torch.stack([acc for _, acc in unread]).tolist()
+        accs = (torch.stack([correct for _, correct in unread]) / cfg.data.batch_size).tolist()
         first = step - len(unread) + 1
         unread.clear()
         stopped = [n for n in active if runs[n].record_steps(first, [row[n] for row in losses], [row[n] for row in accs], write)]

@@ -6,7 +6,7 @@
   (b) a plain PyTorch loop as the tutorials write it: torchvision dataset with ToTensor, DataLoader(shuffle=True),
   (c) a minimal hand-written loop over tensors already in memory (the floor of PyTorch's per-step overhead).
 
-Prints steps/s (the median of 3 interleaved rounds, so that a busy moment of the machine hits all three
+Prints steps/s (the median of 5 interleaved rounds, so that a busy moment of the machine hits all three
 alike) and the ratios (a)/(b) (target >= 5 on CPU) and (a)/(c) (target >= 0.9), for the default MNIST
 MLP (BN, batch 60) and for the CNN on 32x32 colour inputs. Not a test: the numbers depend on the machine.
 
@@ -39,7 +39,7 @@ CASES = {  # name -> (overrides of the default config: MNIST MLP 784-100-100-100
     "MLP on MNIST": ([], 1.0),
     "CNN on 32x32x3": (["model=cnn", "data=synthetic", "data.channels=3", "data.image_size=32", "data.num_train=10000", "data.batch_size=60"], 0.1),
 }
-ROUNDS = 3
+ROUNDS = 5
 
 
 DEVICE = torch.device(sys.argv[2] if len(sys.argv) > 2 else "cpu")
