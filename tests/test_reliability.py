@@ -150,6 +150,8 @@ BAD_INPUTS = [
     (["norm.momentum=1.5"], "norm.momentum", "[0, 1]"),
     (["model.widths=[]"], "model.widths", "non-empty"),
     (["trainer.threads=-1"], "trainer.threads", ">= 0"),
+    (["trainer.log_every=0"], "trainer.log_every", "an integer > 0"),
+    (["trainer.precision=fp16"], "trainer.precision", "fp32, bf16, fp64"),
     (["diag.percentiles=true", "diag.layers=[7]"], "diag.layers", "-3 to 2"),
     (["data.batch_size=100000"], "data.batch_size", "at most the 64 training examples"),
 ]
