@@ -21,7 +21,6 @@ from rich.table import Table
 
 from bnlab.config import ConfigError, DataConfig, TrainConfig, check_overrides
 from bnlab.data import DATASETS, DataError, fetch, file_report
-from bnlab.files import read_json
 from bnlab.report import write_report
 from bnlab.summarize import compare, summarize, table_console
 from bnlab.train import results_table, train
@@ -71,7 +70,7 @@ def report_job(dcfg: DictConfig, outcome: dict | BaseException | None) -> None:
         if multirun:  # no further run starts; the sweep's table covers what ran
             summarize(Path(hc.sweep.dir), console)
         sys.exit(130)
-    console.print(results_table(run_dir.name, read_json(run_dir / "summary.json")))
+    console.print(results_table(run_dir.name, summary))
 
 
 # Kept apart from `train_job` so that parallel launchers (joblib) pickle the job by its module and name.

@@ -37,15 +37,19 @@ FUSABLE_NORMS = ("none", "batch", "batch_manual", "batch_renorm", "ghost_batch",
 FUSABLE_MODELS = ("mlp", "cnn", "resnet")
 
 
+def shared_config(cfg: TrainConfig) -> dict[str, str]:
+    """The flattened config that the members of a fused group must share: all but the per-member and
+    bookkeeping keys, values as strings."""
+    return {k: str(v) for k, v in flatten(asdict(cfg)).items() if k not in PER_MEMBER_KEYS and k not in BOOKKEEPING_KEYS}
+
+
 def can_fuse(cfgs: Sequence[TrainConfig]) -> str | None:
     """None if these runs can train as one fused model, else a short reason why not."""
     if not cfgs:
         return "no configs"
-    flat = [flatten(asdict(c)) for c in cfgs]
+    flat = [shared_config(c) for c in cfgs]
     for key, value in flat[0].items():
-        if key in PER_MEMBER_KEYS or key in BOOKKEEPING_KEYS:
-            continue
-        others = {str(f.get(key)) for f in flat[1:]} - {str(value)}
+        others = {f.get(key) for f in flat[1:]} - {value}
         if others:
             return f"{key} differs ({value} vs {', '.join(sorted(others))}); only {', '.join(PER_MEMBER_KEYS)} may"
     cfg = cfgs[0]

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +20,15 @@ from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from bnlab.config import BOOKKEEPING_KEYS, TrainConfig, flatten
-from bnlab.fused import PER_MEMBER_KEYS, can_fuse
+from bnlab.config import TrainConfig
+from bnlab.fused import can_fuse, shared_config
 
 log = logging.getLogger(__name__)
 
 
 def fuse_key(cfg: TrainConfig) -> str | None:
-    """Jobs with one key may be fused: everything but the per-member and bookkeeping keys; None: not fused."""
-    if not cfg.trainer.fuse:
-        return None
-    flat = flatten(asdict(cfg))
-    return json.dumps({k: str(v) for k, v in flat.items() if k not in PER_MEMBER_KEYS and k not in BOOKKEEPING_KEYS}, sort_keys=True)
+    """Jobs with one key may be fused (bnlab.fused.shared_config); None: the job asks not to be."""
+    return json.dumps(shared_config(cfg), sort_keys=True) if cfg.trainer.fuse else None
 
 
 def plan(cfgs: Sequence[TrainConfig]) -> list[list[int]]:
@@ -52,7 +48,7 @@ def plan(cfgs: Sequence[TrainConfig]) -> list[list[int]]:
 
 def launch_jobs(launcher: Launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
     """What the basic launcher does for these jobs, with the fusable groups trained as one model each."""
-    from bnlab.cli import console, report_job  # the CLI imports this module at start-up
+    from bnlab.cli import console, report_job, threads_per_job  # the CLI imports this module at start-up
 
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
@@ -71,7 +67,10 @@ def launch_jobs(launcher: Launcher, job_overrides: Sequence[Sequence[str]], init
         if len(group) == 1:
             tasks = {group[0]: launcher.task_function}
         else:  # train the group, then hand each member's outcome to the job that reports it
-            outcomes = fused_outcomes([cfgs[i] for i in group], [job_dir(configs[i]) for i in group], console)
+            members = [cfgs[i] for i in group]
+            for cfg in members:  # one job at a time: the group gets every core
+                cfg.trainer.threads = cfg.trainer.threads or threads_per_job(None)
+            outcomes = fused_outcomes(members, [job_dir(configs[i]) for i in group], console)
             tasks = {i: lambda dcfg, outcome=outcome: report_job(dcfg, outcome) for i, outcome in zip(group, outcomes)}
         for i, task in tasks.items():
             returns.append(run_job(hydra_context=launcher.hydra_context, task_function=task, config=configs[i],
@@ -100,8 +99,6 @@ def fused_outcomes(cfgs: list[TrainConfig], run_dirs: list[Path], console) -> li
     from bnlab.train import train_runs
 
     log.info("training %d runs as one fused model: %s", len(cfgs), ", ".join(d.name for d in run_dirs))
-    for cfg in cfgs:
-        cfg.trainer.threads = cfg.trainer.threads or os.cpu_count() or 1
     try:
         return train_runs(cfgs, run_dirs, console)
     except Exception as e:

@@ -358,10 +358,10 @@ def _train_together(cfgs: list[TrainConfig], run_dirs: list[Path], console: Cons
         _fit(runs, console, checkpoints)
     except KeyboardInterrupt:
         for run in runs:
-            run.status = "interrupted"
+            run.status = "interrupted" if run.status == "running" else run.status
         raise
     except BaseException as e:
-        for run in runs:
+        for run in (r for r in runs if r.status == "running"):  # a member that had diverged keeps its status
             run.status, run.error = "failed", f"{type(e).__name__}: {e}"
         raise
     finally:
