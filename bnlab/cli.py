@@ -10,8 +10,8 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.core.plugins import Plugins
+from hydra.types import RunMode
 from hydra_plugins.bnlab_launcher import TARGET as FUSING_LAUNCHER
 from hydra_plugins.bnlab_launcher import BnlabLauncher
 from omegaconf import DictConfig, OmegaConf
@@ -144,4 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "report":
         console.print(f"report: {write_report(args.dir)}")
     elif args.command == "tb":
-        os.execv(sys.executable, [sys.executable, "-m", "tensorboard.main", "--logdir", str(args.dir), *args.tensorboard_args])
+        os.execv(
+            sys.executable,
+            [sys.executable, "-m", "tensorboard.main", "--logdir", str(args.dir), *args.tensorboard_args],
+        )

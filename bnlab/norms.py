@@ -184,7 +184,9 @@ class GhostBatchNorm(BatchNorm):
         with torch.no_grad():
             means, _, vars_unbiased = zip(*map(_batch_moments, chunks))
         _update_running(self, torch.stack(means).mean(0), torch.stack(vars_unbiased).mean(0))
-        return torch.cat([F.batch_norm(c, None, None, self.weight, self.bias, training=True, eps=self.eps) for c in chunks])
+        return torch.cat(
+            [F.batch_norm(c, None, None, self.weight, self.bias, training=True, eps=self.eps) for c in chunks]
+        )
 
 
 class NoisyBatchNorm(BatchNorm):

@@ -47,7 +47,11 @@ ICS_TAG = re.compile(r"^ics/layer(\d+)/l2$")
 LANDSCAPE = (
     ("landscape/loss_variation", "loss variation", "range of $L(\\theta - \\eta g)$ (nats)"),
     ("landscape/grad_predictiveness", "gradient predictiveness", "range of $\\|\\nabla L(\\theta - \\eta g) - g\\|_2$"),
-    ("landscape/beta_smoothness", "effective $\\beta$-smoothness", "max $\\|\\nabla L(\\theta - \\eta g) - g\\|_2 \\,/\\, \\|\\eta g\\|_2$"),
+    (
+        "landscape/beta_smoothness",
+        "effective $\\beta$-smoothness",
+        "max $\\|\\nabla L(\\theta - \\eta g) - g\\|_2 \\,/\\, \\|\\eta g\\|_2$",
+    ),
 )
 ACC_MODES = (
     ("test_acc_train_mode", "train mode\n(batch statistics)"),
@@ -127,7 +131,10 @@ class Sweep:
     @cached_property
     def groups(self) -> dict[str, list[Run]]:
         """Group -> its completed and diverged runs, in the table's order (groups without any left out)."""
-        out = {row["group"]: [r for r in self.runs if r.group == row["group"] and r.summary["status"] in RESULTS] for row in self.rows}
+        out = {
+            row["group"]: [r for r in self.runs if r.group == row["group"] and r.summary["status"] in RESULTS]
+            for row in self.rows
+        }
         return {g: runs for g, runs in out.items() if runs}
 
     @property
@@ -221,7 +228,9 @@ def largest_lr_that_trains(summaries: list[dict[str, Any]]) -> dict[str, float |
     if not summaries:
         return {}
     metric = summaries[0].get("threshold_metric", "test_acc")
-    threshold = easiest_threshold(metric, sorted({k for s in summaries for k in s["iterations_to_threshold"]}, key=float))
+    threshold = easiest_threshold(
+        metric, sorted({k for s in summaries for k in s["iterations_to_threshold"]}, key=float)
+    )
     return {
         label: max((lr for lr, runs in by_lr.items() if trains(runs, metric, threshold)), default=None)
         for label, by_lr in lr_series(summaries).items()
@@ -231,14 +240,18 @@ def largest_lr_that_trains(summaries: list[dict[str, Any]]) -> dict[str, float |
 # ---------------------------------------------------------------- plotting helpers
 
 
-def _figure(nrows: int = 1, ncols: int = 1, width: float = 9.0, height: float = 4.8, **kwargs: Any) -> tuple[Figure, np.ndarray]:
+def _figure(
+    nrows: int = 1, ncols: int = 1, width: float = 9.0, height: float = 4.8, **kwargs: Any
+) -> tuple[Figure, np.ndarray]:
     fig = Figure(figsize=(width, height), layout="constrained", dpi=DPI)
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
     return fig, axes
 
 
-def _legend(fig: Figure, handles: list[Any] | None = None, labels: list[str] | None = None, below: bool = False) -> None:
+def _legend(
+    fig: Figure, handles: list[Any] | None = None, labels: list[str] | None = None, below: bool = False
+) -> None:
     """One legend for the whole figure, outside the axes (never over the data): on the right, or `below` them."""
     if handles is None:
         handles, labels = [], []
@@ -359,11 +372,19 @@ def metric_curves(sweep: Sweep) -> Section | None:
     tag = TAGS.get(sweep.metric)
     if tag is None:
         return None
-    window = lambda run: run.summary["config"].get("trainer", {}).get("eval_every", 1) if tag.startswith("train/") else 0  # noqa: E731
-    zoom = _zoom(sweep, [c for runs in sweep.groups.values() for r in runs if (c := r.curve(tag, window(r))) is not None])
+    window = lambda run: (
+        run.summary["config"].get("trainer", {}).get("eval_every", 1) if tag.startswith("train/") else 0
+    )  # noqa: E731
+    zoom = _zoom(
+        sweep, [c for runs in sweep.groups.values() for r in runs if (c := r.curve(tag, window(r))) is not None]
+    )
     fig, axes = _figure(1, 2 if zoom else 1, width=14.0 if zoom else 9.0, height=5.0)
-    diverged = [(r, c) for runs in sweep.groups.values() for r in runs
-                if r.summary["status"] == "diverged" and (c := r.curve(tag, window(r))) is not None and len(c[0])]
+    diverged = [
+        (r, c)
+        for runs in sweep.groups.values()
+        for r in runs
+        if r.summary["status"] == "diverged" and (c := r.curve(tag, window(r))) is not None and len(c[0])
+    ]
     for ax in axes[0]:
         drawn, apart = _plot_groups(ax, sweep, tag, window)
         if not drawn:
@@ -381,16 +402,23 @@ def metric_curves(sweep: Sweep) -> Section | None:
         axes[0, 1].set_title("the same, zoomed on the thresholds")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     extras = [
-        (bool(sweep.thresholds), Line2D([], [], color="0.35", ls=":", lw=1.2), f"thresholds: {', '.join(sweep.thresholds)}"),
+        (
+            bool(sweep.thresholds),
+            Line2D([], [], color="0.35", ls=":", lw=1.2),
+            f"thresholds: {', '.join(sweep.thresholds)}",
+        ),
         (apart, Line2D([], [], color="0.3", lw=0.8, alpha=0.7), "one run, where it leaves\nthe median (stopped early)"),
         (bool(diverged), Line2D([], [], color="0.2", marker="x", ms=9, mew=2, ls="none"), "a run diverged here"),
     ]
-    _legend(fig, handles + [h for shown, h, _ in extras if shown], labels + [label for shown, _, label in extras if shown])
+    _legend(
+        fig, handles + [h for shown, h, _ in extras if shown], labels + [label for shown, _, label in extras if shown]
+    )
     return Section(
         "metric_curves.png",
         f"{sweep.metric} over training",
         f"{sweep.metric} vs iterations per group: median over seeds, shaded min-max (at the steps at least half the seeds "
-        "reached); dotted: the thresholds; x: where a run diverged" + ("; right: zoomed on the thresholds" if zoom else "")
+        "reached); dotted: the thresholds; x: where a run diverged"
+        + ("; right: zoomed on the thresholds" if zoom else "")
         + ("; training figures are means over the steps between evaluations." if tag.startswith("train/") else "."),
         fig,
     )
@@ -421,7 +449,11 @@ def iterations_to_threshold(sweep: Sweep) -> Section | None:
     ax.set_ylim(0, top * 1.18 or 1)
     ax.set_xlim(-0.5, len(sweep.thresholds) - 0.5)
     ax.set_xticks(range(len(sweep.thresholds)), [_threshold_text(sweep, k) for k in sweep.thresholds])
-    ax.set(xlabel="threshold", ylabel=f"{STEPS}\nto reach the threshold", title="iterations to each threshold\n(median over seeds, error bars: min-max)")
+    ax.set(
+        xlabel="threshold",
+        ylabel=f"{STEPS}\nto reach the threshold",
+        title="iterations to each threshold\n(median over seeds, error bars: min-max)",
+    )
     ax.grid(axis="y", alpha=0.3)
     handles = [Patch(color=sweep.colours[row["group"]]) for row in rows]
     labels = [row["group"] for row in rows]
@@ -454,10 +486,15 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
     for j, (label, by_lr) in enumerate(series.items()):
         colour = colours[label]
         lrs = np.array(list(by_lr))
-        accs = [[a for s in runs if s["status"] in RESULTS and (a := _final(s, "test_acc")) is not None] for runs in by_lr.values()]
+        accs = [
+            [a for s in runs if s["status"] in RESULTS and (a := _final(s, "test_acc")) is not None]
+            for runs in by_lr.values()
+        ]
         have = [i for i, a in enumerate(accs) if a]
         ax_acc.plot(lrs[have], [np.median(accs[i]) for i in have], "o-", color=colour, lw=1.6, label=label)
-        ax_acc.fill_between(lrs[have], [min(accs[i]) for i in have], [max(accs[i]) for i in have], color=colour, alpha=BAND_ALPHA, lw=0)
+        ax_acc.fill_between(
+            lrs[have], [min(accs[i]) for i in have], [max(accs[i]) for i in have], color=colour, alpha=BAND_ALPHA, lw=0
+        )
         for lr, runs in by_lr.items():
             for s in runs:
                 if s["status"] == "diverged":
@@ -468,7 +505,10 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
         jitter = 1.06 ** (j - (len(series) - 1) / 2)  # keeps the series' error bars apart
         for style, k in zip(styles * 3, sweep.thresholds):
             its = [[_iterations(s, k) for s in runs if s["status"] in RESULTS] for runs in by_lr.values()]
-            nevers = [any(s["status"] in RESULTS and s["iterations_to_threshold"].get(k) is None for s in runs) for runs in by_lr.values()]
+            nevers = [
+                any(s["status"] in RESULTS and s["iterations_to_threshold"].get(k) is None for s in runs)
+                for runs in by_lr.values()
+            ]
             have = [i for i, v in enumerate(its) if v]
             if not have:
                 continue
@@ -493,17 +533,34 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
         ax.grid(alpha=0.3)
         ax.set_xlabel("learning rate (optim.lr, log scale)")
     _log_scale_if_wide(ax_it)
-    ax_acc.set(ylabel="final test accuracy", title="final test accuracy vs learning rate\n(median over seeds, band: min-max)")
-    ax_it.set(ylabel=f"{STEPS} to reach the threshold", title="iterations to each threshold vs learning rate\n(median over seeds, error bars: min-max)")
+    ax_acc.set(
+        ylabel="final test accuracy", title="final test accuracy vs learning rate\n(median over seeds, band: min-max)"
+    )
+    ax_it.set(
+        ylabel=f"{STEPS} to reach the threshold",
+        title="iterations to each threshold vs learning rate\n(median over seeds, error bars: min-max)",
+    )
     handles = [Line2D([], [], color=colours[label], marker="o", lw=1.6) for label in series]
     labels = list(series)
     handles += [Line2D([], [], color="0.3", ls=style) for style, _ in zip(styles * 3, sweep.thresholds)]
     labels += [_threshold_text(sweep, k) for k in sweep.thresholds]
     extras = [
         (True, Line2D([], [], color="0.3", marker="o", ms=13, mfc="none", mew=2, ls="none"), "largest lr that trains"),
-        (any_diverged, Line2D([], [], color="0.3", marker="x", ms=9, mew=2.2, ls="none"), "diverged run (its final test acc)"),
-        (any_open, Line2D([], [], color="0.3", marker="o", mfc="white", ls="none"), "some seeds never reached it\n(counted at the step budget)"),
-        (threshold is not None and sweep.metric == "test_acc", Line2D([], [], color="0.35", ls=":"), f"lowest threshold ({threshold:g})" if threshold is not None else ""),
+        (
+            any_diverged,
+            Line2D([], [], color="0.3", marker="x", ms=9, mew=2.2, ls="none"),
+            "diverged run (its final test acc)",
+        ),
+        (
+            any_open,
+            Line2D([], [], color="0.3", marker="o", mfc="white", ls="none"),
+            "some seeds never reached it\n(counted at the step budget)",
+        ),
+        (
+            threshold is not None and sweep.metric == "test_acc",
+            Line2D([], [], color="0.35", ls=":"),
+            f"lowest threshold ({threshold:g})" if threshold is not None else "",
+        ),
         (bool(max_steps), Line2D([], [], color="0.35", ls="--", lw=1), "step budget"),
     ]
     for shown, handle, label in extras:
@@ -511,14 +568,23 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
             handles.append(handle)
             labels.append(label)
     _legend(fig, handles, labels)
-    criterion = " (no threshold was set)" if threshold is None else (
-        f" and each ended with final {sweep.metric} {'≥' if sweep.higher_is_better else '≤'} {threshold:g} "
-        f"(the {'lowest' if sweep.higher_is_better else 'highest'} threshold)"
+    criterion = (
+        " (no threshold was set)"
+        if threshold is None
+        else (
+            f" and each ended with final {sweep.metric} {'≥' if sweep.higher_is_better else '≤'} {threshold:g} "
+            f"(the {'lowest' if sweep.higher_is_better else 'highest'} threshold)"
+        )
     )
     lines = [
         f"Largest learning rate that still trains, per group: all its seeds completed (none diverged, failed or interrupted){criterion}.",
         "",
-        *(f"- {label}: " + (f"**{lr:g}**" if lr is not None else "none") + f" (tried: {', '.join(f'{x:g}' for x in series[label])})" for label, lr in best.items()),
+        *(
+            f"- {label}: "
+            + (f"**{lr:g}**" if lr is not None else "none")
+            + f" (tried: {', '.join(f'{x:g}' for x in series[label])})"
+            for label, lr in best.items()
+        ),
     ]
     return Section(
         "lr_sensitivity.png",
@@ -535,7 +601,10 @@ def _batch_size_sweep(sweep: Sweep) -> list[str]:
     if "data.batch_size" not in sweep.varying:
         return []
     summaries = [r.summary for r in sweep.runs]
-    return ["data.batch_size", *(k for k in sweep.varying if k != "data.batch_size" and follows(summaries, k, "data.batch_size"))]
+    return [
+        "data.batch_size",
+        *(k for k in sweep.varying if k != "data.batch_size" and follows(summaries, k, "data.batch_size")),
+    ]
 
 
 def batch_size_sensitivity(sweep: Sweep) -> Section | None:
@@ -554,14 +623,24 @@ def batch_size_sensitivity(sweep: Sweep) -> Section | None:
     for label, by_size in sorted(series.items()):
         sizes = sorted(by_size)
         ax.plot(sizes, [np.median(by_size[b]) for b in sizes], "o-", color=colours[label], lw=1.6, label=label)
-        ax.fill_between(sizes, [min(by_size[b]) for b in sizes], [max(by_size[b]) for b in sizes], color=colours[label], alpha=BAND_ALPHA, lw=0)
+        ax.fill_between(
+            sizes,
+            [min(by_size[b]) for b in sizes],
+            [max(by_size[b]) for b in sizes],
+            color=colours[label],
+            alpha=BAND_ALPHA,
+            lw=0,
+        )
     all_sizes = sorted({b for by_size in series.values() for b in by_size})
     ax.set_xscale("log", base=2)
     ax.set_xticks(all_sizes, [str(b) for b in all_sizes])
     ax.minorticks_off()
     ax.grid(alpha=0.3)
-    ax.set(xlabel="batch size (data.batch_size, log scale)", ylabel="final test accuracy",
-           title="final test accuracy vs batch size\n(median over seeds, band: min-max)")
+    ax.set(
+        xlabel="batch size (data.batch_size, log scale)",
+        ylabel="final test accuracy",
+        title="final test accuracy vs batch size\n(median over seeds, band: min-max)",
+    )
     _legend(fig)
     scaled = f" The sweep set {', '.join(driven[1:])} with the batch size." if driven[1:] else ""
     return Section(
@@ -579,12 +658,22 @@ def activation_percentiles(sweep: Sweep) -> Section | None:
     if not layers:
         return None
     groups = list(sweep.groups)
-    fig, axes = _figure(len(layers), len(groups), width=max(6.5, 1.5 + 3.2 * len(groups)), height=1.2 + 2.8 * len(layers), sharex=True, sharey=True)
+    fig, axes = _figure(
+        len(layers),
+        len(groups),
+        width=max(6.5, 1.5 + 3.2 * len(groups)),
+        height=1.2 + 2.8 * len(layers),
+        sharex=True,
+        sharey=True,
+    )
     for row, layer in enumerate(layers):
         for col, group in enumerate(groups):
             ax, colour = axes[row, col], sweep.colours[group]
             name = f"act/{layer}/unit0/p"
-            runs = sorted((r for r in sweep.groups[group] if all(f"{name}{q}" in r.scalars for q in (15, 50, 85))), key=lambda r: str(r.seed))
+            runs = sorted(
+                (r for r in sweep.groups[group] if all(f"{name}{q}" in r.scalars for q in (15, 50, 85))),
+                key=lambda r: str(r.seed),
+            )
             if runs:
                 run = runs[0]
                 (steps, p15), (_, p50), (_, p85) = (run.curve(f"{name}{q}") for q in (15, 50, 85))
@@ -598,12 +687,24 @@ def activation_percentiles(sweep: Sweep) -> Section | None:
                 ax.set_title(_wrap(group) if row == 0 else "", fontsize=9)
             ax.grid(alpha=0.3)
             if col == 0:
-                ax.set_ylabel(f"layer {layer}{' (last hidden)' if layer == -1 else ''}:\ninput to the nonlinearity, unit 0")
+                ax.set_ylabel(
+                    f"layer {layer}{' (last hidden)' if layer == -1 else ''}:\ninput to the nonlinearity, unit 0"
+                )
             if row == len(layers) - 1:
                 ax.set_xlabel(STEPS)
-    fig.suptitle("percentiles of one unit's input to its nonlinearity over training\n(on a probe batch of test examples, eval mode)")
-    _legend(fig, [Line2D([], [], color="0.2", lw=1.8), Line2D([], [], color="0.2", lw=0.9, ls="--"), Patch(color="0.2", alpha=BAND_ALPHA)],
-            ["50th percentile", "15th and 85th percentiles", "15-85th percentile range"], below=True)
+    fig.suptitle(
+        "percentiles of one unit's input to its nonlinearity over training\n(on a probe batch of test examples, eval mode)"
+    )
+    _legend(
+        fig,
+        [
+            Line2D([], [], color="0.2", lw=1.8),
+            Line2D([], [], color="0.2", lw=0.9, ls="--"),
+            Patch(color="0.2", alpha=BAND_ALPHA),
+        ],
+        ["50th percentile", "15th and 85th percentiles", "15-85th percentile range"],
+        below=True,
+    )
     return Section(
         "activation_percentiles.png",
         "Activation percentiles",
@@ -644,7 +745,16 @@ def internal_covariate_shift(sweep: Sweep) -> Section | None:
     tags = {tag for runs in sweep.groups.values() for r in runs for tag in r.scalars}
     layers = sorted({int(m.group(1)) for tag in tags if (m := ICS_TAG.match(tag))})
     # layer 0 has no layer before it, so its G' = G: (0, 1) always; a layer that shows nothing is left out
-    layers = [i for i in layers if any(np.any(r.scalars[f"ics/layer{i}/l2"][1] != 0) for runs in sweep.groups.values() for r in runs if f"ics/layer{i}/l2" in r.scalars)]
+    layers = [
+        i
+        for i in layers
+        if any(
+            np.any(r.scalars[f"ics/layer{i}/l2"][1] != 0)
+            for runs in sweep.groups.values()
+            for r in runs
+            if f"ics/layer{i}/l2" in r.scalars
+        )
+    ]
     if not layers:
         return None
     panels = [
@@ -666,7 +776,11 @@ def internal_covariate_shift(sweep: Sweep) -> Section | None:
 
 def landscape(sweep: Sweep) -> Section | None:
     """5b. Loss-landscape smoothness along the gradient over training (Santurkar et al. 2018)."""
-    fig = _curves_grid(sweep, [list(LANDSCAPE)], "loss landscape along the gradient, step sizes 0.5-4 x lr\n(median over seeds, band: min-max)")
+    fig = _curves_grid(
+        sweep,
+        [list(LANDSCAPE)],
+        "loss landscape along the gradient, step sizes 0.5-4 x lr\n(median over seeds, band: min-max)",
+    )
     if fig is None:
         return None
     return Section(
@@ -680,7 +794,12 @@ def landscape(sweep: Sweep) -> Section | None:
 
 def train_eval_precise_bn(sweep: Sweep) -> Section | None:
     """6. Test accuracy in train mode, in eval mode (running averages) and after precise BN, per group."""
-    if not any(k in r.summary.get("final", {}) for runs in sweep.groups.values() for r in runs for k in ("test_acc_train_mode", "test_acc_precise_bn")):
+    if not any(
+        k in r.summary.get("final", {})
+        for runs in sweep.groups.values()
+        for r in runs
+        for k in ("test_acc_train_mode", "test_acc_precise_bn")
+    ):
         return None
     groups = list(sweep.groups)
     fig, ((ax,),) = _figure(width=max(9.0, 2.5 + 0.5 * len(groups) * len(ACC_MODES)))
@@ -694,12 +813,25 @@ def train_eval_precise_bn(sweep: Sweep) -> Section | None:
                 continue
             mean = float(np.mean(values))
             ax.bar(x, mean, width, color=sweep.colours[group])
-            ax.errorbar(x, mean, yerr=[[mean - min(values)], [max(values) - mean]], fmt="none", ecolor="black", capsize=3, lw=1)
-            ax.text(x, max(values) + 0.01, f"{mean:.3f}", ha="center", va="bottom", fontsize=7, rotation=90 if len(groups) > 3 else 0)
+            ax.errorbar(
+                x, mean, yerr=[[mean - min(values)], [max(values) - mean]], fmt="none", ecolor="black", capsize=3, lw=1
+            )
+            ax.text(
+                x,
+                max(values) + 0.01,
+                f"{mean:.3f}",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                rotation=90 if len(groups) > 3 else 0,
+            )
     ax.set_ylim(0, 1.12)
     ax.set_xlim(-0.5, len(ACC_MODES) - 0.5)
     ax.set_xticks(range(len(ACC_MODES)), [label for _, label in ACC_MODES])
-    ax.set(ylabel="test accuracy", title="test accuracy by where the norm layers take their statistics from\n(mean over seeds, error bars: min-max)")
+    ax.set(
+        ylabel="test accuracy",
+        title="test accuracy by where the norm layers take their statistics from\n(mean over seeds, error bars: min-max)",
+    )
     ax.grid(axis="y", alpha=0.3)
     _legend(fig, [Patch(color=sweep.colours[g]) for g in groups], groups)
     return Section(
@@ -749,7 +881,11 @@ def write_report(root: Path) -> Path:
     if not sweep.runs:
         write_text(path, f"# bnlab report: {root}\n\nNo runs (summary.json files) below {root}.\n")
         return path
-    counts = ", ".join(f"{n} {status}" for status in summarize.STATUSES if (n := sum(r.summary["status"] == status for r in sweep.runs)))
+    counts = ", ".join(
+        f"{n} {status}"
+        for status in summarize.STATUSES
+        if (n := sum(r.summary["status"] == status for r in sweep.runs))
+    )
     parts = [
         f"# bnlab report: {root}\n",
         f"{len(sweep.runs)} runs ({counts}) in {len(sweep.rows)} groups (config minus the seed); threshold metric: {sweep.metric}. "

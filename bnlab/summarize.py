@@ -112,7 +112,9 @@ def group_rows(runs: list[dict[str, Any]], varying: list[str] | None = None) -> 
             row[f"iters_{k}_never"] = sum(v is None for v in reached)
             ratios, lower = _speedups(done, twin, k)
             spread = _spread(ratios, digits=2)
-            row.update(dict(zip((f"speedup_{k}_median", f"speedup_{k}_min", f"speedup_{k}_max"), spread or (None,) * 3)))
+            row.update(
+                dict(zip((f"speedup_{k}_median", f"speedup_{k}_min", f"speedup_{k}_max"), spread or (None,) * 3))
+            )
             row[f"speedup_{k}_lower_bound"] = lower
         accs = [s["final"]["test_acc"] for s in done if "test_acc" in s["final"]]
         row["final_test_acc_mean"] = round(statistics.fmean(accs), 4) if accs else None
@@ -169,7 +171,9 @@ def cells(row: Row, thresholds: list[str], sep: str) -> list[str]:
 
 
 def rich_table(title: str, rows: list[Row], metric: str, sweep_column: bool = False) -> Table:
-    table = Table(title=f"{title}\niterations to each {metric} threshold, median (min-max) over seeds;\nbelow: speed-up over the norm=none twin")
+    table = Table(
+        title=f"{title}\niterations to each {metric} threshold, median (min-max) over seeds;\nbelow: speed-up over the norm=none twin"
+    )
     if sweep_column:
         table.add_column("sweep", overflow="fold")
     longest = max((len(line) for r in rows for line in r["group"].split(", ")), default=5)
@@ -181,7 +185,11 @@ def rich_table(title: str, rows: list[Row], metric: str, sweep_column: bool = Fa
     table.add_column("final test acc", justify="right")
     table.add_column("steps/s", justify="right")
     for r in rows:
-        table.add_row(*([r["sweep"]] if sweep_column else []), r["group"].replace(", ", "\n"), *cells(r, thresholds_of(rows), "\n"))
+        table.add_row(
+            *([r["sweep"]] if sweep_column else []),
+            r["group"].replace(", ", "\n"),
+            *cells(r, thresholds_of(rows), "\n"),
+        )
     return table
 
 
@@ -212,7 +220,9 @@ def summarize(root: Path, console: Console) -> list[Row]:
     metric = runs[0]["threshold_metric"]
     console.print(rich_table(str(root), rows, metric))
     write_text(root / "summary.csv", to_csv(rows))
-    write_text(root / "summary.md", f"# {root}\n\nIterations to reach each {metric} threshold.\n\n" + markdown(rows, metric))
+    write_text(
+        root / "summary.md", f"# {root}\n\nIterations to reach each {metric} threshold.\n\n" + markdown(rows, metric)
+    )
     write_json(root / "summary.json", {"threshold_metric": metric, "groups": rows})
     return rows
 

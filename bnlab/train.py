@@ -67,7 +67,9 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[tor
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = EVAL_CHUNK, train_mode: bool = False) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = EVAL_CHUNK, train_mode: bool = False
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over (x, y), `chunk` examples at a time, in eval mode (running
     statistics) or, with `train_mode`, in train mode (each chunk's own batch statistics, which also
     moves the running statistics); the model's mode is restored after."""
@@ -110,7 +112,11 @@ class Run:
         self.earlier_wall_time = 0.0  # seconds spent before a resume
         self.loop_time = 0.0  # seconds spent in the training loop, evaluations included
         self.window = {"train_loss": 0.0, "train_acc": 0.0, "steps": 0}  # sums over the steps since the last evaluation
-        self.pending = {"train_loss": 0.0, "train_acc": 0.0, "steps": 0}  # sums over the steps since the last TensorBoard point
+        self.pending = {
+            "train_loss": 0.0,
+            "train_acc": 0.0,
+            "steps": 0,
+        }  # sums over the steps since the last TensorBoard point
         self.last_eval = -1  # the last evaluated step
         self.high_loss_steps = 0  # consecutive steps with the loss above trainer.stop_loss
         self.writer: SummaryWriter | None = None
@@ -121,13 +127,20 @@ class Run:
         """What a checkpoint keeps of this record, `loop_seconds` into the current loop."""
         return {
             "step": self.steps,
-            "run": {"steps": self.steps, "final": self.final, "reached": self.thresholds.reached, "loop_time": self.loop_time + loop_seconds,
-                    "wall_time": self.earlier_wall_time + time.perf_counter() - self.start},
+            "run": {
+                "steps": self.steps,
+                "final": self.final,
+                "reached": self.thresholds.reached,
+                "loop_time": self.loop_time + loop_seconds,
+                "wall_time": self.earlier_wall_time + time.perf_counter() - self.start,
+            },
             **{k: copy.deepcopy(getattr(self, k)) for k in self.RESUMED},
         }
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
-        self.steps, self.final, self.loop_time, self.earlier_wall_time = (checkpoint["run"][k] for k in ("steps", "final", "loop_time", "wall_time"))
+        self.steps, self.final, self.loop_time, self.earlier_wall_time = (
+            checkpoint["run"][k] for k in ("steps", "final", "loop_time", "wall_time")
+        )
         self.thresholds.reached = checkpoint["run"]["reached"]
         for k in self.RESUMED:
             setattr(self, k, checkpoint[k])
@@ -159,7 +172,10 @@ class Run:
         """A test evaluation at `step`, with the training metrics averaged since the previous one."""
         metrics = {"test_loss": test_loss, "test_acc": test_acc}
         if self.window["steps"]:
-            metrics.update(train_loss=self.window["train_loss"] / self.window["steps"], train_acc=self.window["train_acc"] / self.window["steps"])
+            metrics.update(
+                train_loss=self.window["train_loss"] / self.window["steps"],
+                train_acc=self.window["train_acc"] / self.window["steps"],
+            )
             self.window = {"train_loss": 0.0, "train_acc": 0.0, "steps": 0}
         self.writer.add_scalar("test/loss", test_loss, step)
         self.writer.add_scalar("test/acc", test_acc, step)
@@ -250,14 +266,24 @@ class Single:
 
     members = 1
 
-    def __init__(self, cfg: TrainConfig, data: Dataset, device: torch.device, writer: SummaryWriter, checkpoint: dict | None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, data: Dataset, device: torch.device, writer: SummaryWriter, checkpoint: dict | None
+    ) -> None:
         self.cfg, self.data, self.device = cfg, data, device
         torch.manual_seed(cfg.seed)
         self.model = prepare_model(build_model(cfg, data.in_shape, data.num_classes), cfg.trainer, device)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
-        self.order = batches(len(data.train_y), cfg.data.batch_size, torch.Generator(device=device).manual_seed(cfg.seed))
+        self.order = batches(
+            len(data.train_y), cfg.data.batch_size, torch.Generator(device=device).manual_seed(cfg.seed)
+        )
         self.diagnostics = DiagnosticLog(cfg.diag, self.model, writer, data.test_x[: cfg.diag.probe], self.optimizer)
-        log.info("%s: %s, %d parameters, %d training examples", cfg.model.name, device, sum(p.numel() for p in self.model.parameters()), len(data.train_y))
+        log.info(
+            "%s: %s, %d parameters, %d training examples",
+            cfg.model.name,
+            device,
+            sum(p.numel() for p in self.model.parameters()),
+            len(data.train_y),
+        )
         if checkpoint:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -412,7 +438,12 @@ def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None) -> N
         progress.update(task, test_acc=results[members[0]][1])
 
     def save_checkpoint(n: int, finished: bool = False) -> None:
-        state = {**runs[n].state(time.perf_counter() - loop_start), **engine.member_state(n), "rng": torch.get_rng_state(), "finished": finished}
+        state = {
+            **runs[n].state(time.perf_counter() - loop_start),
+            **engine.member_state(n),
+            "rng": torch.get_rng_state(),
+            "finished": finished,
+        }
         write_torch(runs[n].run_dir / CHECKPOINT, state)
 
     def finish(members: list[int]) -> None:
@@ -424,7 +455,12 @@ def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None) -> N
             run = runs[n]
             if t.precise_bn and run.status != "interrupted":
                 run.final.update(eval_modes(engine.member_model(n), data, run.cfg))
-                log.info("%stest accuracy in train mode %.4f, after precise BN %.4f", run.label, run.final["test_acc_train_mode"], run.final["test_acc_precise_bn"])
+                log.info(
+                    "%stest accuracy in train mode %.4f, after precise BN %.4f",
+                    run.label,
+                    run.final["test_acc_train_mode"],
+                    run.final["test_acc_precise_bn"],
+                )
             save_checkpoint(n, finished=run.status != "interrupted")
 
     progress = Progress(
@@ -436,9 +472,13 @@ def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None) -> N
         console=console,
     )
     description = "train" if len(runs) == 1 else f"train {len(runs)} fused"
-    task = progress.add_task(description, total=t.max_steps, completed=runs[0].steps, loss=math.nan, acc=math.nan, test_acc=math.nan)
+    task = progress.add_task(
+        description, total=t.max_steps, completed=runs[0].steps, loss=math.nan, acc=math.nan, test_acc=math.nan
+    )
     active = list(range(len(runs)))  # runs still training
-    unread: list[tuple[torch.Tensor, torch.Tensor]] = []  # (losses, correct counts) of the steps not yet read from the device
+    unread: list[
+        tuple[torch.Tensor, torch.Tensor]
+    ] = []  # (losses, correct counts) of the steps not yet read from the device
 
     def read(step: int, write: bool) -> None:
         """Read the unread steps up to `step` and record them; runs that stop there leave `active`."""
@@ -446,7 +486,11 @@ def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None) -> N
         accs = (torch.stack([correct for _, correct in unread]) / cfg.data.batch_size).tolist()
         first = step - len(unread) + 1
         unread.clear()
-        stopped = [n for n in active if runs[n].record_steps(first, [row[n] for row in losses], [row[n] for row in accs], write)]
+        stopped = [
+            n
+            for n in active
+            if runs[n].record_steps(first, [row[n] for row in losses], [row[n] for row in accs], write)
+        ]
         progress.update(task, completed=step, loss=losses[-1][active[0]], acc=accs[-1][active[0]])
         if stopped:
             active[:] = [n for n in active if n not in stopped]
@@ -460,7 +504,11 @@ def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None) -> N
             if stop.requested:
                 if unread:
                     read(step - 1, write=False)
-                log.warning("step %d: %s received; the run stops here (resume it with trainer.resume=true)", step, stop.requested)
+                log.warning(
+                    "step %d: %s received; the run stops here (resume it with trainer.resume=true)",
+                    step,
+                    stop.requested,
+                )
                 for n in active:
                     runs[n].status = "interrupted"
                 break
@@ -499,7 +547,10 @@ def eval_modes(model: nn.Module, data: Dataset, cfg: TrainConfig) -> dict[str, f
 def _log_hparams(writer: SummaryWriter, summary: dict[str, Any]) -> None:
     """The run's config as hparams and its iterations-to-threshold as hparams metrics (never reached: NaN)."""
     metric = summary["threshold_metric"]
-    metrics = {f"iters_to/{metric}={k}": math.nan if v is None else float(v) for k, v in summary["iterations_to_threshold"].items()}
+    metrics = {
+        f"iters_to/{metric}={k}": math.nan if v is None else float(v)
+        for k, v in summary["iterations_to_threshold"].items()
+    }
     metrics["final/test_acc"] = summary["final"].get("test_acc", math.nan)
     for s in hparams(flatten(summary["config"]), metrics):
         writer.file_writer.add_summary(s)
@@ -509,7 +560,9 @@ def _log_hparams(writer: SummaryWriter, summary: dict[str, Any]) -> None:
 
 def results_table(name: str, summary: dict[str, Any]) -> Table:
     """The short table printed at the end of a run."""
-    table = Table(title=f"{name}: {summary['status']} after {summary['steps']} steps ({summary['steps_per_s']} steps/s)")
+    table = Table(
+        title=f"{name}: {summary['status']} after {summary['steps']} steps ({summary['steps_per_s']} steps/s)"
+    )
     table.add_column(f"{summary['threshold_metric']} threshold")
     table.add_column("iterations to reach it", justify="right")
     for k, v in summary["iterations_to_threshold"].items():

@@ -37,7 +37,17 @@ from bnlab.train import evaluate, train
 
 CASES = {  # name -> (overrides of the default config: MNIST MLP 784-100-100-100-10, BN, batch 60; steps / MLP steps)
     "MLP on MNIST": ([], 1.0),
-    "CNN on 32x32x3": (["model=cnn", "data=synthetic", "data.channels=3", "data.image_size=32", "data.num_train=10000", "data.batch_size=60"], 0.1),
+    "CNN on 32x32x3": (
+        [
+            "model=cnn",
+            "data=synthetic",
+            "data.channels=3",
+            "data.image_size=32",
+            "data.num_train=10000",
+            "data.batch_size=60",
+        ],
+        0.1,
+    ),
 }
 ROUNDS = 5
 
@@ -47,7 +57,15 @@ DEVICE = torch.device(sys.argv[2] if len(sys.argv) > 2 else "cpu")
 
 def config(overrides: list[str], steps: int) -> TrainConfig:
     with initialize_config_module("bnlab.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"trainer.max_steps={steps}", f"trainer.eval_every={steps + 1}", f"trainer.device={DEVICE.type}"])
+        cfg = compose(
+            "train",
+            overrides=[
+                *overrides,
+                f"trainer.max_steps={steps}",
+                f"trainer.eval_every={steps + 1}",
+                f"trainer.device={DEVICE.type}",
+            ],
+        )
     return OmegaConf.to_object(cfg)
 
 
@@ -125,7 +143,9 @@ def main(steps: int) -> None:
         cfg = config(overrides, steps_here)
         data = load_data(cfg.data, DEVICE)
         if cfg.data.name == "mnist":
-            tutorial_data = datasets.MNIST(Path(cfg.data.root).expanduser(), train=True, transform=transforms.ToTensor())
+            tutorial_data = datasets.MNIST(
+                Path(cfg.data.root).expanduser(), train=True, transform=transforms.ToTensor()
+            )
         else:
             tutorial_data = PilImages(data.train_x.cpu(), data.train_y.cpu(), transforms.ToTensor())
         model = build_model(cfg, data.in_shape, data.num_classes).to(DEVICE)
@@ -136,16 +156,24 @@ def main(steps: int) -> None:
         every_step = config([*overrides, "trainer.log_every=1"], steps_here)
         rounds = []
         for _ in range(ROUNDS):
-            rounds.append((trainer(cfg, eval_s), trainer(every_step, eval_s), tutorial_loop(cfg, tutorial_data, steps_here),
-                           tensor_loop(cfg, data.train_x, data.train_y, steps_here)))
+            rounds.append(
+                (
+                    trainer(cfg, eval_s),
+                    trainer(every_step, eval_s),
+                    tutorial_loop(cfg, tutorial_data, steps_here),
+                    tensor_loop(cfg, data.train_x, data.train_y, steps_here),
+                )
+            )
         a, a1, b, c = (statistics.median(r[i] for r in rounds) for i in range(4))
         print(f"\n{name}, batch {cfg.data.batch_size}, norm={cfg.norm.name}, {steps_here} steps")
         print(f"  (a) bnlab trainer          {a:8.1f} steps/s")
         print(f"  (a1) ... log_every=1       {a1:8.1f} steps/s")
         print(f"  (b) tutorial DataLoader    {b:8.1f} steps/s   (a)/(b) = {a / b:5.2f}  (target >= 5)")
         print(f"  (c) minimal tensor loop    {c:8.1f} steps/s   (a)/(c) = {a / c:5.2f}  (target >= 0.9)")
-        print(f"  evaluation: {eval_s * 1000:.0f} ms for {len(data.test_y)} test examples; every 100 steps it would add "
-              f"{100 * eval_s * a / 100:.1f} % to (a)'s time")
+        print(
+            f"  evaluation: {eval_s * 1000:.0f} ms for {len(data.test_y)} test examples; every 100 steps it would add "
+            f"{100 * eval_s * a / 100:.1f} % to (a)'s time"
+        )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from bnlab.config import TrainConfig
-from bnlab.data import DataError, file_report, load_data
+from bnlab.data import file_report, load_data
 from bnlab.fused import Fused, activation_bytes
 from bnlab.train import Single, train, train_runs
 
@@ -35,8 +35,14 @@ DEVICE = torch.device(sys.argv[4] if len(sys.argv) > 4 else "cpu")
 
 
 def configs(seeds: int, overrides: list[str], steps: int, data: list[str]) -> list[TrainConfig]:
-    common = [*overrides, *data, f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", "trainer.checkpoint_every=0",
-              f"trainer.device={DEVICE.type}"]
+    common = [
+        *overrides,
+        *data,
+        f"trainer.max_steps={steps}",
+        f"trainer.eval_every={steps}",
+        "trainer.checkpoint_every=0",
+        f"trainer.device={DEVICE.type}",
+    ]
     with initialize_config_module("bnlab.conf", version_base="1.3"):
         return [OmegaConf.to_object(compose("train", overrides=[*common, f"seed={s}"])) for s in range(seeds)]
 
@@ -44,11 +50,20 @@ def configs(seeds: int, overrides: list[str], steps: int, data: list[str]) -> li
 def main() -> None:
     seeds = int(sys.argv[1]) if len(sys.argv) > 1 else 8
     steps = [int(a) for a in sys.argv[2:4]] + DEFAULT_STEPS[len(sys.argv[2:4]) :]
-    mnist = all(status == "verified" for _, status in file_report("mnist", Path(configs(1, [], 1, [])[0].data.root).expanduser()))
-    data = ["data.download=false"] if mnist else ["data=synthetic", "data.num_train=60000", "data.num_test=10000", "data.image_size=28"]
+    mnist = all(
+        status == "verified"
+        for _, status in file_report("mnist", Path(configs(1, [], 1, [])[0].data.root).expanduser())
+    )
+    data = (
+        ["data.download=false"]
+        if mnist
+        else ["data=synthetic", "data.num_train=60000", "data.num_test=10000", "data.image_size=28"]
+    )
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"{seeds} seeds, batch 60, SGD; data: {'MNIST' if mnist else 'synthetic 28x28'}; torch {torch.__version__}, "
-          f"{DEVICE.type}: {where}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"{seeds} seeds, batch 60, SGD; data: {'MNIST' if mnist else 'synthetic 28x28'}; torch {torch.__version__}, "
+        f"{DEVICE.type}: {where}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
     for (name, overrides), n_steps in zip(MODELS.items(), steps):
         cfgs = configs(seeds, overrides, n_steps, data)
         with tempfile.TemporaryDirectory() as tmp:
@@ -60,10 +75,15 @@ def main() -> None:
             train_runs(cfgs, [Path(tmp) / f"fused{cfg.seed}" for cfg in cfgs])
             t_fused = time.perf_counter() - start
         dataset = load_data(cfgs[0].data, DEVICE)
-        one, group = activation_bytes(Single(cfgs[0], dataset, DEVICE, None, None)), activation_bytes(Fused(cfgs, dataset, DEVICE))
-        print(f"{name}, {n_steps} steps: {seeds} runs one by one {t_seq:6.1f} s | fused {t_fused:6.1f} s | "
-              f"speed-up {t_seq / t_fused:.2f}x | activation memory per step: one run {one / 2**20:.2f} MiB, "
-              f"fused {group / 2**20:.2f} MiB = {group / one:.2f}x one run (limit {seeds}x)")
+        one, group = (
+            activation_bytes(Single(cfgs[0], dataset, DEVICE, None, None)),
+            activation_bytes(Fused(cfgs, dataset, DEVICE)),
+        )
+        print(
+            f"{name}, {n_steps} steps: {seeds} runs one by one {t_seq:6.1f} s | fused {t_fused:6.1f} s | "
+            f"speed-up {t_seq / t_fused:.2f}x | activation memory per step: one run {one / 2**20:.2f} MiB, "
+            f"fused {group / 2**20:.2f} MiB = {group / one:.2f}x one run (limit {seeds}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,15 @@ LAUNCHERS = {"basic": [], "joblib (2 workers)": ["hydra/launcher=joblib", "hydra
 
 def wall_time(overrides: list[str]) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-c", "from bnlab.cli import main; main()", "train", "-m", *overrides, f"hydra.sweep.dir={tmp}/sweep"]
+        cmd = [
+            sys.executable,
+            "-c",
+            "from bnlab.cli import main; main()",
+            "train",
+            "-m",
+            *overrides,
+            f"hydra.sweep.dir={tmp}/sweep",
+        ]
         start = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, cwd=tmp)
         return time.perf_counter() - start

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import TINY
 
 
@@ -17,7 +16,11 @@ def bnlab(*args: str, cwd) -> subprocess.CompletedProcess:
 def test_train_help_lists_the_config_groups(tmp_path):
     out = bnlab("train", "--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    for group in ("model: cnn, mlp, resnet", "norm: batch, batch_manual, batch_renorm, ghost_batch, group, instance, layer, noisy_batch, none, rms", "optim: adam, sgd"):
+    for group in (
+        "model: cnn, mlp, resnet",
+        "norm: batch, batch_manual, batch_renorm, ghost_batch, group, instance, layer, noisy_batch, none, rms",
+        "optim: adam, sgd",
+    ):
         assert group in out.stdout
 
 
@@ -54,8 +57,13 @@ def test_sweep_ends_with_a_table_of_its_runs(tmp_path):
 
 @pytest.mark.parametrize(
     "override, key",
-    [("optim.lr=-1", "optim.lr"), ("norm.placement=middle", "norm.placement"), ("model.activation=relu6", "model.activation"),
-     ("trainer.max_steps=0", "trainer.max_steps"), ("threshold.values=[1.5]", "threshold.values")],
+    [
+        ("optim.lr=-1", "optim.lr"),
+        ("norm.placement=middle", "norm.placement"),
+        ("model.activation=relu6", "model.activation"),
+        ("trainer.max_steps=0", "trainer.max_steps"),
+        ("threshold.values=[1.5]", "threshold.values"),
+    ],
 )
 def test_a_bad_value_exits_non_zero_with_a_message_naming_the_key(tmp_path, override, key):
     out = bnlab("train", *TINY, override, cwd=tmp_path)

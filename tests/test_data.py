@@ -61,8 +61,17 @@ def file_contents(name: str, arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
         xs, ys = np.array_split(arrays["train_x"], 5), np.array_split(arrays["train_y"], 5)
         files = {f"data_batch_{i + 1}": batch(x, y) for i, (x, y) in enumerate(zip(xs, ys))}
         return files | {"test_batch": batch(arrays["test_x"], arrays["test_y"])}
-    return dict(zip(IDX, [idx_bytes(arrays["train_x"][:, 0]), idx_bytes(arrays["train_y"]),
-                          idx_bytes(arrays["test_x"][:, 0]), idx_bytes(arrays["test_y"])]))
+    return dict(
+        zip(
+            IDX,
+            [
+                idx_bytes(arrays["train_x"][:, 0]),
+                idx_bytes(arrays["train_y"]),
+                idx_bytes(arrays["test_x"][:, 0]),
+                idx_bytes(arrays["test_y"]),
+            ],
+        )
+    )
 
 
 def write(folder: Path, files: dict[str, bytes], gz: bool) -> None:

@@ -86,7 +86,9 @@ def reference_grads(p: dict[str, Tensor], norm: str) -> tuple[float, dict[str, T
     """The reference loss at p and its gradient w.r.t. every tensor of p."""
     leaves = {k: v.detach().clone().requires_grad_() for k, v in p.items()}
     loss = reference_loss(leaves, norm)
-    return loss.item(), dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)))
+    return loss.item(), dict(
+        zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True))
+    )
 
 
 def used_weights(norm: str) -> dict[str, Tensor]:
@@ -133,7 +135,10 @@ def test_ics_matches_hand_computation(norm, optimizer):
 
 def test_units_are_in_forward_order_and_resnet_shortcuts_count_as_earlier_layers():
     model = build_model(TrainConfig(model=ModelConfig(name="resnet", widths=[4, 8, 8])), (1, 8, 8), 3)
-    assert units(model) == [model[0], *(u for block in (model[1], model[2], model[3]) for u in (block.first, block.second))]
+    assert units(model) == [
+        model[0],
+        *(u for block in (model[1], model[2], model[3]) for u in (block.first, block.second)),
+    ]
     # Only the shortcut of block 2 (model[2]) moves: it feeds block 3's units, not its own block's.
     x, y = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1, 2])
     update = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
@@ -163,7 +168,11 @@ def test_landscape_matches_hand_computation(norm, lr, num):
 
     result = landscape(tiny(norm), X, Y, lr, num=num)
     assert result == pytest.approx(
-        {"loss_variation": max(losses) - min(losses), "grad_predictiveness": max(changes) - min(changes), "beta_smoothness": max(betas)},
+        {
+            "loss_variation": max(losses) - min(losses),
+            "grad_predictiveness": max(changes) - min(changes),
+            "beta_smoothness": max(betas),
+        },
         rel=1e-9,
     )
     assert result["loss_variation"] > 1e-3
@@ -195,7 +204,10 @@ def assert_same_state(a: list, b: list) -> None:
 @pytest.mark.parametrize("norm", ["batch", "batch_renorm", "noisy_batch"])
 def test_diagnostics_leave_the_model_untouched(model_name, norm):
     torch.manual_seed(0)
-    cfg = TrainConfig(model=ModelConfig(name=model_name, widths=[4, 8]), norm=NormConfig(name=norm, renorm_warmup=0, r_max_steps=0, d_max_steps=0))
+    cfg = TrainConfig(
+        model=ModelConfig(name=model_name, widths=[4, 8]),
+        norm=NormConfig(name=norm, renorm_warmup=0, r_max_steps=0, d_max_steps=0),
+    )
     model = build_model(cfg, (1, 8, 8), 3)
     x, y = torch.randn(8, 1, 8, 8) + 1.0, torch.randint(0, 3, (8,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -238,7 +250,9 @@ def percentile_model(conv: bool) -> nn.Sequential:
     bn = create_norm(2, NormConfig(name="batch"))
     bn.running_mean.copy_(torch.tensor([100.0, 0.0]))
     bn.running_var.fill_(4.0 - EPS)
-    return nn.Sequential(Unit(layer(1.0), nn.Identity(), nn.ReLU(), True), Unit(layer(2.0), bn, nn.ReLU(), True)).double()
+    return nn.Sequential(
+        Unit(layer(1.0), nn.Identity(), nn.ReLU(), True), Unit(layer(2.0), bn, nn.ReLU(), True)
+    ).double()
 
 
 @pytest.mark.parametrize("conv", [False, True])
@@ -253,7 +267,10 @@ def test_activation_percentiles_of_known_inputs(conv):
     assert result[0]["all"] == pytest.approx([30.15, 100.5, 170.85])  # 0..201 at ranks 0.15, 0.5, 0.85 x 201
     assert result[-1]["unit0"] == pytest.approx([-35.0, 0.0, 35.0])  # x - 50
     assert result[-1]["all"] == pytest.approx([-19.85, 75.5, 170.85])  # -50..50 and 101..201
-    torch.testing.assert_close(activations(model, x, [1])[1], x - torch.tensor([50.0, 0.0], dtype=torch.float64).view(1, 2, *[1] * (x.dim() - 2)))
+    torch.testing.assert_close(
+        activations(model, x, [1])[1],
+        x - torch.tensor([50.0, 0.0], dtype=torch.float64).view(1, 2, *[1] * (x.dim() - 2)),
+    )
     assert model.training
 
 
@@ -266,7 +283,9 @@ def test_grad_norms_match_hand_gradients(norm):
     assert grad_norms(model) == {}  # no backward yet
     F.cross_entropy(model(X), Y).backward()
     _, grads = reference_grads(used_weights(norm), norm)
-    assert grad_norms(model) == pytest.approx({f"layer{i}": grads[f"{i}.layer.weight"].norm().item() for i in (0, 1)}, rel=1e-12)
+    assert grad_norms(model) == pytest.approx(
+        {f"layer{i}": grads[f"{i}.layer.weight"].norm().item() for i in (0, 1)}, rel=1e-12
+    )
 
 
 def test_grad_norms_of_set_gradients():
@@ -276,7 +295,9 @@ def test_grad_norms_of_set_gradients():
     assert grad_norms(model) == {"layer0": 5.0, "layer1": 2.0}
 
 
-@pytest.mark.parametrize("norm, statistic", [("batch", "running_var"), ("batch_manual", "running_var"), ("batch_renorm", "running_std")])
+@pytest.mark.parametrize(
+    "norm, statistic", [("batch", "running_var"), ("batch_manual", "running_var"), ("batch_renorm", "running_std")]
+)
 def test_running_stats_and_drift_of_a_known_change(norm, statistic):
     model = tiny(norm)
     before = running_stats(model)
@@ -285,7 +306,12 @@ def test_running_stats_and_drift_of_a_known_change(norm, statistic):
         model[0].norm.running_mean += f64([3.0, 4.0])
         getattr(model[1].norm, statistic).mul_(3.0)  # from ones: change (2, 2)
     assert drift(before, running_stats(model)) == pytest.approx(
-        {"0.norm.running_mean": 5.0, f"0.norm.{statistic}": 0.0, "1.norm.running_mean": 0.0, f"1.norm.{statistic}": 8**0.5}
+        {
+            "0.norm.running_mean": 5.0,
+            f"0.norm.{statistic}": 0.0,
+            "1.norm.running_mean": 0.0,
+            f"1.norm.{statistic}": 8**0.5,
+        }
     )
     assert torch.equal(before["0.norm.running_mean"], torch.zeros(2, dtype=torch.float64))  # a copy, not the buffer
 
@@ -296,7 +322,9 @@ def test_running_stats_and_drift_of_a_known_change(norm, statistic):
 def per_batch_stats(h: Tensor, chunks: int = 1) -> tuple[Tensor, Tensor]:
     """The mean and unbiased variance of h (N, C), averaged over `chunks` equal slices (Ghost BN)."""
     parts = h.tensor_split(chunks)
-    return torch.stack([p.mean(0) for p in parts]).mean(0), torch.stack([p.var(0, unbiased=True) for p in parts]).mean(0)
+    return torch.stack([p.mean(0) for p in parts]).mean(0), torch.stack([p.var(0, unbiased=True) for p in parts]).mean(
+        0
+    )
 
 
 @pytest.mark.parametrize("norm", ["batch", "batch_manual", "ghost_batch", "batch_renorm", "noisy_batch"])
@@ -333,7 +361,13 @@ def test_precise_bn_second_layer_by_hand():
     batches = torch.randperm(12, generator=torch.Generator().manual_seed(5)).view(2, 6)
     stats = []
     for idx in batches:  # layer 1's norm sees the train-mode output of unit 0, times W1, plus b1
-        a0 = torch.tanh(batch_norm(x[idx] @ WEIGHTS["0.layer.weight"].T + WEIGHTS["0.layer.bias"], WEIGHTS["0.norm.weight"], WEIGHTS["0.norm.bias"]))
+        a0 = torch.tanh(
+            batch_norm(
+                x[idx] @ WEIGHTS["0.layer.weight"].T + WEIGHTS["0.layer.bias"],
+                WEIGHTS["0.norm.weight"],
+                WEIGHTS["0.norm.bias"],
+            )
+        )
         stats.append(per_batch_stats(a0 @ WEIGHTS["1.layer.weight"].T + WEIGHTS["1.layer.bias"]))
     torch.testing.assert_close(model[1].norm.running_mean, torch.stack([m for m, _ in stats]).mean(0))
     torch.testing.assert_close(model[1].norm.running_var, torch.stack([v for _, v in stats]).mean(0))

@@ -3,11 +3,11 @@
 import json
 
 import pytest
-
-from bnlab.config import group_options
 from conftest import TINY
 from test_cli import bnlab
 from test_train import scalars
+
+from bnlab.config import group_options
 
 # Per preset: overrides that shrink its sweep (command-line values win over the preset's sweep params).
 REDUCED = {
@@ -30,8 +30,19 @@ def test_preset_runs_end_to_end(tmp_path, name):
     reduced = REDUCED[name]
     keys = {o.split("=")[0] for o in reduced}
     tiny = [o for o in TINY if o.split("=")[0] not in keys]
-    out = bnlab("train", "-m", f"+experiment={name}", *tiny, "seed=0", "trainer.max_steps=4", "trainer.eval_every=2",
-                "diag.every=2", *reduced, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    out = bnlab(
+        "train",
+        "-m",
+        f"+experiment={name}",
+        *tiny,
+        "seed=0",
+        "trainer.max_steps=4",
+        "trainer.eval_every=2",
+        "diag.every=2",
+        *reduced,
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summaries = {p.parent: json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/summary.json")}
     assert summaries and all(s["status"] in ("completed", "diverged") for s in summaries.values())
@@ -39,6 +50,8 @@ def test_preset_runs_end_to_end(tmp_path, name):
     if name in ("ioffe_mnist", "noisy_bn"):
         assert all("act/-1/unit0/p50" in scalars(run) for run in summaries)
     if name == "eval_pitfall":
-        assert all("test_acc_precise_bn" in s["final"] and "test_acc_train_mode" in s["final"] for s in summaries.values())
+        assert all(
+            "test_acc_precise_bn" in s["final"] and "test_acc_train_mode" in s["final"] for s in summaries.values()
+        )
     if name == "batch_size":
         assert {s["config"]["optim"]["lr"] for s in summaries.values()} == {0.05 * 2 / 32, 0.05 * 16 / 32}

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_config
+from test_train import scalars
 
 from bnlab.config import ConfigError, TrainConfig
 from bnlab.data import load_data
@@ -25,7 +26,6 @@ from bnlab.launcher import plan
 from bnlab.models import build_model
 from bnlab.norms import NORMS
 from bnlab.train import CHECKPOINT, Single, train, train_runs
-from test_train import scalars
 
 STEPS = 20
 SMALL = {"mlp": "model.widths=[16,12]", "cnn": "model.widths=[4,8]", "resnet": "model.widths=[4,8]"}
@@ -89,7 +89,13 @@ def assert_fused_equals_separate(cfgs: list[TrainConfig], tmp_path: Path) -> lis
         assert a.keys() == b.keys()
         for tag in b:  # train/loss and train/acc at every step, test metrics, lr, hparams metrics
             assert [s for s, _ in a[tag]] == [s for s, _ in b[tag]], tag
-            torch.testing.assert_close(torch.tensor([v for _, v in a[tag]]), torch.tensor([v for _, v in b[tag]]), **tol, equal_nan=True, msg=tag)
+            torch.testing.assert_close(
+                torch.tensor([v for _, v in a[tag]]),
+                torch.tensor([v for _, v in b[tag]]),
+                **tol,
+                equal_nan=True,
+                msg=tag,
+            )
         plain = model_state(alone_dir)
         state = model_state(fused_dirs[n])
         assert state.keys() == plain.keys()
@@ -120,9 +126,7 @@ def test_a_fused_resnet_follows_its_separate_runs(norm, tmp_path):
     assert_fused_equals_separate(member_configs("model=resnet", SMALL["resnet"], f"norm={norm}"), tmp_path)
 
 
-@pytest.mark.parametrize(
-    "optim", [["optim=sgd", "optim.momentum=0.9"], ["optim=adam"]], ids=["sgd_momentum", "adam"]
-)
+@pytest.mark.parametrize("optim", [["optim=sgd", "optim.momentum=0.9"], ["optim=adam"]], ids=["sgd_momentum", "adam"])
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_per_member_lr_and_weight_decay_with_momentum_and_adam(model, optim, tmp_path):
     members = [(seed, lr / 10, wd) for seed, lr, wd in MEMBERS] if optim == ["optim=adam"] else MEMBERS
@@ -131,7 +135,9 @@ def test_per_member_lr_and_weight_decay_with_momentum_and_adam(model, optim, tmp
 
 @pytest.mark.parametrize("placement", ["before_act", "after_act"])
 def test_placement_bias_and_sigmoid(placement, tmp_path):
-    cfgs = member_configs("model=cnn", SMALL["cnn"], f"norm.placement={placement}", "model.bias=true", "model.activation=sigmoid")
+    cfgs = member_configs(
+        "model=cnn", SMALL["cnn"], f"norm.placement={placement}", "model.bias=true", "model.activation=sigmoid"
+    )
     assert_fused_equals_separate(cfgs, tmp_path)
 
 
@@ -174,7 +180,13 @@ def test_an_interrupted_fused_group_resumes_to_the_unbroken_group(tmp_path, monk
         assert a.keys() == b.keys()
         for tag in b:  # every step once, every value exact (NaN: a threshold never reached)
             assert [s for s, _ in a[tag]] == [s for s, _ in b[tag]], tag
-            torch.testing.assert_close(torch.tensor([v for _, v in a[tag]]), torch.tensor([v for _, v in b[tag]]), rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(
+                torch.tensor([v for _, v in a[tag]]),
+                torch.tensor([v for _, v in b[tag]]),
+                rtol=0,
+                atol=0,
+                equal_nan=True,
+            )
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn", "resnet"])
@@ -261,19 +273,31 @@ def test_a_fused_sweep_writes_every_run_as_an_unfused_sweep_does(tmp_path):
     out = bnlab("train", *sweep, "trainer.fuse=true", "hydra.sweep.dir=fused", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert bnlab("train", *sweep, "hydra.sweep.dir=alone", cwd=tmp_path).returncode == 0
-    runs = {d: sorted(p.name for p in (tmp_path / d).iterdir() if p.is_dir() and not p.name.startswith(".")) for d in ("fused", "alone")}
+    runs = {
+        d: sorted(p.name for p in (tmp_path / d).iterdir() if p.is_dir() and not p.name.startswith("."))
+        for d in ("fused", "alone")
+    }
     names = runs["alone"]
     assert len(names) == 4 and runs["fused"] == names  # trainer.fuse stays out of the names
     for name in names:
         fused, alone = tmp_path / "fused" / name, tmp_path / "alone" / name
-        assert sorted(p.name for p in fused.iterdir() if not p.name.startswith("events")) == [".hydra", CHECKPOINT, "summary.json", "train.log"]
-        assert (fused / ".hydra" / "config.yaml").read_text() == (alone / ".hydra" / "config.yaml").read_text().replace("fuse: false", "fuse: true")
+        assert sorted(p.name for p in fused.iterdir() if not p.name.startswith("events")) == [
+            ".hydra",
+            CHECKPOINT,
+            "summary.json",
+            "train.log",
+        ]
+        assert (fused / ".hydra" / "config.yaml").read_text() == (alone / ".hydra" / "config.yaml").read_text().replace(
+            "fuse: false", "fuse: true"
+        )
         a, b = json.loads((fused / "summary.json").read_text()), json.loads((alone / "summary.json").read_text())
         assert (a["status"], a["fused_members"], b["fused_members"]) == ("completed", 4, 1)
         assert a["iterations_to_threshold"] == b["iterations_to_threshold"]
         assert a["final"] == pytest.approx(b["final"], rel=1e-5)
         assert scalars(fused).keys() == scalars(alone).keys()
-    assert (tmp_path / "fused" / "summary.csv").read_text().count("\n") == (tmp_path / "alone" / "summary.csv").read_text().count("\n")
+    assert (tmp_path / "fused" / "summary.csv").read_text().count("\n") == (
+        tmp_path / "alone" / "summary.csv"
+    ).read_text().count("\n")
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn", "resnet"])

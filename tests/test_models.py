@@ -56,7 +56,11 @@ def test_mlp_has_the_tutorial_shape(tiny_config):
 @pytest.mark.parametrize("std", [0.05, 5.0])
 def test_normal_init_draws_weights_with_the_given_std(tiny_config, std):
     torch.manual_seed(0)
-    net = build_model(tiny_config("model.widths=[256,256]", "model.init=normal", f"model.init_std={std}", "norm=none"), (1, 16, 16), 10)
+    net = build_model(
+        tiny_config("model.widths=[256,256]", "model.init=normal", f"model.init_std={std}", "norm=none"),
+        (1, 16, 16),
+        10,
+    )
     w = net[1].layer.weight
     assert w.mean().abs() < 0.05 * std
     assert w.std().item() == pytest.approx(std, rel=0.02)

@@ -48,7 +48,10 @@ def torch_bn(shape: tuple[int, ...], **kw) -> nn.Module:
 def randomize_affine(*norms: nn.Module, seed: int = 1) -> None:
     """Give every norm the same non-trivial gamma and beta."""
     g = torch.Generator().manual_seed(seed)
-    weight, bias = torch.rand(C, generator=g, dtype=torch.float64) + 0.5, torch.randn(C, generator=g, dtype=torch.float64)
+    weight, bias = (
+        torch.rand(C, generator=g, dtype=torch.float64) + 0.5,
+        torch.randn(C, generator=g, dtype=torch.float64),
+    )
     with torch.no_grad():
         for norm in norms:
             norm.weight.copy_(weight)
@@ -73,7 +76,18 @@ def assert_close_all(a: list[Tensor], b: list[Tensor]) -> None:
 
 
 def test_registry():
-    assert set(NORMS) == {"none", "batch", "layer", "group", "instance", "batch_renorm", "ghost_batch", "rms", "batch_manual", "noisy_batch"}
+    assert set(NORMS) == {
+        "none",
+        "batch",
+        "layer",
+        "group",
+        "instance",
+        "batch_renorm",
+        "ghost_batch",
+        "rms",
+        "batch_manual",
+        "noisy_batch",
+    }
     assert isinstance(create_norm(C, NormConfig(name="none")), nn.Identity)
 
 
@@ -91,7 +105,9 @@ def test_shape_preserved_and_finite(name, shape, training):
 def test_gradients_finite_and_nonzero(name, shape):
     norm = make(name, **SMALL)
     x = data(*shape).requires_grad_()
-    (norm(x) * data(*shape, seed=1, mean=0.0, std=1.0)).sum().backward()  # random weights: a plain sum has zero grad under BN
+    (
+        norm(x) * data(*shape, seed=1, mean=0.0, std=1.0)
+    ).sum().backward()  # random weights: a plain sum has zero grad under BN
     for grad in [x.grad, *(p.grad for p in norm.parameters())]:
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
@@ -242,12 +258,24 @@ def test_batch_renorm_differs_from_batch_norm_after_warmup():
 def test_batch_renorm_clipping_matches_hand_computation():
     eps, momentum, r_max, d_max = 1e-3, 0.2, 1.5, 0.5
     renorm = make(
-        "batch_renorm", channels=3, eps=eps, momentum=momentum, r_max=r_max, d_max=d_max,
-        renorm_warmup=0, r_max_steps=0, d_max_steps=0,
+        "batch_renorm",
+        channels=3,
+        eps=eps,
+        momentum=momentum,
+        r_max=r_max,
+        d_max=d_max,
+        renorm_warmup=0,
+        r_max_steps=0,
+        d_max_steps=0,
     )
     gamma, beta, mu, sigma = f64(2.0, 0.5, 1.0), f64(0.1, -0.2, 0.3), f64(0.0, 1.0, 2.0), f64(1.0, 3.0, 2.0)
     with torch.no_grad():
-        for tensor, value in [(renorm.weight, gamma), (renorm.bias, beta), (renorm.running_mean, mu), (renorm.running_std, sigma)]:
+        for tensor, value in [
+            (renorm.weight, gamma),
+            (renorm.bias, beta),
+            (renorm.running_mean, mu),
+            (renorm.running_std, sigma),
+        ]:
             tensor.copy_(value)
     # Batch std and mean per channel: 0: r ~ 3, d ~ 5, both clipped high; 1: r ~ 0.33, d ~ -1, both
     # clipped low; 2: r ~ 1.1, d ~ 0.2, inside the clips.
@@ -280,7 +308,15 @@ def test_batch_renorm_r_and_d_carry_no_gradient():
 
 @pytest.mark.parametrize(
     "steps, expected",
-    [(0, (1.0, 0.0)), (9, (1.0, 0.0)), (10, (1.0, 0.0)), (15, (1.5, 2.5)), (20, (2.0, 5.0)), (30, (3.0, 5.0)), (1000, (3.0, 5.0))],
+    [
+        (0, (1.0, 0.0)),
+        (9, (1.0, 0.0)),
+        (10, (1.0, 0.0)),
+        (15, (1.5, 2.5)),
+        (20, (2.0, 5.0)),
+        (30, (3.0, 5.0)),
+        (1000, (3.0, 5.0)),
+    ],
 )
 def test_batch_renorm_schedule(steps, expected):
     # warm-up 10 steps, then r_max 1 -> 3 by step 30 and d_max 0 -> 5 by step 20
@@ -377,13 +413,19 @@ def test_noisy_batch_noise_moments(shape):
             s, m = s[:, :, 0, 0], m[:, :, 0, 0]
         lo, hi = m.min(0).values, m.max(0).values
         assert ((hi - lo) <= 0.2 + 1e-9).all() and ((hi - lo) > 0.19).all()  # m_ij ~ U(mu_j - 0.1, mu_j + 0.1)
-        torch.testing.assert_close(s.std(0), torch.full((C,), 0.1, dtype=torch.float64), atol=0.01, rtol=0)  # s_ij ~ N(sigma_j, 0.1)
+        torch.testing.assert_close(
+            s.std(0), torch.full((C,), 0.1, dtype=torch.float64), atol=0.01, rtol=0
+        )  # s_ij ~ N(sigma_j, 0.1)
         mus.append((hi + lo) / 2)
         sigmas.append(s.mean(0))
     mu, sigma = torch.cat(mus), torch.cat(sigmas)  # 400 draws each
-    assert mu.min() >= -0.5 - 1e-3 and mu.max() <= 0.5 + 1e-3 and mu.min() < -0.45 and mu.max() > 0.45  # mu_j ~ U(-0.5, 0.5)
+    assert (
+        mu.min() >= -0.5 - 1e-3 and mu.max() <= 0.5 + 1e-3 and mu.min() < -0.45 and mu.max() > 0.45
+    )  # mu_j ~ U(-0.5, 0.5)
     assert (mu.mean().item(), mu.std().item()) == pytest.approx((0.0, 12**-0.5), abs=0.03)
-    assert sigma.min() >= 1 - 0.01 and sigma.max() <= 1.25 + 0.01 and sigma.min() < 1.02 and sigma.max() > 1.23  # sigma_j ~ U(1, 1.25)
+    assert (
+        sigma.min() >= 1 - 0.01 and sigma.max() <= 1.25 + 0.01 and sigma.min() < 1.02 and sigma.max() > 1.23
+    )  # sigma_j ~ U(1, 1.25)
     assert (sigma.mean().item(), sigma.std().item()) == pytest.approx((1.125, 0.25 * 12**-0.5), abs=0.01)
 
 

@@ -10,19 +10,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_cli import bnlab
+from test_train import scalars
 
 from bnlab.config import ConfigError
 from bnlab.files import write_json
 from bnlab.train import train
-from conftest import TINY
-from test_cli import bnlab
-from test_train import scalars
 
 # A run long enough (about 1,000 steps of a 256-256 MLP) to be stopped halfway through.
-LONG = [*TINY, "data.num_train=512", "data.image_size=28", "data.batch_size=64", "model.widths=[256,256]",
-        "trainer.max_steps=1000", "trainer.eval_every=50", "trainer.checkpoint_every=50"]
+LONG = [
+    *TINY,
+    "data.num_train=512",
+    "data.image_size=28",
+    "data.batch_size=64",
+    "model.widths=[256,256]",
+    "trainer.max_steps=1000",
+    "trainer.eval_every=50",
+    "trainer.checkpoint_every=50",
+]
 CLI = [sys.executable, "-c", "from bnlab.cli import main; main()", "train"]
 
 
@@ -59,7 +67,9 @@ def assert_equal_runs(resumed: Path, unbroken: Path) -> None:
         steps = [step for step, _ in a[tag]]
         assert len(steps) == len(set(steps)), f"{tag}: duplicated steps"
         assert a[tag] == b[tag], tag
-    assert comparable(json.loads((resumed / "summary.json").read_text())) == comparable(json.loads((unbroken / "summary.json").read_text()))
+    assert comparable(json.loads((resumed / "summary.json").read_text())) == comparable(
+        json.loads((unbroken / "summary.json").read_text())
+    )
 
 
 def test_a_killed_run_resumes_to_exactly_the_unbroken_run(tmp_path, unbroken):
@@ -174,22 +184,50 @@ def test_bad_data_files_or_root_exit_non_zero_naming_the_key(tmp_path, problem):
     root = tmp_path / "data"
     if problem == "corrupt":
         (root / "MNIST" / "raw").mkdir(parents=True)
-        for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        for name in (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        ):
             (root / "MNIST" / "raw" / name).write_bytes(b"\x00\x00\x08\x01" + b"\x00" * 12)
     else:
         root.write_text("a file, not a folder")
-    out = bnlab("train", "data=mnist", f"data.root={root / 'sub' if problem == 'unwritable' else root}", "trainer.max_steps=1", cwd=tmp_path)
+    out = bnlab(
+        "train",
+        "data=mnist",
+        f"data.root={root / 'sub' if problem == 'unwritable' else root}",
+        "trainer.max_steps=1",
+        cwd=tmp_path,
+    )
     text = " ".join((out.stdout + out.stderr).split())
     assert out.returncode == 2 and "data.root" in text and "Traceback" not in text
     assert ("fails its checksum" if problem == "corrupt" else "cannot be written") in text
 
 
 def test_the_full_traceback_is_there_on_request(tmp_path):
-    out = subprocess.run([*CLI, *TINY, "optim.lr=-1"], cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    out = subprocess.run(
+        [*CLI, *TINY, "optim.lr=-1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+    )
     assert out.returncode != 0 and "Traceback" in out.stderr and "ConfigError" in out.stderr
 
 
-NORMS = ["none", "batch", "layer", "group", "instance", "batch_renorm", "ghost_batch", "rms", "batch_manual", "noisy_batch"]
+NORMS = [
+    "none",
+    "batch",
+    "layer",
+    "group",
+    "instance",
+    "batch_renorm",
+    "ghost_batch",
+    "rms",
+    "batch_manual",
+    "noisy_batch",
+]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -207,11 +245,36 @@ NORMS = ["none", "batch", "layer", "group", "instance", "batch_renorm", "ghost_b
     bias=st.sampled_from(["auto", "true", "false"]),
     optim=st.sampled_from(["sgd", "adam"]),
 )
-def test_random_configs_train_or_are_refused_never_crash(tiny_config, tmp_path, model, norm, placement, activation, widths,
-                                                        groups, batch_size, lr, momentum, init, bias, optim):
-    cfg = tiny_config(f"model={model}", f"norm={norm}", f"norm.placement={placement}", f"model.activation={activation}",
-                      f"model.widths=[{','.join(map(str, widths))}]", f"norm.groups={groups}", f"data.batch_size={batch_size}",
-                      f"optim={optim}", f"optim.lr={lr}", f"norm.momentum={momentum}", f"model.init={init}", f"model.bias={bias}")
+def test_random_configs_train_or_are_refused_never_crash(
+    tiny_config,
+    tmp_path,
+    model,
+    norm,
+    placement,
+    activation,
+    widths,
+    groups,
+    batch_size,
+    lr,
+    momentum,
+    init,
+    bias,
+    optim,
+):
+    cfg = tiny_config(
+        f"model={model}",
+        f"norm={norm}",
+        f"norm.placement={placement}",
+        f"model.activation={activation}",
+        f"model.widths=[{','.join(map(str, widths))}]",
+        f"norm.groups={groups}",
+        f"data.batch_size={batch_size}",
+        f"optim={optim}",
+        f"optim.lr={lr}",
+        f"norm.momentum={momentum}",
+        f"model.init={init}",
+        f"model.bias={bias}",
+    )
     try:
         summary = train(cfg, tmp_path)
     except ConfigError as e:

@@ -84,7 +84,11 @@ def fake_run(
                     if s % 500 == 0:  # present, as bnlab writes them (fewer here: they are slow to read back)
                         w.add_histogram(f"act/{layer}", a, s)
                 for i in range(3):
-                    w.add_scalar(f"ics/layer{i}/l2", 0.0 if i == 0 else (1.5 if bn else 1.0) * (1 + lr) * (1 + 0.2 * rng.random()) / (1 + s / 300), s)
+                    w.add_scalar(
+                        f"ics/layer{i}/l2",
+                        0.0 if i == 0 else (1.5 if bn else 1.0) * (1 + lr) * (1 + 0.2 * rng.random()) / (1 + s / 300),
+                        s,
+                    )
                     w.add_scalar(f"ics/layer{i}/cos", 1.0 if i == 0 else (0.8 if bn else 0.9) + 0.05 * rng.random(), s)
                     w.add_scalar(f"grad_norm/layer{i}", rng.random(), s)
                 scale = (0.2 if bn else 1.0) * (1 + lr)
@@ -97,7 +101,12 @@ def fake_run(
         for v, step in reached.items():
             w.add_scalar(f"iters_to/test_acc={v}", math.nan if step is None else step, last)
         w.close()
-    final = {"train_loss": 0.1, "train_acc": accs[last], "test_loss": -math.log(accs[last]), "test_acc": final_acc or accs[last]}
+    final = {
+        "train_loss": 0.1,
+        "train_acc": accs[last],
+        "test_loss": -math.log(accs[last]),
+        "test_acc": final_acc or accs[last],
+    }
     if precise:
         final["test_acc_precise_bn"] = final["test_acc"] + (0.005 if norm == "batch" else 0.0)
         final["test_acc_train_mode"] = final["test_acc"] - (0.04 if norm == "batch" else 0.0)
@@ -187,7 +196,11 @@ def test_a_batch_size_sweep_plots_accuracy_against_the_batch_size_not_the_lr_it_
 
 
 def test_largest_lr_that_trains_needs_every_seed_completed_and_above_the_lowest_threshold(tmp_path):
-    runs = [fake_run(tmp_path, "batch", seed, lr, max_steps=3000, events=False) for lr in (0.01, 0.1, 1.0) for seed in range(2)]
+    runs = [
+        fake_run(tmp_path, "batch", seed, lr, max_steps=3000, events=False)
+        for lr in (0.01, 0.1, 1.0)
+        for seed in range(2)
+    ]
     assert largest_lr_that_trains(runs) == {"all runs": 1.0}
     runs[-1]["status"] = "failed"  # lr 1, seed 1
     assert largest_lr_that_trains(runs) == {"all runs": 0.1}
@@ -204,7 +217,13 @@ def test_diagnostics_give_activation_ics_and_landscape_figures(tmp_path):
         for seed in range(3):
             fake_run(tmp_path, norm, seed, diag=True, train_every=20)
     text = write_report(tmp_path).read_text()
-    expected = {"metric_curves.png", "iterations_to_threshold.png", "activation_percentiles.png", "ics.png", "landscape.png"}
+    expected = {
+        "metric_curves.png",
+        "iterations_to_threshold.png",
+        "activation_percentiles.png",
+        "ics.png",
+        "landscape.png",
+    }
     assert embedded(text) == expected
     for name in expected:
         assert image_ok(tmp_path / name), name

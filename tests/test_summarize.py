@@ -9,11 +9,13 @@ import pytest
 import yaml
 
 from bnlab.config import BOOKKEEPING_KEYS
-from bnlab.summarize import compare, group_rows, load_runs, summarize, table_console
 from bnlab.files import write_json
+from bnlab.summarize import compare, group_rows, load_runs, summarize, table_console
 
 
-def run(norm: str, lr: float, seed: int, reached: dict, status: str = "completed", acc: float = 0.9, steps: int = 3000) -> dict:
+def run(
+    norm: str, lr: float, seed: int, reached: dict, status: str = "completed", acc: float = 0.9, steps: int = 3000
+) -> dict:
     return {
         "status": status,
         "steps": steps,
@@ -21,7 +23,12 @@ def run(norm: str, lr: float, seed: int, reached: dict, status: str = "completed
         "final": {} if status == "failed" else {"test_acc": acc},
         "threshold_metric": "test_acc",
         "iterations_to_threshold": reached,
-        "config": {"norm": {"name": norm, "placement": "before_act"}, "optim": {"lr": lr}, "trainer": {"max_steps": 3000}, "seed": seed},
+        "config": {
+            "norm": {"name": norm, "placement": "before_act"},
+            "optim": {"lr": lr},
+            "trainer": {"max_steps": 3000},
+            "seed": seed,
+        },
     }
 
 
@@ -43,9 +50,17 @@ def by_group(rows):
 
 def test_runs_are_grouped_by_config_minus_seed():
     rows = by_group(group_rows(RUNS))
-    assert set(rows) == {"norm=batch, optim.lr=0.01", "norm=none, optim.lr=0.01", "norm=batch, optim.lr=0.1", "norm=none, optim.lr=0.1"}
+    assert set(rows) == {
+        "norm=batch, optim.lr=0.01",
+        "norm=none, optim.lr=0.01",
+        "norm=batch, optim.lr=0.1",
+        "norm=none, optim.lr=0.1",
+    }
     assert rows["norm=batch, optim.lr=0.01"]["runs"] == 3
-    assert rows["norm=batch, optim.lr=0.01"]["norm.name"] == "batch" and rows["norm=batch, optim.lr=0.01"]["optim.lr"] == 0.01
+    assert (
+        rows["norm=batch, optim.lr=0.01"]["norm.name"] == "batch"
+        and rows["norm=batch, optim.lr=0.01"]["optim.lr"] == 0.01
+    )
 
 
 def test_bookkeeping_keys_name_no_group_and_no_run_directory():
@@ -59,8 +74,18 @@ def test_bookkeeping_keys_name_no_group_and_no_run_directory():
 
 def test_iterations_are_median_min_max_and_never_reached_runs_are_counted():
     bn = by_group(group_rows(RUNS))["norm=batch, optim.lr=0.01"]
-    assert (bn["iters_0.9_median"], bn["iters_0.9_min"], bn["iters_0.9_max"], bn["iters_0.9_never"]) == (300, 200, 400, 0)
-    assert (bn["iters_0.95_median"], bn["iters_0.95_min"], bn["iters_0.95_max"], bn["iters_0.95_never"]) == (1000, 900, 1100, 1)
+    assert (bn["iters_0.9_median"], bn["iters_0.9_min"], bn["iters_0.9_max"], bn["iters_0.9_never"]) == (
+        300,
+        200,
+        400,
+        0,
+    )
+    assert (bn["iters_0.95_median"], bn["iters_0.95_min"], bn["iters_0.95_max"], bn["iters_0.95_never"]) == (
+        1000,
+        900,
+        1100,
+        1,
+    )
     assert bn["final_test_acc_mean"] == pytest.approx(0.96)
     assert bn["final_test_acc_std"] == pytest.approx(0.01)
 
@@ -71,7 +96,9 @@ def test_speed_up_over_the_no_norm_twin_is_paired_by_seed():
     assert (bn["speedup_0.9_median"], bn["speedup_0.9_min"], bn["speedup_0.9_max"]) == (4.0, 2.0, 5.0)
     assert bn["speedup_0.9_lower_bound"] is False
     # no BN never reached 0.95 in its 3000 steps: 3000/900, 3000/1100 are lower bounds (seed 2: BN never reached it)
-    assert bn["speedup_0.95_min"] == pytest.approx(3000 / 1100, abs=0.01) and bn["speedup_0.95_max"] == pytest.approx(3000 / 900, abs=0.01)
+    assert bn["speedup_0.95_min"] == pytest.approx(3000 / 1100, abs=0.01) and bn["speedup_0.95_max"] == pytest.approx(
+        3000 / 900, abs=0.01
+    )
     assert bn["speedup_0.95_lower_bound"] is True
     none = by_group(group_rows(RUNS))["norm=none, optim.lr=0.01"]
     assert none["speedup_0.9_median"] is None
@@ -95,9 +122,17 @@ def test_summarize_writes_csv_md_and_json_with_one_row_per_group(tmp_path):
     write_sweep(tmp_path, RUNS)
     summarize(tmp_path, table_console())
     rows = list(csv.DictReader(io.StringIO((tmp_path / "summary.csv").read_text())))
-    assert len(rows) == 4 and {(r["norm.name"], r["optim.lr"]) for r in rows} == {("batch", "0.01"), ("none", "0.01"), ("batch", "0.1"), ("none", "0.1")}
+    assert len(rows) == 4 and {(r["norm.name"], r["optim.lr"]) for r in rows} == {
+        ("batch", "0.01"),
+        ("none", "0.01"),
+        ("batch", "0.1"),
+        ("none", "0.1"),
+    }
     md = (tmp_path / "summary.md").read_text()
-    assert "| norm=batch, optim.lr=0.01 | 3 | 3/0/0 | 300 (200-400) 4.00x (2.00-5.00) | 1000 (900-1100), 1 never >=3.03x (2.73-3.33) |" in md
+    assert (
+        "| norm=batch, optim.lr=0.01 | 3 | 3/0/0 | 300 (200-400) 4.00x (2.00-5.00) | 1000 (900-1100), 1 never >=3.03x (2.73-3.33) |"
+        in md
+    )
     assert len(json.loads((tmp_path / "summary.json").read_text())["groups"]) == 4
     assert len(load_runs(tmp_path)) == 8  # the sweep's own summary.json is not a run
 
@@ -106,7 +141,12 @@ def test_two_sweeps_side_by_side(tmp_path, capsys):
     write_sweep(tmp_path / "a", RUNS[:6])
     write_sweep(tmp_path / "b", [dict(s, config={**s["config"], "optim": {"lr": 0.01}}) for s in RUNS[:6]])
     rows = compare([tmp_path / "a", tmp_path / "b"], table_console())
-    assert [(r["group"], r["sweep"][-1]) for r in rows] == [("norm=batch", "a"), ("norm=batch", "b"), ("norm=none", "a"), ("norm=none", "b")]
+    assert [(r["group"], r["sweep"][-1]) for r in rows] == [
+        ("norm=batch", "a"),
+        ("norm=batch", "b"),
+        ("norm=none", "a"),
+        ("norm=none", "b"),
+    ]
 
 
 def test_the_ci_check_of_the_main_job_reads_the_newest_sweep(tmp_path):
@@ -117,7 +157,11 @@ def test_the_ci_check_of_the_main_job_reads_the_newest_sweep(tmp_path):
     spec = importlib.util.spec_from_file_location("check_main_job", path)
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)
-    write_sweep(tmp_path / "2026-01-01_00-00-00", [run("batch", 0.01, 0, {"0.95": 900}), run("none", 0.01, 0, {"0.95": None})])
+    write_sweep(
+        tmp_path / "2026-01-01_00-00-00", [run("batch", 0.01, 0, {"0.95": 900}), run("none", 0.01, 0, {"0.95": None})]
+    )
     assert check.main(tmp_path) == 0
-    write_sweep(tmp_path / "2026-01-02_00-00-00", [run("batch", 0.01, 0, {"0.95": None}), run("none", 0.01, 0, {"0.95": 900})])
+    write_sweep(
+        tmp_path / "2026-01-02_00-00-00", [run("batch", 0.01, 0, {"0.95": None}), run("none", 0.01, 0, {"0.95": 900})]
+    )
     assert check.main(tmp_path) == 1

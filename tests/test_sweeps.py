@@ -9,11 +9,11 @@ import time
 import urllib.request
 
 import pytest
-
-from bnlab.cli import threads_per_job
 from conftest import TINY
 from test_cli import bnlab
 from test_train import scalars
+
+from bnlab.cli import threads_per_job
 
 
 def statuses(sweep) -> dict[str, str]:
@@ -40,7 +40,16 @@ def test_resume_runs_only_what_is_missing(tmp_path):
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_parallel_launchers_run_every_job_and_end_with_the_table(tmp_path, launcher):
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.timeout_min=5"]
-    out = bnlab("train", "-m", *TINY, "norm=none,batch", f"hydra/launcher={launcher}", *extra, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    out = bnlab(
+        "train",
+        "-m",
+        *TINY,
+        "norm=none,batch",
+        f"hydra/launcher={launcher}",
+        *extra,
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert sorted(statuses(tmp_path / "sweep").values()) == ["completed", "completed"]
     assert (tmp_path / "sweep" / "summary.csv").exists()
@@ -56,7 +65,16 @@ def test_threads_are_shared_out_among_parallel_jobs():
 
 
 def test_the_slurm_launcher_config_composes(tmp_path):
-    out = bnlab("train", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra", "--package", "hydra.launcher", cwd=tmp_path)
+    out = bnlab(
+        "train",
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "--cfg",
+        "hydra",
+        "--package",
+        "hydra.launcher",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert "SlurmLauncher" in out.stdout and "partition: gpu" in out.stdout and "gpus_per_node: 1" in out.stdout
 
@@ -74,10 +92,23 @@ def get_json(url: str, body: bytes | None = None):
 
 
 def test_tensorboard_serves_the_runs_their_scalars_and_hparams(tmp_path):
-    assert bnlab("train", "-m", *TINY, "norm=none,batch", "seed=0,1", "hydra.sweep.dir=sweep", cwd=tmp_path).returncode == 0
+    assert (
+        bnlab("train", "-m", *TINY, "norm=none,batch", "seed=0,1", "hydra.sweep.dir=sweep", cwd=tmp_path).returncode
+        == 0
+    )
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-c", "from bnlab.cli import main; main()", "tb", "sweep", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from bnlab.cli import main; main()",
+        "tb",
+        "sweep",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     server = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 90
@@ -98,7 +129,12 @@ def test_tensorboard_serves_the_runs_their_scalars_and_hparams(tmp_path):
         hparams = {h["name"] for h in experiment["hparamInfos"]}
         assert {"norm.name", "norm.placement", "optim.lr", "data.batch_size", "seed"} <= hparams
         metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
-        assert {"iters_to/test_acc=0.9", "iters_to/test_acc=0.95", "iters_to/test_acc=0.97", "final/test_acc"} <= metrics
+        assert {
+            "iters_to/test_acc=0.9",
+            "iters_to/test_acc=0.95",
+            "iters_to/test_acc=0.97",
+            "final/test_acc",
+        } <= metrics
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -18,7 +18,9 @@ def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_summary_json_and_tensorboard_scalars(tiny_config, tmp_path):
-    cfg = tiny_config("trainer.max_steps=10", "trainer.eval_every=4", "trainer.log_every=3", "threshold.values=[0.05,0.99]")
+    cfg = tiny_config(
+        "trainer.max_steps=10", "trainer.eval_every=4", "trainer.log_every=3", "threshold.values=[0.05,0.99]"
+    )
     summary = train(cfg, tmp_path / "run")
     tmp_path = tmp_path / "run"
 
@@ -60,15 +62,28 @@ def test_hparams_name_the_config_and_the_threshold_metrics(tiny_config, tmp_path
     content = acc.PluginTagToContent("hparams")
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
-    assert {"norm.name", "norm.placement", "optim.lr", "data.batch_size", "seed"} <= {h.name for h in experiment.hparam_infos}
-    assert {m.name.tag for m in experiment.metric_infos} == {"iters_to/test_acc=0.9", "iters_to/test_acc=0.95", "iters_to/test_acc=0.97", "final/test_acc"}
+    assert {"norm.name", "norm.placement", "optim.lr", "data.batch_size", "seed"} <= {
+        h.name for h in experiment.hparam_infos
+    }
+    assert {m.name.tag for m in experiment.metric_infos} == {
+        "iters_to/test_acc=0.9",
+        "iters_to/test_acc=0.95",
+        "iters_to/test_acc=0.97",
+        "final/test_acc",
+    }
     assert session.hparams["optim.lr"].number_value == 0.05
     assert session.hparams["norm.name"].string_value == "batch"
 
 
 def test_a_learnable_task_crosses_its_thresholds_in_order(tiny_config, tmp_path):
-    cfg = tiny_config("data.num_train=512", "data.num_test=256", "trainer.max_steps=300", "trainer.eval_every=10",
-                      "optim.lr=0.1", "threshold.values=[0.3,0.5]")
+    cfg = tiny_config(
+        "data.num_train=512",
+        "data.num_test=256",
+        "trainer.max_steps=300",
+        "trainer.eval_every=10",
+        "optim.lr=0.1",
+        "threshold.values=[0.3,0.5]",
+    )
     reached = train(cfg, tmp_path)["iterations_to_threshold"]
     assert reached["0.3"] is not None and reached["0.5"] is not None
     assert 0 < reached["0.3"] <= reached["0.5"] <= 300
@@ -107,13 +122,31 @@ def test_batches_cover_each_epoch_once_and_drop_the_remainder():
 @pytest.mark.parametrize("model", ["mlp", "resnet"])
 def test_switched_on_diagnostics_are_logged_every_k_steps(tiny_config, tmp_path, model):
     widths = "model.widths=[8,8]"
-    cfg = tiny_config(f"model={model}", widths, "trainer.max_steps=6", "diag.every=3", "diag.layers=[0,-1]", "diag.percentiles=true",
-                      "diag.ics=true", "diag.landscape=true", "diag.grad_norms=true", "diag.stat_drift=true")
+    cfg = tiny_config(
+        f"model={model}",
+        widths,
+        "trainer.max_steps=6",
+        "diag.every=3",
+        "diag.layers=[0,-1]",
+        "diag.percentiles=true",
+        "diag.ics=true",
+        "diag.landscape=true",
+        "diag.grad_norms=true",
+        "diag.stat_drift=true",
+    )
     train(cfg, tmp_path)
     s = scalars(tmp_path)
     depth = 2 if model == "mlp" else 5
-    expected = {"act/0/p50", "act/-1/p15", "act/-1/unit0/p85", "landscape/loss_variation", "landscape/grad_predictiveness",
-                "landscape/beta_smoothness", *(f"ics/layer{i}/cos" for i in range(depth)), *(f"grad_norm/layer{i}" for i in range(depth))}
+    expected = {
+        "act/0/p50",
+        "act/-1/p15",
+        "act/-1/unit0/p85",
+        "landscape/loss_variation",
+        "landscape/grad_predictiveness",
+        "landscape/beta_smoothness",
+        *(f"ics/layer{i}/cos" for i in range(depth)),
+        *(f"grad_norm/layer{i}" for i in range(depth)),
+    }
     assert expected <= set(s)
     assert any(tag.startswith("stat_drift/") for tag in s)
     assert [step for step, _ in s["ics/layer1/l2"]] == [3, 6]
@@ -124,7 +157,9 @@ def test_switched_on_diagnostics_are_logged_every_k_steps(tiny_config, tmp_path,
 
 def test_diagnostics_are_off_by_default(tiny_config, tmp_path):
     train(tiny_config(), tmp_path)
-    assert not any(tag.split("/")[0] in ("act", "ics", "landscape", "grad_norm", "stat_drift") for tag in scalars(tmp_path))
+    assert not any(
+        tag.split("/")[0] in ("act", "ics", "landscape", "grad_norm", "stat_drift") for tag in scalars(tmp_path)
+    )
 
 
 def test_precise_bn_reports_the_three_ways_to_evaluate(tiny_config, tmp_path):
@@ -162,4 +197,6 @@ def test_channels_last_and_compile_train_as_the_default_does(tiny_config, tmp_pa
     default = train(tiny_config(*overrides), tmp_path / "default")
     other = train(tiny_config(*overrides, option), tmp_path / "other")
     assert other["final"] == pytest.approx(default["final"], rel=1e-4)
-    assert [v for _, v in scalars(tmp_path / "other")["train/loss"]] == pytest.approx([v for _, v in scalars(tmp_path / "default")["train/loss"]], rel=1e-4)
+    assert [v for _, v in scalars(tmp_path / "other")["train/loss"]] == pytest.approx(
+        [v for _, v in scalars(tmp_path / "default")["train/loss"]], rel=1e-4
+    )
