@@ -1,87 +1,29 @@
-"""The `bnlab` command: `train` (a Hydra app), `data fetch|list` and `summarize`."""
+"""The `bnlab` command: `train` (the Hydra app of bnlab/app.py), `data fetch|list`, `summarize`, `report`
+and `tb`."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.core.plugins import Plugins
-from hydra.types import RunMode
-from hydra_plugins.bnlab_launcher import TARGET as FUSING_LAUNCHER
 from hydra_plugins.bnlab_launcher import BnlabLauncher
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from rich.console import Console
-from rich.syntax import Syntax
 from rich.table import Table
 
-from bnlab.config import ConfigError, DataConfig, TrainConfig, check_overrides
+from bnlab.app import console, train_app
+from bnlab.config import ConfigError, DataConfig
 from bnlab.data import DATASETS, DataError, fetch, file_report
+from bnlab.overrides import check_overrides
 from bnlab.report import write_report
-from bnlab.summarize import compare, summarize, table_console
-from bnlab.train import results_table, train
+from bnlab.summarize import compare, summarize
 
-log = logging.getLogger("bnlab")
 # Hydra finds plugins by walking the hydra_plugins package, which misses those of an editable install
 # (pip install -e); registering it here finds it either way. Not in the plugin's module: Hydra's walk runs that.
 Plugins.instance().register(BnlabLauncher)
-console = table_console()
-
-
-def train_job(dcfg: DictConfig) -> None:
-    """One job of `bnlab train`: a run, or one run of a sweep."""
-    report_job(dcfg, None)
-
-
-def report_job(dcfg: DictConfig, outcome: dict | BaseException | None) -> None:
-    """A job's console output, exit status and error handling around its training; `outcome` is the
-    summary (or the error) of a run that bnlab.launcher already trained in a fused group, None to train here."""
-    hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
-    multirun = hc.mode == RunMode.MULTIRUN
-    console.print(Syntax(OmegaConf.to_yaml(dcfg), "yaml", background_color="default"))
-    log.info("run directory: %s", run_dir)
-    cfg: TrainConfig = OmegaConf.to_object(dcfg)
-    cfg.trainer.threads = cfg.trainer.threads or threads_per_job(hc.launcher.get("n_jobs"))
-    if cfg.trainer.fuse and multirun and outcome is None and hc.launcher.get("_target_") != FUSING_LAUNCHER:
-        log.warning("trainer.fuse=true fuses runs only with hydra/launcher=bnlab (the default); this run trains alone")
-    try:
-        if isinstance(outcome, BaseException):
-            raise outcome
-        summary = outcome or train(cfg, run_dir, console)
-        if outcome:
-            log.info("trained in a fused group of %d runs: %s", summary["fused_members"], summary["status"])
-        status = summary["status"]
-    except KeyboardInterrupt:
-        status = "interrupted"
-    except Exception as e:
-        known = isinstance(e, (ConfigError, DataError))
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not (known or multirun):
-            raise
-        log.error("%s", e, exc_info=not known)
-        if multirun:  # the sweep goes on; its table shows this run as failed
-            return
-        sys.exit(2)
-    if status == "interrupted":
-        if multirun:  # no further run starts; the sweep's table covers what ran
-            summarize(Path(hc.sweep.dir), console)
-        sys.exit(130)
-    console.print(results_table(run_dir.name, summary))
-
-
-# Kept apart from `train_job` so that parallel launchers (joblib) pickle the job by its module and name.
-train_app = hydra.main(version_base="1.3", config_path="pkg://bnlab.conf", config_name="train")(train_job)
-
-
-def threads_per_job(n_jobs: int | None) -> int:
-    """The cores shared out among a sweep's parallel jobs (joblib's n_jobs; -1 means one job per core)."""
-    cores = os.cpu_count() or 1
-    jobs = cores if n_jobs is not None and n_jobs < 0 else n_jobs or 1
-    return max(1, cores // jobs)
 
 
 def data_root(arg: str | None) -> Path:

@@ -1,21 +1,25 @@
 """Structured configs: one dataclass per Hydra config group, and their validation at start-up.
 
-The YAML files under conf/ only pick values; every key, its type and its default lives here, so a
-typo in an override is refused by Hydra and a wrong value is refused by `validate` before any data
-is loaded.
+Every key, its type, its unit and its default lives here, written once; the YAML files under conf/
+name their option and set only what deliberately differs from these defaults (cifar10's batch size,
+say). A typo in an override is refused by Hydra, and a value bnlab cannot train with by `validate`,
+before any data is loaded or any run folder written.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
-from importlib.resources import files
+from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Glob
 from omegaconf import OmegaConf
+
+from bnlab.data import DATASETS
+from bnlab.metrics import THRESHOLD_METRICS, higher_is_better
+from bnlab.models import ACTIVATIONS, MODELS
+from bnlab.norms import NORMS
+from bnlab.optim import OPTIMIZERS
 
 
 @dataclass
@@ -140,8 +144,14 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
-# Resolvers for conf/: a run directory is named by its overrides (`norm=batch,optim.lr=0.1`, or `default`);
-# presets scale with the batch size: ${bnlab.div:60000,${data.batch_size}} steps is one MNIST epoch,
+# Keys that leave a run's trajectory alone (where the data lives, threads, the resume and fuse switches):
+# they name no run directory, no sweep group and no reason not to fuse.
+BOOKKEEPING_KEYS = ("data.root", "data.download", "trainer.threads", "trainer.resume", "trainer.fuse")
+
+
+# Resolvers for conf/: a run directory is named by its overrides (`norm=batch,optim.lr=0.1`, or `default`),
+# the bookkeeping keys left out (${bnlab.bookkeeping:} in train.yaml); presets scale with the batch size:
+# ${bnlab.div:60000,${data.batch_size}} steps is one MNIST epoch,
 # ${bnlab.scale:0.05,${data.batch_size},32} is lr 0.05 at batch 32, linearly scaled (Goyal et al. 2017).
 def run_name(overrides: str, limit: int = 200) -> str:
     """A run directory's name: its overrides, `default` when none, cut to `limit` characters with a hash of
@@ -152,6 +162,7 @@ def run_name(overrides: str, limit: int = 200) -> str:
 
 
 OmegaConf.register_new_resolver("bnlab.run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("bnlab.bookkeeping", lambda: list(BOOKKEEPING_KEYS), replace=True)
 OmegaConf.register_new_resolver("bnlab.div", lambda a, b: int(a) // int(b), replace=True)
 OmegaConf.register_new_resolver("bnlab.scale", lambda x, b, ref: float(x) * float(b) / float(ref), replace=True)
 
@@ -159,12 +170,7 @@ BIAS_CHOICES = ("auto", "true", "false")
 INIT_CHOICES = ("default", "normal")
 PLACEMENTS = ("before_act", "after_act")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-# Keys that leave a run's trajectory alone (where the data lives, threads, the resume and fuse switches):
-# they name no run directory (conf/train.yaml's exclude_keys), no sweep group and no reason not to fuse.
-BOOKKEEPING_KEYS = ("data.root", "data.download", "trainer.threads", "trainer.resume", "trainer.fuse")
 PRECISIONS = ("fp32", "bf16", "fp64")
-THRESHOLD_METRICS = ("test_acc", "train_acc", "test_loss", "train_loss")
-BATCH_STAT_NORMS = ("batch", "batch_manual", "batch_renorm", "ghost_batch", "noisy_batch")
 
 
 class ConfigError(ValueError):
@@ -181,7 +187,7 @@ def _edits(a: str, b: str) -> int:
     return row[-1]
 
 
-def _choice(key: str, value: str, accepted, what: str = "values") -> None:
+def check_choice(key: str, value: str, accepted, what: str = "values") -> None:
     """Refuse `value` unless it is one of `accepted`, naming the closest accepted one."""
     accepted = list(accepted)
     if value in accepted:
@@ -198,95 +204,51 @@ def _require(ok: bool, key: str, value, accepted: str) -> None:
         raise ConfigError(f"{key}={value!r} is not accepted; accepted values: {accepted}.")
 
 
-GROUPS = ("model", "norm", "data", "optim", "experiment")  # the config groups: one folder each under conf/
-
-
-def group_options(group: str) -> list[str]:
-    """The options of a config group: the YAML files in its folder of conf/."""
-    return sorted(
-        p.name.removesuffix(".yaml") for p in (files("bnlab.conf") / group).iterdir() if p.name.endswith(".yaml")
-    )
-
-
-def check_overrides(args: list[str]) -> None:
-    """Refuse, before Hydra composes anything, an override naming an unknown group option or key.
-
-    Hydra's own message lists the options but suggests nothing; this one names the closest match.
-    Appends (+key), deletions (~key), hydra.* keys and what does not parse are left to Hydra.
-    """
-    try:
-        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
-    except Exception:
-        return
-    keys = [*GROUPS, *flatten(asdict(TrainConfig()))]
-    for o in overrides:
-        key = o.key_or_group
-        if o.is_add() or o.is_force_add() or o.is_delete() or key.split(".")[0].split("/")[0] == "hydra":
-            continue
-        section = key.rpartition(".")[0]
-        _choice(key, key, [k for k in keys if k.rpartition(".")[0] == section] or keys, what="keys")
-        if key in GROUPS and not isinstance(o.value(), Glob):
-            for value in o.sweep_string_iterator() if o.is_sweep_override() else [str(o.value())]:
-                _choice(key, value, group_options(key))
-
-
 def validate(cfg: TrainConfig) -> None:
     """Refuse a config that cannot train, before any data is loaded or any run directory written."""
-    from bnlab.data import DATASETS
-    from bnlab.models import ACTIVATIONS, MODELS
-    from bnlab.norms import NORMS
-    from bnlab.optim import OPTIMIZERS
-
     m, n, d, o, t = cfg.model, cfg.norm, cfg.data, cfg.optim, cfg.trainer
-    _choice("model.name", m.name, MODELS)
-    _choice("model.activation", m.activation, ACTIVATIONS)
-    _choice("model.init", m.init, INIT_CHOICES)
-    _choice("model.bias", m.bias.lower(), BIAS_CHOICES)
-    _require(
-        len(m.widths) > 0 and all(w > 0 for w in m.widths),
-        "model.widths",
-        m.widths,
-        "a non-empty list of positive integers",
-    )
+    check_choice("model.name", m.name, MODELS)
+    check_choice("model.activation", m.activation, ACTIVATIONS)
+    check_choice("model.init", m.init, INIT_CHOICES)
+    check_choice("model.bias", m.bias.lower(), BIAS_CHOICES)
+    widths_ok = len(m.widths) > 0 and all(w > 0 for w in m.widths)
+    _require(widths_ok, "model.widths", m.widths, "a non-empty list of positive integers")
     _require(m.blocks >= 1, "model.blocks", m.blocks, "an integer >= 1")
     _require(m.init_std > 0, "model.init_std", m.init_std, "a number > 0")
-    _choice("norm.name", n.name, NORMS)
-    _choice("norm.placement", n.placement, PLACEMENTS)
+    check_choice("norm.name", n.name, NORMS)
+    check_choice("norm.placement", n.placement, PLACEMENTS)
     _require(n.eps > 0, "norm.eps", n.eps, "a number > 0")
     _require(0 <= n.momentum <= 1, "norm.momentum", n.momentum, "a number in [0, 1]")
     _require(n.groups >= 1, "norm.groups", n.groups, "an integer >= 1")
-    if n.name == "group":
+    if "groups" in NORMS[n.name].keys:
         bad = [w for w in m.widths if w % n.groups]
-        _require(
-            not bad, "norm.groups", n.groups, f"a divisor of every width in model.widths={m.widths} (not of {bad})"
-        )
+        accepted = f"a divisor of every width in model.widths={m.widths} (not of {bad})"
+        _require(not bad, "norm.groups", n.groups, accepted)
     _require(n.virtual_batch_size >= 2, "norm.virtual_batch_size", n.virtual_batch_size, "an integer >= 2")
     _require(n.r_max >= 1, "norm.r_max", n.r_max, "a number >= 1")
     _require(n.d_max >= 0, "norm.d_max", n.d_max, "a number >= 0")
-    _choice("data.name", d.name, DATASETS)
-    min_batch = 2 if n.name in BATCH_STAT_NORMS else 1
-    _require(
-        d.batch_size >= min_batch, "data.batch_size", d.batch_size, f"an integer >= {min_batch} with norm={n.name}"
-    )
-    _choice("optim.name", o.name, OPTIMIZERS)
+    check_choice("data.name", d.name, DATASETS)
+    min_batch = 2 if NORMS[n.name].batch_stats else 1
+    accepted = f"an integer >= {min_batch} with norm={n.name}"
+    _require(d.batch_size >= min_batch, "data.batch_size", d.batch_size, accepted)
+    check_choice("optim.name", o.name, OPTIMIZERS)
     _require(o.lr > 0, "optim.lr", o.lr, "a number > 0")
     _require(o.momentum >= 0, "optim.momentum", o.momentum, "a number >= 0")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
     _require(t.max_steps > 0, "trainer.max_steps", t.max_steps, "an integer > 0")
     _require(t.eval_every > 0, "trainer.eval_every", t.eval_every, "an integer > 0")
-    _choice("trainer.device", t.device, DEVICES)
+    check_choice("trainer.device", t.device, DEVICES)
     _require(t.threads >= 0, "trainer.threads", t.threads, "an integer >= 0 (0: automatic)")
-    _require(
-        t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 0 (0: only at the end)"
-    )
+    accepted = "an integer >= 0 (0: only at the end)"
+    _require(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, accepted)
     _require(t.stop_loss >= 0, "trainer.stop_loss", t.stop_loss, "a number >= 0 (0: off)")
     _require(t.stop_patience >= 1, "trainer.stop_patience", t.stop_patience, "an integer >= 1")
     _require(t.precise_bn >= 0, "trainer.precise_bn", t.precise_bn, "an integer >= 0 (0: off)")
     _require(t.log_every > 0, "trainer.log_every", t.log_every, "an integer > 0")
-    _choice("trainer.precision", t.precision, PRECISIONS)
+    check_choice("trainer.precision", t.precision, PRECISIONS)
     _require(cfg.diag.every > 0, "diag.every", cfg.diag.every, "an integer > 0")
     _require(cfg.diag.probe > 0, "diag.probe", cfg.diag.probe, "an integer > 0")
-    _choice("threshold.metric", cfg.threshold.metric, THRESHOLD_METRICS)
-    if cfg.threshold.metric.endswith("_acc"):
+    check_choice("threshold.metric", cfg.threshold.metric, THRESHOLD_METRICS)
+    if higher_is_better(cfg.threshold.metric):
         bad = [v for v in cfg.threshold.values if not 0 <= v <= 1]
         _require(not bad, "threshold.values", list(cfg.threshold.values), "accuracies in [0, 1]")

@@ -202,7 +202,8 @@ def _require_files(name: str, spec: Spec, root: Path, download: bool) -> dict[st
         contents[file], found = _content(path)
         if found != md5:
             raise DataError(
-                f"data={name}, data.root={root}: {path} fails its checksum: expected MD5 {md5} of the uncompressed content, "
+                f"data={name}, data.root={root}: {path} fails its checksum: expected MD5 {md5} of the uncompressed "
+                "content, "
                 f"found {found}. It is damaged, partial (an interrupted copy or download) or another version. "
                 f"Delete it and get a good copy. {_how_to_get(name, spec, root)}"
             )
@@ -294,7 +295,8 @@ def fetch(name: str, root: str | Path, log: Log = print) -> None:
 
 
 def _synthetic(cfg: DataConfig) -> Split:
-    """A random sparse prototype image per class plus Gaussian noise, clipped to [0, 1]; deterministic in cfg (data.seed).
+    """A random sparse prototype image per class plus Gaussian noise, clipped to [0, 1]; deterministic in cfg
+    (data.seed).
 
     The distance between prototypes grows as sqrt(pixels), so the noise does too: the task is about as hard at
     any image size. Tuned so a 784-100-100-100-10 ReLU MLP at batch 60 passes 90% test accuracy after about

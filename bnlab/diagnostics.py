@@ -188,7 +188,8 @@ def drift(before: dict[str, Tensor], after: dict[str, Tensor]) -> dict[str, floa
 def _batch_indices(
     n: int, batch_size: int, num_batches: int, generator: torch.Generator | None, device: torch.device
 ) -> Tensor:
-    """(num_batches, batch_size) example indices: consecutive slices of randperm(n), a fresh permutation per pass over the data."""
+    """(num_batches, batch_size) example indices: consecutive slices of randperm(n), a fresh permutation per
+    pass over the data."""
     passes = -(-num_batches * batch_size // n)
     perm = torch.cat([torch.randperm(n, generator=generator, device=device) for _ in range(passes)])
     return perm[: num_batches * batch_size].view(num_batches, batch_size)

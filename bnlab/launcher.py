@@ -7,7 +7,6 @@ hands `launch` to `launch_jobs` here."""
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -18,10 +17,12 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, open_dict
 
+from bnlab.app import console, report, show_job
 from bnlab.config import TrainConfig
 from bnlab.fused import can_fuse, shared_config
+from bnlab.job import job_config, run_jobs
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,6 @@ def launch_jobs(
     launcher: Launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
 ) -> Sequence[JobReturn]:
     """What the basic launcher does for these jobs, with the fusable groups trained as one model each."""
-    from bnlab.cli import console, report_job, threads_per_job  # the CLI imports this module at start-up
-
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     Path(str(launcher.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
@@ -63,52 +62,40 @@ def launch_jobs(
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = sweep_config.hydra.job.num = idx
         configs.append(sweep_config)
-    cfgs = [task_config(c) for c in configs]
+    cfgs = [job_config(c) for c in configs]  # one job at a time: each gets every core
     returns: list[JobReturn] = []
     for group in plan(cfgs):
         if len(group) == 1:
             tasks = {group[0]: launcher.task_function}
         else:  # train the group, then hand each member's outcome to the job that reports it
-            members = [cfgs[i] for i in group]
-            for cfg in members:  # one job at a time: the group gets every core
-                cfg.trainer.threads = cfg.trainer.threads or threads_per_job(None)
-            outcomes = fused_outcomes(members, [job_dir(configs[i]) for i in group], console)
-            tasks = {i: lambda dcfg, outcome=outcome: report_job(dcfg, outcome) for i, outcome in zip(group, outcomes)}
+            dirs = [job_dir(configs[i]) for i in group]
+            log.info("training %d runs as one fused model: %s", len(group), ", ".join(d.name for d in dirs))
+            outcomes = run_jobs([cfgs[i] for i in group], dirs, console)
+            tasks = {i: _reporter(outcome) for i, outcome in zip(group, outcomes)}
         for i, task in tasks.items():
-            returns.append(
-                run_job(
-                    hydra_context=launcher.hydra_context,
-                    task_function=task,
-                    config=configs[i],
-                    job_dir_key="hydra.sweep.dir",
-                    job_subdir_key="hydra.sweep.subdir",
-                )
+            ret = run_job(
+                hydra_context=launcher.hydra_context,
+                task_function=task,
+                config=configs[i],
+                job_dir_key="hydra.sweep.dir",
+                job_subdir_key="hydra.sweep.subdir",
             )
+            returns.append(ret)
             configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     return returns
 
 
-def task_config(config: DictConfig) -> TrainConfig:
-    """The job's TrainConfig: its config without the hydra node, as run_job hands it to the task."""
-    task = copy.deepcopy(config)
-    with read_write(task), open_dict(task):
-        del task["hydra"]
-    return OmegaConf.to_object(task)
+def _reporter(outcome):
+    """The task of a fused group's member job: show it and report the outcome its group already had."""
+
+    def task(dcfg: DictConfig) -> None:
+        show_job(dcfg)
+        report(outcome)
+
+    return task
 
 
 def job_dir(config: DictConfig) -> Path:
     """The run directory Hydra's run_job gives this job (hydra.sweep.dir / hydra.sweep.subdir)."""
     HydraConfig.instance().set_config(config)
     return Path(os.path.abspath(os.path.join(str(config.hydra.sweep.dir), str(config.hydra.sweep.subdir))))
-
-
-def fused_outcomes(cfgs: list[TrainConfig], run_dirs: list[Path], console) -> list[dict | BaseException]:
-    """Each member's summary after training the group, or the error that stopped the group (every
-    member's summary.json records it too)."""
-    from bnlab.train import train_runs
-
-    log.info("training %d runs as one fused model: %s", len(cfgs), ", ".join(d.name for d in run_dirs))
-    try:
-        return train_runs(cfgs, run_dirs, console)
-    except Exception as e:
-        return [e] * len(cfgs)

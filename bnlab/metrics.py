@@ -1,35 +1,50 @@
-"""Iterations-to-threshold: the first step at which a metric reaches each threshold."""
+"""The metrics a run records, which way each one improves, and iterations-to-threshold: the first
+evaluated step at which a metric reached each threshold."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 
-def threshold_key(value: float) -> str:
-    """The name of a threshold in summary.json and TensorBoard: 0.9 -> '0.9'."""
-    return f"{value:g}"
+@dataclass(frozen=True)
+class Metric:
+    label: str  # for axes and tables
+    higher_is_better: bool  # accuracies: True; losses: False
+    tag: str | None = None  # its curve in TensorBoard, if it has one
+
+
+METRICS: dict[str, Metric] = {
+    "test_acc": Metric("test accuracy", True, "test/acc"),
+    "train_acc": Metric("training accuracy", True, "train/acc"),
+    "test_loss": Metric("test loss (cross-entropy, nats)", False, "test/loss"),
+    "train_loss": Metric("training loss (cross-entropy, nats)", False, "train/loss"),
+    "test_acc_train_mode": Metric("test accuracy in train mode (batch statistics)", True),
+    "test_acc_precise_bn": Metric("test accuracy after precise BN", True),
+}
+THRESHOLD_METRICS = tuple(name for name, m in METRICS.items() if m.tag)  # those measured during training
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether larger values of `metric` are better (accuracies) or smaller ones (losses)."""
+    return METRICS[metric].higher_is_better
+
+
+def reaches(metric: str, value: float, threshold: float) -> bool:
+    """Whether `value` of `metric` has reached `threshold`: >= for accuracies, <= for losses."""
+    return value >= threshold if higher_is_better(metric) else value <= threshold
 
 
 class Thresholds:
-    """Tracks, for one metric, the first evaluated step at which it reached each value.
-
-    Accuracies reach a value when they are >= it, losses when they are <= it. A threshold that is
-    never reached stays None.
-    """
+    """Tracks, for one metric, the first evaluated step at which it reached each value (None: not yet)."""
 
     def __init__(self, metric: str, values: Iterable[float]) -> None:
         self.metric = metric
-        self.higher_is_better = metric.endswith("_acc")
         self.reached: dict[float, int | None] = {float(v): None for v in values}
 
     def update(self, step: int, value: float) -> list[float]:
         """Record the metric's value after `step` iterations; return the thresholds first reached now."""
-        new = [
-            v for v, at in self.reached.items() if at is None and (value >= v if self.higher_is_better else value <= v)
-        ]
+        new = [v for v, at in self.reached.items() if at is None and reaches(self.metric, value, v)]
         for v in new:
             self.reached[v] = step
         return new
-
-    def as_dict(self) -> dict[str, int | None]:
-        return {threshold_key(v): at for v, at in self.reached.items()}

@@ -1,21 +1,26 @@
 """Normalization layers, chosen by name from one registry (`NORMS`, used through `create_norm`).
 
-Every constructor takes the channel count first and the `NormConfig` second, and every layer works
-on feature vectors (N, C) from an MLP and on feature maps (N, C, H, W) from a conv net, in train and
-eval mode. This module owns the layers themselves: torch's batch norm, a from-scratch batch norm to
-read, Batch Renormalization with its r_max/d_max schedule, Ghost batch norm, Santurkar et al.'s noisy
-batch norm, layer, group, instance and RMS norm, and `none` (no layer at all).
+One `Norm` entry per name carries everything bnlab knows about that norm: its constructor (channel
+count first, then the norm.* keys it takes), whether it normalizes over the batch, whether it keeps
+running statistics, and how it stacks for fused runs. Every layer works on feature vectors (N, C)
+from an MLP and on feature maps (N, C, H, W) from a conv net, in train and eval mode. This module
+owns the layers themselves: torch's batch norm, a from-scratch batch norm to read, Batch
+Renormalization with its r_max/d_max schedule, Ghost batch norm, Santurkar et al.'s noisy batch
+norm, layer, group, instance and RMS norm, and `none` (no layer at all).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnlab.stacking import unchanged, widen
 
 if TYPE_CHECKING:
     from bnlab.config import NormConfig
@@ -77,7 +82,7 @@ class ManualBatchNorm(_ChannelAffine):
     normalize with the running statistics. Matches torch's BatchNorm1d/2d to float rounding.
     """
 
-    def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True) -> None:
+    def __init__(self, channels: int, *, eps: float, momentum: float, affine: bool) -> None:
         super().__init__(channels, affine)
         self.eps = eps  # added to the variance before the square root
         self.momentum = momentum  # weight of the current batch in the running statistics
@@ -110,20 +115,21 @@ class BatchRenorm(_ChannelAffine):
     def __init__(
         self,
         channels: int,
-        eps: float = 1e-5,
-        momentum: float = 0.1,
-        affine: bool = True,
-        r_max: float = 3.0,
-        d_max: float = 5.0,
-        warmup: int = 5000,
-        r_max_steps: int = 40000,
-        d_max_steps: int = 25000,
+        *,
+        eps: float,
+        momentum: float,
+        affine: bool,
+        r_max: float,
+        d_max: float,
+        renorm_warmup: int,
+        r_max_steps: int,
+        d_max_steps: int,
     ) -> None:
         super().__init__(channels, affine)
         self.eps = eps  # added to the variance before the square root
         self.momentum = momentum  # weight of the current batch in the running statistics
         self.r_max, self.d_max = r_max, d_max  # final clips of r and d
-        self.warmup = warmup  # steps of plain batch norm (r_max = 1, d_max = 0)
+        self.warmup = renorm_warmup  # steps of plain batch norm (r_max = 1, d_max = 0)
         self.r_max_steps, self.d_max_steps = r_max_steps, d_max_steps  # steps at which the final clips are reached
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_std", torch.ones(channels))
@@ -168,9 +174,7 @@ class GhostBatchNorm(BatchNorm):
     and training with k = 1, is exactly torch's batch norm.
     """
 
-    def __init__(
-        self, channels: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True, virtual_batch_size: int = 16
-    ) -> None:
+    def __init__(self, channels: int, *, eps: float, momentum: float, affine: bool, virtual_batch_size: int) -> None:
         super().__init__(channels, eps=eps, momentum=momentum, affine=affine)
         self.virtual_batch_size = virtual_batch_size  # examples per virtual batch
 
@@ -219,7 +223,7 @@ class InstanceNorm(nn.GroupNorm):
     is normalized over its C features, which is layer norm.
     """
 
-    def __init__(self, channels: int, eps: float = 1e-5, affine: bool = True) -> None:
+    def __init__(self, channels: int, *, eps: float, affine: bool) -> None:
         super().__init__(channels, channels, eps=eps, affine=affine)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -230,7 +234,7 @@ class InstanceNorm(nn.GroupNorm):
 class RMSNorm(_ChannelAffine):
     """RMS norm: y = x / sqrt(mean(x^2) + eps) * gamma, the mean over each example's C (or C, H, W) values."""
 
-    def __init__(self, channels: int, eps: float = 1e-5, affine: bool = True) -> None:
+    def __init__(self, channels: int, *, eps: float, affine: bool) -> None:
         super().__init__(channels, affine, shift=False)
         self.eps = eps  # added to the mean square before the square root
 
@@ -239,32 +243,98 @@ class RMSNorm(_ChannelAffine):
         return self._scale_shift(x * torch.rsqrt(mean_square + self.eps))
 
 
-NORMS: dict[str, Callable[[int, NormConfig], nn.Module]] = {
-    "none": lambda c, cfg: nn.Identity(),
-    "batch": lambda c, cfg: BatchNorm(c, eps=cfg.eps, momentum=cfg.momentum, affine=cfg.affine),
-    "layer": lambda c, cfg: nn.GroupNorm(1, c, eps=cfg.eps, affine=cfg.affine),
-    "group": lambda c, cfg: nn.GroupNorm(cfg.groups, c, eps=cfg.eps, affine=cfg.affine),
-    "instance": lambda c, cfg: InstanceNorm(c, eps=cfg.eps, affine=cfg.affine),
-    "batch_renorm": lambda c, cfg: BatchRenorm(
-        c,
-        eps=cfg.eps,
-        momentum=cfg.momentum,
-        affine=cfg.affine,
-        r_max=cfg.r_max,
-        d_max=cfg.d_max,
-        warmup=cfg.renorm_warmup,
-        r_max_steps=cfg.r_max_steps,
-        d_max_steps=cfg.d_max_steps,
+class GroupNorm(nn.GroupNorm):
+    """Group normalization (Wu & He 2018): each example over groups of channels (and H x W)."""
+
+    def __init__(self, channels: int, *, groups: int, eps: float, affine: bool) -> None:
+        super().__init__(groups, channels, eps=eps, affine=affine)
+
+
+class LayerNorm(nn.GroupNorm):
+    """Layer normalization: each example over all its features (C, or C x H x W), i.e. GroupNorm(1, C)."""
+
+    def __init__(self, channels: int, *, eps: float, affine: bool) -> None:
+        super().__init__(1, channels, eps=eps, affine=affine)
+
+
+class StackedInstanceNorm(nn.GroupNorm):
+    """InstanceNorm of N fused members: GroupNorm(N*C, N*C) on feature maps; on feature vectors, where
+    InstanceNorm is layer norm, one group per member."""
+
+    def __init__(self, norm: InstanceNorm, members: int) -> None:
+        channels = members * norm.num_channels
+        super().__init__(channels, channels, eps=norm.eps, affine=norm.affine)
+        self.members = members
+
+    def forward(self, x: Tensor) -> Tensor:
+        groups = self.num_groups if x.dim() > 2 else self.members
+        return F.group_norm(x, groups, self.weight, self.bias, self.eps)
+
+
+class StackedRMSNorm(RMSNorm):
+    """RMSNorm of N fused members: each example's mean square taken over its member's C (or C, H, W) values."""
+
+    def __init__(self, norm: RMSNorm, members: int) -> None:
+        affine = norm.weight is not None
+        super().__init__(members * norm.weight.shape[0] if affine else 0, eps=norm.eps, affine=affine)
+        self.members = members
+
+    def forward(self, x: Tensor) -> Tensor:
+        per_member = x.reshape(x.shape[0], self.members, -1)
+        mean_square = per_member.square().mean(-1, keepdim=True)
+        return self._scale_shift((per_member * torch.rsqrt(mean_square + self.eps)).view_as(x))
+
+
+def _by_features(m: nn.Module, n: int) -> nn.Module:
+    return widen(m, n, "num_features")
+
+
+def _by_groups(m: nn.Module, n: int) -> nn.Module:
+    return widen(m, n, "num_groups", "num_channels")
+
+
+@dataclass(frozen=True)
+class Norm:
+    """One normalization: how to build it and what it does."""
+
+    layer: Callable[..., nn.Module]  # the constructor: channel count first, then `keys` as keyword arguments
+    keys: tuple[str, ...] = ()  # the norm.* config keys it takes, by the same names
+    batch_stats: bool = False  # normalizes over the batch: needs 2+ examples, train and eval mode differ
+    running_stats: bool = False  # keeps running estimates for eval mode (what precise BN re-estimates)
+    # The layer of N fused members from one member's layer (bnlab.stacking); None: it cannot be fused
+    # (e.g. noisy_batch, whose random draws would differ from its separate runs').
+    stack: Callable[[nn.Module, int], nn.Module] | None = None
+
+    def build(self, channels: int, cfg: NormConfig) -> nn.Module:
+        return self.layer(channels, **{k: getattr(cfg, k) for k in self.keys})
+
+
+_BN = ("eps", "momentum", "affine")
+_RENORM = (*_BN, "r_max", "d_max", "renorm_warmup", "r_max_steps", "d_max_steps")
+NORMS: dict[str, Norm] = {
+    "none": Norm(nn.Identity, stack=unchanged),
+    "batch": Norm(BatchNorm, _BN, batch_stats=True, running_stats=True, stack=_by_features),
+    "layer": Norm(LayerNorm, ("eps", "affine"), stack=_by_groups),
+    "group": Norm(GroupNorm, ("groups", "eps", "affine"), stack=_by_groups),
+    "instance": Norm(InstanceNorm, ("eps", "affine"), stack=StackedInstanceNorm),
+    "batch_renorm": Norm(BatchRenorm, _RENORM, batch_stats=True, running_stats=True, stack=widen),
+    # its chunks split the batch dim, the same for every member
+    "ghost_batch": Norm(
+        GhostBatchNorm, (*_BN, "virtual_batch_size"), batch_stats=True, running_stats=True, stack=_by_features
     ),
-    "ghost_batch": lambda c, cfg: GhostBatchNorm(
-        c, eps=cfg.eps, momentum=cfg.momentum, affine=cfg.affine, virtual_batch_size=cfg.virtual_batch_size
-    ),
-    "rms": lambda c, cfg: RMSNorm(c, eps=cfg.eps, affine=cfg.affine),
-    "batch_manual": lambda c, cfg: ManualBatchNorm(c, eps=cfg.eps, momentum=cfg.momentum, affine=cfg.affine),
-    "noisy_batch": lambda c, cfg: NoisyBatchNorm(c, eps=cfg.eps, momentum=cfg.momentum, affine=cfg.affine),
+    "rms": Norm(RMSNorm, ("eps", "affine"), stack=StackedRMSNorm),
+    "batch_manual": Norm(ManualBatchNorm, _BN, batch_stats=True, running_stats=True, stack=widen),
+    "noisy_batch": Norm(NoisyBatchNorm, _BN, batch_stats=True, running_stats=True),
 }
 
 
 def create_norm(channels: int, cfg: NormConfig) -> nn.Module:
     """The normalization layer `cfg.name` for `channels` channels (nn.Identity for `none`)."""
-    return NORMS[cfg.name](channels, cfg)
+    return NORMS[cfg.name].build(channels, cfg)
+
+
+def stackers() -> dict[type, Callable[[nn.Module, int], nn.Module]]:
+    """Layer type -> how it stacks for fused runs, for every norm that can be fused."""
+    return {
+        norm.layer: norm.stack for norm in NORMS.values() if norm.stack is not None and isinstance(norm.layer, type)
+    }

@@ -1,20 +1,166 @@
-"""Optimizers by name: the `optim` config group's registry."""
+"""Optimizers by name: the `optim` config group's registry. Each entry builds the ordinary optimizer and,
+for fused runs, its stacked form: one learning rate and weight decay per member, applied along dim 0 of
+every stacked parameter (bnlab.stacking's layout), each member's update exactly its separate run's."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 if TYPE_CHECKING:
     from bnlab.config import OptimConfig
 
-OPTIMIZERS: dict[str, Callable[[Iterable[torch.nn.Parameter], OptimConfig], torch.optim.Optimizer]] = {
-    "sgd": lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
-    "adam": lambda params, cfg: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+
+class _StackedOptimizer(torch.optim.Optimizer):
+    """Base of the stacked optimizers: each param group holds one lr and one weight decay per member
+    (lists), applied along dim 0 of every parameter, whose i-th of N equal parts is member i's."""
+
+    def __init__(
+        self, params: Iterable[Tensor], members: int, lr: Sequence[float], weight_decay: Sequence[float], **defaults
+    ) -> None:
+        lr, weight_decay = [float(v) for v in lr], [float(v) for v in weight_decay]
+        if len(lr) != members or len(weight_decay) != members:
+            raise ValueError(f"need {members} learning rates and weight decays, got {len(lr)} and {len(weight_decay)}")
+        self.members = members
+        self._constants: dict[tuple, Tensor] = {}
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, **defaults))
+
+    def _view(self, t: Tensor) -> Tensor:
+        """t (N*d, ...) as (N, d, ...): a view, so in-place updates reach t."""
+        return t.unflatten(0, (self.members, -1))
+
+    def _per_member(self, values: Sequence[float], p: Tensor) -> Tensor:
+        """values (N,) shaped to broadcast against self._view(p); made once per set of values, so that a
+        step copies nothing from the host (on a GPU such a copy would wait for the queued work)."""
+        key = (tuple(values), p.dtype, p.device, p.dim())
+        if key not in self._constants:
+            self._constants[key] = torch.tensor(values, dtype=p.dtype, device=p.device).view(-1, *[1] * p.dim())
+        return self._constants[key]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                w, g = self._view(p), self._view(p.grad)
+                if any(group["weight_decay"]):
+                    g = torch.addcmul(g, self._per_member(group["weight_decay"], p), w)  # g + wd * w
+                self._update(p, w, g, group)
+        return loss
+
+    def _update(self, p: Tensor, w: Tensor, g: Tensor, group: dict) -> None:
+        """Update w, the (N, d, ...) view of parameter p, in place from its gradient g (weight decay added)."""
+        raise NotImplementedError
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def member_state(self, n: int) -> dict[int, dict[str, Any]]:
+        """Member n's part of the state, per parameter index: its slice of each (N, ...) tensor (copies);
+        numbers (Adam's step count) are shared."""
+        return {
+            i: {k: v[n].clone() if torch.is_tensor(v) else v for k, v in self.state[p].items()}
+            for i, p in enumerate(self._params())
+            if p in self.state
+        }
+
+    def load_member_states(self, states: Sequence[dict[int, dict[str, Any]]]) -> None:
+        """The state again from every member's `member_state`, in member order."""
+        for i, p in enumerate(self._params()):
+            if i in states[0]:
+                self.state[p] = {
+                    k: torch.stack([s[i][k] for s in states]).to(p.device) if torch.is_tensor(v) else v
+                    for k, v in states[0][i].items()
+                }
+
+
+class StackedSGD(_StackedOptimizer):
+    """torch.optim.SGD (heavy-ball momentum, no dampening, no Nesterov; weight decay added to the
+    gradient) with one learning rate and weight decay per member."""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        members: int,
+        lr: Sequence[float],
+        momentum: float,
+        weight_decay: Sequence[float],
+    ) -> None:
+        super().__init__(params, members, lr, weight_decay, momentum=momentum)
+
+    def _update(self, p: Tensor, w: Tensor, g: Tensor, group: dict) -> None:
+        if group["momentum"]:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = g.clone()
+            else:
+                state["momentum_buffer"].mul_(group["momentum"]).add_(g)
+            g = state["momentum_buffer"]
+        w.addcmul_(self._per_member([-lr for lr in group["lr"]], p), g)  # w - lr * g, in place
+
+
+class StackedAdam(_StackedOptimizer):
+    """torch.optim.Adam (no AMSGrad; weight decay as L2 added to the gradient) with one learning rate
+    and weight decay per member."""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        members: int,
+        lr: Sequence[float],
+        weight_decay: Sequence[float],
+        betas: tuple[float, float] = (0.9, 0.999),  # torch.optim.Adam's
+        eps: float = 1e-8,  # torch.optim.Adam's
+    ) -> None:
+        super().__init__(params, members, lr, weight_decay, betas=betas, eps=eps)
+
+    def _update(self, p: Tensor, w: Tensor, g: Tensor, group: dict) -> None:
+        (beta1, beta2), state = group["betas"], self.state[p]
+        if not state:
+            state.update(step=0, exp_avg=torch.zeros_like(w), exp_avg_sq=torch.zeros_like(w))
+        state["step"] += 1
+        t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        step_size = self._per_member(group["lr"], p) / (1 - beta1**t)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
+        w.addcdiv_(step_size * exp_avg, denom, value=-1.0)  # w - step_size * exp_avg / denom
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    build: Callable[[Iterable[Tensor], OptimConfig], torch.optim.Optimizer]
+    # N members' optimizer from their configs (per member: lr, weight_decay; shared: the rest)
+    stacked: Callable[[Iterable[Tensor], Sequence[OptimConfig]], torch.optim.Optimizer] | None = None
+
+
+OPTIMIZERS: dict[str, Optimizer] = {
+    "sgd": Optimizer(
+        lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+        lambda params, cfgs: StackedSGD(
+            params, len(cfgs), [c.lr for c in cfgs], cfgs[0].momentum, [c.weight_decay for c in cfgs]
+        ),
+    ),
+    "adam": Optimizer(
+        lambda params, cfg: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+        lambda params, cfgs: StackedAdam(params, len(cfgs), [c.lr for c in cfgs], [c.weight_decay for c in cfgs]),
+    ),
 }
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.name](params, cfg)
+def build_optimizer(params: Iterable[Tensor], cfg: OptimConfig) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.name].build(params, cfg)
+
+
+def build_stacked_optimizer(params: Iterable[Tensor], cfgs: Sequence[OptimConfig]) -> torch.optim.Optimizer:
+    """The stacked counterpart of build_optimizer, member n taking cfgs[n].lr and .weight_decay."""
+    return OPTIMIZERS[cfgs[0].name].stacked(params, cfgs)

@@ -32,8 +32,9 @@ from torchvision import datasets, transforms
 
 from bnlab.config import TrainConfig
 from bnlab.data import load_data
+from bnlab.engine import evaluate
 from bnlab.models import build_model
-from bnlab.train import evaluate, train
+from bnlab.train import train
 
 CASES = {  # name -> (overrides of the default config: MNIST MLP 784-100-100-100-10, BN, batch 60; steps / MLP steps)
     "MLP on MNIST": ([], 1.0),
@@ -130,7 +131,7 @@ def tensor_loop(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, steps: int) 
 def trainer(cfg: TrainConfig, eval_s: float) -> float:
     """Steps/s of bnlab's trainer, its evaluations at step 0 and at the end (eval_s each) taken out."""
     with tempfile.TemporaryDirectory() as tmp:
-        rate = train(cfg, Path(tmp))["steps_per_s"]
+        rate = train(cfg, Path(tmp)).steps_per_s
     steps = cfg.trainer.max_steps
     return steps / (steps / rate - 2 * eval_s)
 

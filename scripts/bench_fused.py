@@ -26,8 +26,9 @@ from omegaconf import OmegaConf
 
 from bnlab.config import TrainConfig
 from bnlab.data import file_report, load_data
+from bnlab.engine import Single
 from bnlab.fused import Fused, activation_bytes
-from bnlab.train import Single, train, train_runs
+from bnlab.train import train, train_runs
 
 MODELS = {"mlp (784-100-100-100-10, BN)": ["model=mlp"], "cnn (32-64, BN)": ["model=cnn"]}
 DEFAULT_STEPS = [500, 50]  # per model above: the CNN is about 25x slower per step on CPU

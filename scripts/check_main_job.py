@@ -4,16 +4,18 @@ accuracy in fewer iterations than no normalization (CI runs this after the READM
 import sys
 from pathlib import Path
 
-from bnlab.summarize import load_runs
+from bnlab.analysis import load_runs
+from bnlab.summary import Status
 
 
 def main(sweeps: Path) -> int:
     newest = max(p for p in sweeps.iterdir() if p.is_dir())
-    runs = {s["config"]["norm"]["name"]: s for s in load_runs(newest)}
+    runs = {r.summary.norm: r.summary for r in load_runs(newest)}
     for norm, s in sorted(runs.items()):
-        print(f"{newest.name} norm={norm}: {s['status']}, iterations to test_acc: {s['iterations_to_threshold']}")
-    bn, none = runs["batch"]["iterations_to_threshold"]["0.95"], runs["none"]["iterations_to_threshold"]["0.95"]
-    ok = all(s["status"] == "completed" for s in runs.values()) and bn is not None and (none is None or bn < none)
+        reached = ", ".join(f"{t:g}: {i}" for t, i in s.iterations_to_threshold.items())
+        print(f"{newest.name} norm={norm}: {s.status.value}, iterations to {s.threshold_metric}: {reached}")
+    bn, none = (runs[norm].iterations_to_threshold.get(0.95) for norm in ("batch", "none"))
+    ok = all(s.status == Status.COMPLETED for s in runs.values()) and bn is not None and (none is None or bn < none)
     print("BN reaches 95% in fewer iterations than no BN:", ok)
     return 0 if ok else 1
 

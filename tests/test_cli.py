@@ -1,16 +1,11 @@
 """The `bnlab` command as a user runs it: a subprocess in a scratch folder."""
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import TINY
+from helpers import TINY, bnlab
 
-
-def bnlab(*args: str, cwd) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", "from bnlab.cli import main; main()", *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env={"COLUMNS": "200", "PATH": ""})
+pytestmark = pytest.mark.slow
 
 
 def test_train_help_lists_the_config_groups(tmp_path):

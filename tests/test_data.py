@@ -57,7 +57,10 @@ def small_arrays(name: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
 def file_contents(name: str, arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
     """The uncompressed content of every file of the dataset holding these arrays."""
     if name == "cifar10":
-        batch = lambda x, y: pickle.dumps({b"data": x.reshape(len(x), -1), b"labels": y.tolist()})
+
+        def batch(x: np.ndarray, y: np.ndarray) -> bytes:
+            return pickle.dumps({b"data": x.reshape(len(x), -1), b"labels": y.tolist()})
+
         xs, ys = np.array_split(arrays["train_x"], 5), np.array_split(arrays["train_y"], 5)
         files = {f"data_batch_{i + 1}": batch(x, y) for i, (x, y) in enumerate(zip(xs, ys))}
         return files | {"test_batch": batch(arrays["test_x"], arrays["test_y"])}
@@ -318,7 +321,9 @@ def test_synthetic_shapes_and_ranges(tmp_path):
 
 
 def test_synthetic_is_deterministic_in_the_seed(tmp_path):
-    load = lambda seed: load_data(config("synthetic", tmp_path, **SYNTH, seed=seed), CPU)
+    def load(seed: int):
+        return load_data(config("synthetic", tmp_path, **SYNTH, seed=seed), CPU)
+
     a, b, c = load(0), load(0), load(1)
     for field in ("train_x", "train_y", "test_x", "test_y"):
         assert torch.equal(getattr(a, field), getattr(b, field))

@@ -257,7 +257,8 @@ def percentile_model(conv: bool) -> nn.Sequential:
 
 @pytest.mark.parametrize("conv", [False, True])
 def test_activation_percentiles_of_known_inputs(conv):
-    # Unit 0 takes 0..100, unit 1 takes 101..201: layer 0's act input is x itself, layer 1's (2x - mean) / 2 in eval mode.
+    # Unit 0 takes 0..100, unit 1 takes 101..201: layer 0's act input is x itself, layer 1's (2x - mean) / 2 in
+    # eval mode.
     x = torch.stack([torch.arange(101.0), torch.arange(101.0, 202.0)], 1).double()
     if conv:  # one feature map of 101 x 1 pixels: percentiles over positions
         x = x.T.reshape(1, 2, 101, 1)

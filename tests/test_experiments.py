@@ -3,11 +3,11 @@
 import json
 
 import pytest
-from conftest import TINY
-from test_cli import bnlab
-from test_train import scalars
+from helpers import TINY, bnlab, scalars
 
-from bnlab.config import group_options
+from bnlab.overrides import group_options
+
+pytestmark = pytest.mark.slow
 
 # Per preset: overrides that shrink its sweep (command-line values win over the preset's sweep params).
 REDUCED = {

@@ -16,10 +16,10 @@ SMALL = {"mlp": "model.widths=[16,16]", "cnn": "model.widths=[8,16]", "resnet": 
 def test_every_model_norm_and_placement_trains(tiny_config, tmp_path, model, norm, placement):
     cfg = tiny_config(f"model={model}", SMALL[model], f"norm={norm}", f"norm.placement={placement}", "norm.groups=2")
     summary = train(cfg, tmp_path)
-    assert summary["status"] == "completed"
-    assert summary["steps"] == 3
-    assert 0.0 <= summary["final"]["test_acc"] <= 1.0
-    assert torch.isfinite(torch.tensor(summary["final"]["train_loss"]))
+    assert summary.status == "completed"
+    assert summary.steps == 3
+    assert 0.0 <= summary.final["test_acc"] <= 1.0
+    assert torch.isfinite(torch.tensor(summary.final["train_loss"]))
 
 
 def units(model: nn.Module) -> list[Unit]:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnlab.config import NormConfig
-from bnlab.norms import NORMS, BatchRenorm, create_norm
+from bnlab.norms import NORMS, create_norm
 
 C = 8  # channels
 SHAPES = [(12, C), (12, C, 3, 3)]  # feature vectors (N, C) and feature maps (N, C, H, W)
@@ -320,7 +320,7 @@ def test_batch_renorm_r_and_d_carry_no_gradient():
 )
 def test_batch_renorm_schedule(steps, expected):
     # warm-up 10 steps, then r_max 1 -> 3 by step 30 and d_max 0 -> 5 by step 20
-    renorm = BatchRenorm(C, r_max=3.0, d_max=5.0, warmup=10, r_max_steps=30, d_max_steps=20)
+    renorm = make("batch_renorm", r_max=3.0, d_max=5.0, renorm_warmup=10, r_max_steps=30, d_max_steps=20)
     renorm.num_batches_tracked.fill_(steps)
     assert renorm.limits() == pytest.approx(expected)
 

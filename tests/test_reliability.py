@@ -4,20 +4,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from helpers import CLI, TINY, bnlab, scalars
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cli import bnlab
-from test_train import scalars
 
 from bnlab.config import ConfigError
 from bnlab.files import write_json
+from bnlab.norms import NORMS
 from bnlab.train import train
 
 # A run long enough (about 1,000 steps of a 256-256 MLP) to be stopped halfway through.
@@ -31,11 +29,11 @@ LONG = [
     "trainer.eval_every=50",
     "trainer.checkpoint_every=50",
 ]
-CLI = [sys.executable, "-c", "from bnlab.cli import main; main()", "train"]
+TRAIN = [*CLI, "train"]
 
 
 def start(*args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([*CLI, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen([*TRAIN, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def wait_for(path: Path, timeout: float = 120) -> None:
@@ -56,7 +54,7 @@ def comparable(summary: dict) -> dict:
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("unbroken")
-    assert subprocess.run([*CLI, *LONG, "hydra.run.dir=run"], cwd=cwd, capture_output=True).returncode == 0
+    assert subprocess.run([*TRAIN, *LONG, "hydra.run.dir=run"], cwd=cwd, capture_output=True).returncode == 0
     return cwd / "run"
 
 
@@ -72,6 +70,7 @@ def assert_equal_runs(resumed: Path, unbroken: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_exactly_the_unbroken_run(tmp_path, unbroken):
     proc = start(*LONG, "hydra.run.dir=run", cwd=tmp_path)
     wait_for(tmp_path / "run" / "checkpoint.pt")
@@ -85,6 +84,7 @@ def test_a_killed_run_resumes_to_exactly_the_unbroken_run(tmp_path, unbroken):
     assert_equal_runs(tmp_path / "run", unbroken)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_a_signal_stops_at_the_next_step_with_the_summary_written_and_the_run_resumable(tmp_path, unbroken, sig):
     proc = start(*LONG, "hydra.run.dir=run", cwd=tmp_path)
@@ -101,6 +101,7 @@ def test_a_signal_stops_at_the_next_step_with_the_summary_written_and_the_run_re
     assert_equal_runs(tmp_path / "run", unbroken)
 
 
+@pytest.mark.slow
 def test_sigterm_in_a_sweep_starts_no_further_run_and_keeps_the_sweep_table(tmp_path):
     proc = start("-m", *LONG, "seed=0,1,2", "hydra.sweep.dir=sweep", cwd=tmp_path)
     deadline = time.monotonic() + 120
@@ -117,8 +118,8 @@ def test_sigterm_in_a_sweep_starts_no_further_run_and_keeps_the_sweep_table(tmp_
 
 def test_a_loss_that_stays_above_the_bound_ends_the_run_early(tiny_config, tmp_path):
     summary = train(tiny_config("trainer.max_steps=50", "trainer.stop_loss=0.001", "trainer.stop_patience=5"), tmp_path)
-    assert summary["status"] == "diverged"
-    assert summary["steps"] == 4  # the 5th step above the bound is not taken
+    assert summary.status == "diverged"
+    assert summary.steps == 4  # the 5th step above the bound is not taken
     assert (tmp_path / "summary.json").exists()
 
 
@@ -169,6 +170,7 @@ if not torch.cuda.is_available():
     BAD_INPUTS.append((["trainer.device=cuda"], "trainer.device", "not available on this machine"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, key, accepted", BAD_INPUTS, ids=[" ".join(a) for a, _, _ in BAD_INPUTS])
 def test_bad_input_exits_non_zero_with_one_paragraph_naming_the_key(tmp_path, args, key, accepted):
     tiny = [a for a in TINY if a.split("=")[0] not in {b.split("=")[0] for b in args}]
@@ -179,6 +181,7 @@ def test_bad_input_exits_non_zero_with_one_paragraph_naming_the_key(tmp_path, ar
     assert "Traceback" not in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("problem", ["corrupt", "unwritable"])
 def test_bad_data_files_or_root_exit_non_zero_naming_the_key(tmp_path, problem):
     root = tmp_path / "data"
@@ -205,9 +208,10 @@ def test_bad_data_files_or_root_exit_non_zero_naming_the_key(tmp_path, problem):
     assert ("fails its checksum" if problem == "corrupt" else "cannot be written") in text
 
 
+@pytest.mark.slow
 def test_the_full_traceback_is_there_on_request(tmp_path):
     out = subprocess.run(
-        [*CLI, *TINY, "optim.lr=-1"],
+        [*TRAIN, *TINY, "optim.lr=-1"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -216,24 +220,11 @@ def test_the_full_traceback_is_there_on_request(tmp_path):
     assert out.returncode != 0 and "Traceback" in out.stderr and "ConfigError" in out.stderr
 
 
-NORMS = [
-    "none",
-    "batch",
-    "layer",
-    "group",
-    "instance",
-    "batch_renorm",
-    "ghost_batch",
-    "rms",
-    "batch_manual",
-    "noisy_batch",
-]
-
-
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     model=st.sampled_from(["mlp", "cnn", "resnet"]),
-    norm=st.sampled_from(NORMS),
+    norm=st.sampled_from(sorted(NORMS)),
     placement=st.sampled_from(["before_act", "after_act"]),
     activation=st.sampled_from(["relu", "sigmoid", "tanh", "gelu"]),
     widths=st.lists(st.integers(1, 12), min_size=1, max_size=3),
@@ -280,4 +271,4 @@ def test_random_configs_train_or_are_refused_never_crash(
     except ConfigError as e:
         assert "accepted" in str(e) and "\n" not in str(e)
         return
-    assert summary["status"] in ("completed", "diverged")
+    assert summary.status in ("completed", "diverged")

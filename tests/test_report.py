@@ -13,10 +13,13 @@ from matplotlib.image import imread
 from rich.console import Console
 from torch.utils.tensorboard import SummaryWriter
 
+from bnlab.analysis import RunResult, largest_lr_that_trains
 from bnlab.config import TrainConfig
+from bnlab.figures import FIGURES
 from bnlab.files import write_json
-from bnlab.report import FIGURE_FILES, largest_lr_that_trains, write_report
+from bnlab.report import write_report
 from bnlab.summarize import summarize
+from bnlab.summary import Status, Summary
 
 THRESHOLDS = [0.9, 0.95, 0.97]
 
@@ -133,7 +136,7 @@ def image_ok(path: Path) -> bool:
 
 
 def embedded(report: str) -> set[str]:
-    return {name for name in FIGURE_FILES if f"]({name})" in report}
+    return {name for name in FIGURES if f"]({name})" in report}
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +170,7 @@ def test_basic_sweep_gets_curves_bars_and_the_table_only(basic):
     assert embedded(text) == {"metric_curves.png", "iterations_to_threshold.png"}
     for name in ("metric_curves.png", "iterations_to_threshold.png"):
         assert image_ok(basic / name)
-    for name in set(FIGURE_FILES) - embedded(text):
+    for name in set(FIGURES) - embedded(text):
         assert not (basic / name).exists(), name  # skipped figures leave no file, stale ones are removed
     assert "| group | runs | ok/div/fail | iters to test_acc 0.9 |" in text
     assert "| norm=batch | 3 | 3/0/0 |" in text and "| norm=none | 3 | 3/0/0 |" in text
@@ -197,17 +200,17 @@ def test_a_batch_size_sweep_plots_accuracy_against_the_batch_size_not_the_lr_it_
 
 def test_largest_lr_that_trains_needs_every_seed_completed_and_above_the_lowest_threshold(tmp_path):
     runs = [
-        fake_run(tmp_path, "batch", seed, lr, max_steps=3000, events=False)
+        RunResult(tmp_path, Summary.from_json(fake_run(tmp_path, "batch", seed, lr, max_steps=3000, events=False)))
         for lr in (0.01, 0.1, 1.0)
         for seed in range(2)
     ]
     assert largest_lr_that_trains(runs) == {"all runs": 1.0}
-    runs[-1]["status"] = "failed"  # lr 1, seed 1
+    runs[-1].summary.status = Status.FAILED  # lr 1, seed 1
     assert largest_lr_that_trains(runs) == {"all runs": 0.1}
-    runs[3]["final"]["test_acc"] = 0.85  # lr 0.1, seed 1: completed but below 0.9
+    runs[3].summary.final["test_acc"] = 0.85  # lr 0.1, seed 1: completed but below 0.9
     assert largest_lr_that_trains(runs) == {"all runs": 0.01}
-    for s in runs[:2]:
-        s["status"] = "diverged"
+    for r in runs[:2]:
+        r.summary.status = Status.DIVERGED
     assert largest_lr_that_trains(runs) == {"all runs": None}
     assert largest_lr_that_trains([]) == {}
 

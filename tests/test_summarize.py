@@ -3,14 +3,18 @@
 import csv
 import io
 import json
-from importlib.resources import files
+import math
+from pathlib import Path
 
 import pytest
-import yaml
+from hydra import compose, initialize_config_module
 
+from bnlab.analysis import Group, RunResult, group_runs, load_runs
 from bnlab.config import BOOKKEEPING_KEYS
+from bnlab.console import make_console
 from bnlab.files import write_json
-from bnlab.summarize import compare, group_rows, load_runs, summarize, table_console
+from bnlab.summarize import compare, summarize
+from bnlab.summary import Status, Summary
 
 
 def run(
@@ -44,72 +48,63 @@ RUNS = [
 ]
 
 
-def by_group(rows):
-    return {r["group"]: r for r in rows}
+def results(runs: list[dict]) -> list[RunResult]:
+    """The runs as the analysis loads them (these dicts are schema-1 summaries: no schema_version)."""
+    return [RunResult(Path(f"job{i}"), Summary.from_json(r)) for i, r in enumerate(runs)]
+
+
+def by_group(runs: list[dict]) -> dict[str, Group]:
+    return {g.label: g for g in group_runs(results(runs))}
 
 
 def test_runs_are_grouped_by_config_minus_seed():
-    rows = by_group(group_rows(RUNS))
-    assert set(rows) == {
+    groups = by_group(RUNS)
+    assert set(groups) == {
         "norm=batch, optim.lr=0.01",
         "norm=none, optim.lr=0.01",
         "norm=batch, optim.lr=0.1",
         "norm=none, optim.lr=0.1",
     }
-    assert rows["norm=batch, optim.lr=0.01"]["runs"] == 3
-    assert (
-        rows["norm=batch, optim.lr=0.01"]["norm.name"] == "batch"
-        and rows["norm=batch, optim.lr=0.01"]["optim.lr"] == 0.01
-    )
+    bn = groups["norm=batch, optim.lr=0.01"]
+    assert len(bn.runs) == 3 and bn.keys == {"norm.name": "batch", "optim.lr": 0.01}
 
 
 def test_bookkeeping_keys_name_no_group_and_no_run_directory():
     runs = [json.loads(json.dumps(r)) for r in RUNS]
     for i, r in enumerate(runs):  # resumed runs with other thread counts, some fused
         r["config"]["trainer"].update(threads=1 + i % 2, resume=i % 3 == 0, fuse=i % 2 == 0)
-    assert {r["group"] for r in group_rows(runs)} == {r["group"] for r in group_rows(RUNS)}
-    hydra_conf = yaml.safe_load((files("bnlab.conf") / "train.yaml").read_text())
-    assert set(hydra_conf["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"]) == set(BOOKKEEPING_KEYS)
+    assert set(by_group(runs)) == set(by_group(RUNS))
+    with initialize_config_module("bnlab.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["trainer.threads=2", "norm=layer"], return_hydra_config=True)
+    assert set(cfg.hydra.job.config.override_dirname.exclude_keys) == set(BOOKKEEPING_KEYS)
 
 
 def test_iterations_are_median_min_max_and_never_reached_runs_are_counted():
-    bn = by_group(group_rows(RUNS))["norm=batch, optim.lr=0.01"]
-    assert (bn["iters_0.9_median"], bn["iters_0.9_min"], bn["iters_0.9_max"], bn["iters_0.9_never"]) == (
-        300,
-        200,
-        400,
-        0,
-    )
-    assert (bn["iters_0.95_median"], bn["iters_0.95_min"], bn["iters_0.95_max"], bn["iters_0.95_never"]) == (
-        1000,
-        900,
-        1100,
-        1,
-    )
-    assert bn["final_test_acc_mean"] == pytest.approx(0.96)
-    assert bn["final_test_acc_std"] == pytest.approx(0.01)
+    bn = by_group(RUNS)["norm=batch, optim.lr=0.01"]
+    assert (bn.thresholds[0.9].iterations, bn.thresholds[0.9].never) == ((300, 200, 400), 0)
+    assert (bn.thresholds[0.95].iterations, bn.thresholds[0.95].never) == ((1000, 900, 1100), 1)
+    mean, std = bn.final_test_acc
+    assert mean == pytest.approx(0.96) and std == pytest.approx(0.01)
 
 
 def test_speed_up_over_the_no_norm_twin_is_paired_by_seed():
-    bn = by_group(group_rows(RUNS))["norm=batch, optim.lr=0.01"]
+    bn = by_group(RUNS)["norm=batch, optim.lr=0.01"]
     # seeds 0, 1, 2: 1200/300, 800/400, 1000/200
-    assert (bn["speedup_0.9_median"], bn["speedup_0.9_min"], bn["speedup_0.9_max"]) == (4.0, 2.0, 5.0)
-    assert bn["speedup_0.9_lower_bound"] is False
+    assert bn.thresholds[0.9].speedup == (4.0, 2.0, 5.0)
+    assert bn.thresholds[0.9].speedup_lower_bound is False
     # no BN never reached 0.95 in its 3000 steps: 3000/900, 3000/1100 are lower bounds (seed 2: BN never reached it)
-    assert bn["speedup_0.95_min"] == pytest.approx(3000 / 1100, abs=0.01) and bn["speedup_0.95_max"] == pytest.approx(
-        3000 / 900, abs=0.01
-    )
-    assert bn["speedup_0.95_lower_bound"] is True
-    none = by_group(group_rows(RUNS))["norm=none, optim.lr=0.01"]
-    assert none["speedup_0.9_median"] is None
+    _, lo, hi = bn.thresholds[0.95].speedup
+    assert lo == pytest.approx(3000 / 1100, abs=0.01) and hi == pytest.approx(3000 / 900, abs=0.01)
+    assert bn.thresholds[0.95].speedup_lower_bound is True
+    assert by_group(RUNS)["norm=none, optim.lr=0.01"].thresholds[0.9].speedup is None
 
 
 def test_failed_runs_are_counted_not_dropped():
-    failed = by_group(group_rows(RUNS))["norm=none, optim.lr=0.1"]
-    assert (failed["runs"], failed["completed"], failed["failed"]) == (1, 0, 1)
-    assert failed["final_test_acc_mean"] is None
-    bn = by_group(group_rows(RUNS))["norm=batch, optim.lr=0.1"]
-    assert bn["speedup_0.9_median"] is None  # its twin failed: no speed-up to report
+    failed = by_group(RUNS)["norm=none, optim.lr=0.1"]
+    assert (len(failed.runs), failed.count(Status.COMPLETED), failed.count(Status.FAILED)) == (1, 0, 1)
+    assert failed.final_test_acc == (None, None)
+    bn = by_group(RUNS)["norm=batch, optim.lr=0.1"]
+    assert bn.thresholds[0.9].speedup is None  # its twin failed: no speed-up to report
 
 
 def write_sweep(root, runs):
@@ -120,7 +115,7 @@ def write_sweep(root, runs):
 
 def test_summarize_writes_csv_md_and_json_with_one_row_per_group(tmp_path):
     write_sweep(tmp_path, RUNS)
-    summarize(tmp_path, table_console())
+    summarize(tmp_path, make_console())
     rows = list(csv.DictReader(io.StringIO((tmp_path / "summary.csv").read_text())))
     assert len(rows) == 4 and {(r["norm.name"], r["optim.lr"]) for r in rows} == {
         ("batch", "0.01"),
@@ -129,10 +124,8 @@ def test_summarize_writes_csv_md_and_json_with_one_row_per_group(tmp_path):
         ("none", "0.1"),
     }
     md = (tmp_path / "summary.md").read_text()
-    assert (
-        "| norm=batch, optim.lr=0.01 | 3 | 3/0/0 | 300 (200-400) 4.00x (2.00-5.00) | 1000 (900-1100), 1 never >=3.03x (2.73-3.33) |"
-        in md
-    )
+    row = "| norm=batch, optim.lr=0.01 | 3 | 3/0/0 | 300 (200-400) 4.00x (2.00-5.00) | 1000 (900-1100), 1 never "
+    assert row + ">=3.03x (2.73-3.33) |" in md
     assert len(json.loads((tmp_path / "summary.json").read_text())["groups"]) == 4
     assert len(load_runs(tmp_path)) == 8  # the sweep's own summary.json is not a run
 
@@ -140,8 +133,8 @@ def test_summarize_writes_csv_md_and_json_with_one_row_per_group(tmp_path):
 def test_two_sweeps_side_by_side(tmp_path, capsys):
     write_sweep(tmp_path / "a", RUNS[:6])
     write_sweep(tmp_path / "b", [dict(s, config={**s["config"], "optim": {"lr": 0.01}}) for s in RUNS[:6]])
-    rows = compare([tmp_path / "a", tmp_path / "b"], table_console())
-    assert [(r["group"], r["sweep"][-1]) for r in rows] == [
+    rows = compare([tmp_path / "a", tmp_path / "b"], make_console())
+    assert [(g.label, sweep[-1]) for sweep, g in rows] == [
         ("norm=batch", "a"),
         ("norm=batch", "b"),
         ("norm=none", "a"),
@@ -149,9 +142,36 @@ def test_two_sweeps_side_by_side(tmp_path, capsys):
     ]
 
 
+def test_summary_json_round_trips_through_the_dataclass_as_standard_json(tmp_path):
+    summary = Summary.from_json(RUNS[0])
+    summary.final["test_loss"] = math.nan  # a diverged run's last loss
+    summary.save(tmp_path / "summary.json")
+    text = (tmp_path / "summary.json").read_text()
+    assert "NaN" not in text and json.loads(text)["final"]["test_loss"] is None
+    on_disk = json.loads(text)
+    assert on_disk["schema_version"] == 2
+    assert on_disk["iterations_to_threshold"] == [
+        {"threshold": 0.9, "iterations": 300},
+        {"threshold": 0.95, "iterations": 900},
+    ]
+    loaded = Summary.load(tmp_path / "summary.json")
+    assert loaded == Summary.from_json(on_disk)
+    assert loaded.iterations_to_threshold == {0.9: 300, 0.95: 900} and loaded.final["test_loss"] is None
+    assert loaded.status is Status.COMPLETED and (loaded.seed, loaded.lr, loaded.max_steps) == (0, 0.01, 3000)
+
+
+def test_old_summaries_without_schema_version_are_read(tmp_path):
+    old = {**RUNS[0], "final": {"test_acc": 0.97, "test_loss": math.nan}}  # schema 1 wrote NaN
+    (tmp_path / "job0").mkdir()
+    (tmp_path / "job0" / "summary.json").write_text(json.dumps(old))  # json.dumps writes NaN as NaN
+    (run_result,) = load_runs(tmp_path)
+    assert run_result.summary.schema_version == 1
+    assert run_result.summary.iterations_to_threshold == {0.9: 300, 0.95: 900}
+    assert run_result.summary.final == {"test_acc": 0.97, "test_loss": None}
+
+
 def test_the_ci_check_of_the_main_job_reads_the_newest_sweep(tmp_path):
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "check_main_job.py"
     spec = importlib.util.spec_from_file_location("check_main_job", path)

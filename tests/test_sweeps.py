@@ -4,16 +4,15 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
-from conftest import TINY
-from test_cli import bnlab
-from test_train import scalars
+from helpers import CLI, TINY, bnlab, scalars
 
-from bnlab.cli import threads_per_job
+from bnlab.job import threads_per_job
+
+pytestmark = pytest.mark.slow
 
 
 def statuses(sweep) -> dict[str, str]:
@@ -98,17 +97,7 @@ def test_tensorboard_serves_the_runs_their_scalars_and_hparams(tmp_path):
     )
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    cmd = [
-        sys.executable,
-        "-c",
-        "from bnlab.cli import main; main()",
-        "tb",
-        "sweep",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    cmd = [*CLI, "tb", "sweep", "--host", "127.0.0.1", "--port", str(port)]
     server = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 90

@@ -3,18 +3,15 @@ import math
 
 import pytest
 import torch
+from helpers import scalars
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bnlab.config import ConfigError
+from bnlab.engine import autocast, batches, prepare_model
 from bnlab.models import build_model
 from bnlab.norms import BatchNorm
-from bnlab.train import autocast, batches, prepare_model, train
-
-
-def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+from bnlab.summary import Summary
+from bnlab.train import train
 
 
 def test_summary_json_and_tensorboard_scalars(tiny_config, tmp_path):
@@ -25,15 +22,15 @@ def test_summary_json_and_tensorboard_scalars(tiny_config, tmp_path):
     tmp_path = tmp_path / "run"
 
     on_disk = json.loads((tmp_path / "summary.json").read_text())
-    assert on_disk == summary
-    assert summary["status"] == "completed"
-    assert summary["steps"] == 10
-    assert summary["steps_per_s"] > 0 and summary["wall_time_s"] > 0
-    assert summary["peak_memory_mb"]["host"] > 50  # MiB: at least the interpreter and torch
-    assert summary["config"]["norm"]["name"] == "batch"
-    assert set(summary["final"]) == {"train_loss", "train_acc", "test_loss", "test_acc"}
-    assert summary["threshold_metric"] == "test_acc"
-    assert summary["iterations_to_threshold"] == {"0.05": 0, "0.99": None}
+    assert on_disk["schema_version"] == 2 and Summary.from_json(on_disk) == summary
+    assert summary.status == "completed"
+    assert summary.steps == 10
+    assert summary.steps_per_s > 0 and summary.wall_time_s > 0
+    assert summary.peak_memory_mb["host"] > 50  # MiB: at least the interpreter and torch
+    assert summary.config["norm"]["name"] == "batch"
+    assert set(summary.final) == {"train_loss", "train_acc", "test_loss", "test_acc"}
+    assert summary.threshold_metric == "test_acc"
+    assert summary.iterations_to_threshold == {0.05: 0, 0.99: None}
 
     s = scalars(tmp_path)
     assert [step for step, _ in s["train/loss"]] == [3, 6, 9, 10]  # every trainer.log_every steps and the last
@@ -48,7 +45,7 @@ def test_summary_json_and_tensorboard_scalars(tiny_config, tmp_path):
         assert [v for _, v in s[tag]] == pytest.approx(means, rel=1e-6)
     assert [step for step, _ in s["test/acc"]] == [0, 4, 8, 10]
     assert [step for step, _ in s["test/loss"]] == [0, 4, 8, 10]
-    assert s["test/acc"][-1][1] == pytest.approx(summary["final"]["test_acc"])
+    assert s["test/acc"][-1][1] == pytest.approx(summary.final["test_acc"])
     assert s["iters_to/test_acc=0.05"] == [(10, 0.0)]
     assert math.isnan(s["iters_to/test_acc=0.99"][0][1])
 
@@ -84,16 +81,16 @@ def test_a_learnable_task_crosses_its_thresholds_in_order(tiny_config, tmp_path)
         "optim.lr=0.1",
         "threshold.values=[0.3,0.5]",
     )
-    reached = train(cfg, tmp_path)["iterations_to_threshold"]
-    assert reached["0.3"] is not None and reached["0.5"] is not None
-    assert 0 < reached["0.3"] <= reached["0.5"] <= 300
-    assert reached["0.3"] % 10 == 0 and reached["0.5"] % 10 == 0
+    reached = train(cfg, tmp_path).iterations_to_threshold
+    assert reached[0.3] is not None and reached[0.5] is not None
+    assert 0 < reached[0.3] <= reached[0.5] <= 300
+    assert reached[0.3] % 10 == 0 and reached[0.5] % 10 == 0
 
 
 def test_a_non_finite_loss_ends_the_run_as_diverged(tiny_config, tmp_path):
     summary = train(tiny_config("norm=none", "optim.lr=1e12", "trainer.max_steps=50"), tmp_path)
-    assert summary["status"] == "diverged"
-    assert summary["steps"] < 50
+    assert summary.status == "diverged"
+    assert summary.steps < 50
     assert (tmp_path / "summary.json").exists()
 
 
@@ -101,8 +98,8 @@ def test_same_seed_gives_identical_metrics(tiny_config, tmp_path):
     a = train(tiny_config("seed=3"), tmp_path / "a")
     b = train(tiny_config("seed=3"), tmp_path / "b")
     c = train(tiny_config("seed=4"), tmp_path / "c")
-    assert a["final"] == b["final"]
-    assert a["final"] != c["final"]
+    assert a.final == b.final
+    assert a.final != c.final
 
 
 def test_a_refused_config_still_leaves_a_failed_summary(tiny_config, tmp_path):
@@ -163,7 +160,7 @@ def test_diagnostics_are_off_by_default(tiny_config, tmp_path):
 
 
 def test_precise_bn_reports_the_three_ways_to_evaluate(tiny_config, tmp_path):
-    final = train(tiny_config("trainer.max_steps=20", "trainer.precise_bn=4", "norm.momentum=0.001"), tmp_path)["final"]
+    final = train(tiny_config("trainer.max_steps=20", "trainer.precise_bn=4", "norm.momentum=0.001"), tmp_path).final
     assert {"test_acc", "test_acc_train_mode", "test_acc_precise_bn"} <= set(final)
     assert all(0 <= final[k] <= 1 for k in ("test_acc_train_mode", "test_acc_precise_bn"))
 
@@ -187,8 +184,8 @@ def test_a_bf16_run_trains_close_to_the_float32_run(tiny_config, tmp_path):
     overrides = ["model=cnn", "model.widths=[8,16]", "trainer.max_steps=30", "optim.lr=0.1"]
     fp32 = train(tiny_config(*overrides), tmp_path / "fp32")
     bf16 = train(tiny_config(*overrides, "trainer.precision=bf16"), tmp_path / "bf16")
-    assert bf16["status"] == "completed"
-    assert bf16["final"]["train_loss"] == pytest.approx(fp32["final"]["train_loss"], rel=0.05)
+    assert bf16.status == "completed"
+    assert bf16.final["train_loss"] == pytest.approx(fp32.final["train_loss"], rel=0.05)
 
 
 @pytest.mark.parametrize("option", ["trainer.channels_last=true", "trainer.compile=true"])
@@ -196,7 +193,7 @@ def test_channels_last_and_compile_train_as_the_default_does(tiny_config, tmp_pa
     overrides = ["model=cnn", "model.widths=[4,8]", "trainer.max_steps=5", "trainer.log_every=1"]
     default = train(tiny_config(*overrides), tmp_path / "default")
     other = train(tiny_config(*overrides, option), tmp_path / "other")
-    assert other["final"] == pytest.approx(default["final"], rel=1e-4)
+    assert other.final == pytest.approx(default.final, rel=1e-4)
     assert [v for _, v in scalars(tmp_path / "other")["train/loss"]] == pytest.approx(
         [v for _, v in scalars(tmp_path / "default")["train/loss"]], rel=1e-4
     )

@@ -26,6 +26,3 @@ class BnlabLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         return launch_jobs(self, job_overrides, initial_job_idx)
-
-
-TARGET = f"{BnlabLauncher.__module__}.{BnlabLauncher.__name__}"  # _target_ in conf/hydra/launcher/bnlab.yaml

@@ -1,0 +1,66 @@
+"""`bnlab train` as a Hydra app: the task function that every job runs, and how a job's outcome is
+shown and turned into an exit status (bnlab.job holds the policy; this module prints and exits)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from rich.syntax import Syntax
+
+from bnlab.console import make_console
+from bnlab.job import Outcome, job_config, run_jobs
+from bnlab.summarize import run_table, summarize
+
+log = logging.getLogger("bnlab")
+console = make_console()
+FUSING_LAUNCHER = "hydra_plugins.bnlab_launcher.BnlabLauncher"  # _target_ in conf/hydra/launcher/bnlab.yaml
+
+
+def train_job(dcfg: DictConfig) -> None:
+    """One job of `bnlab train`: a run, or one run of a sweep."""
+    hc = HydraConfig.get()
+    show_job(dcfg)
+    cfg = job_config(dcfg, hc.launcher.get("n_jobs"))
+    if cfg.trainer.fuse and hc.mode == RunMode.MULTIRUN and hc.launcher.get("_target_") != FUSING_LAUNCHER:
+        log.warning("trainer.fuse=true fuses runs only with hydra/launcher=bnlab (the default); this run trains alone")
+    (outcome,) = run_jobs([cfg], [Path(hc.runtime.output_dir)], console)
+    report(outcome)
+
+
+def show_job(dcfg: DictConfig) -> None:
+    """The job's config and run directory, before it trains."""
+    console.print(Syntax(OmegaConf.to_yaml(dcfg), "yaml", background_color="default"))
+    log.info("run directory: %s", HydraConfig.get().runtime.output_dir)
+
+
+def report(outcome: Outcome) -> None:
+    """Show how the job ended and exit with its code where it must: a refused or failed single run
+    (2 or 1), any interruption (130; a sweep starts no further run and shows its table first). A failed
+    run of a sweep is logged and the sweep goes on (its table counts it, and the sweep exits 1)."""
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    if outcome.interrupted:
+        if multirun:
+            summarize(Path(hc.sweep.dir), console)
+        sys.exit(outcome.exit_code)
+    if outcome.error is not None:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not (outcome.refused or multirun):
+            raise outcome.error
+        log.error("%s", outcome.error, exc_info=not outcome.refused)
+        if not multirun:
+            sys.exit(outcome.exit_code)
+        return
+    if outcome.summary.fused_members > 1:
+        log.info("trained in a fused group of %d runs: %s", outcome.summary.fused_members, outcome.summary.status.value)
+    console.print(run_table(Path(hc.runtime.output_dir).name, outcome.summary))
+
+
+# A module-level name, so that parallel launchers (joblib) pickle the job by its module and name.
+train_app = hydra.main(version_base="1.3", config_path="pkg://bnlab.conf", config_name="train")(train_job)

@@ -1,0 +1,213 @@
+"""What one training step needs: the device and the data on it, the model in its precision and memory
+format, the batch order, the step itself and the test evaluation.
+
+An engine trains one or more runs that share every step: `Single` one model; `bnlab.fused.Fused` N
+runs stacked into one model. Both hand back per-member device tensors that nobody has read yet, so
+the loop in bnlab/train.py decides when to synchronise with the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bnlab.config import ConfigError, TrainConfig, TrainerConfig
+from bnlab.data import Dataset, load_data
+from bnlab.diagnostics import DiagnosticLog
+from bnlab.models import Unit, build_model
+from bnlab.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+EVAL_CHUNK = 500  # examples per forward pass during evaluation (a CNN's activations then stay in the CPU cache)
+
+
+# ---------------------------------------------------------------- the device and the data
+
+
+def resolve_device(name: str) -> torch.device:
+    """trainer.device: auto picks cuda, then mps, then cpu; a named device must exist here."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        return torch.device(next(d for d, ok in available.items() if ok))
+    if not available[name]:
+        here = ", ".join(["auto", *(d for d, ok in available.items() if ok)])
+        raise ConfigError(f"trainer.device={name!r} is not available on this machine; accepted values here: {here}.")
+    return torch.device(name)
+
+
+def prepare(cfg: TrainConfig) -> tuple[torch.device, Dataset]:
+    """The process set up as trainer.* asks (threads, deterministic kernels), the device, and the whole
+    dataset on it in the precision and memory format the run trains in."""
+    t = cfg.trainer
+    if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
+    data = load_data(cfg.data, device)
+    if cfg.data.batch_size > len(data.train_y):
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is not accepted; accepted values: at most the "
+            f"{len(data.train_y)} training examples of data={cfg.data.name}."
+        )
+    for name in ("train_x", "test_x"):
+        x = getattr(data, name)
+        x = x.double() if t.precision == "fp64" else x
+        setattr(data, name, x.contiguous(memory_format=torch.channels_last) if t.channels_last else x)
+    return device, data
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Index tensors of `batch_size` examples; every epoch a new random permutation, the remainder dropped."""
+    while True:
+        perm = torch.randperm(n, generator=generator, device=generator.device)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield perm[start : start + batch_size]
+
+
+def skip(order: Iterator[Tensor], steps: int) -> None:
+    """Advance a batch order past the batches of `steps` steps (a resumed run goes on where it stopped)."""
+    for _ in range(steps):
+        next(order)
+
+
+# ---------------------------------------------------------------- numerics
+
+
+def autocast(t: TrainerConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """trainer.precision=bf16: matmuls and convolutions in bfloat16 (otherwise a context that costs nothing)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else contextlib.nullcontext()
+
+
+def _float32_inputs(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() for a in args)
+
+
+def prepare_model(model: nn.Module, t: TrainerConfig, device: torch.device) -> nn.Module:
+    """The model on `device` in the dtype, memory format and form that trainer.precision, .channels_last
+    and .compile ask for; with bf16 every norm layer gets float32 inputs, so its statistics stay float32."""
+    model = model.to(device=device, dtype=torch.float64 if t.precision == "fp64" else torch.float32)
+    if t.precision == "bf16":
+        for unit in (m for m in model.modules() if isinstance(m, Unit)):
+            unit.norm.register_forward_pre_hook(_float32_inputs)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if t.compile:
+        model.compile()
+    return model
+
+
+def member_losses(logits: Tensor, y: Tensor) -> Tensor:
+    """Each member's mean cross-entropy (N,) from logits (N, B, K) and targets (N, B); a fused loss is their sum."""
+    n, b, k = logits.shape
+    return F.cross_entropy(logits.reshape(n * b, k), y.reshape(n * b), reduction="none").view(n, b).mean(1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, members: int = 1, chunk: int = EVAL_CHUNK, train_mode: bool = False
+) -> list[tuple[float, float]]:
+    """Per member, the mean cross-entropy and accuracy over (x, y), `chunk` examples at a time (split
+    among the members), in eval mode (running statistics) or, with `train_mode`, in train mode (each
+    chunk's own batch statistics, which also moves the running statistics); the mode is restored after.
+
+    An ordinary model (members = 1) takes the examples (B, ...); a fused model of N members takes them
+    once per member, (N, B, ...), and returns (N, B, classes)."""
+    was_training = model.training
+    model.train(train_mode)
+    loss_sum = torch.zeros(members, device=x.device, dtype=x.dtype)
+    correct = torch.zeros(members, device=x.device)
+    size = max(1, chunk // members)
+    for start in range(0, len(x), size):
+        xc, yc = x[start : start + size], y[start : start + size]
+        logits = model(xc if members == 1 else xc.expand(members, *xc.shape)).view(members, len(yc), -1)
+        loss_sum += member_losses(logits, yc.expand(members, -1)) * len(yc)
+        correct += (logits.argmax(-1) == yc).sum(1)
+    model.train(was_training)
+    return [(loss / len(x), acc / len(x)) for loss, acc in zip(loss_sum.tolist(), correct.tolist())]
+
+
+# ---------------------------------------------------------------- engines
+
+
+class Engine(Protocol):
+    """What the training loop drives: `members` runs that take every step together."""
+
+    members: int
+    model: nn.Module
+
+    def step(self, step: int) -> tuple[Tensor, Tensor]:
+        """Train one step; each member's loss and count of correct predictions (N,), on the device, unread."""
+
+    def evaluate(self) -> list[tuple[float, float]]:
+        """Each member's (test loss, test accuracy)."""
+
+    def lrs(self) -> list[float]:
+        """Each member's learning rate now."""
+
+    def member_state(self, n: int) -> dict[str, Any]:
+        """Member n's model and optimizer state, as its checkpoint keeps them."""
+
+    def member_model(self, n: int) -> nn.Module:
+        """Member n as an ordinary model."""
+
+
+class Single:
+    """The engine of an ordinary run: one model, its optimizer, its batch order and its diagnostics."""
+
+    members = 1
+
+    def __init__(self, cfg: TrainConfig, data: Dataset, device: torch.device, writer, checkpoint: dict | None) -> None:
+        self.cfg, self.data, self.device = cfg, data, device
+        torch.manual_seed(cfg.seed)
+        self.model = prepare_model(build_model(cfg, data.in_shape, data.num_classes), cfg.trainer, device)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.order = batches(len(data.train_y), cfg.data.batch_size, generator)
+        probe = data.test_x[: cfg.diag.probe]
+        self.diagnostics = DiagnosticLog(cfg.diag, self.model, writer, probe, self.optimizer)
+        parameters = sum(p.numel() for p in self.model.parameters())
+        log.info("%s: %s, %d parameters, %d training examples", cfg.model.name, device, parameters, len(data.train_y))
+        if checkpoint:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            skip(self.order, checkpoint["step"])
+
+    def step(self, step: int) -> tuple[Tensor, Tensor]:
+        idx = next(self.order)
+        x, y = self.data.train_x[idx], self.data.train_y[idx]
+        with autocast(self.cfg.trainer, self.device):
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        due = self.diagnostics.due(step)
+        if due:  # at the step's weights and gradients, before the update
+            self.diagnostics.before_step(step, x, y)
+        self.optimizer.step()
+        if due:
+            self.diagnostics.after_step(step, x, y)
+        return loss.detach().float().view(1), (logits.argmax(1) == y).sum().view(1)
+
+    def evaluate(self) -> list[tuple[float, float]]:
+        with autocast(self.cfg.trainer, self.device):
+            return evaluate(self.model, self.data.test_x, self.data.test_y)
+
+    def lrs(self) -> list[float]:
+        return [self.optimizer.param_groups[0]["lr"]]
+
+    def member_state(self, n: int) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def member_model(self, n: int) -> nn.Module:
+        return self.model

@@ -1,0 +1,77 @@
+"""One job of `bnlab train`, below the Hydra face that starts it: its config (with the thread rule
+applied), its training (alone, or with the other members of a fused group) and what its outcome means:
+the failure policy and the exit code. bnlab/app.py (one job) and bnlab/launcher.py (fused groups)
+both run jobs through here."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from rich.console import Console
+
+from bnlab.config import ConfigError, TrainConfig
+from bnlab.data import DataError
+from bnlab.summary import Status, Summary
+from bnlab.train import train_runs
+
+# Exit codes of `bnlab train` (README "When things go wrong")
+OK, FAILED, REFUSED, INTERRUPTED = 0, 1, 2, 130
+
+
+def threads_per_job(n_jobs: int | None) -> int:
+    """The cores shared out among a sweep's parallel jobs (joblib's n_jobs; -1 means one job per core)."""
+    cores = os.cpu_count() or 1
+    jobs = cores if n_jobs is not None and n_jobs < 0 else n_jobs or 1
+    return max(1, cores // jobs)
+
+
+def job_config(dcfg: DictConfig, parallel_jobs: int | None = None) -> TrainConfig:
+    """The job's TrainConfig from its composed config (the hydra node, if any, left out), with
+    trainer.threads=0 resolved to its share of the cores when `parallel_jobs` jobs run at once."""
+    if "hydra" in dcfg:
+        dcfg = copy.deepcopy(dcfg)
+        with read_write(dcfg), open_dict(dcfg):
+            del dcfg["hydra"]
+    cfg: TrainConfig = OmegaConf.to_object(dcfg)
+    cfg.trainer.threads = cfg.trainer.threads or threads_per_job(parallel_jobs)
+    return cfg
+
+
+@dataclass
+class Outcome:
+    """How a job ended: its summary (None if it never got one) or the error that stopped it."""
+
+    summary: Summary | None
+    error: BaseException | None = None
+
+    @property
+    def refused(self) -> bool:
+        """Stopped by bad input (a config value, a data file), which bnlab explains in one paragraph."""
+        return isinstance(self.error, (ConfigError, DataError))
+
+    @property
+    def interrupted(self) -> bool:
+        return isinstance(self.error, KeyboardInterrupt) or (
+            self.summary is not None and self.summary.status == Status.INTERRUPTED
+        )
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return INTERRUPTED
+        if self.error is None:
+            return OK  # completed or diverged: a diverged run is a result
+        return REFUSED if self.refused else FAILED
+
+
+def run_jobs(cfgs: list[TrainConfig], run_dirs: list[Path], console: Console) -> list[Outcome]:
+    """Train these jobs, one alone or several as one fused group, and return each one's outcome; an
+    error or Ctrl-C ends every job of the group (their summary.json files say so)."""
+    try:
+        return [Outcome(s) for s in train_runs(cfgs, run_dirs, console)]
+    except (Exception, KeyboardInterrupt) as e:
+        return [Outcome(None, e) for _ in cfgs]
