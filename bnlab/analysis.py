@@ -208,8 +208,22 @@ class Sweep:
     """The runs below a folder and their groups."""
 
     root: Path
-    runs: list[RunResult]  # every run, whatever its status
+    runs: list[RunResult]  # every run shown, whatever its status
     groups: list[Group]
+    left_out: list[RunResult] = field(default_factory=list)  # failed runs, unless asked for
+
+    @property
+    def failed(self) -> int:
+        """Failed runs, shown or left out."""
+        return sum(r.summary.status == Status.FAILED for r in [*self.runs, *self.left_out])
+
+    @property
+    def left_out_note(self) -> str:
+        """One line on the failed runs left out of the tables and figures, or ''."""
+        if not self.left_out:
+            return ""
+        n = len(self.left_out)
+        return f"{n} failed run{'s' if n > 1 else ''} left out (--failed shows them; summary.json says why each failed)"
 
     @cached_property
     def varying(self) -> list[str]:
@@ -230,10 +244,13 @@ class Sweep:
         return sorted({t for g in self.groups for t in g.thresholds})
 
 
-def load_sweep(root: Path, keys: list[str] | None = None) -> Sweep:
-    """Every run below `root`, grouped by `keys` (default: the keys that vary)."""
+def load_sweep(root: Path, keys: list[str] | None = None, include_failed: bool = False) -> Sweep:
+    """Every run below `root`, grouped by `keys` (default: the keys that vary); failed runs (refused late,
+    or stopped by an error) are left out unless `include_failed`, and counted either way."""
     runs = load_runs(root)
-    return Sweep(Path(root), runs, group_runs(runs, keys))
+    failed = [] if include_failed else [r for r in runs if r.summary.status == Status.FAILED]
+    shown = [r for r in runs if r not in failed]
+    return Sweep(Path(root), shown, group_runs(shown, keys), failed)
 
 
 # ---------------------------------------------------------------- the learning rate that still trains

@@ -14,13 +14,30 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.syntax import Syntax
 
-from bnlab.console import make_console
+from bnlab.console import make_console, shell_path
 from bnlab.job import Outcome, job_config, run_jobs
 from bnlab.summarize import run_table, summarize
 
 log = logging.getLogger("bnlab")
 console = make_console()
 FUSING_LAUNCHER = "hydra_plugins.bnlab_launcher.BnlabLauncher"  # _target_ in conf/hydra/launcher/bnlab.yaml
+
+
+def claim_folder(path: str) -> str:
+    """`path`, or else `path_2`, `path_3`, ...: the first that does not exist yet, made now so that no other
+    invocation can take it (two sweeps started in the same second get two folders). conf/train.yaml
+    names run and sweep folders with it, ${bnlab.unique:outputs/sweeps/<time>}."""
+    base, n = Path(path), 1
+    while True:
+        candidate = base if n == 1 else base.with_name(f"{base.name}_{n}")
+        try:
+            candidate.mkdir(parents=True)
+            return str(candidate)
+        except FileExistsError:
+            n += 1
+
+
+OmegaConf.register_new_resolver("bnlab.unique", claim_folder, use_cache=True, replace=True)
 
 
 def train_job(dcfg: DictConfig) -> None:
@@ -46,9 +63,24 @@ def report(outcome: Outcome) -> None:
     run of a sweep is logged and the sweep goes on (its table counts it, and the sweep exits 1)."""
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
+    run_dir = hc.runtime.output_dir
+    if outcome.left_to_another_process:
+        log.info("skipped: another process is training %s", run_dir)
+        return
     if outcome.interrupted:
         if multirun:
             summarize(Path(hc.sweep.dir), console)
+        steps = f" at step {outcome.summary.steps}" if outcome.summary else ""
+        again = (
+            f"the sweep with `bnlab resume {shell_path(hc.sweep.dir)}`"
+            if multirun
+            else f"it with `bnlab resume {shell_path(run_dir)}`"
+        )
+        console.print(
+            f"interrupted{steps}: summary.json, the TensorBoard events and the last checkpoint are in "
+            f"{os.path.relpath(run_dir)}; continue {again}",
+            soft_wrap=True,
+        )
         sys.exit(outcome.exit_code)
     if outcome.error is not None:
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or not (outcome.refused or multirun):

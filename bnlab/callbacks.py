@@ -1,24 +1,136 @@
-"""Hydra callbacks of `bnlab train` (conf/train.yaml, hydra.callbacks)."""
+"""Hydra callbacks of `bnlab train` (conf/train.yaml, hydra.callbacks): `Preflight` checks every job
+before Hydra writes anything, `SweepTable` prints the table at the end of a sweep."""
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
 
-from bnlab.console import make_console
-from bnlab.job import FAILED
+from bnlab.config import BOOKKEEPING_KEYS, ConfigError, flatten, validate
+from bnlab.console import make_console, shell_path
+from bnlab.engine import resolve_device
+from bnlab.job import FAILED, REFUSED, job_config
+from bnlab.overrides import DEFAULTS
 from bnlab.summarize import summarize
-from bnlab.summary import Status
+
+log = logging.getLogger("bnlab")
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def refuse(error: ConfigError) -> None:
+    """Print the refusal as one paragraph and exit 2 (the traceback with HYDRA_FULL_ERROR=1)."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {error}", highlight=False)
+    sys.exit(REFUSED)
+
+
+class Preflight(Callback):
+    """Before the first job starts and before Hydra creates a run folder: each job's config must pass
+    `validate` on this machine; a preset that sweeps must be run with -m; and a job that resumes into
+    a folder that already has a config must keep that config (bookkeeping keys aside). A refusal
+    exits 2 and leaves every folder as it was."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            _check_job(config)
+            _check_not_a_sweep(config)
+            if config.trainer.resume:
+                _check_resume(Path(config.hydra.run.dir), config)
+        except ConfigError as e:
+            refuse(e)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
+            return  # another sweeper draws its jobs as it goes: each is validated when it starts
+        loader = GlobalHydra.instance().config_loader()
+        jobs = [loader.load_sweep_config(config, overrides) for overrides in sweep_jobs(config)]
+        try:
+            errors = []
+            for job in jobs:
+                try:
+                    _check_job(job)
+                except ConfigError as e:
+                    errors.append((" ".join(job.hydra.overrides.task), e))
+            if errors:
+                where, first = errors[0]
+                more = f" ({len(errors) - 1} more of the {len(jobs)} jobs are refused too)" if len(errors) > 1 else ""
+                raise ConfigError(f"the sweep is refused before any run starts: the job `{where}`: {first}{more}")
+            if config.trainer.resume:
+                for job in jobs:
+                    _check_resume(Path(config.hydra.sweep.dir) / str(job.hydra.sweep.subdir), job)
+        except ConfigError as e:
+            refuse(e)
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]]:
+    """Every job's overrides, as Hydra's basic sweeper makes them from the preset's hydra.sweeper.params and
+    the command line (which wins where both name a key)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # Hydra's own expansion, reused
+
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    overrides = parser.parse_overrides([*params, *config.hydra.overrides.task])
+    (jobs,) = BasicSweeper.split_arguments(overrides, None)
+    return jobs
+
+
+def _check_job(config: DictConfig) -> None:
+    cfg = job_config(config)
+    validate(cfg)
+    resolve_device(cfg.trainer.device)
+
+
+def _check_not_a_sweep(config: DictConfig) -> None:
+    """A preset whose hydra.sweeper.params sweep keys the command line does not fix is a sweep: refuse
+    to run it as a single run, giving the -m command."""
+    given = {o.lstrip("+~").split("=")[0] for o in config.hydra.overrides.task}
+    swept = [k for k in config.hydra.sweeper.get("params") or {} if k not in given]
+    if swept:
+        args = " ".join(config.hydra.overrides.task)
+        preset = config.hydra.runtime.choices.get("experiment")
+        raise ConfigError(
+            f"+experiment={preset} is a sweep over {', '.join(swept)}, so it runs with -m: `bnlab train -m {args}`"
+            f" (or fix {', '.join(swept)} on the command line to run one of its runs alone)."
+        )
+
+
+def _check_resume(run_dir: Path, config: DictConfig) -> None:
+    """Refuse to resume `run_dir` with a config other than the one it was started with."""
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.exists():
+        return
+    old = flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
+    task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])  # resolved without the hydra node
+    new, defaults = flatten(OmegaConf.to_container(task, resolve=True)), flatten(DEFAULTS)
+    changed = [
+        k
+        for k in sorted(old.keys() | new.keys())
+        if k not in BOOKKEEPING_KEYS and old.get(k, defaults.get(k)) != new.get(k)
+    ]
+    if changed:
+        shown = ", ".join(f"{k} was {old.get(k)!r}, now {new.get(k)!r}" for k in changed[:4])
+        raise ConfigError(
+            f"trainer.resume=true would continue {run_dir} with another config ({shown}"
+            f"{f', and {len(changed) - 4} more keys' if len(changed) > 4 else ''}); a run resumes with the config "
+            f"it started with, only {', '.join(BOOKKEEPING_KEYS)} may change. Continue it as it was with "
+            f"`bnlab resume {shell_path(run_dir)}`, or train the new config as a new run (without trainer.resume)."
+        )
 
 
 class SweepTable(Callback):
     """At the end of a multirun: the sweep's table and summary files; exit 1 if any run failed."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        groups = summarize(Path(config.hydra.sweep.dir), make_console())
-        if any(g.count(Status.FAILED) for g in groups):
+        sweep = summarize(Path(config.hydra.sweep.dir), make_console())
+        if sweep is not None and sweep.failed:
             sys.exit(FAILED)

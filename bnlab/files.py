@@ -1,30 +1,53 @@
-"""Result files: written atomically (a reader sees the old file or the new one, never half of one), and
-JSON as the standard has it (a non-finite number is written as null)."""
+"""Result files and run folders: files written atomically (a reader sees the old file or the new one,
+never half of one), JSON as the standard has it (a non-finite number is written as null), a write
+that fails (a full disk, a folder gone) raised as an `OutputError` that says what stays valid, and a
+lock that makes one process at a time the owner of a run folder."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import io
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 
+class OutputError(OSError):
+    """A result file that could not be written (no space left, a folder that went away or turned
+    read-only); the message names the file and the reason."""
+
+
 def _tmp(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it into place: the old file stays
+    whole until the new one is."""
+    try:
+        _tmp(path).write_bytes(data)
+        os.replace(_tmp(path), path)
+    except OSError as e:
+        _tmp(path).unlink(missing_ok=True)
+        raise OutputError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+
+
 def write_text(path: Path, text: str) -> None:
-    _tmp(path).write_text(text)
-    os.replace(_tmp(path), path)
+    write_bytes(path, text.encode())
 
 
 def write_torch(path: Path, obj: Any) -> None:
-    """torch.save, atomically (checkpoints)."""
-    torch.save(obj, _tmp(path))
-    os.replace(_tmp(path), path)
+    """torch.save, atomically (checkpoints); serialised in memory first, so that a failing disk shows as
+    an OutputError rather than as torch's own error."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def finite(obj: Any) -> Any:
@@ -44,3 +67,21 @@ def write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+@contextlib.contextmanager
+def owned(folder: Path) -> Iterator[bool]:
+    """Try to own `folder` (made if missing) for the block: True if this process now holds its lock,
+    False if another process does. The lock is the kernel's (flock on the folder itself), so a killed
+    process leaves nothing stuck behind."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from bnlab.config import ConfigError, TrainConfig
 from bnlab.data import DataError
+from bnlab.files import OutputError
 from bnlab.summary import Status, Summary
 from bnlab.train import train_runs
 
@@ -43,15 +44,21 @@ def job_config(dcfg: DictConfig, parallel_jobs: int | None = None) -> TrainConfi
 
 @dataclass
 class Outcome:
-    """How a job ended: its summary (None if it never got one) or the error that stopped it."""
+    """How a job ended: its summary, or the error that stopped it; neither when another process owns
+    its run folder and trains it."""
 
     summary: Summary | None
     error: BaseException | None = None
 
     @property
     def refused(self) -> bool:
-        """Stopped by bad input (a config value, a data file), which bnlab explains in one paragraph."""
-        return isinstance(self.error, (ConfigError, DataError))
+        """Stopped by bad input (a config value, a data file) or a folder it cannot write to, which bnlab
+        explains in one paragraph."""
+        return isinstance(self.error, (ConfigError, DataError, OutputError))
+
+    @property
+    def left_to_another_process(self) -> bool:
+        return self.summary is None and self.error is None
 
     @property
     def interrupted(self) -> bool:

@@ -1,18 +1,31 @@
-"""Command-line overrides of `bnlab train`, checked before Hydra composes anything: an unknown config
-group option or key is refused with the closest match ("Did you mean 'batch'?"), which Hydra's own
-message does not offer."""
+"""The command line of `bnlab train`, checked before Hydra sees it: every override must parse, name a
+known key or config group option ("Did you mean 'batch'?", which Hydra's own message does not offer)
+and carry a value of the key's type; a launcher must be usable on this machine. Each refusal is a
+ConfigError of one paragraph with a hint. Also how bnlab writes a value into an override (quoting)."""
 
 from __future__ import annotations
 
+import copy
+import shutil
 from dataclasses import asdict
 from importlib.resources import files
+from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Glob
+from hydra.core.override_parser.types import Glob, Override
+from hydra.errors import OverrideParseException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from bnlab.config import TrainConfig, check_choice, flatten
+from bnlab.config import ConfigError, TrainConfig, check_choice, flatten
 
 GROUPS = ("model", "norm", "data", "optim", "experiment")  # the config groups: one folder each under conf/
+# Hydra's own flags that take a value (the next argument), which is no override
+VALUED_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c", "--package", "-p"}
+INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info [TOPIC]
+SLURM_LAUNCHERS = {"slurm", "submitit_slurm"}
+SCHEMA = OmegaConf.structured(TrainConfig)
+DEFAULTS = asdict(TrainConfig())
 
 
 def group_options(group: str) -> list[str]:
@@ -21,20 +34,113 @@ def group_options(group: str) -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def quote(value: str) -> str:
+    """`value` as one quoted override value, so that '=', ',' and spaces in it (run folders have them)
+    are read as part of it: hydra.run.dir='outputs/runs/.../norm=batch,optim.lr=0.1'."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def override_args(args: list[str]) -> list[str]:
+    """The overrides among the command-line arguments: not the flags (-m, --cfg job, ...) nor their values."""
+    out, skip = [], False
+    for i, a in enumerate(args):
+        if skip:
+            skip = False
+        elif a.startswith("-"):
+            skip = a in VALUED_FLAGS or (a in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in INFO_TOPICS)
+        else:
+            out.append(a)
+    return out
+
+
+def parse(args: list[str]) -> list[Override]:
+    """The overrides among `args`, parsed; a line Hydra's grammar cannot read is refused with a hint."""
+    parser = OverridesParser.create()
+    parsed = []
+    for a in override_args(args):
+        try:
+            parsed += parser.parse_overrides([a])
+        except OverrideParseException as e:
+            raise ConfigError(_grammar_error(a, e.message.splitlines()[0])) from e
+    return parsed
+
+
+def _grammar_error(arg: str, reason: str) -> str:
+    if "=" not in arg:
+        hint = (
+            f"'{arg}' is not an override (key=value): if it belongs to the argument before it, remove the space "
+            "between them (a sweep is written optim.lr=0.01,0.1, without spaces)"
+        )
+    elif arg.rstrip().endswith(","):
+        hint = "a sweep is written without spaces, optim.lr=0.01,0.1: remove the space after the comma"
+    else:
+        key, _, value = arg.partition("=")
+        hint = (
+            f"a value that holds '=', ',' or spaces must be quoted, as in \"{key}={quote(value)}\" "
+            "(and `bnlab resume DIR` continues a run folder without any quoting)"
+        )
+    return f"cannot read the override {arg!r} ({reason}); {hint}."
+
+
 def check_overrides(args: list[str]) -> None:
-    """Refuse an override naming an unknown group option or key (ConfigError). Appends (+key), deletions
-    (~key), hydra.* keys and what does not parse are left to Hydra."""
-    try:
-        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
-    except Exception:
-        return
-    keys = [*GROUPS, *flatten(asdict(TrainConfig()))]
-    for o in overrides:
+    """Refuse (ConfigError) an override that does not parse, names an unknown key or group option, or
+    gives a key a value of the wrong type; and a SLURM launcher where SLURM is not installed."""
+    keys = [*GROUPS, *flatten(DEFAULTS)]
+    for o in parse(args):
         key = o.key_or_group
-        if o.is_add() or o.is_force_add() or o.is_delete() or key.split(".")[0].split("/")[0] == "hydra":
+        if key.split(".")[0].split("/")[0] == "hydra":
+            _check_launcher(o, multirun="-m" in args or "--multirun" in args)
             continue
+        if o.is_delete() or (o.is_add() and key != "experiment"):
+            continue  # Hydra refuses what these get wrong
         section = key.rpartition(".")[0]
         check_choice(key, key, [k for k in keys if k.rpartition(".")[0] == section] or keys, what="keys")
-        if key in GROUPS and not isinstance(o.value(), Glob):
-            for value in o.sweep_string_iterator() if o.is_sweep_override() else [str(o.value())]:
-                check_choice(key, value, group_options(key))
+        if key in GROUPS:
+            if not isinstance(o.value(), Glob):
+                for value in _values(o):
+                    check_choice(key if not o.is_add() else f"+{key}", str(value), group_options(key))
+        else:
+            for value in _values(o):
+                _check_type(key, value)
+
+
+def _values(o: Override) -> list[Any]:
+    return list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+
+
+def _check_type(key: str, value: Any) -> None:
+    """Refuse a value the key's type does not take (Hydra's own message would be a validation trace)."""
+    try:
+        OmegaConf.update(copy.deepcopy(SCHEMA), key, value, merge=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{key}={value!r} is not accepted; accepted values: {_kind(key)}.") from e
+
+
+def _kind(key: str) -> str:
+    default: Any = DEFAULTS
+    for part in key.split("."):
+        default = default[part]
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, int):
+        return "an integer"
+    if isinstance(default, float):
+        return "a number"
+    if isinstance(default, list):
+        example = ",".join(map(str, default or [0.9, 0.95]))
+        return f"a list in brackets, e.g. {key}=[{example}]"
+    return "a string"
+
+
+def _check_launcher(o: Override, multirun: bool) -> None:
+    if (
+        o.key_or_group == "hydra/launcher"
+        and multirun
+        and str(o.value()) in SLURM_LAUNCHERS
+        and not shutil.which("sbatch")
+    ):
+        raise ConfigError(
+            f"hydra/launcher={o.value()} submits each job to a SLURM cluster with sbatch, which is not on this "
+            "machine's PATH: run the sweep from the cluster's login node, or choose a launcher that runs here "
+            "(the default, hydra/launcher=joblib or hydra/launcher=submitit_local)."
+        )

@@ -14,17 +14,16 @@ from bnlab.summary import Status
 REPORT = "report.md"
 
 
-def write_report(root: Path) -> Path:
-    """Read every run below `root`, write the figures that have data and report.md into `root`; return
-    report.md's path. Figures of an earlier report that have no data now are removed, so report.md and
-    the folder agree."""
+def write_report(root: Path, include_failed: bool = False) -> Path:
+    """Read every run below `root` (failed runs only with `include_failed`), write the figures that have
+    data and report.md into `root`; return report.md's path. Figures of an earlier report that have no
+    data now are removed, so report.md and the folder agree."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a folder")
-    sweep = load_sweep(root)
+    sweep = load_sweep(root, include_failed=include_failed)
     path = root / REPORT
     if not sweep.runs:
-        write_text(path, f"# bnlab report: {root}\n\nNo runs (summary.json files) below {root}.\n")
+        note = f" ({sweep.left_out_note})" if sweep.left_out else ""
+        write_text(path, f"# bnlab report: {root}\n\nNo runs to show below {root}{note}.\n")
         return path
     statuses = [r.summary.status for r in sweep.runs]
     counts = ", ".join(f"{n} {s.value}" for s in Status if (n := statuses.count(s)))
@@ -32,7 +31,7 @@ def write_report(root: Path) -> Path:
         f"# bnlab report: {root}\n",
         f"{len(sweep.runs)} runs ({counts}) in {len(sweep.groups)} groups (config minus the seed); threshold "
         f"metric: {sweep.metric}. Curves and bars: median over seeds, band or error bars min-max, unless a "
-        "caption says otherwise.\n",
+        "caption says otherwise." + (f" {sweep.left_out_note}." if sweep.left_out else "") + "\n",
         "## Sweep table\n",
         f"Iterations to reach each {sweep.metric} threshold, median (min-max) over seeds, with the speed-up over "
         "the norm=none twin; final test accuracy mean±std.\n",

@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bnlab.analysis import Group, ThresholdStats, group_runs, load_runs, load_sweep, varying_keys
+from bnlab.analysis import Group, Sweep, ThresholdStats, group_runs, load_sweep, varying_keys
 from bnlab.files import write_json, write_text
 from bnlab.summary import Status, Summary
 
@@ -140,25 +140,31 @@ def to_csv(groups: list[Group]) -> str:
     return out.getvalue()
 
 
-def summarize(root: Path, console: Console) -> list[Group]:
-    """Print the table of the runs below `root` and write summary.csv, summary.md and summary.json there."""
-    sweep = load_sweep(root)
+def summarize(root: Path, console: Console, include_failed: bool = False) -> Sweep | None:
+    """Print the table of the runs below `root` and write summary.csv, summary.md and summary.json there;
+    None if there are no runs to show."""
+    sweep = load_sweep(root, include_failed=include_failed)
     if not sweep.runs:
-        console.print(f"no summary.json below {root}")
-        return []
+        console.print(f"no runs to show below {root}" + (f"; {sweep.left_out_note}" if sweep.left_out else ""))
+        return None if not sweep.left_out else sweep
     metric = sweep.metric
     console.print(rich_table(str(root), sweep.groups, metric))
+    if sweep.left_out:
+        console.print(sweep.left_out_note)
     write_text(root / "summary.csv", to_csv(sweep.groups))
     intro = f"# {root}\n\nIterations to reach each {metric} threshold.\n\n"
     write_text(root / "summary.md", intro + markdown(sweep.groups, metric))
-    write_json(root / "summary.json", {"threshold_metric": metric, "groups": [record(g) for g in sweep.groups]})
-    return sweep.groups
+    groups = [record(g) for g in sweep.groups]
+    write_json(
+        root / "summary.json", {"threshold_metric": metric, "groups": groups, "failed_left_out": len(sweep.left_out)}
+    )
+    return sweep
 
 
-def compare(roots: list[Path], console: Console) -> list[tuple[str, Group]]:
+def compare(roots: list[Path], console: Console, include_failed: bool = False) -> list[tuple[str, Group]]:
     """Several sweeps side by side: the same groups (named by the keys that vary over all of them) next to each
-    other."""
-    runs = {root: load_runs(root) for root in roots}
+    other; failed runs only with `include_failed`."""
+    runs = {root: load_sweep(root, include_failed=include_failed).runs for root in roots}
     keys = varying_keys(r.flat_config for rs in runs.values() for r in rs)
     rows = [(str(root), g) for root, rs in runs.items() for g in group_runs(rs, keys)]
     rows.sort(key=lambda row: [(type(v).__name__, v) for v in row[1].keys.values()])

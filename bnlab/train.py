@@ -11,6 +11,7 @@ summary.json is written and the events flushed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -30,11 +31,11 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from bnlab.config import TrainConfig, flatten, validate
-from bnlab.console import make_console
+from bnlab.console import make_console, shell_path
 from bnlab.data import Dataset
 from bnlab.diagnostics import precise_bn
 from bnlab.engine import Engine, Single, evaluate, prepare
-from bnlab.files import write_torch
+from bnlab.files import OutputError, owned, write_torch
 from bnlab.fused import Fused
 from bnlab.metrics import Thresholds
 from bnlab.summary import FILE, Status, Summary
@@ -89,6 +90,7 @@ class Run:
         self.window = Sums()  # over the steps since the last evaluation
         self.pending = Sums()  # over the steps since the last TensorBoard point
         self.last_eval = -1  # the last evaluated step
+        self.last_checkpoint = 0  # the step of the last checkpoint written (0: none)
         self.high_loss_steps = 0  # consecutive steps with the loss above trainer.stop_loss
         self.writer: SummaryWriter | None = None
 
@@ -105,6 +107,7 @@ class Run:
             run[k] for k in ("steps", "final", "loop_time", "wall_time")
         )
         self.thresholds.reached = run["reached"]
+        self.last_checkpoint = checkpoint["step"]
         for k in self.RESUMED:
             setattr(self, k, checkpoint[k])
 
@@ -136,9 +139,9 @@ class Run:
         if self.window.steps:
             metrics["train_loss"], metrics["train_acc"] = self.window.means()
             self.window = Sums()
-        self.writer.add_scalar("test/loss", test_loss, step)
-        self.writer.add_scalar("test/acc", test_acc, step)
-        self.writer.add_scalar("train/lr", lr, step)
+        for tag, value in (("test/loss", test_loss), ("test/acc", test_acc), ("train/lr", lr)):
+            if math.isfinite(value):  # a diverged model's NaN loss would break TensorBoard's charts
+                self.writer.add_scalar(tag, value, step)
         self.final, self.last_eval = metrics, step
         log.debug("%sstep %d: %s", self.label, step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if self.thresholds.metric in metrics:
@@ -191,25 +194,31 @@ def train(cfg: TrainConfig, run_dir: Path, console: Console | None = None) -> Su
     return train_runs([cfg], [run_dir], console)[0]
 
 
-def train_runs(cfgs: list[TrainConfig], run_dirs: list[Path], console: Console | None = None) -> list[Summary]:
+def train_runs(cfgs: list[TrainConfig], run_dirs: list[Path], console: Console | None = None) -> list[Summary | None]:
     """Train these runs, one alone or several as one fused model (`bnlab.fused.can_fuse` must accept
     them); each writes its TensorBoard events, checkpoint and summary.json into its own directory.
 
-    With trainer.resume=true a completed run is skipped and runs with checkpoints at one step continue
-    from them (in a fused group: all of them, or else all start over); otherwise a run starts over.
-    Whatever happens (divergence, an error, Ctrl-C) each summary.json is written and the events
-    flushed; errors are raised again after that.
+    Each run folder is owned by one process at a time: a run whose folder another process owns is
+    left to it (None in the result). With trainer.resume=true a completed run is skipped and runs with
+    checkpoints at one step continue from them (in a fused group: all of them, or else all start
+    over); otherwise a run starts over. Whatever happens (divergence, an error, Ctrl-C) each
+    summary.json is written and the events flushed; errors are raised again after that.
     """
-    summaries: dict[int, Summary] = {}
-    for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
-        path = run_dir / FILE
-        if cfg.trainer.resume and path.exists() and (done := Summary.load(path)).status == Status.COMPLETED:
-            log.info("%s: already completed, skipped (trainer.resume=true)", run_dir)
-            summaries[i] = done
-    todo = [i for i in range(len(cfgs)) if i not in summaries]
-    if todo:
-        results = _train_together([cfgs[i] for i in todo], [run_dirs[i] for i in todo], console or make_console())
-        summaries.update(zip(todo, results))
+    summaries: dict[int, Summary | None] = {}
+    with contextlib.ExitStack() as stack:
+        for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
+            path = run_dir / FILE
+            if not stack.enter_context(owned(run_dir)):
+                log.warning("%s: another process is training this run; it is left to that process", run_dir)
+                summaries[i] = None
+            elif cfg.trainer.resume and path.exists() and (done := Summary.load(path)).status == Status.COMPLETED:
+                log.info("%s: already completed, skipped (trainer.resume=true)", run_dir)
+                summaries[i] = done
+        todo = [i for i in range(len(cfgs)) if i not in summaries]
+        if todo:
+            console = console or make_console()
+            results = _train_together([cfgs[i] for i in todo], [run_dirs[i] for i in todo], console)
+            summaries.update(zip(todo, results))
     return [summaries[i] for i in range(len(cfgs))]
 
 
@@ -242,12 +251,18 @@ def _open_runs(cfgs: list[TrainConfig], run_dirs: list[Path], checkpoints: list[
 
 def _train_together(cfgs: list[TrainConfig], run_dirs: list[Path], console: Console) -> list[Summary]:
     checkpoints = _load_checkpoints(cfgs, run_dirs)
+    folders = ", ".join(map(str, run_dirs))
     if checkpoints:
-        resumed = ", ".join(map(str, run_dirs))
-        log.info("%s: resuming from the checkpoint at step %d", resumed, checkpoints[0]["step"])
+        log.info("%s: resuming from the checkpoint at step %d", folders, checkpoints[0]["step"])
+    else:
+        log.info("%s: training from the start", folders)
     runs = _open_runs(cfgs, run_dirs, checkpoints)
     try:
         _fit(runs, console, checkpoints)
+    except OutputError as e:
+        for run in (r for r in runs if r.status == Status.RUNNING):
+            run.status, run.error = Status.FAILED, f"{type(e).__name__}: {e}"
+        raise OutputError(e.errno, _output_error_message(e, runs)) from e
     except KeyboardInterrupt:
         for run in runs:
             run.status = Status.INTERRUPTED if run.status == Status.RUNNING else run.status
@@ -262,8 +277,22 @@ def _train_together(cfgs: list[TrainConfig], run_dirs: list[Path], console: Cons
             if run.status != Status.INTERRUPTED:  # an interrupted run logs them when it is resumed and ends
                 _log_hparams(run.writer, summary)
             run.writer.close()
-            summary.save(run.run_dir / FILE)
+            try:
+                summary.save(run.run_dir / FILE)
+            except OutputError as e:  # the error that ended the run is the one to report; the old file stays
+                log.error("%s", e)
     return summaries
+
+
+def _output_error_message(e: OutputError, runs: list[Run]) -> str:
+    """What a user needs after a write failed: which file and why, what stays valid, how to go on."""
+    run = runs[0]
+    saved = f"its last checkpoint (step {run.last_checkpoint})" if run.last_checkpoint else "no checkpoint yet"
+    return (
+        f"{e.strerror} The run stopped at step {run.steps}. What it wrote before stays as it was: {saved}, "
+        f"its TensorBoard events and any earlier summary.json. Free some space or make the folder writable, "
+        f"then continue it with `bnlab resume {shell_path(run.run_dir)}`."
+    )
 
 
 def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None) -> None:
@@ -271,6 +300,18 @@ def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None) -> N
     for run in runs:
         validate(run.cfg)
     cfg = runs[0].cfg
+    t = cfg.trainer
+    if t.max_steps % t.eval_every:
+        below = t.max_steps < t.eval_every
+        log.warning(
+            "trainer.max_steps=%d is %s trainer.eval_every=%d: the test set is evaluated at %s %d only, so "
+            "iterations-to-threshold have that resolution; choose trainer.eval_every to divide trainer.max_steps",
+            t.max_steps,
+            "below" if below else "not a multiple of",
+            t.eval_every,
+            "steps 0 and" if below else f"every {t.eval_every} steps and at step",
+            t.max_steps,
+        )
     device, data = prepare(cfg)
     for run in runs:
         run.device = str(device)
@@ -357,16 +398,16 @@ class Loop:
         self.show(test_acc=results[members[0]][1])
 
     def save_checkpoint(self, n: int, finished: bool = False) -> None:
-        state = {**self.runs[n].state(time.perf_counter() - self.start), **self.engine.member_state(n)}
-        write_torch(self.runs[n].run_dir / CHECKPOINT, {**state, "rng": torch.get_rng_state(), "finished": finished})
+        run = self.runs[n]
+        state = {**run.state(time.perf_counter() - self.start), **self.engine.member_state(n)}
+        write_torch(run.run_dir / CHECKPOINT, {**state, "rng": torch.get_rng_state(), "finished": finished})
+        run.last_checkpoint = run.steps
 
     def interrupt(self, step: int, signal_name: str) -> None:
         """Ctrl-C or SIGTERM: record what was trained and mark the active runs interrupted."""
         if self.unread:
             self.read(step, write=False)
-        log.warning(
-            "step %d: %s received; the run stops here (resume it with trainer.resume=true)", step + 1, signal_name
-        )
+        log.warning("step %d: %s received; the run stops here", step + 1, signal_name)
         for n in self.active:
             self.runs[n].status = Status.INTERRUPTED
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, compose_config
+from helpers import LONG, TINY, TRAIN, compose_config
 
 from bnlab.config import TrainConfig
 
@@ -17,3 +19,11 @@ torch.set_num_threads(1)
 def tiny_config() -> Callable[..., TrainConfig]:
     """tiny_config('norm=layer', ...) -> the TrainConfig of the tiny synthetic task with those overrides."""
     return lambda *overrides: compose_config([*TINY, *overrides])
+
+
+@pytest.fixture(scope="session")
+def unbroken(tmp_path_factory) -> Path:
+    """The LONG run trained start to end without a break, to compare interrupted and resumed runs with."""
+    cwd = tmp_path_factory.mktemp("unbroken")
+    assert subprocess.run([*TRAIN, *LONG, "hydra.run.dir=run"], cwd=cwd, capture_output=True).returncode == 0
+    return cwd / "run"

@@ -3,8 +3,10 @@ command run as a user runs it, and a run's TensorBoard scalars."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
@@ -25,7 +27,30 @@ TINY = [
     "trainer.max_steps=3",
     "trainer.eval_every=2",
 ]
-CLI = [sys.executable, "-c", "from bnlab.cli import main; main()"]  # the `bnlab` command of this interpreter
+CLI = [sys.executable, "-m", "bnlab"]  # the `bnlab` command of this interpreter
+TRAIN = [*CLI, "train"]
+# What the tool prints, as the README quotes it (tests/test_flows.py asserts each one, test_readme finds it there).
+MESSAGES = {
+    "interrupt": "continue it with `bnlab resume",
+    "changed": "a run resumes with the config it started with",
+    "comma": "remove the space after the comma",
+    "type": "is not accepted; accepted values: a number",
+    "preset": "so it runs with -m: `bnlab train -m +experiment=init_lr_grid",
+    "slurm": "which is not on this machine's PATH",
+    "disk": "What it wrote before stays as it was",
+    "nothing": "nothing to resume",
+}
+# A run long enough (about 1,000 steps of a 256-256 MLP) to be stopped halfway through.
+LONG = [
+    *TINY,
+    "data.num_train=512",
+    "data.image_size=28",
+    "data.batch_size=64",
+    "model.widths=[256,256]",
+    "trainer.max_steps=1000",
+    "trainer.eval_every=50",
+    "trainer.checkpoint_every=50",
+]
 
 
 def compose_config(overrides: list[str]) -> TrainConfig:
@@ -44,3 +69,38 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def start(*args: str, cwd: Path, output: bool = False) -> subprocess.Popen:
+    """`bnlab train ARGS` started in the background; with `output`, its stdout and stderr are kept (text)."""
+    pipe = subprocess.PIPE if output else subprocess.DEVNULL
+    return subprocess.Popen([*TRAIN, *args], cwd=cwd, stdout=pipe, stderr=pipe, text=True)
+
+
+def wait_for(path: Path, timeout: float = 120) -> None:
+    """Wait until `path` exists (a first checkpoint, say), then a little longer."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.01)
+    time.sleep(0.2)  # let the run go on past its first checkpoint
+
+
+def comparable(summary: dict) -> dict:
+    """A summary without what differs between a resumed and an unbroken run: timings, memory, the resume switch."""
+    s = {k: v for k, v in summary.items() if k not in ("wall_time_s", "steps_per_s", "peak_memory_mb")}
+    s["config"] = {**s["config"], "trainer": {k: v for k, v in s["config"]["trainer"].items() if k != "resume"}}
+    return s
+
+
+def assert_equal_runs(resumed: Path, unbroken: Path) -> None:
+    """Every TensorBoard scalar (each step once) and the summary of a resumed run equal the unbroken run's."""
+    a, b = scalars(resumed), scalars(unbroken)
+    assert a.keys() == b.keys()
+    for tag in b:
+        steps = [step for step, _ in a[tag]]
+        assert len(steps) == len(set(steps)), f"{tag}: duplicated steps"
+        assert a[tag] == b[tag], tag
+    assert comparable(json.loads((resumed / "summary.json").read_text())) == comparable(
+        json.loads((unbroken / "summary.json").read_text())
+    )

@@ -65,16 +65,25 @@ def test_a_bad_value_exits_non_zero_with_a_message_naming_the_key(tmp_path, over
     assert out.returncode == 2
     text = out.stdout + out.stderr
     assert key in text and "accepted" in text and "Traceback" not in text
-    (summary,) = (tmp_path / "outputs" / "runs").glob("*/*/summary.json")
-    assert json.loads(summary.read_text())["status"] == "failed"
+    assert not (tmp_path / "outputs").exists()  # refused before Hydra made a run folder
 
 
-def test_a_sweep_with_one_bad_job_runs_the_rest_and_shows_the_failure(tmp_path):
-    out = bnlab("train", "-m", *TINY, "optim.lr=0.01,-1", "hydra.sweep.dir=sweep", cwd=tmp_path)
+def test_a_sweep_with_a_bad_value_is_refused_before_any_run_starts(tmp_path):
+    out = bnlab("train", "-m", *TINY, "optim.lr=0.01,-1", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "the sweep is refused before any run starts" in out.stderr and "optim.lr=-1" in out.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_sweep_with_one_run_that_fails_late_runs_the_rest_and_counts_the_failure(tmp_path):
+    # a batch larger than the data set is found only once the data is loaded: that run fails, the others train
+    out = bnlab("train", "-m", *TINY, "data.batch_size=16,100", "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert out.returncode == 1
     statuses = sorted(json.loads(p.read_text())["status"] for p in (tmp_path / "sweep").glob("*/summary.json"))
     assert statuses == ["completed", "failed"]
-    assert "0/0/1" in out.stdout  # ok/div/fail of the bad group
+    assert "1 failed run left out" in " ".join(out.stdout.split())
+    shown = bnlab("summarize", "sweep", "--failed", cwd=tmp_path)
+    assert shown.returncode == 0 and "0/0/1" in shown.stdout  # ok/div/fail of the failed group
 
 
 def test_data_list_reports_missing_files(tmp_path):

@@ -43,6 +43,7 @@ LAYERS = {
     "bnlab.launcher": 6,
     "bnlab.hydra_plugin": 6,
     "bnlab.cli": 6,
+    "bnlab.__main__": 6,
 }
 ANALYSIS = {"bnlab.analysis", "bnlab.summarize", "bnlab.figures", "bnlab.report"}
 READ_BY_ANALYSIS = {"bnlab.files", "bnlab.console", "bnlab.metrics", "bnlab.summary", "bnlab.config", *ANALYSIS}

@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+from helpers import MESSAGES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -13,3 +15,8 @@ def test_ci_runs_the_readmes_two_setup_commands_verbatim():
     assert len(commands) == 2 and "bnlab train -m norm=none,batch" in commands[0] and "pytest" in commands[1]
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert all(c in ci for c in commands)
+
+
+def test_the_readme_quotes_what_the_tool_prints():
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert [m for m in MESSAGES.values() if m not in readme] == []

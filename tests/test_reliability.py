@@ -5,11 +5,10 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import CLI, TINY, bnlab, scalars
+from helpers import LONG, TINY, TRAIN, assert_equal_runs, bnlab, scalars, start, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,57 +16,6 @@ from bnlab.config import ConfigError
 from bnlab.files import write_json
 from bnlab.norms import NORMS
 from bnlab.train import train
-
-# A run long enough (about 1,000 steps of a 256-256 MLP) to be stopped halfway through.
-LONG = [
-    *TINY,
-    "data.num_train=512",
-    "data.image_size=28",
-    "data.batch_size=64",
-    "model.widths=[256,256]",
-    "trainer.max_steps=1000",
-    "trainer.eval_every=50",
-    "trainer.checkpoint_every=50",
-]
-TRAIN = [*CLI, "train"]
-
-
-def start(*args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([*TRAIN, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_for(path: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.01)
-    time.sleep(0.2)  # let the run go on past its first checkpoint
-
-
-def comparable(summary: dict) -> dict:
-    """A summary without what differs between a resumed and an unbroken run: timings, memory, the resume switch."""
-    s = {k: v for k, v in summary.items() if k not in ("wall_time_s", "steps_per_s", "peak_memory_mb")}
-    s["config"] = {**s["config"], "trainer": {k: v for k, v in s["config"]["trainer"].items() if k != "resume"}}
-    return s
-
-
-@pytest.fixture(scope="module")
-def unbroken(tmp_path_factory) -> Path:
-    cwd = tmp_path_factory.mktemp("unbroken")
-    assert subprocess.run([*TRAIN, *LONG, "hydra.run.dir=run"], cwd=cwd, capture_output=True).returncode == 0
-    return cwd / "run"
-
-
-def assert_equal_runs(resumed: Path, unbroken: Path) -> None:
-    a, b = scalars(resumed), scalars(unbroken)
-    assert a.keys() == b.keys()
-    for tag in b:
-        steps = [step for step, _ in a[tag]]
-        assert len(steps) == len(set(steps)), f"{tag}: duplicated steps"
-        assert a[tag] == b[tag], tag
-    assert comparable(json.loads((resumed / "summary.json").read_text())) == comparable(
-        json.loads((unbroken / "summary.json").read_text())
-    )
 
 
 @pytest.mark.slow

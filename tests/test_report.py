@@ -16,7 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 from bnlab.analysis import RunResult, largest_lr_that_trains
 from bnlab.config import TrainConfig
 from bnlab.figures import FIGURES
-from bnlab.files import write_json
+from bnlab.files import OutputError, write_json
 from bnlab.report import write_report
 from bnlab.summarize import summarize
 from bnlab.summary import Status, Summary
@@ -241,12 +241,14 @@ def test_precise_bn_keys_give_the_mode_chart_and_runs_without_events_still_repor
     assert image_ok(tmp_path / "precise_bn.png")
 
 
-def test_never_reached_and_failed_runs_are_shown_not_dropped(tmp_path):
+def test_never_reached_runs_are_shown_and_failed_runs_counted(tmp_path):
     fake_run(tmp_path, "none", 0, lr=0.001)  # too slow to reach any threshold in 1000 steps
     fake_run(tmp_path, "batch", 0, lr=0.001)
     fake_run(tmp_path, "batch", 1, lr=0.001, status="failed", events=False)
     text = write_report(tmp_path).read_text()
     assert "| norm=none | 1 | 1/0/0 | never |" in text
+    assert "| norm=batch | 1 | 1/0/0 |" in text and "1 failed run left out" in text  # failed: left out, counted
+    text = write_report(tmp_path, include_failed=True).read_text()
     assert "| norm=batch | 2 | 1/0/1 |" in text
     assert image_ok(tmp_path / "iterations_to_threshold.png")
 
@@ -255,5 +257,5 @@ def test_a_folder_without_runs_gets_a_short_report(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "No runs" in text
     assert not list(tmp_path.glob("*.png"))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(OutputError):
         write_report(tmp_path / "missing")

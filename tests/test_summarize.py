@@ -115,7 +115,7 @@ def write_sweep(root, runs):
 
 def test_summarize_writes_csv_md_and_json_with_one_row_per_group(tmp_path):
     write_sweep(tmp_path, RUNS)
-    summarize(tmp_path, make_console())
+    summarize(tmp_path, make_console(), include_failed=True)  # the failed run too
     rows = list(csv.DictReader(io.StringIO((tmp_path / "summary.csv").read_text())))
     assert len(rows) == 4 and {(r["norm.name"], r["optim.lr"]) for r in rows} == {
         ("batch", "0.01"),
@@ -128,6 +128,9 @@ def test_summarize_writes_csv_md_and_json_with_one_row_per_group(tmp_path):
     assert row + ">=3.03x (2.73-3.33) |" in md
     assert len(json.loads((tmp_path / "summary.json").read_text())["groups"]) == 4
     assert len(load_runs(tmp_path)) == 8  # the sweep's own summary.json is not a run
+    sweep = summarize(tmp_path, make_console())  # by default the failed run is left out, and counted
+    assert len(sweep.groups) == 3 and sweep.failed == 1 and len(sweep.left_out) == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["failed_left_out"] == 1
 
 
 def test_two_sweeps_side_by_side(tmp_path, capsys):

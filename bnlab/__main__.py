@@ -1,0 +1,20 @@
+"""`bnlab` and `python -m bnlab`: the command of bnlab/cli.py, with Ctrl-C answered by one line and exit
+code 130 at any moment, the start-up's imports included."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    try:
+        from bnlab.cli import main as run  # the imports take seconds: Ctrl-C may come during them
+
+        run()
+    except KeyboardInterrupt:
+        print("bnlab: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
