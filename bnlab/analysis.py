@@ -11,7 +11,9 @@ sweep set with the batch size.
 from __future__ import annotations
 
 import json
+import logging
 import statistics
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -25,6 +27,7 @@ from bnlab.metrics import higher_is_better, reaches
 from bnlab.summary import FILE, Status, Summary, is_run_summary
 
 Curve = tuple[np.ndarray, np.ndarray]  # (steps, values), sorted by step
+logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its event reader logs every file it finishes
 
 
 @dataclass(eq=False)
@@ -67,6 +70,25 @@ class RunResult:
         return steps, values
 
 
+def band(curves: list[Curve]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, median, min, max) over the curves, at each step that at least half of them logged.
+
+    A run that stopped early (diverged) leaves the median where fewer than half the runs go on, and
+    a step only one run logged (its last evaluation before it diverged) makes no point of its own.
+    """
+    steps = np.unique(np.concatenate([c[0] for c in curves]))
+    table = np.full((len(curves), len(steps)), np.nan)
+    present = np.zeros(table.shape, dtype=bool)
+    for i, (s, v) in enumerate(curves):
+        table[i, np.searchsorted(steps, s)] = np.where(np.isfinite(v), v, np.nan)
+        present[i, np.searchsorted(steps, s)] = True
+    keep = 2 * present.sum(0) >= len(curves)
+    table = table[:, keep]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a step where every value is NaN stays NaN
+        return steps[keep], np.nanmedian(table, 0), np.nanmin(table, 0), np.nanmax(table, 0)
+
+
 def load_runs(root: Path) -> list[RunResult]:
     """Every run below `root`: each summary.json that is a run's (a sweep's table is not)."""
     runs = []
@@ -104,6 +126,7 @@ class ThresholdStats:
     never: int  # runs that never reached it
     speedup: tuple[float, float, float] | None  # over the norm=none twin, paired by seed: (median, min, max)
     speedup_lower_bound: bool  # some twin never reached it: its step budget stood in
+    twin_never: bool = False  # the twin's runs all never reached it: the speed-up is only a lower bound
 
 
 @dataclass
@@ -114,6 +137,7 @@ class Group:
     keys: dict[str, Any]  # the varying keys' values
     runs: list[RunResult]  # whatever their status
     thresholds: dict[float, ThresholdStats] = field(default_factory=dict)
+    twin: Group | None = None  # the same config with norm=none, if the sweep has it
 
     @property
     def results(self) -> list[RunResult]:
@@ -127,16 +151,32 @@ class Group:
     def norm(self) -> str:
         return self.runs[0].summary.norm
 
+    @property
+    def lr(self) -> float:
+        return self.runs[0].summary.lr
+
+    def without(self, key: str) -> str:
+        """Its label with `key` left out: the series it belongs to when `key` varies along an axis."""
+        return ", ".join(f"{_short(k)}={v}" for k, v in self.keys.items() if k != key) or "all runs"
+
     def final(self, metric: str) -> list[float]:
         """`metric`'s final value over the runs that count (where it was recorded and finite)."""
         return [v for r in self.results if (v := r.summary.final.get(metric)) is not None]
 
+    def mean_std(self, metric: str) -> tuple[float | None, float | None]:
+        """(mean, std) over the seeds of `metric`'s final value (None where there is none, or one value)."""
+        values = self.final(metric)
+        mean = round(statistics.fmean(values), 4) if values else None
+        return mean, round(statistics.stdev(values), 4) if len(values) > 1 else None
+
     @property
     def final_test_acc(self) -> tuple[float | None, float | None]:
-        """(mean, std) of the final test accuracy."""
-        accs = self.final("test_acc")
-        mean = round(statistics.fmean(accs), 4) if accs else None
-        return mean, round(statistics.stdev(accs), 4) if len(accs) > 1 else None
+        return self.mean_std("test_acc")
+
+    @property
+    def budget(self) -> int:
+        """The step budget of its runs (the largest, should they differ)."""
+        return max(r.summary.max_steps for r in self.runs)
 
     @property
     def steps_per_s(self) -> float | None:
@@ -184,23 +224,27 @@ def group_runs(runs: list[RunResult], keys: list[str] | None = None) -> list[Gro
         groups.append(Group(label, dict(zip(keys, values)), members))
     thresholds = sorted({t for r in runs for t in r.summary.iterations_to_threshold})
     for g in groups:
-        twin = _twin(g, groups)
+        g.twin = _twin(g, groups)
+        twin = g.twin.results if g.twin else []
         for t in thresholds:
             reached = [r.summary.iterations_to_threshold.get(t) for r in g.results]
             ratios, lower = _speedups(g.results, twin, t)
             spread = _spread([v for v in reached if v is not None])
-            g.thresholds[t] = ThresholdStats(spread, sum(v is None for v in reached), _spread(ratios, 2), lower)
+            twin_never = bool(twin) and all(r.summary.iterations_to_threshold.get(t) is None for r in twin)
+            g.thresholds[t] = ThresholdStats(
+                spread, sum(v is None for v in reached), _spread(ratios, 2), lower, twin_never
+            )
     return sorted(groups, key=_sort_key)
 
 
-def _twin(group: Group, groups: list[Group]) -> list[RunResult]:
-    """The runs that count of the group with the same config but norm=none (not the group itself)."""
+def _twin(group: Group, groups: list[Group]) -> Group | None:
+    """The group with the same config but norm=none (not the group itself), if any."""
     want = {k: v for k, v in group.keys.items() if not k.startswith("norm.")}
     for other in groups:
         same = all(other.keys[k] == v for k, v in want.items())
         if other is not group and other.norm == "none" and same:
-            return other.results
-    return []
+            return other
+    return None
 
 
 @dataclass(eq=False)
@@ -317,3 +361,65 @@ def largest_lr_that_trains(runs: list[RunResult]) -> dict[str, float | None]:
         label: max((lr for lr, group in by_lr.items() if trains(group, metric, threshold)), default=None)
         for label, by_lr in lr_series(runs).items()
     }
+
+
+# ---------------------------------------------------------------- each norm at its best learning rate
+
+
+@dataclass
+class AtBestLr:
+    """A series of groups that differ only in their learning rate (one norm, say), at its best one."""
+
+    label: str  # the groups' label without the lr
+    groups: list[Group]  # one per lr tried, lr ascending
+    by_acc: Group  # the lr whose final test accuracy is highest (median over seeds)
+    by_iters: dict[float, Group | None]  # per threshold, the lr that needs the fewest iterations (median) among
+    # those where every seed reached it; None: no lr did
+
+    @property
+    def norm(self) -> str:
+        return self.groups[0].norm
+
+    def edge(self, group: Group) -> str:
+        """'', or why `group`'s lr is only a bound: it is the largest (or smallest) lr tried."""
+        lrs = [g.lr for g in self.groups]
+        if len(lrs) > 1 and group.lr == max(lrs):
+            return "the largest lr tried: a larger one may do better"
+        if len(lrs) > 1 and group.lr == min(lrs):
+            return "the smallest lr tried: a smaller one may do better"
+        return ""
+
+
+def best_lrs(sweep: Sweep) -> list[AtBestLr]:
+    """Per series of groups that differ only in optim.lr, its best lr by final test accuracy and by
+    iterations to each threshold; [] when the lr does not vary."""
+    if "optim.lr" not in sweep.varying:
+        return []
+    series: dict[str, list[Group]] = {}
+    for g in (g for g in sweep.groups if g.results):
+        series.setdefault(g.without("optim.lr"), []).append(g)
+    out = []
+    for label, groups in series.items():
+        groups = sorted(groups, key=lambda g: g.lr)
+        accs = {id(g): statistics.median(g.final("test_acc")) if g.final("test_acc") else -1.0 for g in groups}
+        by_iters = {}
+        for t in sweep.thresholds:
+            reached = [g for g in groups if g.thresholds[t].iterations is not None and not g.thresholds[t].never]
+            by_iters[t] = min(reached, key=lambda g: g.thresholds[t].iterations[0], default=None)
+        out.append(AtBestLr(label, groups, max(groups, key=lambda g: accs[id(g)]), by_iters))
+    return out
+
+
+def speedup_at_best(best: AtBestLr, everyone: list[AtBestLr], t: float) -> float | None:
+    """Median iterations to `t` of the norm=none series at its own best lr over this series' at its best lr;
+    None without such a twin, or where this series never reached `t`; inf where the twin never did."""
+
+    def setting(b: AtBestLr) -> dict[str, Any]:
+        return {k: v for k, v in b.groups[0].keys.items() if k not in ("norm.name", "optim.lr")}
+
+    twin = next((b for b in everyone if b.norm == "none" and setting(b) == setting(best)), None)
+    ours = best.by_iters.get(t)
+    if twin is None or twin is best or ours is None:
+        return None
+    theirs = twin.by_iters.get(t)
+    return float("inf") if theirs is None else theirs.thresholds[t].iterations[0] / ours.thresholds[t].iterations[0]

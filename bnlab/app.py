@@ -12,15 +12,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from rich.logging import RichHandler
 from rich.syntax import Syntax
 
 from bnlab.console import make_console, shell_path
 from bnlab.job import Outcome, job_config, run_jobs
 from bnlab.summarize import run_table, summarize
+from bnlab.summary import Summary
 
 log = logging.getLogger("bnlab")
 console = make_console()
-FUSING_LAUNCHER = "hydra_plugins.bnlab_launcher.BnlabLauncher"  # _target_ in conf/hydra/launcher/bnlab.yaml
 
 
 def claim_folder(path: str) -> str:
@@ -45,16 +46,44 @@ def train_job(dcfg: DictConfig) -> None:
     hc = HydraConfig.get()
     show_job(dcfg)
     cfg = job_config(dcfg, hc.launcher.get("n_jobs"))
-    if cfg.trainer.fuse and hc.mode == RunMode.MULTIRUN and hc.launcher.get("_target_") != FUSING_LAUNCHER:
-        log.warning("trainer.fuse=true fuses runs only with hydra/launcher=bnlab (the default); this run trains alone")
     (outcome,) = run_jobs([cfg], [Path(hc.runtime.output_dir)], console)
     report(outcome)
 
 
+def verbose() -> bool:
+    """hydra.verbose (or `bnlab train -v`) asks for every job's whole config and every log line."""
+    return bool(HydraConfig.get().verbose)
+
+
+def console_log_handler() -> logging.Handler:
+    """The console handler of conf/hydra/job_logging/rich.yaml: every INFO line in a single run; in a sweep
+    warnings and errors only (each run prints its one line), unless verbose."""
+    quiet = HydraConfig.get().mode == RunMode.MULTIRUN and not verbose()
+    return RichHandler(console=console, show_path=False, level=logging.WARNING if quiet else logging.INFO)
+
+
 def show_job(dcfg: DictConfig) -> None:
-    """The job's config and run directory, before it trains."""
-    console.print(Syntax(OmegaConf.to_yaml(dcfg), "yaml", background_color="default"))
-    log.info("run directory: %s", HydraConfig.get().runtime.output_dir)
+    """Before a job trains: its whole config when verbose (it is always in the run folder's .hydra/), and for
+    a single run the folder it writes to."""
+    hc = HydraConfig.get()
+    if verbose():
+        console.print(Syntax(OmegaConf.to_yaml(dcfg), "yaml", background_color="default"))
+    if hc.mode == RunMode.RUN:
+        console.print(f"run: {os.path.relpath(hc.runtime.output_dir)}", soft_wrap=True, highlight=False)
+
+
+def one_line(summary: Summary) -> str:
+    """A run of a sweep in one line: its name (what varies), how it ended, its final test accuracy and the
+    iterations it needed to each threshold."""
+    hc = HydraConfig.get()
+    acc = summary.final.get("test_acc")
+    reached = ", ".join(
+        f"{t:g} {'never' if at is None else f'at {at}'}" for t, at in summary.iterations_to_threshold.items()
+    )
+    return (
+        f"run {hc.job.num + 1}: {Path(hc.runtime.output_dir).name}: {summary.status.value} after {summary.steps} steps"
+        f"{'' if acc is None else f', test acc {acc:.4f}'}; {summary.threshold_metric} {reached}"
+    )
 
 
 def report(outcome: Outcome) -> None:
@@ -89,9 +118,10 @@ def report(outcome: Outcome) -> None:
         if not multirun:
             sys.exit(outcome.exit_code)
         return
-    if outcome.summary.fused_members > 1:
-        log.info("trained in a fused group of %d runs: %s", outcome.summary.fused_members, outcome.summary.status.value)
-    console.print(run_table(Path(hc.runtime.output_dir).name, outcome.summary))
+    if multirun:
+        console.print(one_line(outcome.summary), soft_wrap=True, highlight=False)
+    else:
+        console.print(run_table(Path(run_dir).name, outcome.summary))
 
 
 # A module-level name, so that parallel launchers (joblib) pickle the job by its module and name.

@@ -12,11 +12,12 @@ from typing import Any
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 from rich.console import Console
 
 from bnlab.config import BOOKKEEPING_KEYS, ConfigError, flatten, validate
 from bnlab.console import make_console, shell_path
+from bnlab.dashboard import write_dashboard
 from bnlab.engine import resolve_device
 from bnlab.job import FAILED, REFUSED, job_config
 from bnlab.overrides import DEFAULTS
@@ -24,6 +25,8 @@ from bnlab.summarize import summarize
 
 log = logging.getLogger("bnlab")
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+EXCLUDE_KEYS = "hydra.job.config.override_dirname.exclude_keys"
+FUSING_LAUNCHER = "hydra_plugins.bnlab_launcher.BnlabLauncher"  # _target_ in conf/hydra/launcher/bnlab.yaml
 
 
 def refuse(error: ConfigError) -> None:
@@ -44,6 +47,7 @@ class Preflight(Callback):
         try:
             _check_job(config)
             _check_not_a_sweep(config)
+            _warn_of_coarse_counts([config])
             if config.trainer.resume:
                 _check_resume(Path(config.hydra.run.dir), config)
         except ConfigError as e:
@@ -52,8 +56,12 @@ class Preflight(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
             return  # another sweeper draws its jobs as it goes: each is validated when it starts
+        if config.trainer.fuse and config.hydra.launcher.get("_target_") != FUSING_LAUNCHER:
+            log.warning("trainer.fuse=true fuses runs only with hydra/launcher=bnlab (the default): these run alone")
         loader = GlobalHydra.instance().config_loader()
-        jobs = [loader.load_sweep_config(config, overrides) for overrides in sweep_jobs(config)]
+        overrides = sweep_jobs(config)
+        name_runs_by_what_varies(config, overrides)
+        jobs = [loader.load_sweep_config(config, job) for job in overrides]
         try:
             errors = []
             for job in jobs:
@@ -65,6 +73,7 @@ class Preflight(Callback):
                 where, first = errors[0]
                 more = f" ({len(errors) - 1} more of the {len(jobs)} jobs are refused too)" if len(errors) > 1 else ""
                 raise ConfigError(f"the sweep is refused before any run starts: the job `{where}`: {first}{more}")
+            _warn_of_coarse_counts(jobs)
             if config.trainer.resume:
                 for job in jobs:
                     _check_resume(Path(config.hydra.sweep.dir) / str(job.hydra.sweep.subdir), job)
@@ -84,10 +93,43 @@ def sweep_jobs(config: DictConfig) -> list[list[str]]:
     return jobs
 
 
+def name_runs_by_what_varies(config: DictConfig, jobs: list[list[str]]) -> None:
+    """Run folders (and TensorBoard run names) of a sweep are named by the overrides that vary within it:
+    those that every job shares are added to Hydra's exclude_keys, through the hydra overrides that every
+    job's config is composed with (the sweep's multirun.yaml keeps them all)."""
+    parser = OverridesParser.create()
+    keys = {}  # key -> the set of "key=value" lines it takes
+    for job in jobs:
+        for o in parser.parse_overrides(job):
+            keys.setdefault(o.key_or_group, set()).add(o.input_line)
+    constant = sorted(k for k, lines in keys.items() if len(lines) == 1)
+    already = any(o.startswith(f"{EXCLUDE_KEYS}=") for o in config.hydra.overrides.hydra)
+    if already or len(constant) == len(keys):
+        return  # named by the user, or nothing varies: the names keep every override
+    with read_write(config.hydra.overrides):
+        config.hydra.overrides.hydra.append(f"{EXCLUDE_KEYS}=[{','.join([*BOOKKEEPING_KEYS, *constant])}]")
+
+
 def _check_job(config: DictConfig) -> None:
     cfg = job_config(config)
     validate(cfg)
     resolve_device(cfg.trainer.device)
+
+
+def _warn_of_coarse_counts(jobs: list[DictConfig]) -> None:
+    """Once per step budget that trainer.eval_every does not divide: iterations-to-threshold lose resolution."""
+    for max_steps, every in sorted({(j.trainer.max_steps, j.trainer.eval_every) for j in jobs}):
+        if max_steps % every:
+            below = max_steps < every
+            log.warning(
+                "trainer.max_steps=%d is %s trainer.eval_every=%d: the test set is evaluated at %s %d only, so "
+                "iterations-to-threshold have that resolution; choose trainer.eval_every to divide trainer.max_steps",
+                max_steps,
+                "below" if below else "not a multiple of",
+                every,
+                "steps 0 and" if below else f"every {every} steps and at step",
+                max_steps,
+            )
 
 
 def _check_not_a_sweep(config: DictConfig) -> None:
@@ -128,9 +170,12 @@ def _check_resume(run_dir: Path, config: DictConfig) -> None:
 
 
 class SweepTable(Callback):
-    """At the end of a multirun: the sweep's table and summary files; exit 1 if any run failed."""
+    """At the end of a multirun: the sweep's table, summary files and TensorBoard dashboard; exit 1 if any
+    run failed."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep = summarize(Path(config.hydra.sweep.dir), make_console())
+        root = Path(config.hydra.sweep.dir)
+        sweep = summarize(root, make_console())
+        write_dashboard(root)
         if sweep is not None and sweep.failed:
             sys.exit(FAILED)

@@ -18,8 +18,10 @@ from rich.console import Console
 from rich.table import Table
 
 from bnlab.app import console, train_app
+from bnlab.callbacks import EXCLUDE_KEYS
 from bnlab.config import BOOKKEEPING_KEYS, ConfigError, DataConfig
 from bnlab.console import shell_path
+from bnlab.dashboard import write_dashboard
 from bnlab.data import DATASETS, DataError, fetch, file_report
 from bnlab.job import OK, REFUSED
 from bnlab.overrides import check_overrides, override_args, parse, quote
@@ -99,7 +101,8 @@ def resume(folder: Path) -> None:
     if (folder / "multirun.yaml").is_file():
         saved = OmegaConf.load(folder / "multirun.yaml")
         task = [o for o in saved.hydra.overrides.task if not o.startswith("trainer.resume=")]
-        keep = [o for o in saved.hydra.overrides.hydra if o.split("=")[0] not in ("hydra.sweep.dir", "hydra.mode")]
+        made = ("hydra.sweep.dir", "hydra.mode", EXCLUDE_KEYS)  # set anew by this invocation
+        keep = [o for o in saved.hydra.overrides.hydra if o.split("=")[0] not in made]
         params = [f"{k}={v}" for k, v in (saved.hydra.sweeper.get("params") or {}).items()]
         (jobs,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides([*params, *task]), None)
         done = sum(Summary.load(p).status == Status.COMPLETED for p in folder.glob(f"*/{FILE}"))
@@ -169,8 +172,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:
-        train(argv[1:])
+    if argv[:1] == ["train"]:  # -v: every job's whole config and every log line (Hydra's own hydra.verbose)
+        train([a if a not in ("-v", "--verbose") else "hydra.verbose=bnlab" for a in argv[1:]])
         return
     args = parser().parse_args(argv)
     if args.command == "resume":
@@ -190,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "report":
         console.print(f"report: {write_report(args.dir, include_failed=args.failed)}")
     elif args.command == "tb":
+        write_dashboard(args.dir)
         os.execv(
             sys.executable,
             [sys.executable, "-m", "tensorboard.main", "--logdir", str(args.dir), *args.tensorboard_args],

@@ -1,12 +1,16 @@
 """The report's figures, each a function of the analysed sweep (bnlab.analysis) that returns its `Section`
-(title, caption, the matplotlib figure, text) or None when no run logged what it needs; `FIGURES` names
-each figure's PNG file once. Medians over seeds with min-max bands or error bars; each group keeps its
-colour in every figure."""
+(title, caption, the matplotlib figure, markdown after it) or None when no run logged what it needs;
+`FIGURES` names each figure's PNG file once.
+
+Every figure draws a group with the same look (`Looks`): its norm's colour (norm=none dark grey), its
+learning rate's line style (bars: its hatch), and a marker for whatever else varies; every legend
+entry names one group. Medians over seeds, with min-max bands or error bars.
+"""
 
 from __future__ import annotations
 
 import re
-import warnings
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,14 +24,19 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from bnlab.analysis import (
+    AtBestLr,
     Curve,
+    Group,
     RunResult,
     Sweep,
+    band,
     batch_size_keys,
+    best_lrs,
     easiest_threshold,
     group_runs,
     largest_lr_that_trains,
     lr_series,
+    speedup_at_best,
 )
 from bnlab.metrics import METRICS, higher_is_better
 from bnlab.summary import Status, Summary
@@ -35,6 +44,10 @@ from bnlab.summary import Status, Summary
 DPI = 120
 BAND_ALPHA = 0.2
 STEPS = "iterations (optimizer steps)"
+NONE_COLOUR = "0.25"  # norm=none, the baseline
+DASHES = ["-", "--", ":", "-."]  # per learning rate, ascending
+HATCHES = ["", "//", "..", "xx", "\\\\"]  # per learning rate, on bars
+MARKERS = ["o", "s", "^", "D", "v", "P", "X"]  # per value of what else varies
 ACT_TAG = re.compile(r"^act/(-?\d+)/unit0/p(15|50|85)$")
 ICS_TAG = re.compile(r"^ics/layer(\d+)/l2$")
 LANDSCAPE = (
@@ -63,20 +76,45 @@ class Section:
     text: str = ""  # markdown after the figure
 
 
-def palette(labels: list[str]) -> dict[str, Any]:
-    """One distinct colour per label, in order."""
-    if len(labels) <= 10:
-        colours = colormaps["tab10"].colors
-    elif len(labels) <= 20:
-        colours = colormaps["tab20"].colors
-    else:
-        colours = colormaps["viridis"](np.linspace(0, 0.95, len(labels)))
-    return {label: colours[i] for i, label in enumerate(labels)}
+# ---------------------------------------------------------------- one look per group, in every figure
 
 
-def colours(sweep: Sweep) -> dict[str, Any]:
-    """Group label -> its colour, the same in every figure of the sweep."""
-    return palette([g.label for g in sweep.groups])
+@dataclass(frozen=True)
+class Look:
+    colour: Any  # by norm
+    dash: str  # by learning rate
+    hatch: str  # by learning rate, on bars
+    marker: str  # by what else varies
+
+    def line(self, **kwargs: Any) -> dict[str, Any]:
+        return {"color": self.colour, "ls": self.dash, "marker": self.marker, **kwargs}
+
+
+class Looks:
+    """The look of every group of a sweep: colour by norm, dash and hatch by lr, marker by the other keys."""
+
+    def __init__(self, sweep: Sweep) -> None:
+        norms = sorted({g.norm for g in sweep.groups} - {"none"})
+        tab = colormaps["tab10"].colors
+        self.colours = {"none": NONE_COLOUR, **{n: tab[i % len(tab)] for i, n in enumerate(norms)}}
+        self.lrs = sorted({g.lr for g in sweep.groups})
+        self.rest_keys = [k for k in sweep.varying if k not in ("norm.name", "optim.lr")]
+        self.rests = sorted({self.rest(g) for g in sweep.groups}, key=str)
+
+    def rest(self, group: Group) -> tuple:
+        return tuple(group.keys.get(k) for k in self.rest_keys)
+
+    def of(self, group: Group, vary_lr: bool = True) -> Look:
+        """`group`'s look; with vary_lr=False (a figure whose x axis is the lr) one style for every lr."""
+        i = self.lrs.index(group.lr) if vary_lr else 0
+        rest = self.rest(group)  # a series along an axis (batch size, say) lacks that key: the first marker
+        marker = MARKERS[self.rests.index(rest) % len(MARKERS)] if rest in self.rests else MARKERS[0]
+        return Look(self.colours[group.norm], DASHES[i % len(DASHES)], HATCHES[i % len(HATCHES)], marker)
+
+
+def norm_colours(sweep: Sweep) -> dict[str, Any]:
+    """Norm -> its colour in every figure of the sweep."""
+    return Looks(sweep).colours
 
 
 # ---------------------------------------------------------------- plotting helpers
@@ -91,22 +129,27 @@ def _figure(
     return fig, axes
 
 
-def _legend(
-    fig: Figure, handles: list[Any] | None = None, labels: list[str] | None = None, below: bool = False
-) -> None:
+def _legend(fig: Figure, handles: list[Any], labels: list[str], below: bool = False) -> None:
     """One legend for the whole figure, outside the axes (never over the data): on the right, or `below` them."""
-    if handles is None:
-        handles, labels = [], []
-        for ax in fig.axes:
-            for h, label in zip(*ax.get_legend_handles_labels()):
-                if label not in labels:
-                    handles.append(h)
-                    labels.append(label)
-    if handles:
-        if below:
-            fig.legend(handles, labels, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
+    if not handles:
+        return
+    if below:
+        fig.legend(handles, labels, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
+    else:
+        fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
+
+
+def _group_legend(groups: list[Group], looks: Looks, bars: bool = False, vary_lr: bool = True) -> tuple[list, list]:
+    """A legend entry per group (each label once), drawn in the group's look."""
+    handles, labels = [], []
+    for g in groups:
+        look = looks.of(g, vary_lr)
+        if bars:
+            handles.append(Patch(facecolor=look.colour, hatch=look.hatch, edgecolor="white"))
         else:
-            fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
+            handles.append(Line2D([], [], **look.line(lw=1.6, ms=5)))
+        labels.append(g.label if vary_lr else g.without("optim.lr"))
+    return handles, labels
 
 
 def _wrap(label: str) -> str:
@@ -117,50 +160,30 @@ def _finite(values: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(values), values, np.nan)
 
 
-def band(curves: list[Curve]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(steps, median, min, max) over the curves, at each step that at least half of them logged.
-
-    A run that stopped early (diverged) leaves the median where fewer than half the runs go on, and
-    a step only one run logged (its last evaluation before it diverged) makes no point of its own.
-    """
-    steps = np.unique(np.concatenate([c[0] for c in curves]))
-    table = np.full((len(curves), len(steps)), np.nan)
-    present = np.zeros(table.shape, dtype=bool)
-    for i, (s, v) in enumerate(curves):
-        table[i, np.searchsorted(steps, s)] = _finite(v)
-        present[i, np.searchsorted(steps, s)] = True
-    keep = 2 * present.sum(0) >= len(curves)
-    table = table[:, keep]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a step where every value is NaN stays NaN
-        return steps[keep], np.nanmedian(table, 0), np.nanmin(table, 0), np.nanmax(table, 0)
-
-
-def _plot_band(ax: Axes, curves: list[Curve], colour: Any, label: str | None = None) -> bool:
-    """The median line and the min-max band; a run with steps outside the band is also drawn on its own,
-    thin (True if any was)."""
+def _plot_band(ax: Axes, curves: list[Curve], look: Look) -> bool:
+    """The median line (markers every tenth point) and the min-max band; a run with steps outside the band is
+    also drawn on its own, thin (True if any was)."""
     steps, median, lo, hi = band(curves)
-    ax.plot(steps, median, color=colour, lw=1.6, label=label)
+    ax.plot(steps, median, **look.line(lw=1.6, ms=4, markevery=max(1, len(steps) // 10)))
     if len(curves) > 1:
-        ax.fill_between(steps, lo, hi, color=colour, alpha=BAND_ALPHA, lw=0)
+        ax.fill_between(steps, lo, hi, color=look.colour, alpha=BAND_ALPHA, lw=0)
     apart = [(s, v) for s, v in curves if not np.isin(s, steps).all()]
     for s, v in apart:
-        ax.plot(s, _finite(v), color=colour, lw=0.8, alpha=0.7)
+        ax.plot(s, _finite(v), color=look.colour, ls=look.dash, lw=0.8, alpha=0.7)
     return bool(apart)
 
 
 def _plot_groups(
-    ax: Axes, sweep: Sweep, tag: str, window: Callable[[RunResult], int] = lambda run: 0
-) -> tuple[bool, bool]:
-    """Per group, the median curve of `tag` over its seeds with a min-max band.
-
-    Returns (whether any run logged the tag, whether some run was drawn on its own)."""
-    drawn = apart = False
-    for group, runs in sweep.counted.items():
-        curves = [c for r in runs if (c := r.curve(tag, window(r))) is not None and len(c[0])]
+    ax: Axes, sweep: Sweep, looks: Looks, tag: str, window: Callable[[RunResult], int] = lambda run: 0
+) -> tuple[list[Group], bool]:
+    """Per group, the median curve of `tag` over its seeds with a min-max band: (the groups drawn, whether
+    some run was drawn on its own)."""
+    drawn, apart = [], False
+    for g in (g for g in sweep.groups if g.results):
+        curves = [c for r in g.results if (c := r.curve(tag, window(r))) is not None and len(c[0])]
         if curves:
-            apart |= _plot_band(ax, curves, colours(sweep)[group], group)
-            drawn = True
+            apart |= _plot_band(ax, curves, looks.of(g))
+            drawn.append(g)
     return drawn, apart
 
 
@@ -182,7 +205,95 @@ def _threshold_text(sweep: Sweep, t: float) -> str:
     return f"{sweep.metric} {'≥' if higher_is_better(sweep.metric) else '≤'} {t:g}"
 
 
+def _lr_axis(ax: Axes, lrs: list[float]) -> None:
+    ax.set_xscale("log")
+    ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("learning rate (optim.lr, log scale)")
+
+
 # ---------------------------------------------------------------- the figures
+
+
+def best_lr(sweep: Sweep) -> Section | None:
+    """0. The headline: each norm at its own best learning rate (by final test accuracy, and by iterations to
+    each threshold), the fair comparison when the lr varies."""
+    best = best_lrs(sweep)
+    if not best:
+        return None
+    looks = Looks(sweep)
+    ts = sweep.thresholds
+    fig, axes = _figure(1, 1 + len(ts), width=4.0 + 3.2 * (1 + len(ts)), height=5.0)
+    for i, b in enumerate(best):
+        g = b.by_acc
+        accs = g.final("test_acc")
+        med = statistics.median(accs)
+        axes[0, 0].bar(i, med, 0.7, color=looks.of(g).colour, hatch=looks.of(g).hatch, edgecolor="white")
+        axes[0, 0].errorbar(i, med, yerr=[[med - min(accs)], [max(accs) - med]], fmt="none", ecolor="black", capsize=3)
+        axes[0, 0].text(
+            i,
+            max(accs) + 0.005,
+            f"{med:.3f}\nlr {g.lr:g}{'*' if b.edge(g) else ''}",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+        for j, t in enumerate(ts, 1):
+            ax, at = axes[0, j], b.by_iters[t]
+            if at is None:
+                ax.bar(i, b.groups[0].budget, 0.7, facecolor="none", edgecolor=looks.of(b.groups[0]).colour, ls="--")
+                ax.text(i, b.groups[0].budget, "never", ha="center", va="bottom", fontsize=7)
+                continue
+            med, lo, hi = at.thresholds[t].iterations
+            ax.bar(i, med, 0.7, color=looks.of(at).colour, hatch=looks.of(at).hatch, edgecolor="white")
+            ax.errorbar(i, med, yerr=[[med - lo], [hi - med]], fmt="none", ecolor="black", capsize=3)
+            ax.text(i, hi, f"{med:g}\nlr {at.lr:g}{'*' if b.edge(at) else ''}", ha="center", va="bottom", fontsize=7)
+    names = [_wrap(b.label) for b in best]
+    accs_seen = [a for b in best for a in b.by_acc.final("test_acc")]
+    low = max(0.0, min(accs_seen) - 0.05)
+    axes[0, 0].set_ylim(low, max(accs_seen) + 0.3 * (max(accs_seen) - low))  # room for the labels above the bars
+    axes[0, 0].set(ylabel="final test accuracy", title="final test accuracy\nat each one's best lr")
+    for j, t in enumerate(ts, 1):
+        axes[0, j].set(ylabel=f"{STEPS}", title=f"iterations to {_threshold_text(sweep, t)}\nat each one's best lr")
+        axes[0, j].set_ylim(0, axes[0, j].get_ylim()[1] * 1.15)
+    for ax in axes[0]:
+        ax.set_xticks(range(len(best)), names, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("each norm at its own best learning rate (median over seeds, error bars: min-max)")
+    return Section(
+        "Each norm at its best learning rate",
+        "Left: final test accuracy of each norm (and setting) at the learning rate where it is highest; right: the "
+        "iterations each needs to reach each threshold at the lr where that is fewest (every seed reaching it). "
+        "The lr is written above each bar; * marks an lr at the edge of the grid tried, so the best may lie "
+        "beyond it; 'never': no lr reached the threshold. Median over seeds, error bars min-max.",
+        fig,
+        best_lr_table(sweep, best),
+    )
+
+
+def best_lr_table(sweep: Sweep, best: list[AtBestLr]) -> str:
+    """The best-lr comparison as a markdown table, with the speed-up over norm=none at its own best lr."""
+    ts = sweep.thresholds
+    head = ["group", "best lr (test acc)", "final test acc", *(f"iters to {t:g} (lr)" for t in ts)]
+    head += [f"speed-up to {t:g} over none at its best lr" for t in ts]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for b in best:
+        mean, std = b.by_acc.final_test_acc
+        row = [b.label, f"{b.by_acc.lr:g}{'*' if b.edge(b.by_acc) else ''}", f"{mean:.4f}±{std or 0:.4f}"]
+        for t in ts:
+            at = b.by_iters[t]
+            row.append(
+                "never" if at is None else f"{at.thresholds[t].iterations[0]:g} ({at.lr:g}{'*' if b.edge(at) else ''})"
+            )
+        for t in ts:
+            ratio = speedup_at_best(b, best, t)
+            row.append("-" if ratio is None else "none never reached it" if ratio == float("inf") else f"{ratio:.2f}x")
+        lines.append("| " + " | ".join(row) + " |")
+    return (
+        "Each norm at its own best learning rate: the fair comparison (at one shared lr the table below favours "
+        "whichever norm that lr suits). * marks an lr at the edge of the grid tried.\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 def _zoom(sweep: Sweep, curves: list[Curve]) -> tuple[float, float] | None:
@@ -212,24 +323,24 @@ def metric_curves(sweep: Sweep) -> Section | None:
         """Training curves are averaged over each evaluation interval (so they read like the test curves)."""
         return run.summary.config.get("trainer", {}).get("eval_every", 1) if tag.startswith("train/") else 0
 
-    zoom = _zoom(
-        sweep, [c for runs in sweep.counted.values() for r in runs if (c := r.curve(tag, window(r))) is not None]
-    )
+    looks = Looks(sweep)
+    curves = [c for g in sweep.groups for r in g.results if (c := r.curve(tag, window(r))) is not None]
+    zoom = _zoom(sweep, curves)
     fig, axes = _figure(1, 2 if zoom else 1, width=14.0 if zoom else 9.0, height=5.0)
     diverged = [
-        (r, c)
-        for runs in sweep.counted.values()
-        for r in runs
+        (g, c)
+        for g in sweep.groups
+        for r in g.results
         if r.summary.status == Status.DIVERGED and (c := r.curve(tag, window(r))) is not None and len(c[0])
     ]
     for ax in axes[0]:
-        drawn, apart = _plot_groups(ax, sweep, tag, window)
+        drawn, apart = _plot_groups(ax, sweep, looks, tag, window)
         if not drawn:
             return None
-        for run, (steps, values) in diverged:
-            ax.plot(steps[-1], values[-1], "x", color=colours(sweep)[run.group], ms=9, mew=2)
-        for k in sweep.thresholds:
-            ax.axhline(k, color="0.35", ls=":", lw=1.2)
+        for g, (steps, values) in diverged:
+            ax.plot(steps[-1], values[-1], "x", color=looks.of(g).colour, ms=9, mew=2)
+        for t in sweep.thresholds:
+            ax.axhline(t, color="0.35", ls=":", lw=1.0)
         ax.set(xlabel=STEPS, ylabel=METRICS[sweep.metric].label)
         ax.grid(alpha=0.3)
     name = METRICS[sweep.metric].label.split(" (")[0]
@@ -237,24 +348,17 @@ def metric_curves(sweep: Sweep) -> Section | None:
     if zoom:
         axes[0, 1].set_ylim(*zoom)
         axes[0, 1].set_title("the same, zoomed on the thresholds")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
+    handles, labels = _group_legend(drawn, looks)
     extras = [
-        (
-            bool(sweep.thresholds),
-            Line2D([], [], color="0.35", ls=":", lw=1.2),
-            f"thresholds: {', '.join(f'{t:g}' for t in sweep.thresholds)}",
-        ),
+        (bool(sweep.thresholds), Line2D([], [], color="0.35", ls=":", lw=1.0), "the thresholds"),
         (apart, Line2D([], [], color="0.3", lw=0.8, alpha=0.7), "one run, where it leaves\nthe median (stopped early)"),
         (bool(diverged), Line2D([], [], color="0.2", marker="x", ms=9, mew=2, ls="none"), "a run diverged here"),
     ]
-    _legend(
-        fig, handles + [h for shown, h, _ in extras if shown], labels + [label for shown, _, label in extras if shown]
-    )
+    _legend(fig, handles + [h for shown, h, _ in extras if shown], labels + [lab for shown, _, lab in extras if shown])
     return Section(
         f"{sweep.metric} over training",
         f"{sweep.metric} vs iterations per group: median over seeds, shaded min-max (at the steps at least half "
-        "the seeds "
-        "reached); dotted: the thresholds; x: where a run diverged"
+        "the seeds reached); dotted: the thresholds; x: where a run diverged"
         + ("; right: zoomed on the thresholds" if zoom else "")
         + ("; training figures are means over the steps between evaluations." if tag.startswith("train/") else "."),
         fig,
@@ -262,89 +366,95 @@ def metric_curves(sweep: Sweep) -> Section | None:
 
 
 def iterations_to_threshold(sweep: Sweep) -> Section | None:
-    """2. Iterations to each threshold per group: median bars, min-max error bars, never-reached runs hatched
-    at the budget."""
+    """2. Iterations to each threshold per group: median bars, min-max error bars, never-reached runs as an
+    empty dashed bar at the budget."""
     groups = [g for g in sweep.groups if g.results]
     if not sweep.thresholds or not groups:
         return None
+    looks = Looks(sweep)
     fig, ((ax,),) = _figure(width=max(9.0, 2.0 + 0.45 * len(groups) * len(sweep.thresholds)))
     width = 0.8 / len(groups)
     top = 0
     for j, group in enumerate(groups):
-        colour, runs = colours(sweep)[group.label], group.results
-        steps = max(r.summary.max_steps for r in runs)
+        look = looks.of(group)
         for i, t in enumerate(sweep.thresholds):
             x = i - 0.4 + width * (j + 0.5)
             stats = group.thresholds[t]
-            never = stats.never
-            if never:
-                ax.bar(x, steps, width, facecolor="none", edgecolor=colour, hatch="///", lw=1)
-                ax.text(x, steps, f"{never}/{len(runs)}\nnever", ha="center", va="bottom", fontsize=7)
-                top = max(top, steps)
+            if stats.never:
+                ax.bar(x, group.budget, width, facecolor="none", edgecolor=look.colour, ls="--", lw=1)
+                ax.text(
+                    x, group.budget, f"{stats.never}/{len(group.results)}\nnever", ha="center", va="bottom", fontsize=7
+                )
+                top = max(top, group.budget)
             if stats.iterations is not None:
                 median, lo, hi = stats.iterations
-                ax.bar(x, median, width, color=colour, label=group.label)
+                ax.bar(x, median, width, color=look.colour, hatch=look.hatch, edgecolor="white")
                 ax.errorbar(x, median, yerr=[[median - lo], [hi - median]], fmt="none", ecolor="black", capsize=3, lw=1)
                 top = max(top, hi)
     ax.set_ylim(0, top * 1.18 or 1)
     ax.set_xlim(-0.5, len(sweep.thresholds) - 0.5)
-    ax.set_xticks(range(len(sweep.thresholds)), [_threshold_text(sweep, k) for k in sweep.thresholds])
+    ax.set_xticks(range(len(sweep.thresholds)), [_threshold_text(sweep, t) for t in sweep.thresholds])
     ax.set(
         xlabel="threshold",
         ylabel=f"{STEPS}\nto reach the threshold",
         title="iterations to each threshold\n(median over seeds, error bars: min-max)",
     )
     ax.grid(axis="y", alpha=0.3)
-    handles = [Patch(color=colours(sweep)[g.label]) for g in groups]
-    labels = [g.label for g in groups]
+    handles, labels = _group_legend(groups, looks, bars=True)
     if any(g.thresholds[t].never for g in groups for t in sweep.thresholds):
-        handles.append(Patch(facecolor="none", edgecolor="0.3", hatch="///"))
-        labels.append("never reached: drawn at the\nstep budget (trainer.max_steps)")
+        handles.append(Patch(facecolor="none", edgecolor="0.3", ls="--"))
+        labels.append("never reached: an empty bar\nat the step budget (trainer.max_steps)")
     _legend(fig, handles, labels)
     return Section(
         "Iterations to each threshold",
         "Iterations to each threshold per group: bar = median over the seeds that reached it, error bar = min-max; "
-        "hatched bar at the step budget with 'k/n never' = seeds that never reached it.",
+        "an empty dashed bar at the step budget with 'k/n never' = seeds that never reached it.",
         fig,
     )
 
 
 def lr_sensitivity(sweep: Sweep) -> Section | None:
-    """3. Final test accuracy and iterations to threshold vs learning rate, per group minus the lr."""
+    """3. Final test accuracy and iterations to each threshold vs learning rate, per group minus the lr."""
     if "optim.lr" not in sweep.varying or batch_size_keys(sweep):
         return None
+    looks = Looks(sweep)
     series = lr_series(sweep.runs)
+    first = {g.without("optim.lr"): g for g in reversed(sweep.groups)}  # a group of each series, for its look
     best = largest_lr_that_trains(sweep.runs)
-    tints = palette(list(series))
     threshold = easiest_threshold(sweep.metric, sweep.thresholds)
-    styles = ["-", "--", ":", "-."]
-    fig, ((ax_acc, ax_it),) = _figure(1, 2, width=13.0, height=5.0)
-    max_steps = max((r.summary.max_steps for r in sweep.runs), default=0)
+    ts = sweep.thresholds
+    fig, axes = _figure(1, 1 + len(ts), width=3.0 + 4.0 * (1 + len(ts)), height=5.0)
+    ax_acc = axes[0, 0]
+    all_lrs = sorted({lr for by_lr in series.values() for lr in by_lr})
     any_diverged = any_open = False
     for j, (label, by_lr) in enumerate(series.items()):
-        colour = tints[label]
+        look = looks.of(first[label], vary_lr=False)
         lrs = np.array(list(by_lr))
         accs = [
             [a for s in runs if s.status.counts and (a := s.final.get("test_acc")) is not None]
             for runs in by_lr.values()
         ]
         have = [i for i, a in enumerate(accs) if a]
-        ax_acc.plot(lrs[have], [np.median(accs[i]) for i in have], "o-", color=colour, lw=1.6, label=label)
+        ax_acc.plot(lrs[have], [np.median(accs[i]) for i in have], **look.line(lw=1.6))
         ax_acc.fill_between(
-            lrs[have], [min(accs[i]) for i in have], [max(accs[i]) for i in have], color=colour, alpha=BAND_ALPHA, lw=0
+            lrs[have],
+            [min(accs[i]) for i in have],
+            [max(accs[i]) for i in have],
+            color=look.colour,
+            alpha=BAND_ALPHA,
+            lw=0,
         )
         for lr, runs in by_lr.items():
-            for s in runs:
-                if s.status == Status.DIVERGED:
-                    any_diverged = True
-                    ax_acc.plot(lr, s.final.get("test_acc") or 0.0, "x", color=colour, ms=10, mew=2.2)
+            for s in (s for s in runs if s.status == Status.DIVERGED):
+                any_diverged = True
+                ax_acc.plot(lr, s.final.get("test_acc") or 0.0, "x", color=look.colour, ms=10, mew=2.2)
         if best.get(label) is not None and accs[i := list(by_lr).index(best[label])]:
-            ax_acc.plot(best[label], np.median(accs[i]), "o", ms=15, mfc="none", mec=colour, mew=2)
+            ax_acc.plot(best[label], np.median(accs[i]), "o", ms=15, mfc="none", mec=look.colour, mew=2)
         jitter = 1.06 ** (j - (len(series) - 1) / 2)  # keeps the series' error bars apart
-        for style, k in zip(styles * 3, sweep.thresholds):
-            its = [[_iterations(s, k) for s in runs if s.status.counts] for runs in by_lr.values()]
+        for ax, t in zip(axes[0, 1:], ts):
+            its = [[_iterations(s, t) for s in runs if s.status.counts] for runs in by_lr.values()]
             nevers = [
-                any(s.status.counts and s.iterations_to_threshold.get(k) is None for s in runs)
+                any(s.status.counts and s.iterations_to_threshold.get(t) is None for s in runs)
                 for runs in by_lr.values()
             ]
             have = [i for i, v in enumerate(its) if v]
@@ -353,87 +463,76 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
             x = lrs[have] * jitter
             median = np.array([np.median(its[i]) for i in have])
             err = [median - [min(its[i]) for i in have], [max(its[i]) for i in have] - median]
-            ax_it.errorbar(x, median, yerr=err, color=colour, ls=style, lw=1.4, capsize=3)
-            closed = [n for n, i in enumerate(have) if not nevers[i]]
+            ax.errorbar(x, median, yerr=err, color=look.colour, ls=look.dash, lw=1.4, capsize=3)
             opened = [n for n, i in enumerate(have) if nevers[i]]
+            closed = [n for n, i in enumerate(have) if not nevers[i]]
             any_open |= bool(opened)
-            ax_it.plot(x[closed], median[closed], "o", color=colour, ms=6)
-            ax_it.plot(x[opened], median[opened], "o", mfc="white", mec=colour, mew=1.6, ms=7)
+            ax.plot(x[closed], median[closed], look.marker, color=look.colour, ms=6)
+            ax.plot(x[opened], median[opened], look.marker, mfc="white", mec=look.colour, mew=1.6, ms=7)
     if threshold is not None and sweep.metric == "test_acc":
-        ax_acc.axhline(threshold, color="0.35", ls=":", lw=1.2)
-    if max_steps:
-        ax_it.axhline(max_steps, color="0.35", ls="--", lw=1)
-    all_lrs = sorted({lr for by_lr in series.values() for lr in by_lr})
-    for ax in (ax_acc, ax_it):
-        ax.set_xscale("log")
-        ax.set_xticks(all_lrs, [f"{lr:g}" for lr in all_lrs])
-        ax.minorticks_off()
-        ax.grid(alpha=0.3)
-        ax.set_xlabel("learning rate (optim.lr, log scale)")
-    _log_scale_if_wide(ax_it)
+        ax_acc.axhline(threshold, color="0.35", ls=":", lw=1.0)
+    budget = max((r.summary.max_steps for r in sweep.runs), default=0)
+    for ax, t in zip(axes[0, 1:], ts):
+        ax.axhline(budget, color="0.35", ls=":", lw=1.0)
+        _lr_axis(ax, all_lrs)
+        _log_scale_if_wide(ax)
+        ax.set(
+            ylabel=f"{STEPS}", title=f"iterations to {_threshold_text(sweep, t)}\n(median over seeds, bars: min-max)"
+        )
+    _lr_axis(ax_acc, all_lrs)
     ax_acc.set(
         ylabel="final test accuracy", title="final test accuracy vs learning rate\n(median over seeds, band: min-max)"
     )
-    ax_it.set(
-        ylabel=f"{STEPS} to reach the threshold",
-        title="iterations to each threshold vs learning rate\n(median over seeds, error bars: min-max)",
-    )
-    handles = [Line2D([], [], color=tints[label], marker="o", lw=1.6) for label in series]
+    handles = [Line2D([], [], **looks.of(first[label], vary_lr=False).line(lw=1.6)) for label in series]
     labels = list(series)
-    handles += [Line2D([], [], color="0.3", ls=style) for style, _ in zip(styles * 3, sweep.thresholds)]
-    labels += [_threshold_text(sweep, k) for k in sweep.thresholds]
     extras = [
         (True, Line2D([], [], color="0.3", marker="o", ms=13, mfc="none", mew=2, ls="none"), "largest lr that trains"),
         (
             any_diverged,
             Line2D([], [], color="0.3", marker="x", ms=9, mew=2.2, ls="none"),
-            "diverged run (its final test acc)",
+            "a diverged run\n(its final test acc)",
         ),
         (
             any_open,
             Line2D([], [], color="0.3", marker="o", mfc="white", ls="none"),
             "some seeds never reached it\n(counted at the step budget)",
         ),
-        (
-            threshold is not None and sweep.metric == "test_acc",
-            Line2D([], [], color="0.35", ls=":"),
-            f"lowest threshold ({threshold:g})" if threshold is not None else "",
-        ),
-        (bool(max_steps), Line2D([], [], color="0.35", ls="--", lw=1), "step budget"),
+        (True, Line2D([], [], color="0.35", ls=":", lw=1.0), "left: the lowest threshold;\nright: the step budget"),
     ]
-    for shown, handle, label in extras:
-        if shown:
-            handles.append(handle)
-            labels.append(label)
-    _legend(fig, handles, labels)
+    _legend(fig, handles + [h for shown, h, _ in extras if shown], labels + [lab for shown, _, lab in extras if shown])
     higher = higher_is_better(sweep.metric)
     criterion = (
         " (no threshold was set)"
         if threshold is None
-        else (
-            f" and each ended with final {sweep.metric} {'≥' if higher else '≤'} {threshold:g} "
-            f"(the {'lowest' if higher else 'highest'} threshold)"
-        )
+        else f" and each ended with final {sweep.metric} {'≥' if higher else '≤'} {threshold:g} "
+        f"(the {'lowest' if higher else 'highest'} threshold)"
     )
     lines = [
         "Largest learning rate that still trains, per group: all its seeds completed "
         f"(none diverged, failed or interrupted){criterion}.",
         "",
         *(
-            f"- {label}: "
-            + (f"**{lr:g}**" if lr is not None else "none")
-            + f" (tried: {', '.join(f'{x:g}' for x in series[label])})"
+            f"- {label}: {_largest(lr, list(series[label]))} (tried: {', '.join(f'{x:g}' for x in series[label])})"
             for label, lr in best.items()
         ),
     ]
     return Section(
         "Learning-rate sensitivity",
         "Left: final test accuracy vs learning rate (median over seeds, shaded min-max; x: diverged runs; ring: the "
-        "largest lr that trains). Right: iterations to each threshold vs learning rate (open markers: some seeds "
-        "never reached it and count at the step budget).",
+        "largest lr that trains). Then, one panel per threshold: the iterations to reach it vs learning rate (open "
+        "markers: some seeds never reached it and count at the step budget). Colour: norm.",
         fig,
         "\n".join(lines) + "\n",
     )
+
+
+def _largest(lr: float | None, tried: list[float]) -> str:
+    """The largest lr that trains, as a bound where the grid ends: '**≥ 10** (the largest lr tried ...)'."""
+    if lr is None:
+        return f"none (not even the smallest lr tried, {min(tried):g}: the edge lies below it)"
+    if lr == max(tried):
+        return f"**≥ {lr:g}** (the largest lr tried trains: a lower bound)"
+    return f"**{lr:g}**"
 
 
 def batch_size_sensitivity(sweep: Sweep) -> Section | None:
@@ -441,26 +540,31 @@ def batch_size_sensitivity(sweep: Sweep) -> Section | None:
     driven = batch_size_keys(sweep)
     if not driven:
         return None
+    looks = Looks(sweep)
     keys = [k for k in sweep.varying if k not in driven]
-    series: dict[str, dict[int, list[float]]] = {}
+    fig, ((ax,),) = _figure(1, 1, width=8.0, height=5.0)
+    handles, labels = [], []
     for group in group_runs([RunResult(r.dir, r.summary) for r in sweep.runs], keys):
+        by_size: dict[int, list[float]] = {}
         for r in group.results:
             if (acc := r.summary.final.get("test_acc")) is not None:
-                series.setdefault(group.label, {}).setdefault(r.summary.batch_size, []).append(acc)
-    tints = palette(sorted(series))
-    fig, ((ax,),) = _figure(1, 1, width=8.0, height=5.0)
-    for label, by_size in sorted(series.items()):
+                by_size.setdefault(r.summary.batch_size, []).append(acc)
+        if not by_size:
+            continue
+        look = looks.of(group, vary_lr="optim.lr" not in driven)
         sizes = sorted(by_size)
-        ax.plot(sizes, [np.median(by_size[b]) for b in sizes], "o-", color=tints[label], lw=1.6, label=label)
+        ax.plot(sizes, [np.median(by_size[b]) for b in sizes], **look.line(lw=1.6))
         ax.fill_between(
             sizes,
             [min(by_size[b]) for b in sizes],
             [max(by_size[b]) for b in sizes],
-            color=tints[label],
+            color=look.colour,
             alpha=BAND_ALPHA,
             lw=0,
         )
-    all_sizes = sorted({b for by_size in series.values() for b in by_size})
+        handles.append(Line2D([], [], **look.line(lw=1.6)))
+        labels.append(group.label)
+    all_sizes = sorted({r.summary.batch_size for r in sweep.runs})
     ax.set_xscale("log", base=2)
     ax.set_xticks(all_sizes, [str(b) for b in all_sizes])
     ax.minorticks_off()
@@ -470,7 +574,7 @@ def batch_size_sensitivity(sweep: Sweep) -> Section | None:
         ylabel="final test accuracy",
         title="final test accuracy vs batch size\n(median over seeds, band: min-max)",
     )
-    _legend(fig)
+    _legend(fig, handles, labels)
     scaled = f" The sweep set {', '.join(driven[1:])} with the batch size." if driven[1:] else ""
     return Section(
         "Batch-size sensitivity",
@@ -480,13 +584,14 @@ def batch_size_sensitivity(sweep: Sweep) -> Section | None:
 
 
 def activation_percentiles(sweep: Sweep) -> Section | None:
-    """4. The 15/50/85th percentiles of one tracked unit's nonlinearity input over training (Ioffe & Szegedy
+    """5. The 15/50/85th percentiles of one tracked unit's nonlinearity input over training (Ioffe & Szegedy
     Fig. 1b,c)."""
-    tags = {tag for runs in sweep.counted.values() for r in runs for tag in r.scalars}
+    groups = [g for g in sweep.groups if g.results]
+    tags = {tag for g in groups for r in g.results for tag in r.scalars}
     layers = sorted({int(m.group(1)) for tag in tags if (m := ACT_TAG.match(tag))}, key=lambda i: (i < 0, i))
     if not layers:
         return None
-    groups = list(sweep.counted)
+    looks = Looks(sweep)
     fig, axes = _figure(
         len(layers),
         len(groups),
@@ -497,10 +602,10 @@ def activation_percentiles(sweep: Sweep) -> Section | None:
     )
     for row, layer in enumerate(layers):
         for col, group in enumerate(groups):
-            ax, colour = axes[row, col], colours(sweep)[group]
+            ax, colour = axes[row, col], looks.of(group).colour
             name = f"act/{layer}/unit0/p"
             runs = sorted(
-                (r for r in sweep.counted[group] if all(f"{name}{q}" in r.scalars for q in (15, 50, 85))),
+                (r for r in group.results if all(f"{name}{q}" in r.scalars for q in (15, 50, 85))),
                 key=lambda r: str(r.summary.seed),
             )
             if runs:
@@ -510,17 +615,15 @@ def activation_percentiles(sweep: Sweep) -> Section | None:
                 ax.plot(steps, p50, color=colour, lw=1.8)
                 ax.plot(steps, p15, color=colour, lw=0.9, ls="--")
                 ax.plot(steps, p85, color=colour, lw=0.9, ls="--")
-                ax.set_title(
-                    f"{_wrap(group)}\n(seed {run.summary.seed})" if row == 0 else f"seed {run.summary.seed}", fontsize=9
-                )
+                seed = run.summary.seed
+                ax.set_title(f"{_wrap(group.label)}\n(seed {seed})" if row == 0 else f"seed {seed}", fontsize=9)
             else:
                 ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", color="0.4")
-                ax.set_title(_wrap(group) if row == 0 else "", fontsize=9)
+                ax.set_title(_wrap(group.label) if row == 0 else "", fontsize=9)
             ax.grid(alpha=0.3)
             if col == 0:
-                ax.set_ylabel(
-                    f"layer {layer}{' (last hidden)' if layer == -1 else ''}:\ninput to the nonlinearity, unit 0"
-                )
+                hidden = " (last hidden)" if layer == -1 else ""
+                ax.set_ylabel(f"layer {layer}{hidden}:\ninput to the nonlinearity, unit 0")
             if row == len(layers) - 1:
                 ax.set_xlabel(STEPS)
     fig.suptitle(
@@ -540,7 +643,7 @@ def activation_percentiles(sweep: Sweep) -> Section | None:
     return Section(
         "Activation percentiles",
         "15th, 50th and 85th percentiles of unit 0's input to its nonlinearity over training, one panel per group and "
-        "tracked layer (the group's lowest seed), shared axes (Ioffe & Szegedy 2015, Fig. 1b,c).",
+        "tracked layer (the group's lowest seed), shared axes, colour by norm (Ioffe & Szegedy 2015, Fig. 1b,c).",
         fig,
     )
 
@@ -548,9 +651,10 @@ def activation_percentiles(sweep: Sweep) -> Section | None:
 def _curves_grid(sweep: Sweep, panels: list[list[tuple[str, str, str]]], title: str) -> Figure | None:
     """Rows x columns of panels (tag, title, y label), each with every group's median curve and band; None if
     nothing logged."""
+    looks = Looks(sweep)
     nrows, ncols = len(panels), max(len(row) for row in panels)
     fig, axes = _figure(nrows, ncols, width=2.0 + 3.6 * ncols, height=0.8 + 3.0 * nrows, sharex=True)
-    drawn = False
+    drawn: dict[str, Group] = {}
     for i, row in enumerate(panels):
         for j in range(ncols):
             ax = axes[i, j]
@@ -558,7 +662,7 @@ def _curves_grid(sweep: Sweep, panels: list[list[tuple[str, str, str]]], title: 
                 ax.set_visible(False)
                 continue
             tag, panel_title, ylabel = row[j]
-            drawn |= _plot_groups(ax, sweep, tag)[0]
+            drawn.update((g.label, g) for g in _plot_groups(ax, sweep, looks, tag)[0])
             _log_scale_if_wide(ax)
             ax.set_title(panel_title, fontsize=10)
             ax.set_ylabel(ylabel)
@@ -568,24 +672,18 @@ def _curves_grid(sweep: Sweep, panels: list[list[tuple[str, str, str]]], title: 
     if not drawn:
         return None
     fig.suptitle(title)
-    _legend(fig)
+    _legend(fig, *_group_legend(list(drawn.values()), looks))
     return fig
 
 
 def internal_covariate_shift(sweep: Sweep) -> Section | None:
-    """5a. ICS per layer, ||G - G'||_2 and cos(G, G') over training (Santurkar et al. 2018)."""
-    tags = {tag for runs in sweep.counted.values() for r in runs for tag in r.scalars}
+    """6a. ICS per layer, ||G - G'||_2 and cos(G, G') over training (Santurkar et al. 2018)."""
+    runs = [r for g in sweep.groups for r in g.results]
+    tags = {tag for r in runs for tag in r.scalars}
     layers = sorted({int(m.group(1)) for tag in tags if (m := ICS_TAG.match(tag))})
     # layer 0 has no layer before it, so its G' = G: (0, 1) always; a layer that shows nothing is left out
     layers = [
-        i
-        for i in layers
-        if any(
-            np.any(r.scalars[f"ics/layer{i}/l2"][1] != 0)
-            for runs in sweep.counted.values()
-            for r in runs
-            if f"ics/layer{i}/l2" in r.scalars
-        )
+        i for i in layers if any(np.any(r.scalars.get(f"ics/layer{i}/l2", (0, np.zeros(1)))[1] != 0) for r in runs)
     ]
     if not layers:
         return None
@@ -600,19 +698,15 @@ def internal_covariate_shift(sweep: Sweep) -> Section | None:
         "Internal covariate shift",
         "Internal covariate shift per layer over training (Santurkar et al. 2018): top, ||G - G'||_2; bottom, "
         "cos(G, G') (G: the layer's weight gradient; G': the same after the earlier layers' update); median over "
-        "seeds, shaded min-max. "
-        "Layers whose shift is always 0 (layer 0) are left out.",
+        "seeds, shaded min-max. Layers whose shift is always 0 (layer 0) are left out.",
         fig,
     )
 
 
 def landscape(sweep: Sweep) -> Section | None:
-    """5b. Loss-landscape smoothness along the gradient over training (Santurkar et al. 2018)."""
-    fig = _curves_grid(
-        sweep,
-        [list(LANDSCAPE)],
-        "loss landscape along the gradient, step sizes 0.5-4 x lr\n(median over seeds, band: min-max)",
-    )
+    """6b. Loss-landscape smoothness along the gradient over training (Santurkar et al. 2018)."""
+    title = "loss landscape along the gradient, step sizes 0.5-4 x lr\n(median over seeds, band: min-max)"
+    fig = _curves_grid(sweep, [list(LANDSCAPE)], title)
     if fig is None:
         return None
     return Section(
@@ -624,38 +718,28 @@ def landscape(sweep: Sweep) -> Section | None:
 
 
 def train_eval_precise_bn(sweep: Sweep) -> Section | None:
-    """6. Test accuracy in train mode, in eval mode (running averages) and after precise BN, per group."""
-    if not any(
-        k in r.summary.final
-        for runs in sweep.counted.values()
-        for r in runs
-        for k in ("test_acc_train_mode", "test_acc_precise_bn")
-    ):
+    """7. Test accuracy in train mode, in eval mode (running averages) and after precise BN, per group."""
+    groups = [g for g in sweep.groups if g.final("test_acc_train_mode") or g.final("test_acc_precise_bn")]
+    if not groups:
         return None
-    groups = list(sweep.counted)
+    looks = Looks(sweep)
     fig, ((ax,),) = _figure(width=max(9.0, 2.5 + 0.5 * len(groups) * len(ACC_MODES)))
     width = 0.8 / len(groups)
     for j, group in enumerate(groups):
+        look = looks.of(group)
         for i, (key, _) in enumerate(ACC_MODES):
             x = i - 0.4 + width * (j + 0.5)
-            values = [v for r in sweep.counted[group] if (v := r.summary.final.get(key)) is not None]
+            values = group.final(key)
             if not values:
                 ax.text(x, 0.01, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color="0.4")
                 continue
             mean = float(np.mean(values))
-            ax.bar(x, mean, width, color=colours(sweep)[group])
+            ax.bar(x, mean, width, color=look.colour, hatch=look.hatch, edgecolor="white")
             ax.errorbar(
                 x, mean, yerr=[[mean - min(values)], [max(values) - mean]], fmt="none", ecolor="black", capsize=3, lw=1
             )
-            ax.text(
-                x,
-                max(values) + 0.01,
-                f"{mean:.3f}",
-                ha="center",
-                va="bottom",
-                fontsize=7,
-                rotation=90 if len(groups) > 3 else 0,
-            )
+            rotation = 90 if len(groups) > 3 else 0
+            ax.text(x, max(values) + 0.01, f"{mean:.3f}", ha="center", va="bottom", fontsize=7, rotation=rotation)
     ax.set_ylim(0, 1.12)
     ax.set_xlim(-0.5, len(ACC_MODES) - 0.5)
     ax.set_xticks(range(len(ACC_MODES)), [label for _, label in ACC_MODES])
@@ -665,17 +749,18 @@ def train_eval_precise_bn(sweep: Sweep) -> Section | None:
         "(mean over seeds, error bars: min-max)",
     )
     ax.grid(axis="y", alpha=0.3)
-    _legend(fig, [Patch(color=colours(sweep)[g]) for g in groups], groups)
+    _legend(fig, *_group_legend(groups, looks, bars=True))
     return Section(
         "Train mode, eval mode and precise BN",
         "Final test accuracy in train mode (batch statistics: the forgotten model.eval()), in eval mode with the "
-        "running "
-        "averages (EMA) and in eval mode after precise BN; mean over seeds, error bars min-max; n/a: not measured.",
+        "running averages (EMA) and in eval mode after precise BN; mean over seeds, error bars min-max; n/a: not "
+        "measured.",
         fig,
     )
 
 
 FIGURES: dict[str, Callable[[Sweep], Section | None]] = {  # PNG file name -> the figure, in report order
+    "best_lr.png": best_lr,
     "metric_curves.png": metric_curves,
     "iterations_to_threshold.png": iterations_to_threshold,
     "lr_sensitivity.png": lr_sensitivity,

@@ -28,7 +28,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
 
 from bnlab.config import TrainConfig, flatten, validate
 from bnlab.console import make_console, shell_path
@@ -37,6 +36,7 @@ from bnlab.diagnostics import precise_bn
 from bnlab.engine import Engine, Single, evaluate, prepare
 from bnlab.files import OutputError, owned, write_torch
 from bnlab.fused import Fused
+from bnlab.hparams import metric_values, session
 from bnlab.metrics import Thresholds
 from bnlab.summary import FILE, Status, Summary
 
@@ -121,7 +121,7 @@ class Run:
             self.high_loss_steps = self.high_loss_steps + 1 if t.stop_loss and loss > t.stop_loss else 0
             if not math.isfinite(loss) or (t.stop_loss and self.high_loss_steps >= t.stop_patience):
                 self.status, stopped = Status.DIVERGED, True
-                log.warning("%sstep %d: the loss is %s; the run diverged", self.label, step, loss)
+                log.info("%sstep %d: the loss is %s; the run diverged", self.label, step, loss)
                 break
             self.steps = step
             self.window.add(loss, acc)
@@ -300,18 +300,6 @@ def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None) -> N
     for run in runs:
         validate(run.cfg)
     cfg = runs[0].cfg
-    t = cfg.trainer
-    if t.max_steps % t.eval_every:
-        below = t.max_steps < t.eval_every
-        log.warning(
-            "trainer.max_steps=%d is %s trainer.eval_every=%d: the test set is evaluated at %s %d only, so "
-            "iterations-to-threshold have that resolution; choose trainer.eval_every to divide trainer.max_steps",
-            t.max_steps,
-            "below" if below else "not a multiple of",
-            t.eval_every,
-            "steps 0 and" if below else f"every {t.eval_every} steps and at step",
-            t.max_steps,
-        )
     device, data = prepare(cfg)
     for run in runs:
         run.device = str(device)
@@ -329,6 +317,8 @@ def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None) -> N
         TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.3f}  test acc {task.fields[test_acc]:.3f}"),
         TimeRemainingColumn(),
         console=console,
+        transient=True,  # gone when the run ends: its table (or its sweep line) says how it went
+        disable=not console.is_terminal,  # a log file gets no bar
     )
     fields = {"loss": math.nan, "acc": math.nan, "test_acc": math.nan}
     task = progress.add_task(description, total=cfg.trainer.max_steps, completed=runs[0].steps, **fields)
@@ -441,15 +431,8 @@ def eval_modes(model: nn.Module, data: Dataset, cfg: TrainConfig) -> dict[str, f
 
 
 def _log_hparams(writer: SummaryWriter, summary: Summary) -> None:
-    """The run's config as hparams and its iterations-to-threshold as hparams metrics (never reached: NaN)."""
-    metric = summary.threshold_metric
-    metrics = {
-        f"iters_to/{metric}={t:g}": math.nan if v is None else float(v)
-        for t, v in summary.iterations_to_threshold.items()
-    }
-    test_acc = summary.final.get("test_acc")
-    metrics["final/test_acc"] = math.nan if test_acc is None else test_acc
-    for s in hparams(flatten(summary.config), metrics):
-        writer.file_writer.add_summary(s)
-    for k, v in metrics.items():
-        writer.add_scalar(k, v, summary.steps)
+    """The run's session for TensorBoard's HParams view and its metrics (bnlab.hparams), all finite."""
+    for proto in session(summary, flatten(summary.config)):
+        writer.file_writer.add_summary(proto)
+    for tag, value in metric_values(summary).items():
+        writer.add_scalar(tag, value, summary.steps)

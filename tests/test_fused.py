@@ -273,10 +273,7 @@ def test_a_fused_sweep_writes_every_run_as_an_unfused_sweep_does(tmp_path):
     out = bnlab("train", *sweep, "trainer.fuse=true", "hydra.sweep.dir=fused", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert bnlab("train", *sweep, "hydra.sweep.dir=alone", cwd=tmp_path).returncode == 0
-    runs = {
-        d: sorted(p.name for p in (tmp_path / d).iterdir() if p.is_dir() and not p.name.startswith("."))
-        for d in ("fused", "alone")
-    }
+    runs = {d: sorted(p.parent.name for p in (tmp_path / d).glob("*/summary.json")) for d in ("fused", "alone")}
     names = runs["alone"]
     assert len(names) == 4 and runs["fused"] == names  # trainer.fuse stays out of the names
     for name in names:

@@ -17,6 +17,7 @@ LAYERS = {
     "bnlab.metrics": 0,
     "bnlab.summary": 0,
     "bnlab.stacking": 0,
+    "bnlab.hparams": 0,
     # the building blocks, each a registry
     "bnlab.data": 1,
     "bnlab.norms": 1,
@@ -34,6 +35,7 @@ LAYERS = {
     "bnlab.summarize": 4,
     "bnlab.figures": 4,
     "bnlab.report": 4,
+    "bnlab.dashboard": 4,
     # one job: its outcome and exit code
     "bnlab.job": 5,
     # the Hydra face
@@ -45,8 +47,16 @@ LAYERS = {
     "bnlab.cli": 6,
     "bnlab.__main__": 6,
 }
-ANALYSIS = {"bnlab.analysis", "bnlab.summarize", "bnlab.figures", "bnlab.report"}
-READ_BY_ANALYSIS = {"bnlab.files", "bnlab.console", "bnlab.metrics", "bnlab.summary", "bnlab.config", *ANALYSIS}
+ANALYSIS = {"bnlab.analysis", "bnlab.summarize", "bnlab.figures", "bnlab.report", "bnlab.dashboard"}
+READ_BY_ANALYSIS = {
+    "bnlab.files",
+    "bnlab.console",
+    "bnlab.metrics",
+    "bnlab.summary",
+    "bnlab.hparams",
+    "bnlab.config",
+    *ANALYSIS,
+}
 
 
 def module_name(path: Path) -> str:

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_hex
 from matplotlib.image import imread
+from matplotlib.lines import Line2D
 from rich.console import Console
 from torch.utils.tensorboard import SummaryWriter
 
-from bnlab.analysis import RunResult, largest_lr_that_trains
+from bnlab.analysis import RunResult, largest_lr_that_trains, load_sweep
 from bnlab.config import TrainConfig
-from bnlab.figures import FIGURES
+from bnlab.figures import FIGURES, norm_colours
 from bnlab.files import OutputError, write_json
 from bnlab.report import write_report
 from bnlab.summarize import summarize
@@ -182,7 +185,7 @@ def test_lr_sweep_finds_the_largest_lr_that_trains(lr_sweep):
     assert {"lr_sensitivity.png", "metric_curves.png", "iterations_to_threshold.png"} <= embedded(text)
     assert image_ok(lr_sweep / "lr_sensitivity.png")
     assert "| norm=none, optim.lr=1.0 | 3 | 2/1/0 |" in text
-    assert "- norm=batch: **1**" in text
+    assert "- norm=batch: **≥ 1** (the largest lr tried trains: a lower bound)" in text  # the top of the grid
     assert "- norm=none: **0.1**" in text  # lr 1 had a diverged seed
     assert "final test_acc ≥ 0.9" in text
 
@@ -259,3 +262,31 @@ def test_a_folder_without_runs_gets_a_short_report(tmp_path):
     assert not list(tmp_path.glob("*.png"))
     with pytest.raises(OutputError):
         write_report(tmp_path / "missing")
+
+
+def legend_colours(section) -> dict[str, set]:
+    """Norm -> the colours its legend entries have in a figure (lines: their colour; bars: their face)."""
+    seen: dict[str, set] = {}
+    for legend in section.figure.legends:
+        for text, handle in zip(legend.texts, legend.legend_handles):
+            if match := re.search(r"norm=(\w+)", text.get_text()):
+                colour = handle.get_color() if isinstance(handle, Line2D) else handle.get_facecolor()
+                seen.setdefault(match.group(1), set()).add(to_hex(colour))
+    return seen
+
+
+def test_each_norm_has_one_colour_in_every_figure_and_the_best_lr_comes_first(lr_sweep):
+    sweep = load_sweep(lr_sweep)
+    expected = {norm: to_hex(colour) for norm, colour in norm_colours(sweep).items()}
+    checked = 0
+    for name, make in FIGURES.items():
+        if (section := make(sweep)) is not None:
+            for norm, colours in legend_colours(section).items():
+                assert colours == {expected[norm]}, (name, norm)
+                checked += 1
+    assert checked >= 6  # metric curves, bars and lr sensitivity, both norms
+    text = write_report(lr_sweep).read_text()
+    assert text.index("## Each norm at its best learning rate") < text.index("## Sweep table")
+    assert "| norm=batch | 1* | " in text  # best by accuracy: the largest lr tried, marked as the grid's edge
+    assert "speed-up to 0.9 over none at its best lr" in text and "## Notation" in text
+    assert image_ok(lr_sweep / "best_lr.png")

@@ -1,6 +1,7 @@
 """Sweeps as a user runs them: launchers, resume, and TensorBoard over a sweep's runs."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import urllib.request
 import pytest
 from helpers import CLI, TINY, bnlab, scalars
 
+from bnlab.hparams import columns
 from bnlab.job import threads_per_job
 
 pytestmark = pytest.mark.slow
@@ -31,7 +33,7 @@ def test_resume_runs_only_what_is_missing(tmp_path):
     assert out.returncode == 0, out.stderr
     assert statuses(sweep) == {done.parent.name: "completed", broken.parent.name: "completed"}
     assert done.stat().st_mtime_ns == before  # skipped, not run again
-    assert "already completed, skipped" in out.stdout.replace("\n", " ")
+    assert "already completed, skipped" in (done.parent / "train.log").read_text()
     for tag, points in scalars(broken.parent).items():  # resumed from its checkpoint: no step logged twice
         assert len({step for step, _ in points}) == len(points), tag
 
@@ -90,11 +92,11 @@ def get_json(url: str, body: bytes | None = None):
         return json.loads(r.read())
 
 
-def test_tensorboard_serves_the_runs_their_scalars_and_hparams(tmp_path):
-    assert (
-        bnlab("train", "-m", *TINY, "norm=none,batch", "seed=0,1", "hydra.sweep.dir=sweep", cwd=tmp_path).returncode
-        == 0
-    )
+def test_tensorboard_opens_on_the_comparison_with_finite_metrics_and_honest_statuses(tmp_path):
+    sweep = ["-m", *TINY, "norm=none,batch", "optim.lr=0.05,1e12", "seed=0", "hydra.sweep.dir=sweep"]
+    assert bnlab("train", *sweep, cwd=tmp_path).returncode == 0
+    statuses = {p.parent.name: json.loads(p.read_text())["status"] for p in (tmp_path / "sweep").glob("*/summary.json")}
+    assert sorted(statuses.values()).count("diverged") >= 1 and all(n.startswith("norm=") for n in statuses)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [*CLI, "tb", "sweep", "--host", "127.0.0.1", "--port", str(port)]
@@ -104,26 +106,47 @@ def test_tensorboard_serves_the_runs_their_scalars_and_hparams(tmp_path):
         while True:
             try:
                 runs = get_json(f"{base}/data/runs")
-                if len(runs) == 4:
+                if set(statuses) <= set(runs):
                     break
             except OSError:
                 pass
-            assert time.monotonic() < deadline, "TensorBoard did not list the 4 runs within 90 s"
+            assert time.monotonic() < deadline, "TensorBoard did not list the runs within 90 s"
             time.sleep(1)
-        assert all("norm=" in r and "seed=" in r for r in runs)
         tags = get_json(f"{base}/data/plugin/scalars/tags")
-        for run in runs:
-            assert {"train/loss", "train/acc", "test/loss", "test/acc", "iters_to/test_acc=0.9"} <= set(tags[run])
+        for run in statuses:  # run names: what varies in the sweep, not the constant overrides
+            assert {"train/loss", "test/acc", "verdict/iters_to_test_acc_0.9"} <= set(tags[run])
         experiment = get_json(f"{base}/data/plugin/hparams/experiment", json.dumps({"experimentName": ""}).encode())
-        hparams = {h["name"] for h in experiment["hparamInfos"]}
-        assert {"norm.name", "norm.placement", "optim.lr", "data.batch_size", "seed"} <= hparams
-        metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
-        assert {
-            "iters_to/test_acc=0.9",
-            "iters_to/test_acc=0.95",
-            "iters_to/test_acc=0.97",
-            "final/test_acc",
-        } <= metrics
+        hparams = [h["name"] for h in experiment["hparamInfos"]]
+        assert set(hparams) == set(columns(["norm.name", "optim.lr"])) and len(hparams) <= 12
+        differs = {h["name"] for h in experiment["hparamInfos"] if h.get("differs")}
+        assert differs == {"norm.name", "optim.lr", "status"}  # TensorBoard shows these first (five at most)
+        metrics = [m["name"]["tag"] for m in experiment["metricInfos"]]
+        request = {
+            "experimentName": "",
+            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+            "colParams": [{"hparam": h} for h in hparams] + [{"metric": {"tag": t}} for t in metrics],
+            "startIndex": 0,
+            "sliceSize": 100,
+        }
+        groups = get_json(f"{base}/data/plugin/hparams/session_groups", json.dumps(request).encode())["sessionGroups"]
+        sessions = {s["name"]: s for g in groups for s in g["sessions"]}
+        assert set(sessions) == set(statuses)
+        for name, session in sessions.items():
+            values = [m["value"] for m in session["metricValues"]]
+            assert len(values) >= 7 and all(math.isfinite(v) for v in values), name  # no NaN: every view draws them
+            assert session["status"] == ("STATUS_FAILURE" if statuses[name] == "diverged" else "STATUS_SUCCESS"), name
+        layout = get_json(f"{base}/data/plugin/custom_scalars/layout")
+        titles = [c["title"] for c in layout["category"]]
+        assert "norm compared: optim.lr=0.05" in titles and "lr compared: norm=batch" in titles
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_sweep_prints_one_line_per_run_and_its_table(tmp_path):
+    out = bnlab("train", "-m", *TINY, "trainer.max_steps=4", "norm=none,batch", "seed=range(10)", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    before_table = out.stdout.split("outputs/sweeps/")[0].strip().splitlines()
+    runs = [line for line in before_table if line.startswith("run ")]
+    assert len(runs) == 20 and len(before_table) <= 21  # and Hydra's "Launching 20 jobs"
+    assert "run 1: norm=none,seed=0: completed after 4 steps" in runs[0]  # named by what varies

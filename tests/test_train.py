@@ -46,30 +46,41 @@ def test_summary_json_and_tensorboard_scalars(tiny_config, tmp_path):
     assert [step for step, _ in s["test/acc"]] == [0, 4, 8, 10]
     assert [step for step, _ in s["test/loss"]] == [0, 4, 8, 10]
     assert s["test/acc"][-1][1] == pytest.approx(summary.final["test_acc"])
-    assert s["iters_to/test_acc=0.05"] == [(10, 0.0)]
-    assert math.isnan(s["iters_to/test_acc=0.99"][0][1])
+    # HParams metrics, all finite: a threshold never reached counts at the step budget, with reached = 0
+    assert s["verdict/iters_to_test_acc_0.05"] == [(10, 0.0)] and s["verdict/reached_test_acc_0.05"] == [(10, 1.0)]
+    assert s["verdict/iters_to_test_acc_0.99"] == [(10, 10.0)] and s["verdict/reached_test_acc_0.99"] == [(10, 0.0)]
+    assert s["verdict/final_test_acc"] == [(10, pytest.approx(summary.final["test_acc"]))]
+    assert sorted({tag.split("/")[0] for tag in s}) == ["test", "train", "verdict"]  # the curves sort first
 
 
-def test_hparams_name_the_config_and_the_threshold_metrics(tiny_config, tmp_path):
+def sessions(run_dir) -> tuple:
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    train(tiny_config("optim.lr=0.05"), tmp_path)
-    acc = EventAccumulator(str(tmp_path))
+    acc = EventAccumulator(str(run_dir))
     acc.Reload()
     content = acc.PluginTagToContent("hparams")
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
-    assert {"norm.name", "norm.placement", "optim.lr", "data.batch_size", "seed"} <= {
-        h.name for h in experiment.hparam_infos
-    }
-    assert {m.name.tag for m in experiment.metric_infos} == {
-        "iters_to/test_acc=0.9",
-        "iters_to/test_acc=0.95",
-        "iters_to/test_acc=0.97",
-        "final/test_acc",
-    }
-    assert session.hparams["optim.lr"].number_value == 0.05
-    assert session.hparams["norm.name"].string_value == "batch"
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    end = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_end_info"]).session_end_info
+    return content, start, end
+
+
+def test_a_run_writes_its_session_with_its_config_and_status_but_no_experiment(tiny_config, tmp_path):
+    from tensorboard.plugins.hparams import api_pb2
+
+    train(tiny_config("optim.lr=0.05"), tmp_path)
+    content, start, end = sessions(tmp_path)
+    assert "_hparams_/experiment" not in content  # the sweep's root holds the one experiment config
+    assert start.hparams["optim.lr"].number_value == 0.05 and start.hparams["norm.name"].string_value == "batch"
+    assert start.hparams["status"].string_value == "completed" and end.status == api_pb2.STATUS_SUCCESS
+
+
+def test_a_diverged_run_is_not_a_successful_session(tiny_config, tmp_path):
+    from tensorboard.plugins.hparams import api_pb2
+
+    assert train(tiny_config("norm=none", "optim.lr=1e12", "trainer.max_steps=50"), tmp_path).status == "diverged"
+    _, start, end = sessions(tmp_path)
+    assert start.hparams["status"].string_value == "diverged" and end.status == api_pb2.STATUS_FAILURE
+    assert all(math.isfinite(v) for tag, points in scalars(tmp_path).items() for _, v in points)
 
 
 def test_a_learnable_task_crosses_its_thresholds_in_order(tiny_config, tmp_path):

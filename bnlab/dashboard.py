@@ -1,0 +1,77 @@
+"""A sweep's TensorBoard dashboard, written at its root at the end of a sweep and by `bnlab tb`:
+
+- the HParams experiment config (bnlab.hparams): columns for the keys that vary plus a fixed short
+  set and the status, the metrics with their names, so the HParams tab opens on the comparison;
+- a custom-scalars layout whose charts put the groups of the sweep table side by side: per metric,
+  the groups that differ only in their norm (one chart per learning rate and other setting), and
+  those that differ only in their learning rate (one chart per norm). Each group is drawn as its
+  median over seeds with a min-max band, from a TensorBoard run of its own under compare/.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+
+from bnlab.analysis import Group, Sweep, band, load_sweep
+from bnlab.config import run_name
+from bnlab.hparams import STATUS, columns, experiment, metric_names, value_at
+
+SUFFIX = ".bnlab_dashboard"  # the root's own event files, rewritten each time
+COMPARE = "compare"  # the groups' median runs
+CURVES = {
+    "test/acc": "test accuracy",
+    "test/loss": "test loss",
+    "train/acc": "train accuracy",
+    "train/loss": "train loss",
+}
+COMPARED = {"norm.name": "norm", "optim.lr": "lr"}  # a key that varies -> charts that compare its values
+
+
+def _context(group: Group, key: str) -> str:
+    """The group's label without `key`: what its comparison chart holds fixed."""
+    return ", ".join(f"{k.removesuffix('.name')}={v}" for k, v in group.keys.items() if k != key) or "all runs"
+
+
+def write_dashboard(root: Path) -> Sweep | None:
+    """Write the dashboard of the runs below `root` (failed runs left out) into it; None if there are none."""
+    sweep = load_sweep(root)
+    if not sweep.runs:
+        return None
+    for old in root.glob(f"events.out.tfevents.*{SUFFIX}"):
+        old.unlink()
+    shutil.rmtree(root / COMPARE, ignore_errors=True)
+    keys = columns(sweep.varying)
+    values = {key: [value_at(r.summary.config, key) for r in sweep.runs] for key in keys}
+    values[STATUS] = [r.summary.status.value for r in sweep.runs]
+    layout: dict[str, dict[str, list]] = {}
+    writers: dict[str, SummaryWriter] = {}
+    for key, word in COMPARED.items():
+        if key not in sweep.varying:
+            continue
+        for group in (g for g in sweep.groups if g.results):
+            context = _context(group, key)
+            if group.label not in writers:
+                writers[group.label] = SummaryWriter(str(root / COMPARE / run_name(group.label.replace(", ", ","))))
+            for tag, name in CURVES.items():
+                curves = [c for r in group.results if (c := r.curve(tag)) is not None and len(c[0])]
+                if not curves:
+                    continue
+                prefix = f"vs {word}/{context}/{name}"  # "vs ..." sorts after the curves, test/ and train/
+                for step, median, low, high in zip(*band(curves)):
+                    for suffix, value in (("", median), (" min", low), (" max", high)):
+                        writers[group.label].add_scalar(prefix + suffix, value, int(step))
+                chart = f"{name}, {word} compared"
+                layout.setdefault(f"{word} compared: {context}", {})[chart] = [
+                    "Margin",
+                    [prefix, f"{prefix} min", f"{prefix} max"],
+                ]
+    for writer in writers.values():
+        writer.close()
+    with SummaryWriter(str(root), filename_suffix=SUFFIX) as writer:
+        writer.file_writer.add_summary(experiment(keys, values, metric_names(sweep.metric, sweep.thresholds)))
+        if layout:
+            writer.add_custom_scalars(layout)
+    return sweep
