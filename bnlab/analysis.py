@@ -353,14 +353,53 @@ def largest_lr_that_trains(runs: list[RunResult]) -> dict[str, float | None]:
     final threshold metric reached the easiest threshold (the lowest accuracy threshold, e.g. final
     test accuracy >= 0.9; for a loss metric the highest loss threshold). None: no lr tried trains.
     """
+    return {label: edge.lr for label, edge in training_edges(runs).items()}
+
+
+@dataclass
+class Edge:
+    """Where a series stops training as the lr grows, and by how much the deciding runs cleared the cut."""
+
+    lr: float | None  # the largest lr that trains (None: none does)
+    margin: float | None  # there, how far its worst seed's final metric sits on the right side of the cut
+    above: float | None  # the next lr tried, which does not train
+    why: str  # what happened there: seeds that diverged or ended below the cut, and by how much
+
+
+def _margin(runs: list[Summary], metric: str, cut: float) -> float:
+    """How far the worst seed's final metric is on the good side of the cut (negative: the wrong side)."""
+    values = [s.final.get(metric) for s in runs if s.final.get(metric) is not None]
+    sign = 1 if higher_is_better(metric) else -1
+    return min(sign * (v - cut) for v in values) if values else float("-inf")
+
+
+def training_edges(runs: list[RunResult]) -> dict[str, Edge]:
+    """Per series (as largest_lr_that_trains groups them): the largest lr that trains, with its margin and
+    what the next lr up did, so a reader sees whether the conclusion sits on the cut."""
     if not runs:
         return {}
     metric = runs[0].summary.threshold_metric
-    threshold = easiest_threshold(metric, sorted({t for r in runs for t in r.summary.iterations_to_threshold}))
-    return {
-        label: max((lr for lr, group in by_lr.items() if trains(group, metric, threshold)), default=None)
-        for label, by_lr in lr_series(runs).items()
-    }
+    cut = easiest_threshold(metric, sorted({t for r in runs for t in r.summary.iterations_to_threshold}))
+    edges = {}
+    for label, by_lr in lr_series(runs).items():
+        ok = [lr for lr, group in by_lr.items() if trains(group, metric, cut)]
+        lr = max(ok, default=None)
+        above = min((x for x in by_lr if lr is None or x > lr), default=None)
+        margin = _margin(by_lr[lr], metric, cut) if lr is not None and cut is not None else None
+        why = ""
+        if above is not None and cut is not None:
+            seeds = by_lr[above]
+            stopped = sum(s.status != Status.COMPLETED for s in seeds)
+            below = [
+                s for s in seeds if s.status == Status.COMPLETED and not reaches(metric, s.final.get(metric) or 0, cut)
+            ]
+            parts = [f"{stopped} of {len(seeds)} seeds diverged or failed"] if stopped else []
+            if below:
+                worst = -_margin(below, metric, cut)
+                parts.append(f"{len(below)} of {len(seeds)} ended below the cut (the worst by {worst:.4f})")
+            why = "; ".join(parts)
+        edges[label] = Edge(lr, margin, above, why)
+    return edges
 
 
 # ---------------------------------------------------------------- each norm at its best learning rate

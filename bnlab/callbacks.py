@@ -3,6 +3,7 @@ before Hydra writes anything, `SweepTable` prints the table at the end of a swee
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -15,13 +16,15 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 from rich.console import Console
 
+from bnlab import provenance
 from bnlab.config import BOOKKEEPING_KEYS, ConfigError, flatten, validate
 from bnlab.console import make_console, shell_path
 from bnlab.dashboard import write_dashboard
 from bnlab.engine import resolve_device
-from bnlab.job import FAILED, REFUSED, job_config
+from bnlab.job import FAILED, REFUSED, job_config, threads_per_job
 from bnlab.overrides import DEFAULTS
 from bnlab.summarize import summarize
+from bnlab.summary import FILE
 
 log = logging.getLogger("bnlab")
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -167,6 +170,38 @@ def _check_resume(run_dir: Path, config: DictConfig) -> None:
             f"it started with, only {', '.join(BOOKKEEPING_KEYS)} may change. Continue it as it was with "
             f"`bnlab resume {shell_path(run_dir)}`, or train the new config as a new run (without trainer.resume)."
         )
+
+
+class Provenance(Callback):
+    """provenance.json in the sweep folder (or a single run's folder): what produced its numbers."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._start(Path(config.hydra.run.dir), config, None, "a single run")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        parallel = config.hydra.launcher.get("n_jobs")
+        launcher = str(config.hydra.launcher.get("_target_", "")).rsplit(".", 1)[-1]
+        self._start(
+            Path(config.hydra.sweep.dir), config, parallel, launcher + (f", {parallel} at once" if parallel else "")
+        )
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._end(Path(config.hydra.run.dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._end(Path(config.hydra.sweep.dir))
+
+    @staticmethod
+    def _start(folder: Path, config: DictConfig, parallel: int | None, launcher: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        threads = config.trainer.threads or threads_per_job(parallel)
+        provenance.start(folder, sys.argv[1:], config.trainer.device, threads, launcher)
+
+    @staticmethod
+    def _end(folder: Path) -> None:
+        if (folder / provenance.FILE).exists():
+            statuses = [json.loads(p.read_text()).get("status") for p in folder.rglob(FILE)]
+            provenance.end(folder, {s: statuses.count(s) for s in sorted(set(statuses) - {None})})
 
 
 class SweepTable(Callback):

@@ -26,6 +26,7 @@ from matplotlib.patches import Patch
 from bnlab.analysis import (
     AtBestLr,
     Curve,
+    Edge,
     Group,
     RunResult,
     Sweep,
@@ -37,6 +38,7 @@ from bnlab.analysis import (
     largest_lr_that_trains,
     lr_series,
     speedup_at_best,
+    training_edges,
 )
 from bnlab.metrics import METRICS, higher_is_better
 from bnlab.summary import Status, Summary
@@ -420,7 +422,7 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
     looks = Looks(sweep)
     series = lr_series(sweep.runs)
     first = {g.without("optim.lr"): g for g in reversed(sweep.groups)}  # a group of each series, for its look
-    best = largest_lr_that_trains(sweep.runs)
+    best = largest_lr_that_trains(sweep.runs)  # its margins: in the text, from training_edges
     threshold = easiest_threshold(sweep.metric, sweep.thresholds)
     ts = sweep.thresholds
     fig, axes = _figure(1, 1 + len(ts), width=3.0 + 4.0 * (1 + len(ts)), height=5.0)
@@ -512,8 +514,8 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
         f"(none diverged, failed or interrupted){criterion}.",
         "",
         *(
-            f"- {label}: {_largest(lr, list(series[label]))} (tried: {', '.join(f'{x:g}' for x in series[label])})"
-            for label, lr in best.items()
+            f"- {label}: {_largest(edge, list(series[label]))} (tried: {', '.join(f'{x:g}' for x in series[label])})"
+            for label, edge in training_edges(sweep.runs).items()
         ),
     ]
     return Section(
@@ -526,13 +528,15 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
     )
 
 
-def _largest(lr: float | None, tried: list[float]) -> str:
-    """The largest lr that trains, as a bound where the grid ends: '**≥ 10** (the largest lr tried ...)'."""
-    if lr is None:
-        return f"none (not even the smallest lr tried, {min(tried):g}: the edge lies below it)"
-    if lr == max(tried):
-        return f"**≥ {lr:g}** (the largest lr tried trains: a lower bound)"
-    return f"**{lr:g}**"
+def _largest(edge: Edge, tried: list[float]) -> str:
+    """The largest lr that trains with its margin, as a bound where the grid ends: '**≥ 10** (the largest lr
+    tried ...)'; and what the next lr up did."""
+    if edge.lr is None:
+        return f"none (not even the smallest lr tried, {min(tried):g}: the edge lies below it; there {edge.why})"
+    margin = "" if edge.margin is None else f"; its worst seed ends {edge.margin:.4f} clear of the cut"
+    if edge.lr == max(tried):
+        return f"**≥ {edge.lr:g}** (the largest lr tried trains: a lower bound{margin})"
+    return f"**{edge.lr:g}** ({margin[2:]}; at {edge.above:g}: {edge.why})"
 
 
 def batch_size_sensitivity(sweep: Sweep) -> Section | None:

@@ -131,7 +131,13 @@ def record(group: Group) -> dict[str, Any]:
             }
             for t, stats in group.thresholds.items()
         ],
-        "final": {m: dict(zip(("mean", "std"), group.mean_std(m))) for m in FINAL_NAMES if group.final(m)},
+        "final": {
+            m: {**dict(zip(("mean", "std"), group.mean_std(m))), "min": min(v), "max": max(v)}
+            for m in FINAL_NAMES
+            if (v := group.final(m))
+        },
+        "max_steps": group.budget,
+        "eval_every": group.runs[0].summary.config.get("trainer", {}).get("eval_every"),
         "steps_per_s": group.steps_per_s,
     }
 

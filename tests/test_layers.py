@@ -18,6 +18,7 @@ LAYERS = {
     "bnlab.summary": 0,
     "bnlab.stacking": 0,
     "bnlab.hparams": 0,
+    "bnlab.provenance": 0,
     # the building blocks, each a registry
     "bnlab.data": 1,
     "bnlab.norms": 1,

@@ -16,7 +16,7 @@ from matplotlib.lines import Line2D
 from rich.console import Console
 from torch.utils.tensorboard import SummaryWriter
 
-from bnlab.analysis import RunResult, largest_lr_that_trains, load_sweep
+from bnlab.analysis import RunResult, largest_lr_that_trains, load_sweep, training_edges
 from bnlab.config import TrainConfig
 from bnlab.figures import FIGURES, norm_colours
 from bnlab.files import OutputError, write_json
@@ -185,8 +185,9 @@ def test_lr_sweep_finds_the_largest_lr_that_trains(lr_sweep):
     assert {"lr_sensitivity.png", "metric_curves.png", "iterations_to_threshold.png"} <= embedded(text)
     assert image_ok(lr_sweep / "lr_sensitivity.png")
     assert "| norm=none, optim.lr=1.0 | 3 | 2/1/0 |" in text
-    assert "- norm=batch: **≥ 1** (the largest lr tried trains: a lower bound)" in text  # the top of the grid
-    assert "- norm=none: **0.1**" in text  # lr 1 had a diverged seed
+    assert "- norm=batch: **≥ 1** (the largest lr tried trains: a lower bound;" in text  # the top of the grid
+    # lr 1 had a diverged seed; the margin: how far the deciding runs sit from the cut
+    assert "- norm=none: **0.1** (its worst seed ends 0.0452 clear of the cut; at 1: 1 of 3 seeds diverged" in text
     assert "final test_acc ≥ 0.9" in text
 
 
@@ -290,3 +291,16 @@ def test_each_norm_has_one_colour_in_every_figure_and_the_best_lr_comes_first(lr
     assert "| norm=batch | 1* | " in text  # best by accuracy: the largest lr tried, marked as the grid's edge
     assert "speed-up to 0.9 over none at its best lr" in text and "## Notation" in text
     assert image_ok(lr_sweep / "best_lr.png")
+
+
+def test_the_training_edge_states_its_margin_on_both_sides(tmp_path):
+    runs = [
+        RunResult(tmp_path, Summary.from_json(fake_run(tmp_path, "none", seed, lr, max_steps=3000, events=False)))
+        for lr in (0.1, 1.0)
+        for seed in range(3)
+    ]
+    runs[3].summary.final["test_acc"] = 0.893  # lr 1, seed 0: just below the 0.9 cut
+    (edge,) = training_edges(runs).values()
+    worst = min(r.summary.final["test_acc"] for r in runs[:3])
+    assert (edge.lr, edge.above) == (0.1, 1.0) and edge.margin == pytest.approx(worst - 0.9)
+    assert edge.why == "1 of 3 ended below the cut (the worst by 0.0070)"

@@ -1,0 +1,90 @@
+"""Where a result came from: `provenance.json` in every sweep (and single run) folder names the command,
+the bnlab version and commit, the Python and torch versions, the machine, the device and the torch
+thread count that produced its numbers, and when and for how long it ran. docs/results.md copies it
+into each section (scripts/record_result.py)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import subprocess
+import time
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bnlab.files import read_json, write_json
+
+FILE = "provenance.json"
+
+
+def commit() -> str | None:
+    """The git commit of the bnlab source that runs (with '-dirty' for uncommitted changes), or None where
+    it is not a git checkout (an installed wheel)."""
+    source = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True, timeout=10)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "."))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("-dirty" if dirty else "")) if head else None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    """The device a run trains on, with the GPU's name (trainer.device=auto resolved as the trainer does)."""
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    if device in ("auto", "mps") and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def start(folder: Path, args: list[str], device: str, threads: int, launcher: str) -> None:
+    """Write the folder's provenance.json as a run or sweep starts: `args`, those of `bnlab train`."""
+    write_json(
+        folder / FILE,
+        {
+            "command": " ".join(["bnlab", "train", *map(shlex.quote, args)]),
+            "bnlab_version": version("bnlab"),
+            "bnlab_commit": commit(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}",
+            "device": device_name(device),
+            "torch_threads": threads,  # per run (trainer.threads, 0 resolved to the cores each run gets)
+            "launcher": launcher,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "start_time": time.time(),
+        },
+    )
+
+
+def end(folder: Path, statuses: dict[str, int]) -> dict[str, Any]:
+    """Add to the folder's provenance.json when it ended, its wall time and its runs' statuses."""
+    record = read_json(folder / FILE)
+    record.update(
+        ended=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        wall_time_s=round(time.time() - record.pop("start_time"), 1),
+        runs=statuses,
+    )
+    write_json(folder / FILE, record)
+    return record
