@@ -1,8 +1,10 @@
 """What the tests share: the tiny task, configs composed as `bnlab train` composes them, the `bnlab`
-command run as a user runs it, and a run's TensorBoard scalars."""
+command run as a user runs it, a run's TensorBoard scalars, and the comparison of a resumed run with
+an unbroken one."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +46,23 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def comparable(summary: dict) -> dict:
+    """A summary without what differs between a resumed and an unbroken run: timings, memory, the resume switch."""
+    s = {k: v for k, v in summary.items() if k not in ("wall_time_s", "steps_per_s", "peak_memory_mb")}
+    s["config"] = {**s["config"], "trainer": {k: v for k, v in s["config"]["trainer"].items() if k != "resume"}}
+    return s
+
+
+def assert_equal_runs(resumed: Path, unbroken: Path) -> None:
+    """A run resumed from its checkpoint logged and summarized exactly what the unbroken run did."""
+    a, b = scalars(resumed), scalars(unbroken)
+    assert a.keys() == b.keys()
+    for tag in b:
+        steps = [step for step, _ in a[tag]]
+        assert len(steps) == len(set(steps)), f"{tag}: duplicated steps"
+        assert a[tag] == b[tag], tag
+    assert comparable(json.loads((resumed / "summary.json").read_text())) == comparable(
+        json.loads((unbroken / "summary.json").read_text())
+    )

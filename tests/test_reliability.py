@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CLI, TINY, bnlab, scalars
+from helpers import CLI, TINY, assert_equal_runs, bnlab, scalars
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -44,30 +44,11 @@ def wait_for(path: Path, timeout: float = 120) -> None:
     time.sleep(0.2)  # let the run go on past its first checkpoint
 
 
-def comparable(summary: dict) -> dict:
-    """A summary without what differs between a resumed and an unbroken run: timings, memory, the resume switch."""
-    s = {k: v for k, v in summary.items() if k not in ("wall_time_s", "steps_per_s", "peak_memory_mb")}
-    s["config"] = {**s["config"], "trainer": {k: v for k, v in s["config"]["trainer"].items() if k != "resume"}}
-    return s
-
-
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("unbroken")
     assert subprocess.run([*TRAIN, *LONG, "hydra.run.dir=run"], cwd=cwd, capture_output=True).returncode == 0
     return cwd / "run"
-
-
-def assert_equal_runs(resumed: Path, unbroken: Path) -> None:
-    a, b = scalars(resumed), scalars(unbroken)
-    assert a.keys() == b.keys()
-    for tag in b:
-        steps = [step for step, _ in a[tag]]
-        assert len(steps) == len(set(steps)), f"{tag}: duplicated steps"
-        assert a[tag] == b[tag], tag
-    assert comparable(json.loads((resumed / "summary.json").read_text())) == comparable(
-        json.loads((unbroken / "summary.json").read_text())
-    )
 
 
 @pytest.mark.slow
@@ -165,6 +146,13 @@ BAD_INPUTS = [
     (["trainer.precision=fp16"], "trainer.precision", "fp32, bf16, fp64"),
     (["diag.percentiles=true", "diag.layers=[7]"], "diag.layers", "-3 to 2"),
     (["data.batch_size=100000"], "data.batch_size", "at most the 64 training examples"),
+    (["trainer.devices=0"], "trainer.devices", "an integer >= 1"),
+    (["trainer.devices=2", "data.batch_size=15"], "data.batch_size", "a multiple of trainer.devices=2"),
+    (["trainer.devices=4", "data.batch_size=4"], "data.batch_size", ">= 8 with norm=batch and trainer.devices=4"),
+    (["trainer.sync_buffers=mean"], "trainer.sync_buffers", "broadcast, average"),
+    (["trainer.timeout_s=0"], "trainer.timeout_s", "> 0"),
+    (["trainer.devices=2", "trainer.fuse=true"], "trainer.fuse", "fused runs need trainer.devices=1"),
+    (["trainer.devices=2", "diag.ics=true"], "diag.ics", "single-process runs only"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["trainer.device=cuda"], "trainer.device", "not available on this machine"))
