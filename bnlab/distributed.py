@@ -2,7 +2,7 @@
 bnlab starts itself, inside the Hydra job, so that sweeps, joblib and SLURM launch such a run as any other.
 
 The job's own process is rank 0: it keeps the run's record and alone writes (run folder, TensorBoard,
-checkpoint, summary.json). `processes` starts ranks 1 to N-1 as fresh Python processes (spawn) that run
+checkpoint, summary.json). `processes` starts ranks 1 to N-1, each in a new Python interpreter, that run
 the same loop (bnlab.train) on a `Replica` of the model, on the gloo backend on CPU or nccl on CUDA
 (one GPU per process). Every process draws the single-process batch order and takes its share of each
 batch (rank r: examples r*B/N to (r+1)*B/N - 1 of a batch of B), DDP averages the gradients, and after
@@ -20,27 +20,27 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import multiprocessing as mp
+import os
+import pickle
 import re
 import signal
+import subprocess
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from bnlab.config import TrainConfig
 from bnlab.data import Dataset
-from bnlab.engine import Group, Single, autocast, evaluate_shared, resolve_device
+from bnlab.engine import Group, Single, resolve_device
 from bnlab.norms import with_torch_sync_batch_norm
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ BUFFER_SYNC_OPTION = next(
     if o in inspect.signature(DistributedDataParallel).parameters
 )
 GRACE_S = 5.0  # seconds rank 0 gives a failing process to exit, so that the error can name it
+JOINED = "bnlab/joined"  # store key prefix: rank r has reached rank 0's store
 
 
 class DistributedError(RuntimeError):
@@ -100,11 +101,12 @@ class ProcessGroup(Group):
 
 
 class Replica(Single):
-    """The engine of a distributed run on each of its processes: the run's model wrapped in DDP, each step
-    on this process's share of the run's batch, the training loss (the mean over the processes' mean
-    losses: the batch's mean) and correct count reduced, the running statistics made equal on every
-    process after each step (trainer.sync_buffers: rank 0's, as DDP's broadcast_buffers does before each
-    forward pass, or their average) and the evaluation shared among the processes."""
+    """The engine of a distributed run on each of its processes: `Single`'s steps, on this process's share of
+    each batch (its group's `share`), through the model wrapped in DDP, which averages the gradients; after
+    each step the running statistics are made equal on every process (trainer.sync_buffers: rank 0's, as
+    DDP's broadcast_buffers does before each forward pass, or their average) and the training loss (the
+    mean over the processes' mean losses: the batch's mean) and correct count are reduced. Evaluation is
+    shared among the processes (bnlab.engine.evaluate_shared)."""
 
     def __init__(
         self,
@@ -125,22 +127,10 @@ class Replica(Single):
         self.buffers = [b for b in self.model.buffers() if b.is_floating_point()]  # running statistics
         self.sync_buffers = group.average if cfg.trainer.sync_buffers == "average" else group.broadcast
 
-    def step(self, step: int) -> tuple[Tensor, Tensor]:
-        idx = self.group.share(next(self.order))
-        x, y = self.data.train_x[idx], self.data.train_y[idx]
-        with autocast(self.cfg.trainer, self.device):
-            logits = self.net(x)
-            loss = F.cross_entropy(logits, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+    def finish_step(self, loss: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
         self.sync_buffers(self.buffers)
-        totals = self.group.sum(torch.stack([loss.detach(), (logits.argmax(1) == y).sum().to(loss.dtype)]))
+        totals = self.group.sum(torch.stack([loss, correct.to(loss.dtype)]))
         return (totals[:1] / self.group.size).float(), totals[1:]
-
-    def evaluate(self) -> list[tuple[float, float]]:
-        with autocast(self.cfg.trainer, self.device):
-            return [evaluate_shared(self.group, self.model, self.data.test_x, self.data.test_y)]
 
 
 # ---------------------------------------------------------------- the processes
@@ -156,43 +146,64 @@ def _connect(rank: int, size: int, store: dist.Store, device_name: str, timeout_
     return ProcessGroup(rank, size, device)
 
 
-def _worker(
-    rank: int, size: int, port: int, device_name: str, timeout_s: float, errors: Connection, work, args: tuple
-) -> None:
-    """The body of rank `rank` > 0: join the group, run `work(group, *args)`; a failure is sent to rank 0."""
+def _start(rank: int, size: int, port: int, device_name: str, timeout_s: float, work, args: tuple) -> _Worker:
+    """Rank `rank` in a fresh Python process: its arguments pickled to its stdin, its error (if any) written
+    to a pipe of its own. A new interpreter, not multiprocessing: nothing of this process (threads, CUDA,
+    Hydra, a joblib worker's start method, the __main__ module) is carried over."""
+    read, write = os.pipe()
+    command = [sys.executable, "-c", "from bnlab.distributed import _worker_main; _worker_main()"]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, pass_fds=(write,))
+    os.close(write)
+    with process.stdin:
+        pickle.dump(sys.path, process.stdin)  # first: `work` is then found where this process found it
+        pickle.dump((rank, size, port, device_name, timeout_s, write, work, args), process.stdin)
+    return _Worker(rank, process, os.fdopen(read, "rb"))
+
+
+def _worker_main() -> None:
+    """The body of a rank > 0, as `_start` runs it: join the group and run `work(group, *args)`; a failure is
+    written to rank 0's pipe and ends the process with exit code 1. The process ends as multiprocessing ends
+    its own, without the interpreter's teardown, in which the threads of gloo's process group can abort."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process of the terminal: rank 0 stops them
     logging.getLogger().addHandler(logging.NullHandler())  # rank 0 logs and warns for the run
     warnings.simplefilter("ignore")
+    sys.path[:] = pickle.load(sys.stdin.buffer)
+    rank, size, port, device_name, timeout_s, errors, work, args = pickle.load(sys.stdin.buffer)
+    code = 0
     try:
         store = dist.TCPStore(HOST, port, size, is_master=False, timeout=timedelta(seconds=timeout_s))
+        store.set(f"{JOINED}/{rank}", "")
         work(_connect(rank, size, store, device_name, timeout_s), *args)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            errors.send(f"{type(e).__name__}: {e}")
-        sys.exit(1)
+        with contextlib.suppress(OSError), os.fdopen(errors, "w") as pipe:
+            pipe.write(f"{type(e).__name__}: {e}")
+        code = 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 @dataclass
 class _Worker:
     rank: int
-    process: mp.process.BaseProcess
-    errors: Connection  # what the process sends if it fails
+    process: subprocess.Popen
+    errors: BinaryIO  # what the process wrote before it failed
+    error: str | None = None
 
     def fate(self) -> str | None:
         """How it ended, if it ended badly: killed by a signal, failed (its error), or a non-zero exit code."""
-        code = self.process.exitcode
+        code = self.process.poll()
         if code is None or code == 0:
             return None
         who = f"rank {self.rank} (pid {self.process.pid})"
         if code < 0:
             return f"{who} was killed by {signal.Signals(-code).name}"
-        with contextlib.suppress(EOFError, OSError):
-            if self.errors.poll():
-                return f"{who} failed: {self.errors.recv()}"
-        return f"{who} exited with code {code}"
+        if self.error is None:
+            self.error = self.errors.read().decode(errors="replace")  # its only writer has exited: no wait
+        return f"{who} failed: {self.error}" if self.error else f"{who} exited with code {code}"
 
 
 @contextlib.contextmanager
@@ -200,22 +211,15 @@ def processes(
     size: int, device_name: str, timeout_s: float, work: Callable[..., None], *args
 ) -> Iterator[ProcessGroup]:
     """Start ranks 1 to size-1, each running `work(group, *args)` in a fresh process, and join them as
-    rank 0; the block runs rank 0's part. On leaving, the processes are joined (after a clean end) or
+    rank 0; the block runs rank 0's part. On leaving, the processes are waited for (after a clean end) or
     killed (after an error), and an error that a failing process caused is raised as a DistributedError
     naming it."""
     store = dist.TCPStore(HOST, 0, size, is_master=True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
-    context = mp.get_context("spawn")  # a fresh interpreter: no forked threads, CUDA or Hydra state
-    workers = []
-    for rank in range(1, size):
-        receive, send = context.Pipe(duplex=False)
-        args_ = (rank, size, store.port, device_name, timeout_s, send, work, args)
-        process = context.Process(target=_worker, args=args_, name=f"bnlab-rank-{rank}")
-        process.start()
-        send.close()
-        workers.append(_Worker(rank, process, receive))
+    workers = [_start(rank, size, store.port, device_name, timeout_s, work, args) for rank in range(1, size)]
     pids = ", ".join(f"rank {w.rank}: pid {w.process.pid}" for w in workers)
-    log.info("trainer.devices=%d: %s processes started (%s)", size, BACKENDS.get(device_name, device_name), pids)
+    log.info("trainer.devices=%d: processes started (%s)", size, pids)
     try:
+        _wait_for_joining(store, workers, size, timeout_s)
         yield _connect(0, size, store, device_name, timeout_s)
     except BaseException as e:
         error = _explain(e, workers, size, timeout_s)
@@ -230,12 +234,26 @@ def processes(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        for w in workers:
+            w.errors.close()
+
+
+def _wait_for_joining(store: dist.Store, workers: list[_Worker], size: int, timeout_s: float) -> None:
+    """Wait until every process has reached the store (rank 0 joining the group before them would wait out
+    trainer.timeout_s for one that died starting up)."""
+    deadline = time.monotonic() + timeout_s
+    while not store.check([f"{JOINED}/{w.rank}" for w in workers]):
+        if fates := _fates(workers):
+            raise DistributedError(f"trainer.devices={size}: {'; '.join(fates)} before the run started")
+        if time.monotonic() > deadline:
+            raise DistributedError(f"trainer.devices={size}: the processes did not start within {timeout_s:g} s")
+        time.sleep(0.05)
 
 
 def _explain(error: BaseException, workers: list[_Worker], size: int, timeout_s: float) -> BaseException:
     """The error to raise for `error` on rank 0: a DistributedError naming the process that died or failed,
     or saying that they stopped answering; otherwise (rank 0's own error, Ctrl-C) the error itself."""
-    if not isinstance(error, RuntimeError):  # collectives fail with RuntimeErrors
+    if isinstance(error, DistributedError) or not isinstance(error, RuntimeError):  # collectives raise RuntimeErrors
         return error
     timed_out = "timed out" in str(error).lower()
     deadline = time.monotonic() + (0 if timed_out else GRACE_S)  # a process that hangs does not exit by itself
@@ -263,7 +281,8 @@ def _end(workers: list[_Worker], kill: bool, timeout_s: float = 0.0) -> None:
     """Wait for the processes to exit (those still there after timeout_s are killed), or kill them."""
     for w in workers:
         if not kill:
-            w.process.join(timeout_s)
-        if w.process.is_alive():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                w.process.wait(timeout_s)
+        if w.process.poll() is None:
             w.process.kill()
-        w.process.join()
+        w.process.wait()

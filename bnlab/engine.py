@@ -230,6 +230,7 @@ class Single:
         self.cfg, self.data, self.device = cfg, data, device
         torch.manual_seed(cfg.seed)
         self.model = prepare_model(build_model(cfg, data.in_shape, data.num_classes), cfg.trainer, device)
+        self.net = self.model  # what a step calls (a Replica's: the model wrapped in DDP)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.order = batches(len(data.train_y), cfg.data.batch_size, generator)
@@ -243,10 +244,10 @@ class Single:
             skip(self.order, checkpoint["step"])
 
     def step(self, step: int) -> tuple[Tensor, Tensor]:
-        idx = next(self.order)
+        idx = self.group.share(next(self.order))
         x, y = self.data.train_x[idx], self.data.train_y[idx]
         with autocast(self.cfg.trainer, self.device):
-            logits = self.model(x)
+            logits = self.net(x)
             loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -256,11 +257,16 @@ class Single:
         self.optimizer.step()
         if due:
             self.diagnostics.after_step(step, x, y)
-        return loss.detach().float().view(1), (logits.argmax(1) == y).sum().view(1)
+        return self.finish_step(loss.detach(), (logits.argmax(1) == y).sum())
+
+    def finish_step(self, loss: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
+        """After the update: the step's loss and count of correct predictions as the loop reads them (a
+        Replica's summed over the processes, once their running statistics are made equal)."""
+        return loss.float().view(1), correct.view(1)
 
     def evaluate(self) -> list[tuple[float, float]]:
         with autocast(self.cfg.trainer, self.device):
-            return evaluate(self.model, self.data.test_x, self.data.test_y)
+            return [evaluate_shared(self.group, self.model, self.data.test_x, self.data.test_y)]
 
     def lrs(self) -> list[float]:
         return [self.optimizer.param_groups[0]["lr"]]

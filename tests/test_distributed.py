@@ -21,11 +21,11 @@ from hydra import compose, initialize_config_module
 
 from bnlab.config import ConfigError
 from bnlab.data import load_data
-from bnlab.distributed import processes
+from bnlab.distributed import DistributedError, processes
 from bnlab.engine import Group, batches, resolve_device
 from bnlab.job import job_config, threads_per_job
 from bnlab.models import build_model
-from bnlab.norms import BatchNorm, SyncBatchNorm
+from bnlab.norms import BatchNorm, SyncBatchNorm, with_torch_sync_batch_norm
 from bnlab.train import CHECKPOINT, train
 
 # float64, every step logged, momentum in the optimizer state, precise BN at the end
@@ -175,6 +175,36 @@ def test_cpu_sync_batch_norm_equals_batch_norm_over_all_processes_rows(shape):
         _sync_bn_matches_batch_norm(group, shape)
 
 
+def test_on_cuda_the_sync_norm_becomes_torchs_with_the_same_tensors():
+    """What a CUDA run hands to DDP (checked here on CPU, one process: torch's layer is then plain BN)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), SyncBatchNorm(6, eps=1e-3, momentum=0.2, affine=True))
+    x = torch.randn(10, 4)
+    before = {k: v for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    expected = model(x)
+    model[1].running_mean.zero_()  # undo the step's update, so that both forward passes see the same buffers
+    model[1].running_var.fill_(1)
+    model[1].num_batches_tracked.zero_()
+    converted = with_torch_sync_batch_norm(model)
+    assert type(converted[1]) is torch.nn.SyncBatchNorm and list(converted.parameters()) == params
+    assert converted.state_dict().keys() == before.keys()
+    assert (converted[1].eps, converted[1].momentum) == (1e-3, 0.2)
+    torch.testing.assert_close(converted(x), expected, rtol=0, atol=0)
+
+
+def _fails_on_rank_1(group: Group) -> None:
+    if group.rank == 1:
+        raise ValueError("rank 1 cannot go on")
+    group.sum(torch.ones(1))
+
+
+@pytest.mark.slow
+def test_an_error_in_another_process_is_raised_by_rank_0_naming_it():
+    with pytest.raises(DistributedError, match=r"rank 1 \(pid \d+\) failed: ValueError: rank 1 cannot go on"):
+        with processes(2, "cpu", 60, _fails_on_rank_1) as group:
+            _fails_on_rank_1(group)
+
+
 def test_sync_batch_norm_alone_is_batch_norm():
     x = torch.randn(12, 6, dtype=torch.float64)
     sync, plain = SyncBatchNorm(6, eps=1e-5, momentum=0.1, affine=True).double(), BatchNorm(6).double()
@@ -228,7 +258,8 @@ def summary(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("unbroken")
-    assert subprocess.run([*CLI, "train", *LONG, "hydra.run.dir=run"], cwd=cwd, capture_output=True).returncode == 0
+    out = subprocess.run([*CLI, "train", *LONG, "hydra.run.dir=run"], cwd=cwd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
     return cwd / "run"
 
 
@@ -268,7 +299,7 @@ def test_a_signal_stops_every_process_leaves_the_run_interrupted_and_resumable(t
     assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)["step"] == s["steps"]
 
     resumed = subprocess.run(
-        [*CLI, "train", *LONG, "hydra.run.dir=run", "trainer.resume=true"], cwd=tmp_path, capture_output=True
+        [*CLI, "train", *LONG, "hydra.run.dir=run", "trainer.resume=true"], cwd=tmp_path, capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_equal_runs(tmp_path / "run", unbroken)
