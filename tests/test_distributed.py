@@ -21,11 +21,12 @@ from hydra import compose, initialize_config_module
 
 from bnlab.config import ConfigError
 from bnlab.data import load_data
+from bnlab.diagnostics import precise_bn
 from bnlab.distributed import DistributedError, processes
 from bnlab.engine import Group, batches, resolve_device
 from bnlab.job import job_config, threads_per_job
 from bnlab.models import build_model
-from bnlab.norms import BatchNorm, SyncBatchNorm, with_torch_sync_batch_norm
+from bnlab.norms import BatchNorm, GhostBatchNorm, SyncBatchNorm, with_torch_sync_batch_norm
 from bnlab.train import CHECKPOINT, train
 
 # float64, every step logged, momentum in the optimizer state, precise BN at the end
@@ -71,6 +72,7 @@ def test_sync_batch_norm_on_two_processes_equals_batch_norm_on_one(tiny_config, 
     two = train(tiny_config(*EXACT, f"model={model}", "norm=sync_batch", "trainer.devices=2"), tmp_path / "two")
     one = train(tiny_config(*EXACT, f"model={model}", "norm=batch"), tmp_path / "one")
     assert two.status == one.status == "completed" and two.devices == 2 and one.devices == 1
+    assert len(list((tmp_path / "two").glob("events.out.tfevents.*"))) == 1  # rank 0's alone
     assert_close_scalars(tmp_path / "two", tmp_path / "one")
     assert final(tmp_path / "two") == pytest.approx(final(tmp_path / "one"), rel=TOL, abs=TOL)
     assert_close_tensors(weights(tmp_path / "two"), weights(tmp_path / "one"))
@@ -173,6 +175,27 @@ def _sync_bn_matches_batch_norm(group: Group, shape: tuple[int, ...]) -> None:
 def test_cpu_sync_batch_norm_equals_batch_norm_over_all_processes_rows(shape):
     with processes(2, "cpu", 60, _sync_bn_matches_batch_norm, shape) as group:
         _sync_bn_matches_batch_norm(group, shape)
+
+
+def _precise_bn_matches_ghost_batch_norm(group: Group) -> None:
+    """Precise BN of per-process BN, each process with its half of every batch and the statistics averaged,
+    equals precise BN of ghost BN with virtual batches of half the batch in one process."""
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    models = []
+    for norm in (BatchNorm(4), GhostBatchNorm(4, eps=1e-5, momentum=0.1, affine=True, virtual_batch_size=8)):
+        torch.manual_seed(0)
+        models.append(torch.nn.Sequential(torch.nn.Linear(6, 4), norm).double())
+    for model, g in zip(models, (group, None)):
+        precise_bn(model, x, batch_size=16, num_batches=5, generator=torch.Generator().manual_seed(1), group=g)
+    (_, two), (_, one) = models
+    torch.testing.assert_close(two.running_mean, one.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(two.running_var, one.running_var, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_precise_bn_averages_the_statistics_of_the_processes():
+    with processes(2, "cpu", 60, _precise_bn_matches_ghost_batch_norm) as group:
+        _precise_bn_matches_ghost_batch_norm(group)
 
 
 def test_on_cuda_the_sync_norm_becomes_torchs_with_the_same_tensors():
