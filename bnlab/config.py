@@ -93,6 +93,11 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast, norm layers in fp32) | fp64 (exactness checks)
     channels_last: bool = False  # conv models: NHWC feature maps (faster convolutions on GPUs with tensor cores)
     compile: bool = False  # torch.compile the model (its first steps compile; CPU needs a C++ compiler)
+    # Processes one run trains on, with DistributedDataParallel (cpu: gloo; cuda: nccl, one GPU each); each
+    # takes an equal share of every batch of data.batch_size (README "Several GPUs or processes").
+    devices: int = 1
+    sync_buffers: str = "broadcast"  # devices > 1: running statistics after each step: broadcast (rank 0's) | average
+    timeout_s: float = 300.0  # devices > 1: seconds a process waits for the others before the run fails
 
 
 @dataclass
@@ -114,8 +119,9 @@ class DiagConfig:
     grad_norms: bool = False  # L2 norm of each layer's weight gradient
     stat_drift: bool = False  # change of the norm layers' running statistics since the last diagnostic
 
-    def switched_on(self) -> bool:
-        return self.percentiles or self.ics or self.landscape or self.grad_norms or self.stat_drift
+    def switched_on(self) -> list[str]:
+        """The diagnostics switched on, by key (empty: none)."""
+        return [k for k in ("percentiles", "ics", "landscape", "grad_norms", "stat_drift") if getattr(self, k)]
 
 
 @dataclass
@@ -146,7 +152,14 @@ ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 # Keys that leave a run's trajectory alone (where the data lives, threads, the resume and fuse switches):
 # they name no run directory, no sweep group and no reason not to fuse.
-BOOKKEEPING_KEYS = ("data.root", "data.download", "trainer.threads", "trainer.resume", "trainer.fuse")
+BOOKKEEPING_KEYS = (
+    "data.root",
+    "data.download",
+    "trainer.threads",
+    "trainer.resume",
+    "trainer.fuse",
+    "trainer.timeout_s",
+)
 
 
 # Resolvers for conf/: a run directory is named by its overrides (`norm=batch,optim.lr=0.1`, or `default`),
@@ -171,6 +184,7 @@ INIT_CHOICES = ("default", "normal")
 PLACEMENTS = ("before_act", "after_act")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp64")
+SYNC_BUFFERS = ("broadcast", "average")
 
 
 class ConfigError(ValueError):
@@ -228,9 +242,16 @@ def validate(cfg: TrainConfig) -> None:
     _require(n.r_max >= 1, "norm.r_max", n.r_max, "a number >= 1")
     _require(n.d_max >= 0, "norm.d_max", n.d_max, "a number >= 0")
     check_choice("data.name", d.name, DATASETS)
-    min_batch = 2 if NORMS[n.name].batch_stats else 1
-    accepted = f"an integer >= {min_batch} with norm={n.name}"
+    _require(t.devices >= 1, "trainer.devices", t.devices, "an integer >= 1")
+    norm = NORMS[n.name]
+    per_process = 2 if norm.batch_stats and not norm.synced else 1  # examples each process normalizes over
+    min_batch = max(per_process * t.devices, 2 if norm.batch_stats else 1)
+    accepted = f"an integer >= {min_batch} with norm={n.name}" + (
+        f" and trainer.devices={t.devices}" if t.devices > 1 else ""
+    )
     _require(d.batch_size >= min_batch, "data.batch_size", d.batch_size, accepted)
+    accepted = f"a multiple of trainer.devices={t.devices} (each process takes an equal share of every batch)"
+    _require(d.batch_size % t.devices == 0, "data.batch_size", d.batch_size, accepted)
     check_choice("optim.name", o.name, OPTIMIZERS)
     _require(o.lr > 0, "optim.lr", o.lr, "a number > 0")
     _require(o.momentum >= 0, "optim.momentum", o.momentum, "a number >= 0")
@@ -246,6 +267,16 @@ def validate(cfg: TrainConfig) -> None:
     _require(t.precise_bn >= 0, "trainer.precise_bn", t.precise_bn, "an integer >= 0 (0: off)")
     _require(t.log_every > 0, "trainer.log_every", t.log_every, "an integer > 0")
     check_choice("trainer.precision", t.precision, PRECISIONS)
+    check_choice("trainer.sync_buffers", t.sync_buffers, SYNC_BUFFERS)
+    _require(t.timeout_s > 0, "trainer.timeout_s", t.timeout_s, "a number of seconds > 0")
+    if t.devices > 1:
+        alone = (
+            f"false (a run over trainer.devices={t.devices} processes trains alone; fused runs need trainer.devices=1)"
+        )
+        _require(not t.fuse, "trainer.fuse", t.fuse, alone)
+        for switch in cfg.diag.switched_on():
+            accepted = f"false with trainer.devices={t.devices} (the diagnostics run in single-process runs only)"
+            _require(False, f"diag.{switch}", True, accepted)
     _require(cfg.diag.every > 0, "diag.every", cfg.diag.every, "an integer > 0")
     _require(cfg.diag.probe > 0, "diag.probe", cfg.diag.probe, "an integer > 0")
     check_choice("threshold.metric", cfg.threshold.metric, THRESHOLD_METRICS)

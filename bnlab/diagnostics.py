@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from torch.func import functional_call
 
 from bnlab.config import ConfigError
 from bnlab.models import Unit
+
+if TYPE_CHECKING:
+    from bnlab.engine import Group
 
 RUNNING_STATS = ("running_mean", "running_var", "running_std")  # the buffers a norm estimates the population with
 NOISE_SEED = 0  # every forward pass of one diagnostic draws the same noise (noisy_batch), so noise is no signal
@@ -197,7 +201,12 @@ def _batch_indices(
 
 @torch.no_grad()
 def precise_bn(
-    model: nn.Module, x_train: Tensor, batch_size: int, num_batches: int = 200, generator: torch.Generator | None = None
+    model: nn.Module,
+    x_train: Tensor,
+    batch_size: int,
+    num_batches: int = 200,
+    generator: torch.Generator | None = None,
+    group: Group | None = None,
 ) -> None:
     """Precise BN (fvcore, pycls): set every norm layer's running statistics to the plain average, over
     `num_batches` training batches of `batch_size`, of the per-batch statistics the layer itself stores.
@@ -209,7 +218,9 @@ def precise_bn(
     its virtual batches), for Batch Renorm the std sqrt(unbiased variance + eps), so its running_std
     becomes the average of per-batch stds. Afterwards momentum, step counters and modes are as before
     and parameters untouched; layers without running statistics are left alone. The batches come from
-    `generator` (None: torch's global RNG), on its device.
+    `generator` (None: torch's global RNG), on its device. In a distributed run (`group`, bnlab.engine)
+    each process takes its share of every batch, as in training, and the averages are all-reduced: the
+    statistics are then the average over the processes' shares (over whole batches for a synchronized norm).
     """
     norms = [m for m in model.modules() if getattr(m, "running_mean", None) is not None]
     saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms]
@@ -228,7 +239,7 @@ def precise_bn(
                 m.momentum = 1.0  # running statistic = this batch's
             for idx in _batch_indices(len(x_train), batch_size, num_batches, generator, device):
                 reset()
-                model(x_train[idx.to(x_train.device)])
+                model(x_train[(group.share(idx) if group else idx).to(x_train.device)])
                 for m, total in zip(norms, sums):
                     for k, s in total.items():
                         s += getattr(m, k)
@@ -236,6 +247,8 @@ def precise_bn(
         reset()
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
+    if group:
+        group.average([s for total in sums for s in total.values()])
     for m, total in zip(norms, sums):
         for k, s in total.items():
             getattr(m, k).copy_(s / num_batches)
@@ -258,7 +271,7 @@ class DiagnosticLog:
                 f"diag.layers={list(cfg.layers)} is not accepted; accepted values: indices of the model's "
                 f"{depth} hidden layers, -{depth} to {depth - 1}."
             )
-        self.on = cfg.switched_on()
+        self.on = bool(cfg.switched_on())
         self.stats = running_stats(model) if cfg.stat_drift else {}
         self.before: dict[str, Tensor] = {}
 

@@ -2,8 +2,10 @@
 format, the batch order, the step itself and the test evaluation.
 
 An engine trains one or more runs that share every step: `Single` one model; `bnlab.fused.Fused` N
-runs stacked into one model. Both hand back per-member device tensors that nobody has read yet, so
-the loop in bnlab/train.py decides when to synchronise with the device.
+runs stacked into one model; `bnlab.distributed.Replica` one model on each process of a distributed
+run. They hand back per-member device tensors that nobody has read yet, so the loop in bnlab/train.py
+decides when to synchronise with the device. An engine's `Group` is the processes it trains on: one
+(`LOCAL`) or several (bnlab.distributed), each taking its share of every batch.
 """
 
 from __future__ import annotations
@@ -32,20 +34,32 @@ EVAL_CHUNK = 500  # examples per forward pass during evaluation (a CNN's activat
 # ---------------------------------------------------------------- the device and the data
 
 
-def resolve_device(name: str) -> torch.device:
-    """trainer.device: auto picks cuda, then mps, then cpu; a named device must exist here."""
+def resolve_device(name: str, devices: int = 1, rank: int = 0) -> torch.device:
+    """trainer.device: auto picks cuda, then mps, then cpu; a named device must exist here. A run over
+    several processes (trainer.devices) trains on CPUs or on one GPU per process, rank r on cuda:r."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        return torch.device(next(d for d, ok in available.items() if ok))
+        name = next(d for d, ok in available.items() if ok)
     if not available[name]:
         here = ", ".join(["auto", *(d for d, ok in available.items() if ok)])
         raise ConfigError(f"trainer.device={name!r} is not available on this machine; accepted values here: {here}.")
-    return torch.device(name)
+    if devices == 1 or name == "cpu":
+        return torch.device(name)
+    if name != "cuda":
+        raise ConfigError(
+            f"trainer.device={name!r} is not accepted with trainer.devices={devices}; accepted values: cpu, cuda."
+        )
+    if torch.cuda.device_count() < devices:
+        raise ConfigError(
+            f"trainer.devices={devices} is not accepted with trainer.device=cuda; accepted values here: 1 to "
+            f"{torch.cuda.device_count()}, the GPUs this machine has (one process per GPU)."
+        )
+    return torch.device("cuda", rank)
 
 
-def prepare(cfg: TrainConfig) -> tuple[torch.device, Dataset]:
-    """The process set up as trainer.* asks (threads, deterministic kernels), the device, and the whole
-    dataset on it in the precision and memory format the run trains in."""
+def prepare(cfg: TrainConfig, rank: int = 0) -> tuple[torch.device, Dataset]:
+    """The process set up as trainer.* asks (threads, deterministic kernels), the device (of process `rank`
+    in a distributed run), and the whole dataset on it in the precision and memory format the run trains in."""
     t = cfg.trainer
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -53,7 +67,7 @@ def prepare(cfg: TrainConfig) -> tuple[torch.device, Dataset]:
         torch.backends.cudnn.benchmark = False
     if t.threads:
         torch.set_num_threads(t.threads)
-    device = resolve_device(t.device)
+    device = resolve_device(t.device, t.devices, rank)
     data = load_data(cfg.data, device)
     if cfg.data.batch_size > len(data.train_y):
         raise ConfigError(
@@ -137,6 +151,50 @@ def evaluate(
     return [(loss / len(x), acc / len(x)) for loss, acc in zip(loss_sum.tolist(), correct.tolist())]
 
 
+class Group:
+    """The processes that train one run together: this one alone (`LOCAL`), or those of a distributed run
+    (bnlab.distributed.ProcessGroup, whose methods are collectives). Rank 0 is the one that writes."""
+
+    rank, size = 0, 1
+
+    def share(self, batch: Tensor) -> Tensor:
+        """This process's part of a batch (dim 0): rank r of N takes the r-th of N equal slices."""
+        return batch
+
+    def sum(self, t: Tensor) -> Tensor:
+        """t summed over the processes, in place."""
+        return t
+
+    def average(self, tensors: list[Tensor]) -> None:
+        """Each tensor replaced by its mean over the processes."""
+
+    def agree(self, requested: str | None) -> str | None:
+        """The stop asked for on any process (Ctrl-C, SIGTERM): every process stops at the same step."""
+        return requested
+
+
+LOCAL = Group()
+
+
+def evaluate_shared(
+    group: Group, model: nn.Module, x: Tensor, y: Tensor, chunk: int = EVAL_CHUNK, train_mode: bool = False
+) -> tuple[float, float]:
+    """`evaluate` of an ordinary model over (x, y) by the processes of `group`: each takes its share of every
+    chunk, as of a training batch, and the sums are reduced, so every process gets the whole set's loss
+    and accuracy. In train mode a final chunk with fewer examples than processes is left out (some
+    process would have none, and a synchronized norm needs every process in every forward pass)."""
+    if group.size == 1:
+        return evaluate(model, x, y, chunk=chunk, train_mode=train_mode)[0]
+    chunks = torch.arange(len(x), device=x.device).split(chunk)
+    if train_mode and len(chunks[-1]) < group.size:
+        chunks = chunks[:-1]
+    idx = torch.cat([group.share(c) for c in chunks])
+    ((loss, acc),) = evaluate(model, x[idx], y[idx], chunk=-(-chunk // group.size), train_mode=train_mode)
+    totals = group.sum(torch.tensor([loss * len(idx), acc * len(idx), len(idx)], dtype=torch.float64, device=x.device))
+    loss_sum, correct, count = totals.tolist()
+    return loss_sum / count, correct / count
+
+
 # ---------------------------------------------------------------- engines
 
 
@@ -145,6 +203,7 @@ class Engine(Protocol):
 
     members: int
     model: nn.Module
+    group: Group  # the processes it trains on
 
     def step(self, step: int) -> tuple[Tensor, Tensor]:
         """Train one step; each member's loss and count of correct predictions (N,), on the device, unread."""
@@ -165,12 +224,13 @@ class Engine(Protocol):
 class Single:
     """The engine of an ordinary run: one model, its optimizer, its batch order and its diagnostics."""
 
-    members = 1
+    members, group = 1, LOCAL
 
     def __init__(self, cfg: TrainConfig, data: Dataset, device: torch.device, writer, checkpoint: dict | None) -> None:
         self.cfg, self.data, self.device = cfg, data, device
         torch.manual_seed(cfg.seed)
         self.model = prepare_model(build_model(cfg, data.in_shape, data.num_classes), cfg.trainer, device)
+        self.net = self.model  # what a step calls (a Replica's: the model wrapped in DDP)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.order = batches(len(data.train_y), cfg.data.batch_size, generator)
@@ -184,10 +244,10 @@ class Single:
             skip(self.order, checkpoint["step"])
 
     def step(self, step: int) -> tuple[Tensor, Tensor]:
-        idx = next(self.order)
+        idx = self.group.share(next(self.order))
         x, y = self.data.train_x[idx], self.data.train_y[idx]
         with autocast(self.cfg.trainer, self.device):
-            logits = self.model(x)
+            logits = self.net(x)
             loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -197,11 +257,16 @@ class Single:
         self.optimizer.step()
         if due:
             self.diagnostics.after_step(step, x, y)
-        return loss.detach().float().view(1), (logits.argmax(1) == y).sum().view(1)
+        return self.finish_step(loss.detach(), (logits.argmax(1) == y).sum())
+
+    def finish_step(self, loss: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
+        """After the update: the step's loss and count of correct predictions as the loop reads them (a
+        Replica's summed over the processes, once their running statistics are made equal)."""
+        return loss.float().view(1), correct.view(1)
 
     def evaluate(self) -> list[tuple[float, float]]:
         with autocast(self.cfg.trainer, self.device):
-            return evaluate(self.model, self.data.test_x, self.data.test_y)
+            return [evaluate_shared(self.group, self.model, self.data.test_x, self.data.test_y)]
 
     def lrs(self) -> list[float]:
         return [self.optimizer.param_groups[0]["lr"]]

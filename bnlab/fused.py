@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from bnlab.config import BOOKKEEPING_KEYS, ConfigError, TrainConfig, flatten
 from bnlab.data import Dataset
-from bnlab.engine import Single, autocast, batches, evaluate, member_losses, prepare_model, skip
+from bnlab.engine import LOCAL, Single, autocast, batches, evaluate, member_losses, prepare_model, skip
 from bnlab.models import CNN, MLP, MODELS, BasicBlock, ResNet, Unit, build_model
 from bnlab.norms import NORMS, stackers
 from bnlab.optim import OPTIMIZERS, build_stacked_optimizer
@@ -218,6 +218,8 @@ class Fused:
     would. `step` hands back each member's loss and count of correct predictions (N,), unread. A member
     whose loss turns non-finite goes on in the stack (its values are its own, so it disturbs no other)
     while its Run records no more steps."""
+
+    group = LOCAL
 
     def __init__(
         self,

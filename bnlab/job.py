@@ -32,13 +32,14 @@ def threads_per_job(n_jobs: int | None) -> int:
 
 def job_config(dcfg: DictConfig, parallel_jobs: int | None = None) -> TrainConfig:
     """The job's TrainConfig from its composed config (the hydra node, if any, left out), with
-    trainer.threads=0 resolved to its share of the cores when `parallel_jobs` jobs run at once."""
+    trainer.threads=0 resolved to its share of the cores when `parallel_jobs` jobs run at once (and
+    each of its trainer.devices processes to its share of that)."""
     if "hydra" in dcfg:
         dcfg = copy.deepcopy(dcfg)
         with read_write(dcfg), open_dict(dcfg):
             del dcfg["hydra"]
     cfg: TrainConfig = OmegaConf.to_object(dcfg)
-    cfg.trainer.threads = cfg.trainer.threads or threads_per_job(parallel_jobs)
+    cfg.trainer.threads = cfg.trainer.threads or max(1, threads_per_job(parallel_jobs) // max(1, cfg.trainer.devices))
     return cfg
 
 

@@ -6,7 +6,8 @@ running statistics, and how it stacks for fused runs. Every layer works on featu
 from an MLP and on feature maps (N, C, H, W) from a conv net, in train and eval mode. This module
 owns the layers themselves: torch's batch norm, a from-scratch batch norm to read, Batch
 Renormalization with its r_max/d_max schedule, Ghost batch norm, Santurkar et al.'s noisy batch
-norm, layer, group, instance and RMS norm, and `none` (no layer at all).
+norm, synchronized batch norm (statistics over the batch of every process of a distributed run),
+layer, group, instance and RMS norm, and `none` (no layer at all).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -216,6 +218,87 @@ class NoisyBatchNorm(BatchNorm):
         return s.view(per_example_channel) * a + m.view(per_example_channel)
 
 
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Batch norm over the union of every process's batch, for CPU tensors (gloo), where torch's
+    SyncBatchNorm refuses to run. Forward: the per-channel sums and counts, then the sums of squared
+    deviations from the global mean, are all-reduced (two passes: no cancellation), giving the global
+    mean and biased variance. Backward, with g = dL/dy * gamma and x_hat the normalized input:
+    dL/dx = invstd * (g - mean(g) - x_hat * mean(g * x_hat)), both means over the global batch, so
+    sum(g) and sum(g * x_hat) are all-reduced too (as torch's SyncBatchNorm does: each process backprops
+    its own loss, and DDP's gradient averaging makes that the gradient of the mean loss). Returns the
+    output and, for the running statistics, the global mean and unbiased variance (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group) -> tuple:
+        dims = [0, *range(2, x.dim())]
+        sums = torch.cat([x.sum(dims), x.new_tensor([x.numel() // x.shape[1]])])
+        dist.all_reduce(sums, group=group)
+        count = sums[-1]
+        mean = sums[:-1] / count
+        centered = x - _per_channel(mean, x)
+        squares = centered.square().sum(dims)
+        dist.all_reduce(squares, group=group)
+        var = squares / count
+        invstd = torch.rsqrt(var + eps)
+        x_hat = centered * _per_channel(invstd, x)
+        ctx.save_for_backward(x_hat, weight, invstd, count)
+        ctx.group, ctx.has_bias = group, bias is not None
+        y = x_hat if weight is None else x_hat * _per_channel(weight, x)
+        y = y if bias is None else y + _per_channel(bias, x)
+        var_unbiased = squares / (count - 1).clamp(min=1)
+        ctx.mark_non_differentiable(mean, var_unbiased)
+        return y, mean, var_unbiased
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, _mean: Tensor, _var: Tensor) -> tuple:
+        x_hat, weight, invstd, count = ctx.saved_tensors
+        dims = [0, *range(2, grad_y.dim())]
+        g = grad_y if weight is None else grad_y * _per_channel(weight, grad_y)
+        sums = torch.cat([g.sum(dims), (g * x_hat).sum(dims)])
+        dist.all_reduce(sums, group=ctx.group)
+        mean_g, mean_g_x_hat = (sums / count).chunk(2)
+        grad_x = (g - _per_channel(mean_g, g) - x_hat * _per_channel(mean_g_x_hat, g)) * _per_channel(invstd, g)
+        grad_weight = (grad_y * x_hat).sum(dims) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = grad_y.sum(dims) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+class SyncBatchNorm(BatchNorm):
+    """Synchronized batch norm: in training, the batch statistics are those of the whole batch of a
+    distributed run (trainer.devices > 1), all-reduced across its processes, so every process
+    normalizes as one process would over the global batch, and the running statistics, equal on every
+    process, follow the global batch. Without a process group of two or more processes, and in eval
+    mode, it is plain batch norm. On CPU it runs `_SyncBatchNormFunction` (torch's SyncBatchNorm, and
+    DDP with it, refuse CPU tensors); on CUDA a distributed run swaps it for torch's (`torch_form`).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().forward(x)
+        self._check_input_dim(x)
+        y, mean, var_unbiased = _SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps, dist.group.WORLD)
+        _update_running(self, mean, var_unbiased)
+        return y
+
+    def torch_form(self) -> nn.SyncBatchNorm:
+        """torch.nn.SyncBatchNorm holding this layer's parameters and buffers (the same tensors)."""
+        torch_sync = nn.SyncBatchNorm(self.num_features, eps=self.eps, momentum=self.momentum, affine=self.affine)
+        torch_sync.weight, torch_sync.bias = self.weight, self.bias
+        for name, buffer in self.named_buffers(recurse=False):
+            setattr(torch_sync, name, buffer)
+        return torch_sync.train(self.training)
+
+
+def with_torch_sync_batch_norm(model: nn.Module) -> nn.Module:
+    """The model with each SyncBatchNorm swapped for its torch form, in place: what a CUDA run hands to DDP."""
+    for name, child in model.named_children():
+        if isinstance(child, SyncBatchNorm):
+            setattr(model, name, child.torch_form())
+        else:
+            with_torch_sync_batch_norm(child)
+    return model
+
+
 class InstanceNorm(nn.GroupNorm):
     """Instance norm: each (example, channel) of a feature map normalized over H, W (GroupNorm(C, C)).
 
@@ -301,6 +384,9 @@ class Norm:
     keys: tuple[str, ...] = ()  # the norm.* config keys it takes, by the same names
     batch_stats: bool = False  # normalizes over the batch: needs 2+ examples, train and eval mode differ
     running_stats: bool = False  # keeps running estimates for eval mode (what precise BN re-estimates)
+    # Its batch statistics span every process of a distributed run (trainer.devices > 1); a batch_stats
+    # norm without it normalizes over each process's share of the batch.
+    synced: bool = False
     # The layer of N fused members from one member's layer (bnlab.stacking); None: it cannot be fused
     # (e.g. noisy_batch, whose random draws would differ from its separate runs').
     stack: Callable[[nn.Module, int], nn.Module] | None = None
@@ -325,6 +411,7 @@ NORMS: dict[str, Norm] = {
     "rms": Norm(RMSNorm, ("eps", "affine"), stack=StackedRMSNorm),
     "batch_manual": Norm(ManualBatchNorm, _BN, batch_stats=True, running_stats=True, stack=widen),
     "noisy_batch": Norm(NoisyBatchNorm, _BN, batch_stats=True, running_stats=True),
+    "sync_batch": Norm(SyncBatchNorm, _BN, batch_stats=True, running_stats=True, synced=True, stack=_by_features),
 }
 
 

@@ -50,6 +50,7 @@ class Summary:
     steps_per_s: float | None = None  # training-loop speed, evaluations included
     device: str = ""
     fused_members: int = 1  # runs trained together as one stacked model
+    devices: int = 1  # processes the run trained on, each with its share of every batch (trainer.devices)
     peak_memory_mb: dict[str, float] = field(default_factory=dict)  # "host": resident memory; "gpu": allocated
     schema_version: int = SCHEMA_VERSION
 

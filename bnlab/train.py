@@ -2,11 +2,13 @@
 checkpoints and the training loop.
 
 `train_runs` sets the runs up (skipping completed ones, resuming from checkpoints), `_fit` builds the
-engine (bnlab.engine: `Single` for one run, `bnlab.fused.Fused` for N stacked runs) and `Loop.run`
+engine (bnlab.engine: `Single` for one run, `bnlab.fused.Fused` for N stacked runs,
+`bnlab.distributed.Replica` on each process of a run over trainer.devices processes) and `Loop.run`
 drives it, top to bottom: a step, and every few steps one read of the training metrics from the
 device, an evaluation, a checkpoint. Every run keeps its own `Run` record, TensorBoard writer and
 folder either way, and whatever ends the loop (the last step, a divergence, an error, Ctrl-C) each
-summary.json is written and the events flushed.
+summary.json is written and the events flushed. In a distributed run this process is rank 0 and the
+only one that writes; the others run `_replica`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import resource
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,8 @@ from bnlab.config import TrainConfig, flatten, validate
 from bnlab.console import make_console, shell_path
 from bnlab.data import Dataset
 from bnlab.diagnostics import precise_bn
-from bnlab.engine import Engine, Single, evaluate, prepare
+from bnlab.distributed import Replica, processes
+from bnlab.engine import LOCAL, Engine, Group, Single, evaluate_shared, prepare
 from bnlab.files import OutputError, owned, write_torch
 from bnlab.fused import Fused
 from bnlab.hparams import metric_values, session
@@ -161,8 +165,16 @@ class Run:
             steps_per_s=round(self.steps / self.loop_time, 2) if self.loop_time else None,
             device=self.device,
             fused_members=self.fused_members,
+            devices=self.cfg.trainer.devices,
             peak_memory_mb=peak_memory_mb(self.device),
         )
+
+
+class _Unwritten:
+    """The TensorBoard writer of the processes of a distributed run other than rank 0: only rank 0 writes."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
 
 
 class StopOnSignal:
@@ -296,20 +308,61 @@ def _output_error_message(e: OutputError, runs: list[Run]) -> str:
 
 
 def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None) -> None:
-    """Validate, set up the device, data and engine, and run the loop."""
+    """Validate, set up the device and data, and train: in this process, or with trainer.devices > 1 as
+    rank 0 of a distributed run whose other processes bnlab.distributed starts (each runs `_replica`)."""
     for run in runs:
         validate(run.cfg)
-    cfg = runs[0].cfg
+    cfg, t = runs[0].cfg, runs[0].cfg.trainer
     device, data = prepare(cfg)
     for run in runs:
         run.device = str(device)
-    if len(runs) == 1:
-        engine: Engine = Single(cfg, data, device, runs[0].writer, checkpoints[0] if checkpoints else None)
+    if t.devices == 1:
+        _drive(runs, data, device, checkpoints, LOCAL, console)
+        return
+    with processes(t.devices, t.device, t.timeout_s, _replica, cfg, runs[0].run_dir, bool(checkpoints)) as group:
+        _drive(runs, data, device, checkpoints, group, console)
+
+
+def _replica(group: Group, cfg: TrainConfig, run_dir: Path, resumed: bool) -> None:
+    """Rank group.rank > 0 of a distributed run, in a process of its own: rank 0's loop on its share of
+    every batch, from rank 0's checkpoint when it resumes, writing nothing."""
+    checkpoint = torch.load(run_dir / CHECKPOINT, weights_only=False) if resumed else None
+    run = Run(cfg, run_dir)
+    run.writer = _Unwritten()
+    if checkpoint:
+        run.restore(checkpoint)
+    device, data = prepare(cfg, group.rank)
+    _drive([run], data, device, [checkpoint] if checkpoint else None, group)
+
+
+def _drive(
+    runs: list[Run],
+    data: Dataset,
+    device: torch.device,
+    checkpoints: list[dict] | None,
+    group: Group,
+    console: Console | None = None,
+) -> None:
+    """Build the engine and run the loop, with a progress bar on `console` if there is one."""
+    cfg = runs[0].cfg
+    checkpoint = checkpoints[0] if checkpoints else None
+    if group.size > 1:
+        engine: Engine = Replica(cfg, data, device, runs[0].writer, checkpoint, group)
+    elif len(runs) == 1:
+        engine = Single(cfg, data, device, runs[0].writer, checkpoint)
     else:
         engine = Fused([r.cfg for r in runs], data, device, checkpoints)
     if checkpoints:
         torch.set_rng_state(checkpoints[0]["rng"])
-    description = "train" if len(runs) == 1 else f"train {len(runs)} fused"
+    progress, show = _progress(console, runs)
+    with StopOnSignal() as stop, progress:
+        Loop(runs, engine, data, show).run(stop)
+
+
+def _progress(console: Console | None, runs: list[Run]) -> tuple[contextlib.AbstractContextManager, Callable]:
+    """A progress bar on `console` and the function that updates it (without a console: none, a no-op)."""
+    if console is None:
+        return contextlib.nullcontext(), lambda **fields: None
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -320,10 +373,10 @@ def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None) -> N
         transient=True,  # gone when the run ends: its table (or its sweep line) says how it went
         disable=not console.is_terminal,  # a log file gets no bar
     )
+    description = "train" if len(runs) == 1 else f"train {len(runs)} fused"
     fields = {"loss": math.nan, "acc": math.nan, "test_acc": math.nan}
-    task = progress.add_task(description, total=cfg.trainer.max_steps, completed=runs[0].steps, **fields)
-    with StopOnSignal() as stop, progress:
-        Loop(runs, engine, data, lambda **fields: progress.update(task, **fields)).run(stop)
+    task = progress.add_task(description, total=runs[0].cfg.trainer.max_steps, completed=runs[0].steps, **fields)
+    return progress, lambda **fields: progress.update(task, **fields)
 
 
 class Loop:
@@ -341,8 +394,9 @@ class Loop:
         if self.runs[0].last_eval < 0:
             self.evaluate(self.active, 0)
         for step in range(first, t.max_steps + 1):
-            if stop.requested:
-                self.interrupt(step - 1, stop.requested)
+            requested = self.engine.group.agree(stop.requested)
+            if requested:
+                self.interrupt(step - 1, requested)
                 break
             self.unread.append(self.engine.step(step))
             due_eval = step % t.eval_every == 0
@@ -388,6 +442,8 @@ class Loop:
         self.show(test_acc=results[members[0]][1])
 
     def save_checkpoint(self, n: int, finished: bool = False) -> None:
+        if self.engine.group.rank:  # a distributed run: rank 0 writes
+            return
         run = self.runs[n]
         state = {**run.state(time.perf_counter() - self.start), **self.engine.member_state(n)}
         write_torch(run.run_dir / CHECKPOINT, {**state, "rng": torch.get_rng_state(), "finished": finished})
@@ -412,21 +468,23 @@ class Loop:
         for n in members:
             run = runs[n]
             if self.t.precise_bn and run.status != Status.INTERRUPTED:
-                run.final.update(eval_modes(self.engine.member_model(n), self.data, run.cfg))
+                run.final.update(eval_modes(self.engine.member_model(n), self.data, run.cfg, self.engine.group))
                 train_mode, precise = run.final["test_acc_train_mode"], run.final["test_acc_precise_bn"]
                 log.info("%stest accuracy in train mode %.4f, after precise BN %.4f", run.label, train_mode, precise)
             self.save_checkpoint(n, finished=run.status != Status.INTERRUPTED)
 
 
-def eval_modes(model: nn.Module, data: Dataset, cfg: TrainConfig) -> dict[str, float]:
+def eval_modes(model: nn.Module, data: Dataset, cfg: TrainConfig, group: Group = LOCAL) -> dict[str, float]:
     """Test accuracy of a trained model in train mode (batch statistics of test batches of data.batch_size:
     the forgotten model.eval()) and in eval mode after precise BN over trainer.precise_bn batches; on a
-    copy, so the model keeps its own running statistics."""
+    copy, so the model keeps its own running statistics. In a distributed run every process takes part,
+    each with its share of every batch as in training: the sums are reduced and precise BN's statistics
+    averaged over the processes."""
     probe = copy.deepcopy(model)
-    ((_, train_mode),) = evaluate(probe, data.test_x, data.test_y, chunk=cfg.data.batch_size, train_mode=True)
+    _, train_mode = evaluate_shared(group, probe, data.test_x, data.test_y, cfg.data.batch_size, train_mode=True)
     generator = torch.Generator(device=data.train_x.device).manual_seed(cfg.seed)
-    precise_bn(probe, data.train_x, cfg.data.batch_size, cfg.trainer.precise_bn, generator)
-    ((_, precise),) = evaluate(probe, data.test_x, data.test_y)
+    precise_bn(probe, data.train_x, cfg.data.batch_size, cfg.trainer.precise_bn, generator, group)
+    _, precise = evaluate_shared(group, probe, data.test_x, data.test_y)
     return {"test_acc_train_mode": train_mode, "test_acc_precise_bn": precise}
 
 

@@ -18,6 +18,7 @@ REDUCED = {
     "placement": [],
     "noisy_bn": [],
     "eval_pitfall": ["trainer.precise_bn=3"],
+    "sync_bn": ["data.batch_size=8"],
 }
 
 
@@ -53,5 +54,11 @@ def test_preset_runs_end_to_end(tmp_path, name):
         assert all(
             "test_acc_precise_bn" in s["final"] and "test_acc_train_mode" in s["final"] for s in summaries.values()
         )
+    if name == "sync_bn":  # the same training where the BN batches are the same (fp32: to float rounding)
+        loss = {(s["config"]["norm"]["name"], s["devices"]): s["final"]["train_loss"] for s in summaries.values()}
+        assert len(loss) == 6
+        assert loss["sync_batch", 2] == pytest.approx(loss["batch", 1], rel=1e-5)
+        assert loss["batch", 2] == pytest.approx(loss["ghost_batch", 1], rel=1e-5)
+        assert loss["batch", 2] != pytest.approx(loss["sync_batch", 2], rel=1e-3)
     if name == "batch_size":
         assert {s["config"]["optim"]["lr"] for s in summaries.values()} == {0.05 * 2 / 32, 0.05 * 16 / 32}

@@ -30,6 +30,7 @@ LAYERS = {
     "bnlab.diagnostics": 3,
     "bnlab.engine": 3,
     "bnlab.fused": 3,
+    "bnlab.distributed": 3,
     # a run, and beside it the analysis of finished runs
     "bnlab.train": 4,
     "bnlab.analysis": 4,

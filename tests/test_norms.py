@@ -16,7 +16,8 @@ from bnlab.norms import NORMS, create_norm
 
 C = 8  # channels
 SHAPES = [(12, C), (12, C, 3, 3)]  # feature vectors (N, C) and feature maps (N, C, H, W)
-BN_FAMILY = ["batch", "batch_manual", "batch_renorm", "ghost_batch"]  # train-mode normalization over the batch
+# train-mode normalization over the batch (sync_batch: in one process, where it is plain batch norm)
+BN_FAMILY = ["batch", "batch_manual", "batch_renorm", "ghost_batch", "sync_batch"]
 # Small-test settings: groups divide C, virtual batches split the N=12 batch in 3, renorm clips from step 0.
 SMALL = dict(groups=2, virtual_batch_size=4, renorm_warmup=0, r_max_steps=0, d_max_steps=0)
 
@@ -87,6 +88,7 @@ def test_registry():
         "rms",
         "batch_manual",
         "noisy_batch",
+        "sync_batch",
     }
     assert isinstance(create_norm(C, NormConfig(name="none")), nn.Identity)
 

@@ -113,6 +113,13 @@ BAD_INPUTS = [
     (["trainer.precision=fp16"], "trainer.precision", "fp32, bf16, fp64"),
     (["diag.percentiles=true", "diag.layers=[7]"], "diag.layers", "-3 to 2"),
     (["data.batch_size=100000"], "data.batch_size", "at most the 64 training examples"),
+    (["trainer.devices=0"], "trainer.devices", "an integer >= 1"),
+    (["trainer.devices=2", "data.batch_size=15"], "data.batch_size", "a multiple of trainer.devices=2"),
+    (["trainer.devices=4", "data.batch_size=4"], "data.batch_size", ">= 8 with norm=batch and trainer.devices=4"),
+    (["trainer.sync_buffers=mean"], "trainer.sync_buffers", "broadcast, average"),
+    (["trainer.timeout_s=0"], "trainer.timeout_s", "> 0"),
+    (["trainer.devices=2", "trainer.fuse=true"], "trainer.fuse", "fused runs need trainer.devices=1"),
+    (["trainer.devices=2", "diag.ics=true"], "diag.ics", "single-process runs only"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["trainer.device=cuda"], "trainer.device", "not available on this machine"))

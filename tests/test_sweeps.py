@@ -77,7 +77,11 @@ def test_the_slurm_launcher_config_composes(tmp_path):
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
-    assert "SlurmLauncher" in out.stdout and "partition: gpu" in out.stdout and "gpus_per_node: 1" in out.stdout
+    assert (
+        "SlurmLauncher" in out.stdout
+        and "partition: gpu" in out.stdout
+        and "gpus_per_node: ${trainer.devices}" in out.stdout
+    )  # 1 by default
 
 
 def free_port() -> int:
