@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from rich.console import Console
 
 from bnlab import provenance
-from bnlab.config import BOOKKEEPING_KEYS, ConfigError, flatten, validate
+from bnlab.config import BOOKKEEPING_KEYS, ConfigError, flatten, fuse_mode, validate
 from bnlab.console import make_console, shell_path
 from bnlab.dashboard import write_dashboard
 from bnlab.engine import resolve_device
@@ -59,7 +59,7 @@ class Preflight(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
             return  # another sweeper draws its jobs as it goes: each is validated when it starts
-        if config.trainer.fuse and config.hydra.launcher.get("_target_") != FUSING_LAUNCHER:
+        if fuse_mode(config.trainer) == "true" and config.hydra.launcher.get("_target_") != FUSING_LAUNCHER:
             log.warning("trainer.fuse=true fuses runs only with hydra/launcher=bnlab (the default): these run alone")
         loader = GlobalHydra.instance().config_loader()
         overrides = sweep_jobs(config)

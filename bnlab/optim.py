@@ -1,6 +1,7 @@
 """Optimizers by name: the `optim` config group's registry. Each entry builds the ordinary optimizer and,
-for fused runs, its stacked form: one learning rate and weight decay per member, applied along dim 0 of
-every stacked parameter (bnlab.stacking's layout), each member's update exactly its separate run's."""
+for fused runs, its stacked form: every optim.* value per member (lr, weight decay, momentum, betas,
+eps), applied along dim 0 of every stacked parameter (bnlab.stacking's layout), each member's update
+exactly its separate run's."""
 
 from __future__ import annotations
 
@@ -16,30 +17,35 @@ if TYPE_CHECKING:
 
 
 class _StackedOptimizer(torch.optim.Optimizer):
-    """Base of the stacked optimizers: each param group holds one lr and one weight decay per member
-    (lists), applied along dim 0 of every parameter, whose i-th of N equal parts is member i's."""
+    """Base of the stacked optimizers: each param group holds every setting as a list of one value per
+    member (lr, weight decay, momentum, ...), applied along dim 0 of every parameter, whose i-th of N
+    equal parts is member i's."""
 
-    def __init__(
-        self, params: Iterable[Tensor], members: int, lr: Sequence[float], weight_decay: Sequence[float], **defaults
-    ) -> None:
-        lr, weight_decay = [float(v) for v in lr], [float(v) for v in weight_decay]
-        if len(lr) != members or len(weight_decay) != members:
-            raise ValueError(f"need {members} learning rates and weight decays, got {len(lr)} and {len(weight_decay)}")
+    def __init__(self, params: Iterable[Tensor], members: int, **settings: Sequence) -> None:
+        for name, values in settings.items():
+            if len(values) != members:
+                raise ValueError(f"need {members} values of {name}, one per member, got {len(values)}")
         self.members = members
-        self._constants: dict[tuple, Tensor] = {}
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, **defaults))
+        self._constants: dict[tuple, tuple[tuple, Tensor]] = {}
+        super().__init__(params, {name: list(values) for name, values in settings.items()})
 
     def _view(self, t: Tensor) -> Tensor:
         """t (N*d, ...) as (N, d, ...): a view, so in-place updates reach t."""
         return t.unflatten(0, (self.members, -1))
 
-    def _per_member(self, values: Sequence[float], p: Tensor) -> Tensor:
-        """values (N,) shaped to broadcast against self._view(p); made once per set of values, so that a
-        step copies nothing from the host (on a GPU such a copy would wait for the queued work)."""
-        key = (tuple(values), p.dtype, p.device, p.dim())
-        if key not in self._constants:
-            self._constants[key] = torch.tensor(values, dtype=p.dtype, device=p.device).view(-1, *[1] * p.dim())
-        return self._constants[key]
+    def _per_member(self, name: str, values: Sequence[float], p: Tensor) -> Tensor:
+        """values (N,) shaped to broadcast against self._view(p); made again only when the values change
+        (a step that makes one copies from the host, which on a GPU waits for the queued work)."""
+        key, values = (name, p.dtype, p.device, p.dim()), tuple(float(v) for v in values)
+        if key not in self._constants or self._constants[key][0] != values:
+            tensor = torch.tensor(values, dtype=p.dtype, device=p.device).view(-1, *[1] * p.dim())
+            self._constants[key] = (values, tensor)
+        return self._constants[key][1]
+
+    def _value(self, name: str, values: Sequence[float], p: Tensor) -> float | Tensor:
+        """The members' common value as a number (a group whose members share it computes as their runs
+        do), or else their values per member."""
+        return float(values[0]) if len(set(values)) == 1 else self._per_member(name, values, p)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -53,7 +59,7 @@ class _StackedOptimizer(torch.optim.Optimizer):
                     continue
                 w, g = self._view(p), self._view(p.grad)
                 if any(group["weight_decay"]):
-                    g = torch.addcmul(g, self._per_member(group["weight_decay"], p), w)  # g + wd * w
+                    g = torch.addcmul(g, self._per_member("weight_decay", group["weight_decay"], p), w)  # g + wd * w
                 self._update(p, w, g, group)
         return loss
 
@@ -85,74 +91,63 @@ class _StackedOptimizer(torch.optim.Optimizer):
 
 class StackedSGD(_StackedOptimizer):
     """torch.optim.SGD (heavy-ball momentum, no dampening, no Nesterov; weight decay added to the
-    gradient) with one learning rate and weight decay per member."""
-
-    def __init__(
-        self,
-        params: Iterable[Tensor],
-        members: int,
-        lr: Sequence[float],
-        momentum: float,
-        weight_decay: Sequence[float],
-    ) -> None:
-        super().__init__(params, members, lr, weight_decay, momentum=momentum)
+    gradient) with each member's lr, momentum and weight decay."""
 
     def _update(self, p: Tensor, w: Tensor, g: Tensor, group: dict) -> None:
-        if group["momentum"]:
+        if any(group["momentum"]):  # a member without momentum: 0 * buffer + g = g, its plain SGD step
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = g.clone()
             else:
-                state["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                state["momentum_buffer"].mul_(self._value("momentum", group["momentum"], p)).add_(g)
             g = state["momentum_buffer"]
-        w.addcmul_(self._per_member([-lr for lr in group["lr"]], p), g)  # w - lr * g, in place
+        w.addcmul_(self._per_member("-lr", [-lr for lr in group["lr"]], p), g)  # w - lr * g, in place
 
 
 class StackedAdam(_StackedOptimizer):
-    """torch.optim.Adam (no AMSGrad; weight decay as L2 added to the gradient) with one learning rate
-    and weight decay per member."""
-
-    def __init__(
-        self,
-        params: Iterable[Tensor],
-        members: int,
-        lr: Sequence[float],
-        weight_decay: Sequence[float],
-        betas: tuple[float, float] = (0.9, 0.999),  # torch.optim.Adam's
-        eps: float = 1e-8,  # torch.optim.Adam's
-    ) -> None:
-        super().__init__(params, members, lr, weight_decay, betas=betas, eps=eps)
+    """torch.optim.Adam (no AMSGrad; weight decay as L2 added to the gradient) with each member's lr,
+    betas, eps and weight decay."""
 
     def _update(self, p: Tensor, w: Tensor, g: Tensor, group: dict) -> None:
-        (beta1, beta2), state = group["betas"], self.state[p]
+        beta1 = self._value("beta1", [b[0] for b in group["betas"]], p)
+        beta2 = self._value("beta2", [b[1] for b in group["betas"]], p)
+        state = self.state[p]
         if not state:
             state.update(step=0, exp_avg=torch.zeros_like(w), exp_avg_sq=torch.zeros_like(w))
         state["step"] += 1
         t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(g, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        step_size = self._per_member(group["lr"], p) / (1 - beta1**t)
-        denom = (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
+        if torch.is_tensor(beta2):
+            exp_avg_sq.mul_(beta2).addcmul_(g * (1 - beta2), g)
+        else:
+            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        step_size = self._per_member("lr", group["lr"], p) / (1 - beta1**t)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add_(self._value("eps", group["eps"], p))
         w.addcdiv_(step_size * exp_avg, denom, value=-1.0)  # w - step_size * exp_avg / denom
 
 
 @dataclass(frozen=True)
 class Optimizer:
     build: Callable[[Iterable[Tensor], OptimConfig], torch.optim.Optimizer]
-    # N members' optimizer from their configs (per member: lr, weight_decay; shared: the rest)
+    # N members' optimizer from their configs, each member with its own optim.* values; None: it cannot be fused
     stacked: Callable[[Iterable[Tensor], Sequence[OptimConfig]], torch.optim.Optimizer] | None = None
+
+
+def _settings(cfgs: Sequence[OptimConfig], *keys: str) -> dict[str, list]:
+    """keys -> the members' values (lists, such as betas, as tuples)."""
+    return {k: [tuple(v) if isinstance(v, list) else v for v in (getattr(c, k) for c in cfgs)] for k in keys}
 
 
 OPTIMIZERS: dict[str, Optimizer] = {
     "sgd": Optimizer(
         lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
-        lambda params, cfgs: StackedSGD(
-            params, len(cfgs), [c.lr for c in cfgs], cfgs[0].momentum, [c.weight_decay for c in cfgs]
-        ),
+        lambda params, cfgs: StackedSGD(params, len(cfgs), **_settings(cfgs, "lr", "momentum", "weight_decay")),
     ),
     "adam": Optimizer(
-        lambda params, cfg: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
-        lambda params, cfgs: StackedAdam(params, len(cfgs), [c.lr for c in cfgs], [c.weight_decay for c in cfgs]),
+        lambda params, cfg: torch.optim.Adam(
+            params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+        ),
+        lambda params, cfgs: StackedAdam(params, len(cfgs), **_settings(cfgs, "lr", "betas", "eps", "weight_decay")),
     ),
 }
 
@@ -162,5 +157,5 @@ def build_optimizer(params: Iterable[Tensor], cfg: OptimConfig) -> torch.optim.O
 
 
 def build_stacked_optimizer(params: Iterable[Tensor], cfgs: Sequence[OptimConfig]) -> torch.optim.Optimizer:
-    """The stacked counterpart of build_optimizer, member n taking cfgs[n].lr and .weight_decay."""
+    """The stacked counterpart of build_optimizer, member n taking cfgs[n]'s values."""
     return OPTIMIZERS[cfgs[0].name].stacked(params, cfgs)

@@ -467,7 +467,7 @@ class Loop:
             self.evaluate([n for n in unevaluated if runs[n].steps == step], step)
         for n in members:
             run = runs[n]
-            if self.t.precise_bn and run.status != Status.INTERRUPTED:
+            if run.cfg.trainer.precise_bn and run.status != Status.INTERRUPTED:
                 run.final.update(eval_modes(self.engine.member_model(n), self.data, run.cfg, self.engine.group))
                 train_mode, precise = run.final["test_acc_train_mode"], run.final["test_acc_precise_bn"]
                 log.info("%stest accuracy in train mode %.4f, after precise BN %.4f", run.label, train_mode, precise)
