@@ -258,7 +258,7 @@ class Fused:
         self.optimizer.step()
         return losses.detach().float(), (logits.argmax(-1) == y).sum(1)
 
-    def evaluate(self) -> list[tuple[float, float]]:
+    def evaluate(self) -> Tensor:
         with autocast(self.cfgs[0].trainer, self.device):
             return evaluate(self.model, self.data.test_x, self.data.test_y, members=self.members)
 

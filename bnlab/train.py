@@ -37,7 +37,7 @@ from bnlab.console import make_console, shell_path
 from bnlab.data import Dataset
 from bnlab.diagnostics import precise_bn
 from bnlab.distributed import Replica, processes
-from bnlab.engine import LOCAL, Engine, Group, Single, evaluate_shared, prepare
+from bnlab.engine import LOCAL, Engine, Group, Single, evaluate_shared, forget_shared_data, prepare
 from bnlab.files import OutputError, owned, write_torch
 from bnlab.fused import Fused
 from bnlab.hparams import metric_values, session
@@ -316,11 +316,15 @@ def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None) -> N
     device, data = prepare(cfg)
     for run in runs:
         run.device = str(device)
-    if t.devices == 1:
-        _drive(runs, data, device, checkpoints, LOCAL, console)
-        return
-    with processes(t.devices, t.device, t.timeout_s, _replica, cfg, runs[0].run_dir, bool(checkpoints)) as group:
-        _drive(runs, data, device, checkpoints, group, console)
+    try:
+        if t.devices == 1:
+            _drive(runs, data, device, checkpoints, LOCAL, console)
+            return
+        with processes(t.devices, t.device, t.timeout_s, _replica, cfg, runs[0].run_dir, bool(checkpoints)) as group:
+            _drive(runs, data, device, checkpoints, group, console)
+    except BaseException:
+        forget_shared_data()  # the error may be torch refusing an in-place change to the shared data, made anyway
+        raise
 
 
 def _replica(group: Group, cfg: TrainConfig, run_dir: Path, resumed: bool) -> None:
@@ -404,11 +408,12 @@ class Loop:
             due_point = step % t.log_every == 0 or step == t.max_steps
             if not (due_point or due_eval or due_checkpoint):
                 continue  # nothing to read: the device runs ahead
+            results = self.engine.evaluate() if due_eval else None  # queued behind the steps, read after them
             self.read(step, write=due_point)
             if not self.active:
                 break
-            if due_eval:
-                self.evaluate(self.active, step)
+            if results is not None:
+                self.record_eval(self.active, step, results)
             if due_checkpoint:
                 for n in self.active:
                     self.save_checkpoint(n)
@@ -420,9 +425,10 @@ class Loop:
 
     def read(self, step: int, write: bool) -> None:
         """Read the unread steps up to `step` and record them; runs that stop there leave `active`."""
-        losses = torch.stack([loss for loss, _ in self.unread]).tolist()  # (steps, members): a host sync point
         batch = self.runs[0].cfg.data.batch_size
-        accs = (torch.stack([correct for _, correct in self.unread]) / batch).tolist()
+        losses = torch.stack([loss for loss, _ in self.unread])  # (steps, members)
+        accs = torch.stack([correct for _, correct in self.unread]).float() / batch
+        losses, accs = torch.stack([losses, accs]).tolist()  # the host sync point
         first = step - len(self.unread) + 1
         self.unread.clear()
         stopped = [
@@ -436,10 +442,14 @@ class Loop:
             self.finish(stopped)
 
     def evaluate(self, members: list[int], step: int) -> None:
-        results, lrs = self.engine.evaluate(), self.engine.lrs()
+        self.record_eval(members, step, self.engine.evaluate())
+
+    def record_eval(self, members: list[int], step: int, results: Tensor) -> None:
+        """Record an evaluation at `step` (the engine's (members, 2) tensor) for these members."""
+        values, lrs = results.tolist(), self.engine.lrs()
         for n in members:
-            self.runs[n].record_eval(step, *results[n], lrs[n])
-        self.show(test_acc=results[members[0]][1])
+            self.runs[n].record_eval(step, *values[n], lrs[n])
+        self.show(test_acc=values[members[0]][1])
 
     def save_checkpoint(self, n: int, finished: bool = False) -> None:
         if self.engine.group.rank:  # a distributed run: rank 0 writes
@@ -481,10 +491,10 @@ def eval_modes(model: nn.Module, data: Dataset, cfg: TrainConfig, group: Group =
     each with its share of every batch as in training: the sums are reduced and precise BN's statistics
     averaged over the processes."""
     probe = copy.deepcopy(model)
-    _, train_mode = evaluate_shared(group, probe, data.test_x, data.test_y, cfg.data.batch_size, train_mode=True)
+    ((_, train_mode),) = evaluate_shared(group, probe, data.test_x, data.test_y, cfg.data.batch_size, True).tolist()
     generator = torch.Generator(device=data.train_x.device).manual_seed(cfg.seed)
     precise_bn(probe, data.train_x, cfg.data.batch_size, cfg.trainer.precise_bn, generator, group)
-    _, precise = evaluate_shared(group, probe, data.test_x, data.test_y)
+    ((_, precise),) = evaluate_shared(group, probe, data.test_x, data.test_y).tolist()
     return {"test_acc_train_mode": train_mode, "test_acc_precise_bn": precise}
 
 
