@@ -300,7 +300,7 @@ class Single:
 
     def step(self, step: int) -> tuple[Tensor, Tensor]:
         idx = self.group.share(next(self.order))
-        x, y = self.data.train_x[idx], self.data.train_y[idx]
+        x, y = self.data.train_x.index_select(0, idx), self.data.train_y.index_select(0, idx)  # faster than x[idx]
         with autocast(self.cfg.trainer, self.device):
             logits = self.net(x)
             loss = F.cross_entropy(logits, y)
