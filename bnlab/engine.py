@@ -290,7 +290,7 @@ class Single:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.order = batches(len(data.train_y), cfg.data.batch_size, generator)
         probe = data.test_x[: cfg.diag.probe]
-        self.diagnostics = DiagnosticLog(cfg.diag, self.model, writer, probe, self.optimizer)
+        self.diagnostics = DiagnosticLog(cfg.diag, self.model, writer, probe, lambda: self.lrs()[0])
         parameters = sum(p.numel() for p in self.model.parameters())
         log.info("%s: %s, %d parameters, %d training examples", cfg.model.name, device, parameters, len(data.train_y))
         if checkpoint:

@@ -7,14 +7,15 @@ over N*C channels, so no statistic crosses members), or, where the members' norm
 each member's own layer on its channels. Every stacked tensor is the members' tensors concatenated
 along dim 0, which `member_state_dict` splits back. The optimizer is the registry's stacked form (each
 member's optim.* values), the loss is the sum of the members' mean losses, and `Fused` is the engine
-that bnlab.train's loop drives for a fused group (bnlab.launcher forms the groups of a sweep)."""
+that bnlab.train's loop drives for a fused group (bnlab.launcher forms the groups of a sweep); each
+member's diagnostics run on a copy of its model, as an ordinary model."""
 
 from __future__ import annotations
 
 import copy
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from bnlab.config import BOOKKEEPING_KEYS, MEMBER_KEYS, ConfigError, TrainConfig, flatten
 from bnlab.data import Dataset
+from bnlab.diagnostics import DiagnosticLog
 from bnlab.engine import LOCAL, Single, autocast, batches, evaluate, member_losses, prepare_model, skip
 from bnlab.models import CNN, MLP, MODELS, BasicBlock, ResNet, Unit, build_model
 from bnlab.norms import NORMS, stackers
@@ -47,8 +49,6 @@ def can_fuse(cfgs: Sequence[TrainConfig]) -> str | None:
         if others:
             return f"{key} differs ({value} vs {', '.join(sorted(others))}); only {', '.join(MEMBER_KEYS)} may"
     cfg = cfgs[0]
-    if cfg.diag.switched_on():
-        return "the diagnostics (diag.*) run on ordinary models only"
     if cfg.model.name not in MODELS:
         return f"model={cfg.model.name} has no stacked form (fusable: {', '.join(MODELS)})"
     if NORMS[cfg.norm.name].stack is None:
@@ -219,12 +219,29 @@ class Fused:
         data: Dataset,
         device: torch.device,
         checkpoints: Sequence[dict] | None = None,
+        writers: Sequence | None = None,
     ) -> None:
         reason = can_fuse(cfgs)
         if reason:
             raise ConfigError(f"these runs cannot be fused: {reason}")
         self.cfgs, self.data, self.device, self.members = list(cfgs), data, device, len(cfgs)
         self.model = prepare_model(build_fused(cfgs, data.in_shape, data.num_classes), cfgs[0].trainer, device)
+        # Each member as an ordinary model, prepared as its run's model is (compiling aside): copied and filled
+        # with the member's state for its diagnostics and precise BN.
+        with torch.random.fork_rng(devices=[]):  # building draws initial weights: keep the RNG as it was
+            models = [build_model(c, data.in_shape, data.num_classes) for c in cfgs]
+        self.templates = [prepare_model(m, replace(c.trainer, compile=False), device) for m, c in zip(models, cfgs)]
+        writers = writers or [None] * self.members
+        self.diagnostics = (
+            [  # each member's, on a copy of its model at each call, as its separate run has them
+                DiagnosticLog(
+                    c.diag, self.member_model(n), writers[n], data.test_x[: c.diag.probe], lambda n=n: self.lrs()[n]
+                )
+                for n, c in enumerate(cfgs)
+            ]
+            if cfgs[0].diag.switched_on()
+            else []
+        )
         if checkpoints:
             self.model.load_member_state_dicts([c["model"] for c in checkpoints])
         self.optimizer = build_stacked_optimizer(self.model.parameters(), [c.optim for c in cfgs])
@@ -255,7 +272,15 @@ class Fused:
             losses = member_losses(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
+        due = [(n, d) for n, d in enumerate(self.diagnostics) if d.due(step)]
+        for n, diagnostics in due:  # at the step's weights and gradients, before the update
+            if diagnostics.needs_gradients:
+                diagnostics.model = self.member_model(n, gradients=True)
+                diagnostics.before_step(step, x[n], y[n])
         self.optimizer.step()
+        for n, diagnostics in due:
+            diagnostics.model = self.member_model(n)
+            diagnostics.after_step(step, x[n], y[n])
         return losses.detach().float(), (logits.argmax(-1) == y).sum(1)
 
     def evaluate(self) -> Tensor:
@@ -269,11 +294,15 @@ class Fused:
         """Member n's checkpoint: its model as the ordinary model's state_dict, its part of the optimizer."""
         return {"model": self.model.member_state_dict(n), "optimizer": self.optimizer.member_state(n)}
 
-    def member_model(self, n: int) -> nn.Module:
-        """Member n as an ordinary model (a copy)."""
-        dtype = next(self.model.parameters()).dtype
-        model = build_model(self.cfgs[n], self.data.in_shape, self.data.num_classes).to(device=self.device, dtype=dtype)
+    def member_model(self, n: int, gradients: bool = False) -> nn.Module:
+        """Member n as an ordinary model (a copy), with its part of every gradient if asked."""
+        model = copy.deepcopy(self.templates[n])
         model.load_state_dict(self.model.member_state_dict(n))
+        if gradients:
+            stacked = dict(self.model.net.named_parameters())
+            for name, p in model.named_parameters():
+                grad = stacked[name].grad
+                p.grad = None if grad is None else member_part(grad, self.members, n).clone()
         return model
 
 

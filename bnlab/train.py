@@ -374,7 +374,7 @@ def _drive(
     elif len(runs) == 1:
         engine = Single(cfg, data, device, runs[0].writer, checkpoint)
     else:
-        engine = Fused([r.cfg for r in runs], data, device, checkpoints)
+        engine = Fused([r.cfg for r in runs], data, device, checkpoints, [r.writer for r in runs])
     if checkpoints:
         torch.set_rng_state(checkpoints[0]["rng"])
     progress, show = _progress(console, runs)

@@ -356,9 +356,15 @@ def test_can_fuse_refuses_norms_without_a_stacked_form():
     assert can_fuse([]) == "no configs"
 
 
-def test_can_fuse_refuses_runs_with_diagnostics():
-    cfgs = member_configs("model=mlp", SMALL["mlp"], "diag.grad_norms=true")
-    assert "diag" in can_fuse(cfgs)
+@pytest.mark.parametrize("switch", ["percentiles", "ics", "landscape", "grad_norms", "stat_drift"])
+def test_each_member_logs_the_diagnostics_of_its_separate_run(switch, tmp_path, monkeypatch):
+    cfgs = member_configs("model=mlp", SMALL["mlp"], f"diag.{switch}=true", "diag.every=5", "diag.probe=32")
+    assert can_fuse(cfgs) is None
+    # stat_drift compares with the statistics at the last diagnostic, which a checkpoint does not keep: a
+    # resumed run (fused or not) compares its first with those it started with, so no resume there
+    assert_fused_equals_separate(cfgs, tmp_path, monkeypatch if switch != "stat_drift" else None)
+    logged = {tag.split("/")[0] for tag in scalars(tmp_path / "fused1")}
+    assert {"percentiles": "act", "grad_norms": "grad_norm"}.get(switch, switch) in logged
 
 
 def test_the_launcher_fuses_only_the_jobs_that_ask_and_can():
@@ -377,11 +383,12 @@ def test_fuse_auto_fuses_where_it_can_and_says_which_in_one_line():
     auto = member_configs("model=mlp", SMALL["mlp"], "trainer.fuse=auto")
     diag = member_configs("model=mlp", SMALL["mlp"], "trainer.fuse=auto", "diag.grad_norms=true")[:2]
     lone = member_configs("model=mlp", SMALL["mlp"], "trainer.fuse=auto", "data.batch_size=16")[:1]
-    groups, alone = plan([*auto, *diag, *lone])
-    assert groups == [[0, 1, 2], [3], [4], [5]]
+    two = member_configs("model=mlp", SMALL["mlp"], "trainer.fuse=auto", "trainer.devices=2")[:2]
+    groups, alone = plan([*auto, *diag, *lone, *two])
+    assert groups == [[0, 1, 2], [3, 4], [5], [6], [7]]
     assert fusing_line(groups, alone) == (
-        "trainer.fuse=auto: 3 runs train as 1 fused group (1x3); 3 alone (2: the diagnostics (diag.*) run on "
-        "ordinary models only; 1: no job to fuse with)"
+        "trainer.fuse=auto: 5 runs train as 2 fused groups (1x3, 1x2); 3 alone (1: no job to fuse with; "
+        "2: trainer.devices > 1)"
     )
 
 
