@@ -4,8 +4,8 @@ config minus the seed, and per group what the tables and figures show.
 Per group: run counts by status; for each threshold the iterations its runs needed (median and min-max
 over the seeds that reached it, and how many never did) and the speed-up over the group's
 no-normalization twin (the same config with norm=none), paired by seed; the final test accuracy (mean
-and std) and steps/s. Across groups: the learning rate that still trains, and which keys a batch-size
-sweep set with the batch size.
+and std) and steps/s. Across groups: the learning rate that still trains, each group at its best
+learning rate, and which keys a batch-size sweep set with the batch size.
 """
 
 from __future__ import annotations
@@ -300,3 +300,21 @@ def largest_lr_that_trains(runs: list[RunResult]) -> dict[str, float | None]:
         label: max((lr for lr, group in by_lr.items() if trains(group, metric, threshold)), default=None)
         for label, by_lr in lr_series(runs).items()
     }
+
+
+def at_best_lr(sweep: Sweep) -> list[Group]:
+    """Per family of groups that differ only in optim.lr (e.g. per norm): the group at its best lr, the one
+    whose runs all completed (none diverged, failed or interrupted) with the highest mean final test
+    accuracy; a family where no lr qualifies is left out. [] unless optim.lr varies."""
+    if "optim.lr" not in sweep.varying:
+        return []
+    families: dict[tuple, list[Group]] = {}
+    for g in sweep.groups:
+        rest = tuple((k, v) for k, v in g.keys.items() if k != "optim.lr")
+        families.setdefault(rest, []).append(g)
+    best = []
+    for groups in families.values():
+        done = [g for g in groups if g.runs and all(r.summary.status == Status.COMPLETED for r in g.runs)]
+        if done:
+            best.append(max(done, key=lambda g: g.final_test_acc[0] or 0.0))
+    return best

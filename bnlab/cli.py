@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("train", help="train one model, or a sweep with -m (a Hydra app: bnlab train --help)")
     data = sub.add_parser("data", help="fetch and check the datasets").add_subparsers(dest="action", required=True)
     fetch_p = data.add_parser("fetch", help="download or copy a dataset into the data root and verify it")
-    fetch_p.add_argument("name", choices=[n for n in DATASETS if n != "synthetic"])
+    fetch_p.add_argument("name", choices=[n for n, spec in DATASETS.items() if spec.md5])
     list_p = data.add_parser("list", help="show which dataset files are present and verified")
     for p in (fetch_p, list_p):
         p.add_argument("--root", help="data root (default: $BNLAB_DATA or ~/.cache/bnlab/data)")

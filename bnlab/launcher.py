@@ -20,6 +20,7 @@ from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, open_dict
 
 from bnlab.app import console, report, show_job
+from bnlab.callbacks import refuse_unusable_targets
 from bnlab.config import TrainConfig
 from bnlab.fused import can_fuse, shared_config
 from bnlab.job import job_config, run_jobs
@@ -63,6 +64,7 @@ def launch_jobs(
             sweep_config.hydra.job.id = sweep_config.hydra.job.num = idx
         configs.append(sweep_config)
     cfgs = [job_config(c) for c in configs]  # one job at a time: each gets every core
+    refuse_unusable_targets(cfgs)
     returns: list[JobReturn] = []
     for group in plan(cfgs):
         if len(group) == 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bnlab.analysis import load_sweep
+from bnlab.analysis import at_best_lr, load_sweep
 from bnlab.figures import DPI, FIGURES
 from bnlab.files import write_text
 from bnlab.summarize import markdown
@@ -38,6 +38,13 @@ def write_report(root: Path) -> Path:
         "the norm=none twin; final test accuracy mean±std.\n",
         markdown(sweep.groups, sweep.metric),
     ]
+    if best := at_best_lr(sweep):
+        parts += [
+            "## At the best learning rate\n",
+            "Each group of runs that differ only in optim.lr at its best lr: the one whose runs all completed with "
+            "the highest mean final test accuracy (columns as in the sweep table).\n",
+            markdown(best, sweep.metric),
+        ]
     for name, make in FIGURES.items():
         section = make(sweep)
         if section is None:
