@@ -323,17 +323,17 @@ def check_targets(cfg: TrainConfig) -> None:
     for group, c in (("data", d), ("model", m), ("norm", n)):
         if c.name == "custom":
             _attempt(group, c.target, "importing it", locate, c.target)
-    if d.name == "custom":
-        _attempt("data", d.target, "loading the data", shape, d)
+    examples = _attempt("data", d.target, "loading the data", shape, d) if d.name == "custom" else None
     probe = torch.Generator().manual_seed(0)
     if m.name == "custom":
-        in_shape, classes = shape(d)
+        in_shape, classes = examples or shape(d)
         model = _attempt("model", m.target, "building it", build_model, cfg, in_shape, classes)
         x = torch.rand(PROBE_BATCH, *in_shape, generator=probe)
-        _attempt("model", m.target, f"a probe batch {tuple(x.shape)}", _probe, model, x, (PROBE_BATCH, classes))
+        doing = f"running it on a probe batch {tuple(x.shape)}"
+        _attempt("model", m.target, doing, _probe, model, x, (PROBE_BATCH, classes))
     elif n.name == "custom":
         spatial = () if m.name == "mlp" else (5, 5)  # the MLP normalizes feature vectors, the conv nets maps
         for channels in sorted(set(m.widths)):
             norm = _attempt("norm", n.target, f"building it for {channels} channels", create_norm, channels, n)
             x = torch.randn(PROBE_BATCH, channels, *spatial, generator=probe)
-            _attempt("norm", n.target, f"a probe batch {tuple(x.shape)}", _probe, norm, x, tuple(x.shape))
+            _attempt("norm", n.target, f"running it on a probe batch {tuple(x.shape)}", _probe, norm, x, tuple(x.shape))

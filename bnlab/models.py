@@ -113,9 +113,12 @@ class BasicBlock(nn.Module):
 
     With the norm after the activation: conv-act-norm-conv, plus the shortcut, then act-norm.
     The shortcut is the identity, or a strided 1x1 conv and a norm where the shape changes.
-    model.residual_init puts a learnable scalar `branch` on the residual branch, just before the shortcut
-    is added: SkipInit's alpha (starting at 0) or Fixup's multiplier (starting at 1; Fixup also gives the
-    shortcut conv a scalar bias on its input).
+    model.residual_init puts a learnable scalar `branch` on the residual branch f, just before the shortcut
+    s is added: out = act(s(x) + alpha * f(x)) (norm after act: norm(act(...))).
+    - skipinit: SkipInit (De & Smith 2020, arXiv 2002.10444, Sec. 4): alpha starts at 0, so with ReLU (whose
+      block inputs are non-negative) every block with an identity shortcut starts as the identity.
+    - fixup: Fixup's multiplier (Zhang, Dauphin & Ma 2019, arXiv 1901.09321), starting at 1; the rest of
+      Fixup is the units' scalar biases, one before the shortcut conv and `fixup_init`.
     """
 
     def __init__(self, c_in: int, c_out: int, stride: int, cfg: TrainConfig) -> None:
