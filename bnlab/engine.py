@@ -231,7 +231,7 @@ class Single:
         torch.manual_seed(cfg.seed)
         self.model = prepare_model(build_model(cfg, data.in_shape, data.num_classes), cfg.trainer, device)
         self.net = self.model  # what a step calls (a Replica's: the model wrapped in DDP)
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.order = batches(len(data.train_y), cfg.data.batch_size, generator)
         probe = data.test_x[: cfg.diag.probe]

@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bnlab.baselines import Scalar, WSConv2d, WSLinear, standardize
 from bnlab.config import BOOKKEEPING_KEYS, ConfigError, TrainConfig, flatten
 from bnlab.data import Dataset
 from bnlab.engine import LOCAL, Single, autocast, batches, evaluate, member_losses, prepare_model, skip
 from bnlab.models import CNN, MLP, MODELS, BasicBlock, ResNet, Unit, build_model
-from bnlab.norms import NORMS, stackers
+from bnlab.norms import NORMS, stackable, stackers
 from bnlab.optim import OPTIMIZERS, build_stacked_optimizer
 from bnlab.stacking import unchanged, widen
 
@@ -54,11 +55,15 @@ def can_fuse(cfgs: Sequence[TrainConfig]) -> str | None:
     cfg = cfgs[0]
     if cfg.diag.switched_on():
         return "the diagnostics (diag.*) run on ordinary models only"
-    if cfg.model.name not in MODELS:
-        return f"model={cfg.model.name} has no stacked form (fusable: {', '.join(MODELS)})"
-    if NORMS[cfg.norm.name].stack is None:
-        fusable = [name for name, norm in NORMS.items() if norm.stack is not None]
-        return f"norm={cfg.norm.name} has no stacked form (fusable: {', '.join(fusable)})"
+    if cfg.model.name == "custom":
+        fusable = [name for name in MODELS if name != "custom"]
+        return f"model=custom has no stacked form (fusable: {', '.join(fusable)})"
+    if not stackable(cfg.norm):
+        fusable = [name for name, norm in NORMS.items() if norm.stack is not None and name != "custom"]
+        return (
+            f"norm={cfg.norm.name} has no stacked form (fusable: {', '.join(fusable)}, and custom when its target "
+            "declares per_channel = True)"
+        )
     if OPTIMIZERS[cfg.optim.name].stacked is None:
         fusable = [name for name, o in OPTIMIZERS.items() if o.stacked is not None]
         return f"optim={cfg.optim.name} has no stacked form (fusable: {', '.join(fusable)})"
@@ -106,12 +111,28 @@ class StackedLinear(nn.Module):
         bias = None if linear.bias is None else nn.Parameter(linear.bias.new_empty(members * self.out_features))
         self.register_parameter("bias", bias)
 
+    def _weight(self) -> Tensor:
+        return self.weight
+
     def forward(self, x: Tensor) -> Tensor:
         n, b = self.members, x.shape[0]
-        w = self.weight.view(n, self.out_features, self.in_features)
+        w = self._weight().view(n, self.out_features, self.in_features)
         bias = None if self.bias is None else self.bias.view(n, self.out_features)
         y = _BatchedLinear.apply(x.reshape(b, n, self.in_features), w, bias)  # (N, B, out)
         return y.transpose(0, 1).reshape(b, n * self.out_features)  # row-major again, as norms and activations like it
+
+
+class StackedWSLinear(StackedLinear):
+    """N scaled-standardized Linear layers (bnlab.baselines.WSLinear): each member's rows standardized on their
+    own, with their gains (N*out,), then batched."""
+
+    def __init__(self, linear: WSLinear, members: int) -> None:
+        super().__init__(linear, members)
+        self.gain = nn.Parameter(linear.gain.new_empty(members * self.out_features))
+        self.gamma = linear.gamma
+
+    def _weight(self) -> Tensor:
+        return standardize(self.weight, self.gain, self.gamma)
 
 
 def _flatten(m: nn.Flatten, n: int) -> nn.Flatten:
@@ -128,6 +149,9 @@ STATELESS = (nn.Identity, nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.MaxPool2d, n
 STACKERS: dict[type, Callable[[nn.Module, int], nn.Module]] = {
     nn.Linear: StackedLinear,
     nn.Conv2d: lambda m, n: widen(m, n, "in_channels", "out_channels", "groups"),
+    WSLinear: StackedWSLinear,
+    WSConv2d: lambda m, n: widen(m, n, "in_channels", "out_channels", "groups"),
+    Scalar: widen,
     nn.Flatten: _flatten,
     **{t: unchanged for t in STATELESS},
     **stackers(),
@@ -235,7 +259,7 @@ class Fused:
         self.model = prepare_model(build_fused(cfgs, data.in_shape, data.num_classes), cfgs[0].trainer, device)
         if checkpoints:
             self.model.load_member_state_dicts([c["model"] for c in checkpoints])
-        self.optimizer = build_stacked_optimizer(self.model.parameters(), [c.optim for c in cfgs])
+        self.optimizer = build_stacked_optimizer(self.model, [c.optim for c in cfgs])
         self.orders = [
             batches(len(data.train_y), c.data.batch_size, torch.Generator(device=device).manual_seed(c.seed))
             for c in cfgs

@@ -1,6 +1,7 @@
 """Optimizers by name: the `optim` config group's registry. Each entry builds the ordinary optimizer and,
 for fused runs, its stacked form: one learning rate and weight decay per member, applied along dim 0 of
-every stacked parameter (bnlab.stacking's layout), each member's update exactly its separate run's."""
+every stacked parameter (bnlab.stacking's layout), each member's update exactly its separate run's.
+Either form can clip its gradients adaptively before each step (optim.agc, Brock et al. 2021), per member."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from bnlab.config import OptimConfig
@@ -157,10 +158,57 @@ OPTIMIZERS: dict[str, Optimizer] = {
 }
 
 
-def build_optimizer(params: Iterable[Tensor], cfg: OptimConfig) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.name].build(params, cfg)
+AGC_EPS = 1e-3  # Brock et al.: a unit's weight norm counts as at least this, so zero-initialised weights can move
 
 
-def build_stacked_optimizer(params: Iterable[Tensor], cfgs: Sequence[OptimConfig]) -> torch.optim.Optimizer:
-    """The stacked counterpart of build_optimizer, member n taking cfgs[n].lr and .weight_decay."""
-    return OPTIMIZERS[cfgs[0].name].stacked(params, cfgs)
+def unitwise_norm(t: Tensor, members: int = 1) -> Tensor:
+    """Brock et al.'s unit-wise L2 norm, shaped to broadcast against t: per output unit (row along dim 0) of a
+    weight matrix or conv kernel; over the whole of a vector or scalar (a bias, a gain), taken per member
+    for the N members' vectors of a fused run (bnlab.stacking's layout)."""
+    if t.dim() > 1:
+        return t.flatten(1).norm(dim=1).view(-1, *[1] * (t.dim() - 1))
+    return t.reshape(members, -1).norm(dim=1).repeat_interleave(t.numel() // members).view_as(t)
+
+
+@torch.no_grad()
+def clip_gradients(params: Iterable[Tensor], clipping: float, members: int = 1) -> None:
+    """Adaptive gradient clipping (Brock, De, Smith & Simonyan 2021, arXiv 2102.06171, eq. 3), in place:
+    per unit i (`unitwise_norm`) of each parameter W with gradient G,
+    G_i <- clipping * max(||W_i||, 1e-3) / ||G_i|| * G_i  where ||G_i|| / max(||W_i||, 1e-3) > clipping,
+    and G_i unchanged otherwise."""
+    for p in params:
+        if p.grad is None:
+            continue
+        max_norm = unitwise_norm(p, members).clamp_min(AGC_EPS) * clipping
+        grad_norm = unitwise_norm(p.grad, members)
+        p.grad.mul_(torch.where(grad_norm > max_norm, max_norm / grad_norm.clamp_min(1e-6), 1.0))
+
+
+def final_layer(model: nn.Module) -> nn.Module:
+    """The model's last layer with a weight matrix or kernel, in module order: the classifier of bnlab's
+    models (and of a fused model's)."""
+    return [m for m in model.modules() if isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() > 1][-1]
+
+
+def _clip_before_steps(optimizer: torch.optim.Optimizer, model: nn.Module, clipping: float, members: int) -> None:
+    """optim.agc > 0: clip every parameter's gradient but the final layer's before each step, as Brock et al.
+    do (clipping the classifier hurt them)."""
+    if clipping:
+        head = {id(p) for p in final_layer(model).parameters()}
+        params = [p for p in model.parameters() if id(p) not in head]
+        optimizer.register_step_pre_hook(lambda *_: clip_gradients(params, clipping, members))
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer of the model's parameters that cfg names, clipping adaptively with optim.agc > 0."""
+    optimizer = OPTIMIZERS[cfg.name].build(model.parameters(), cfg)
+    _clip_before_steps(optimizer, model, cfg.agc, members=1)
+    return optimizer
+
+
+def build_stacked_optimizer(model: nn.Module, cfgs: Sequence[OptimConfig]) -> torch.optim.Optimizer:
+    """The stacked counterpart of build_optimizer for a fused model of len(cfgs) members, member n taking
+    cfgs[n].lr and .weight_decay; clipping (optim.agc, shared) per member."""
+    optimizer = OPTIMIZERS[cfgs[0].name].stacked(model.parameters(), cfgs)
+    _clip_before_steps(optimizer, model, cfgs[0].agc, members=len(cfgs))
+    return optimizer

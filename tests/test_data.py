@@ -111,7 +111,7 @@ def on_disk(request, tmp_path, monkeypatch):
 
 
 def test_registry_names():
-    assert set(DATASETS) == {"mnist", "fashion_mnist", "cifar10", "synthetic"}
+    assert set(DATASETS) == {"mnist", "fashion_mnist", "cifar10", "synthetic", "custom"}
 
 
 def test_load_round_trips_pixels_and_labels(on_disk):

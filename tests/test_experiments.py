@@ -19,6 +19,7 @@ REDUCED = {
     "noisy_bn": [],
     "eval_pitfall": ["trainer.precise_bn=3"],
     "sync_bn": ["data.batch_size=8"],
+    "fair_baselines": ["optim.lr=0.05,0.1", "model.widths=[4,8,8]", "model.blocks=1"],
 }
 
 
@@ -60,5 +61,17 @@ def test_preset_runs_end_to_end(tmp_path, name):
         assert loss["sync_batch", 2] == pytest.approx(loss["batch", 1], rel=1e-5)
         assert loss["batch", 2] == pytest.approx(loss["ghost_batch", 1], rel=1e-5)
         assert loss["batch", 2] != pytest.approx(loss["sync_batch", 2], rel=1e-3)
+    if name == "fair_baselines":
+        models = {(s["config"]["norm"]["name"], s["config"]["model"]["residual_init"]) for s in summaries.values()}
+        assert models == {
+            ("batch", "default"),
+            ("none", "default"),
+            ("none", "skipinit"),
+            ("none", "fixup"),
+            ("group", "default"),
+        }
+        assert sum(s["config"]["model"]["weight_standardization"] for s in summaries.values()) == 2  # gn_ws, 2 lrs
+        assert bnlab("report", "sweep", cwd=tmp_path).returncode == 0
+        assert "## Each norm at its best learning rate" in (tmp_path / "sweep" / "report.md").read_text()
     if name == "batch_size":
         assert {s["config"]["optim"]["lr"] for s in summaries.values()} == {0.05 * 2 / 32, 0.05 * 16 / 32}

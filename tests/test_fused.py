@@ -27,7 +27,9 @@ from bnlab.models import build_model
 from bnlab.norms import NORMS
 from bnlab.train import CHECKPOINT, train, train_runs
 
-FUSABLE_NORMS = sorted(name for name, norm in NORMS.items() if norm.stack is not None)
+# built-in norms with a stacked form (norm=custom fuses when its target declares it: tested on its own below)
+FUSABLE_NORMS = sorted(name for name, norm in NORMS.items() if norm.stack is not None and name != "custom")
+MEAN_ONLY = ["norm=custom", "norm.target=my_norm.MeanOnlyBatchNorm"]  # examples/my_norm: per_channel = True
 
 STEPS = 20
 SMALL = {"mlp": "model.widths=[16,12]", "cnn": "model.widths=[4,8]", "resnet": "model.widths=[4,8]"}
@@ -126,6 +128,42 @@ def test_fused_members_follow_their_separate_runs_in_float32(model, norm, tmp_pa
 @pytest.mark.parametrize("norm", ["batch", "layer"])
 def test_a_fused_resnet_follows_its_separate_runs(norm, tmp_path):
     assert_fused_equals_separate(member_configs("model=resnet", SMALL["resnet"], f"norm={norm}"), tmp_path)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "resnet"])
+def test_a_custom_norm_that_declares_per_channel_fuses_exactly(model, tmp_path):
+    fused = assert_fused_equals_separate(member_configs(f"model={model}", SMALL[model], *MEAN_ONLY), tmp_path)
+    assert all(s.fused_members == 3 for s in fused)
+
+
+def test_a_custom_norm_that_does_not_declare_per_channel_runs_alone():
+    cfgs = member_configs("model=mlp", SMALL["mlp"], "norm=custom", "norm.target=custom_targets.ChannelScale")
+    assert "custom when its target declares per_channel = True" in can_fuse(cfgs)
+    assert can_fuse(member_configs("model=mlp", SMALL["mlp"], *MEAN_ONLY)) is None
+    custom_model = ["model=custom", "model.target=custom_targets.tiny_net"]
+    assert "model=custom has no stacked form" in can_fuse(member_configs(*custom_model))
+
+
+@pytest.mark.parametrize(
+    "baseline",
+    [
+        ["model.residual_init=skipinit", "norm=none"],
+        ["model.residual_init=fixup", "norm=none", "model.bias=false"],
+        ["model.weight_standardization=true", "norm=group"],
+        ["model.residual_init=fixup", "norm=none", "optim.agc=0.02", "optim.momentum=0.9"],
+        ["model.weight_standardization=true", "norm=none", "optim=adam", "optim.agc=0.05"],
+    ],
+    ids=["skipinit", "fixup", "gn_ws", "fixup_agc", "ws_agc_adam"],
+)
+def test_the_fair_baselines_fuse_exactly(baseline, tmp_path):
+    members = [(seed, lr / 10, wd) for seed, lr, wd in MEMBERS] if "optim=adam" in baseline else MEMBERS
+    cfgs = member_configs("model=resnet", SMALL["resnet"], *baseline, members=members)
+    assert_fused_equals_separate(cfgs, tmp_path)
+
+
+def test_weight_standardization_and_agc_fuse_exactly_in_the_mlp(tmp_path):
+    cfgs = member_configs("model=mlp", SMALL["mlp"], "model.weight_standardization=true", "norm=none", "optim.agc=0.02")
+    assert_fused_equals_separate(cfgs, tmp_path)
 
 
 @pytest.mark.parametrize("optim", [["optim=sgd", "optim.momentum=0.9"], ["optim=adam"]], ids=["sgd_momentum", "adam"])

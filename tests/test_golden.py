@@ -53,7 +53,7 @@ def one_run(preset: str) -> list[str]:
     for o in OverridesParser.create().parse_overrides(params):
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         value = "batch" if o.key_or_group == "norm" and "batch" in values else values[0]
-        first.append(f"{o.key_or_group}={value}")
+        first.append(f"{'+' if o.is_add() else ''}{o.key_or_group}={value}")
     return first
 
 
