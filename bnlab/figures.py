@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -86,14 +87,15 @@ class Look:
     colour: Any  # by norm
     dash: str  # by learning rate
     hatch: str  # by learning rate, on bars
-    marker: str  # by what else varies
+    marker: str  # by what else varies (and, for bars that have no marker, the colour's shade)
 
     def line(self, **kwargs: Any) -> dict[str, Any]:
         return {"color": self.colour, "ls": self.dash, "marker": self.marker, **kwargs}
 
 
 class Looks:
-    """The look of every group of a sweep: colour by norm, dash and hatch by lr, marker by the other keys."""
+    """The look of every group of a sweep: colour by norm, dash and hatch by lr, marker and shade (the norm's
+    colour, lighter for each further value) by the other keys, so that bars too tell those apart."""
 
     def __init__(self, sweep: Sweep) -> None:
         norms = sorted({g.norm for g in sweep.groups} - {"none"})
@@ -110,8 +112,10 @@ class Looks:
         """`group`'s look; with vary_lr=False (a figure whose x axis is the lr) one style for every lr."""
         i = self.lrs.index(group.lr) if vary_lr else 0
         rest = self.rest(group)  # a series along an axis (batch size, say) lacks that key: the first marker
-        marker = MARKERS[self.rests.index(rest) % len(MARKERS)] if rest in self.rests else MARKERS[0]
-        return Look(self.colours[group.norm], DASHES[i % len(DASHES)], HATCHES[i % len(HATCHES)], marker)
+        k = self.rests.index(rest) if rest in self.rests else 0
+        lighter = 0.6 * k / (len(self.rests) - 1) if len(self.rests) > 1 else 0.0  # towards white
+        colour = tuple(c + (1 - c) * lighter for c in to_rgb(self.colours[group.norm]))
+        return Look(colour, DASHES[i % len(DASHES)], HATCHES[i % len(HATCHES)], MARKERS[k % len(MARKERS)])
 
 
 def norm_colours(sweep: Sweep) -> dict[str, Any]:

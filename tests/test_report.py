@@ -304,3 +304,14 @@ def test_the_training_edge_states_its_margin_on_both_sides(tmp_path):
     worst = min(r.summary.final["test_acc"] for r in runs[:3])
     assert (edge.lr, edge.above) == (0.1, 1.0) and edge.margin == pytest.approx(worst - 0.9)
     assert edge.why == "1 of 3 ended below the cut (the worst by 0.0070)"
+
+
+def test_bars_of_groups_that_differ_in_another_key_are_shades_of_their_norms_colour(tmp_path):
+    for batch_size in (32, 64):
+        for seed in range(2):
+            fake_run(tmp_path, "batch", seed, batch_size=batch_size, precise=True, events=False)
+    sweep = load_sweep(tmp_path)
+    section = FIGURES["precise_bn.png"](sweep)
+    faces = [to_hex(h.get_facecolor()) for legend in section.figure.legends for h in legend.legend_handles]
+    assert len(faces) == 2 and len(set(faces)) == 2
+    assert faces[0] == to_hex(norm_colours(sweep)["batch"])  # the first in the norm's own colour, then lighter
