@@ -15,7 +15,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from bnlab.data import DATASETS
+from bnlab.data import DATASETS, has_accuracy
 from bnlab.metrics import THRESHOLD_METRICS, higher_is_better
 from bnlab.models import ACTIVATIONS, MODELS
 from bnlab.norms import NORMS
@@ -29,8 +29,8 @@ class ModelConfig:
         default_factory=lambda: [100, 100, 100]
     )  # mlp: units per hidden layer; cnn, resnet: channels per stage
     blocks: int = 1  # resnet: basic residual blocks per stage
-    activation: str = "relu"  # relu | sigmoid | tanh | gelu
-    init: str = "default"  # default: PyTorch's init; normal: weights ~ N(0, init_std), biases 0
+    activation: str = "relu"  # relu | sigmoid | tanh | gelu | identity (no nonlinearity: a deep linear network)
+    init: str = "default"  # default: PyTorch's; normal: weights ~ N(0, init_std); glorot: Glorot uniform; biases 0
     init_std: float = 0.05  # standard deviation of the normal init (BRIEF: 0.05 good, 5 bad)
     bias: str = "auto"  # auto: drop the bias of a layer that a norm follows | true | false
 
@@ -53,17 +53,18 @@ class NormConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"  # mnist | fashion_mnist | cifar10 | synthetic
+    name: str = "mnist"  # mnist | fashion_mnist | cifar10 | synthetic | linear_regression
     root: str = "${oc.env:BNLAB_DATA,'~/.cache/bnlab/data'}"  # torchvision's on-disk layout below it
     batch_size: int = 60  # examples per training step
     download: bool = True  # fetch missing files on first use
     normalize: bool = False  # standardize inputs per channel with train-set statistics (off: pixels in [0, 1])
-    num_train: int = 2048  # synthetic: training examples
-    num_test: int = 512  # synthetic: test examples
+    num_train: int = 2048  # synthetic, linear_regression: training examples
+    num_test: int = 512  # synthetic, linear_regression: test examples
     num_classes: int = 10  # synthetic: classes
     channels: int = 1  # synthetic: image channels
     image_size: int = 28  # synthetic: image height and width in pixels
-    seed: int = 0  # synthetic: seed of the generated task (the run's own seed leaves the task as it is)
+    dim: int = 10  # linear_regression: dimension of the inputs x and of the targets y = A x
+    seed: int = 0  # synthetic, linear_regression: seed of the generated task (the run's seed leaves it as it is)
 
 
 @dataclass
@@ -111,6 +112,10 @@ class DiagConfig:
     percentiles: bool = False  # 15/50/85th percentiles and histograms of the inputs to the nonlinearity
     ics: bool = False  # internal covariate shift per layer, ||G - G'|| and cos(G, G') (Santurkar et al.)
     landscape: bool = False  # loss variation, gradient predictiveness, effective beta-smoothness along the gradient
+    landscape_steps: list[float] = field(
+        default_factory=lambda: [0.5, 4.0]
+    )  # landscape: smallest and largest step along the gradient, in multiples of the lr (Santurkar et al.'s VGG)
+    landscape_points: int = 8  # landscape: step sizes tried, spaced evenly over landscape_steps
     grad_norms: bool = False  # L2 norm of each layer's weight gradient
     stat_drift: bool = False  # change of the norm layers' running statistics since the last diagnostic
 
@@ -167,7 +172,7 @@ OmegaConf.register_new_resolver("bnlab.div", lambda a, b: int(a) // int(b), repl
 OmegaConf.register_new_resolver("bnlab.scale", lambda x, b, ref: float(x) * float(b) / float(ref), replace=True)
 
 BIAS_CHOICES = ("auto", "true", "false")
-INIT_CHOICES = ("default", "normal")
+INIT_CHOICES = ("default", "normal", "glorot")
 PLACEMENTS = ("before_act", "after_act")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp64")
@@ -228,6 +233,11 @@ def validate(cfg: TrainConfig) -> None:
     _require(n.r_max >= 1, "norm.r_max", n.r_max, "a number >= 1")
     _require(n.d_max >= 0, "norm.d_max", n.d_max, "a number >= 0")
     check_choice("data.name", d.name, DATASETS)
+    classes = has_accuracy(d.name)
+    if not classes:  # regression: vectors in and out, no images for a conv net, no classes to be right about
+        _require(m.name == "mlp", "model", m.name, f"mlp (data={d.name} gives vectors, not images)")
+        _require(d.dim >= 1, "data.dim", d.dim, "an integer >= 1")
+        _require(t.precise_bn == 0, "trainer.precise_bn", t.precise_bn, f"0 with data={d.name} (it measures accuracy)")
     min_batch = 2 if NORMS[n.name].batch_stats else 1
     accepted = f"an integer >= {min_batch} with norm={n.name}"
     _require(d.batch_size >= min_batch, "data.batch_size", d.batch_size, accepted)
@@ -248,7 +258,12 @@ def validate(cfg: TrainConfig) -> None:
     check_choice("trainer.precision", t.precision, PRECISIONS)
     _require(cfg.diag.every > 0, "diag.every", cfg.diag.every, "an integer > 0")
     _require(cfg.diag.probe > 0, "diag.probe", cfg.diag.probe, "an integer > 0")
-    check_choice("threshold.metric", cfg.threshold.metric, THRESHOLD_METRICS)
+    lo_hi = list(cfg.diag.landscape_steps)
+    steps_ok = len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1]
+    _require(steps_ok, "diag.landscape_steps", lo_hi, "[low, high] with 0 < low <= high (multiples of the lr)")
+    _require(cfg.diag.landscape_points >= 2, "diag.landscape_points", cfg.diag.landscape_points, "an integer >= 2")
+    metrics = [k for k in THRESHOLD_METRICS if classes or not k.endswith("_acc")]
+    check_choice("threshold.metric", cfg.threshold.metric, metrics, f"values with data={d.name}")
     if higher_is_better(cfg.threshold.metric):
         bad = [v for v in cfg.threshold.values if not 0 <= v <= 1]
         _require(not bad, "threshold.values", list(cfg.threshold.values), "accuracies in [0, 1]")

@@ -1,5 +1,6 @@
 """Datasets as whole splits of tensors on the device: torchvision's on-disk layout, small readers for
-its IDX and CIFAR pickle files, MD5 verification of every file, and fetching missing files offline."""
+its IDX and CIFAR pickle files, MD5 verification of every file, fetching missing files offline, and
+the task each data set poses (`TASKS`: its loss, and whether a prediction can be right or wrong)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 if TYPE_CHECKING:
     from bnlab.config import DataConfig
@@ -38,23 +41,41 @@ SYNTHETIC_CONTRAST = 0.4  # synthetic: value of a lit prototype pixel on a 0 bac
 SYNTHETIC_NOISE = 0.6  # synthetic: per-pixel Gaussian noise std at 784 pixels an image, in pixel units (see _synthetic)
 
 
+@dataclass(frozen=True)
+class Task:
+    """What a data set asks of a model: the loss of each example, and which predictions count as correct."""
+
+    loss: Callable[[Tensor, Tensor], Tensor]  # (outputs (B, K), targets) -> loss per example (B,)
+    correct: Callable[[Tensor, Tensor], Tensor] | None  # (outputs, targets) -> bool (B,); None: no accuracy
+
+
+TASKS: dict[str, Task] = {
+    "classification": Task(
+        lambda out, y: F.cross_entropy(out, y, reduction="none"),
+        lambda out, y: out.argmax(-1) == y,
+    ),
+    # mean over the K outputs of the squared error; its mean over a batch is torch's mse_loss
+    "regression": Task(lambda out, y: (out - y).square().mean(-1), None),
+}
+
+
 class DataError(RuntimeError):
     """A dataset that cannot be loaded or fetched; the message says which file and how to get a good copy."""
 
 
 @dataclass
 class Dataset:
-    train_x: torch.Tensor  # float32 (N, C, H, W) on the device
-    train_y: torch.Tensor  # int64 (N,) class indices
-    test_x: torch.Tensor  # float32 (M, C, H, W)
-    test_y: torch.Tensor  # int64 (M,)
-    num_classes: int
+    train_x: torch.Tensor  # float32 (N, C, H, W) images, or (N, D) vectors, on the device
+    train_y: torch.Tensor  # classification: int64 (N,) class indices; regression: float32 (N, K) targets
+    test_x: torch.Tensor  # float32 (M, ...)
+    test_y: torch.Tensor  # (M, ...)
+    num_classes: int  # the model's outputs: classes, or the dimension K of a regression target
+    task: Task = TASKS["classification"]
 
     @property
-    def in_shape(self) -> tuple[int, int, int]:
-        """(channels, height, width) of one example."""
-        c, h, w = self.train_x.shape[1:]
-        return c, h, w
+    def in_shape(self) -> tuple[int, ...]:
+        """The shape of one example: (channels, height, width) of an image, (D,) of a vector."""
+        return tuple(self.train_x.shape[1:])
 
 
 Fetcher = Callable[["Spec", Path], None]  # (spec, data root) -> writes the spec's files or raises
@@ -66,13 +87,13 @@ class Spec:
 
     folder: str = ""  # below the data root, as torchvision lays it out
     md5: dict[str, str] = field(default_factory=dict)  # file name -> MD5 of its uncompressed content
-    read: Callable[[dict[str, bytes]], Split] | None = (
-        None  # verified contents -> uint8 images, labels; None: synthetic
-    )
+    read: Callable[[dict[str, bytes]], Split] | None = None  # verified contents -> uint8 images, labels
     torchvision: str = ""  # torchvision.datasets class whose download=True fetches the files
     fetchers: list[tuple[str, Fetcher]] = field(default_factory=list)  # (label, fetcher), tried in order by fetch
     ways: list[str] = field(default_factory=list)  # offline ways to get the files, for messages; {folder} is filled in
     num_classes: int = 10
+    task: str = "classification"  # a key of TASKS
+    generate: Callable[[DataConfig], Split] | None = None  # a generated data set (no files): its split
 
 
 # ---------------------------------------------------------------- readers
@@ -139,6 +160,13 @@ def _spec(name: str) -> Spec:
     if name not in DATASETS:
         raise DataError(f"Unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}.")
     return DATASETS[name]
+
+
+def has_accuracy(name: str) -> bool:
+    """Whether data set `name` poses a task whose predictions are right or wrong (classification); an unknown
+    name counts as one (bnlab.config.validate refuses it)."""
+    spec = DATASETS.get(name)
+    return spec is None or TASKS[spec.task].correct is not None
 
 
 def _root(root: str | Path) -> Path:
@@ -315,22 +343,36 @@ def _synthetic(cfg: DataConfig) -> Split:
     return *sample(cfg.num_train), *sample(cfg.num_test)
 
 
+def _linear_regression(cfg: DataConfig) -> Split:
+    """Santurkar et al.'s deep-linear-network task: x ~ N(0, I) in data.dim dimensions and y = A x, with A a
+    fixed data.dim x data.dim matrix of N(0, 1) entries; deterministic in cfg (data.seed). x is (N, dim)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    a = torch.randn((cfg.dim, cfg.dim), generator=g)
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn((n, cfg.dim), generator=g)
+        return x, x @ a.T
+
+    return *sample(cfg.num_train), *sample(cfg.num_test)
+
+
 def load_data(cfg: DataConfig, device: torch.device) -> Dataset:
     """The whole dataset on device: pixels in [0, 1], or standardized per channel with train statistics."""
     spec = _spec(cfg.name)
-    if spec.read is None:
-        train_x, train_y, test_x, test_y = (t.to(device) for t in _synthetic(cfg))
-        num_classes = cfg.num_classes
+    if spec.generate is not None:
+        train_x, train_y, test_x, test_y = (t.to(device) for t in spec.generate(cfg))
+        num_classes = cfg.num_classes if spec.task == "classification" else train_y.shape[1]
     else:
         split = spec.read(_require_files(cfg.name, spec, _root(cfg.root), cfg.download))
         train_x, train_y, test_x, test_y = (t.to(device) for t in split)  # uint8 on the wire: 4x less to copy
         train_x, test_x = train_x.float() / 255, test_x.float() / 255  # pixel values 0..255 -> [0, 1]
         num_classes = spec.num_classes
     if cfg.normalize:
-        mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
-        std = train_x.std(dim=(0, 2, 3), keepdim=True)
+        dims = (0, 2, 3) if train_x.dim() == 4 else (0,)  # per channel of an image, per entry of a vector
+        mean = train_x.mean(dim=dims, keepdim=True)
+        std = train_x.std(dim=dims, keepdim=True)
         train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    return Dataset(train_x, train_y, test_x, test_y, num_classes)
+    return Dataset(train_x, train_y, test_x, test_y, num_classes, TASKS[spec.task])
 
 
 # ---------------------------------------------------------------- registry
@@ -392,5 +434,6 @@ DATASETS: dict[str, Spec] = {
         torchvision="CIFAR10",
         fetchers=[_TORCHVISION],
     ),
-    "synthetic": Spec(),
+    "synthetic": Spec(generate=_synthetic),
+    "linear_regression": Spec(task="regression", generate=_linear_regression),
 }

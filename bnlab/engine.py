@@ -15,11 +15,10 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnlab.config import ConfigError, TrainConfig, TrainerConfig
-from bnlab.data import Dataset, load_data
+from bnlab.data import TASKS, Dataset, Task, load_data
 from bnlab.diagnostics import DiagnosticLog
 from bnlab.models import Unit, build_model
 from bnlab.optim import build_optimizer
@@ -107,22 +106,34 @@ def prepare_model(model: nn.Module, t: TrainerConfig, device: torch.device) -> n
     return model
 
 
-def member_losses(logits: Tensor, y: Tensor) -> Tensor:
-    """Each member's mean cross-entropy (N,) from logits (N, B, K) and targets (N, B); a fused loss is their sum."""
-    n, b, k = logits.shape
-    return F.cross_entropy(logits.reshape(n * b, k), y.reshape(n * b), reduction="none").view(n, b).mean(1)
+def member_scores(task: Task, outputs: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Each member's mean loss (N,) and count of correct predictions (N,; 0 where the task has no accuracy)
+    from outputs (N, B, K) and targets (N, B, ...); a fused loss is the sum of the losses."""
+    n, b, k = outputs.shape
+    flat_out, flat_y = outputs.reshape(n * b, k), y.reshape(n * b, *y.shape[2:])
+    losses = task.loss(flat_out, flat_y).view(n, b).mean(1)
+    if task.correct is None:
+        return losses, torch.zeros(n, dtype=torch.long, device=outputs.device)
+    return losses, task.correct(flat_out, flat_y).view(n, b).sum(1)
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: Tensor, y: Tensor, members: int = 1, chunk: int = EVAL_CHUNK, train_mode: bool = False
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    task: Task = TASKS["classification"],
+    members: int = 1,
+    chunk: int = EVAL_CHUNK,
+    train_mode: bool = False,
 ) -> list[tuple[float, float]]:
-    """Per member, the mean cross-entropy and accuracy over (x, y), `chunk` examples at a time (split
-    among the members), in eval mode (running statistics) or, with `train_mode`, in train mode (each
-    chunk's own batch statistics, which also moves the running statistics); the mode is restored after.
+    """Per member, the mean loss and the accuracy (0 where the task has none) over (x, y), `chunk`
+    examples at a time (split among the members), in eval mode (running statistics) or, with
+    `train_mode`, in train mode (each chunk's own batch statistics, which also moves the running
+    statistics); the mode is restored after.
 
     An ordinary model (members = 1) takes the examples (B, ...); a fused model of N members takes them
-    once per member, (N, B, ...), and returns (N, B, classes)."""
+    once per member, (N, B, ...), and returns (N, B, outputs)."""
     was_training = model.training
     model.train(train_mode)
     loss_sum = torch.zeros(members, device=x.device, dtype=x.dtype)
@@ -130,9 +141,10 @@ def evaluate(
     size = max(1, chunk // members)
     for start in range(0, len(x), size):
         xc, yc = x[start : start + size], y[start : start + size]
-        logits = model(xc if members == 1 else xc.expand(members, *xc.shape)).view(members, len(yc), -1)
-        loss_sum += member_losses(logits, yc.expand(members, -1)) * len(yc)
-        correct += (logits.argmax(-1) == yc).sum(1)
+        outputs = model(xc if members == 1 else xc.expand(members, *xc.shape)).view(members, len(yc), -1)
+        losses, right = member_scores(task, outputs, yc.expand(members, *yc.shape))
+        loss_sum += losses * len(yc)
+        correct += right
     model.train(was_training)
     return [(loss / len(x), acc / len(x)) for loss, acc in zip(loss_sum.tolist(), correct.tolist())]
 
@@ -175,7 +187,7 @@ class Single:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.order = batches(len(data.train_y), cfg.data.batch_size, generator)
         probe = data.test_x[: cfg.diag.probe]
-        self.diagnostics = DiagnosticLog(cfg.diag, self.model, writer, probe, self.optimizer)
+        self.diagnostics = DiagnosticLog(cfg.diag, self.model, writer, probe, self.optimizer, data.task)
         parameters = sum(p.numel() for p in self.model.parameters())
         log.info("%s: %s, %d parameters, %d training examples", cfg.model.name, device, parameters, len(data.train_y))
         if checkpoint:
@@ -187,8 +199,7 @@ class Single:
         idx = next(self.order)
         x, y = self.data.train_x[idx], self.data.train_y[idx]
         with autocast(self.cfg.trainer, self.device):
-            logits = self.model(x)
-            loss = F.cross_entropy(logits, y)
+            loss, correct = member_scores(self.data.task, self.model(x).unsqueeze(0), y.unsqueeze(0))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         due = self.diagnostics.due(step)
@@ -197,11 +208,11 @@ class Single:
         self.optimizer.step()
         if due:
             self.diagnostics.after_step(step, x, y)
-        return loss.detach().float().view(1), (logits.argmax(1) == y).sum().view(1)
+        return loss.detach().float(), correct
 
     def evaluate(self) -> list[tuple[float, float]]:
         with autocast(self.cfg.trainer, self.device):
-            return evaluate(self.model, self.data.test_x, self.data.test_y)
+            return evaluate(self.model, self.data.test_x, self.data.test_y, self.data.task)
 
     def lrs(self) -> list[float]:
         return [self.optimizer.param_groups[0]["lr"]]

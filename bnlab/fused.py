@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from bnlab.config import BOOKKEEPING_KEYS, ConfigError, TrainConfig, flatten
 from bnlab.data import Dataset
-from bnlab.engine import Single, autocast, batches, evaluate, member_losses, prepare_model, skip
+from bnlab.engine import Single, autocast, batches, evaluate, member_scores, prepare_model, skip
 from bnlab.models import CNN, MLP, MODELS, BasicBlock, ResNet, Unit, build_model
 from bnlab.norms import NORMS, stackers
 from bnlab.optim import OPTIMIZERS, build_stacked_optimizer
@@ -200,7 +200,7 @@ class FusedModel(nn.Module):
         return {k: _member(v, self.members, n).clone() for k, v in self.net.state_dict().items()}
 
 
-def build_fused(cfgs: Sequence[TrainConfig], in_shape: tuple[int, int, int], num_classes: int) -> FusedModel:
+def build_fused(cfgs: Sequence[TrainConfig], in_shape: tuple[int, ...], num_classes: int) -> FusedModel:
     """Each member built exactly as train.py builds its model (torch.manual_seed(seed), build_model), stacked."""
     models = []
     for cfg in cfgs:
@@ -254,19 +254,19 @@ class Fused:
     def step(self, step: int) -> tuple[Tensor, Tensor]:
         n = self.members
         idx = torch.stack([next(o) for o in self.orders], 1).flatten()  # (B*N,), example-major: the stacked layout
-        x = self.data.train_x.index_select(0, idx).unflatten(0, (-1, n)).transpose(0, 1)  # (N, B, ...), a view
-        y = self.data.train_y.index_select(0, idx).view(-1, n).t()
+        data = self.data
+        # (N, B, ...) views of the members' examples and targets
+        x, y = (t.index_select(0, idx).unflatten(0, (-1, n)).transpose(0, 1) for t in (data.train_x, data.train_y))
         with autocast(self.cfgs[0].trainer, self.device):
-            logits = self.model(x)
-            losses = member_losses(logits, y)
+            losses, correct = member_scores(data.task, self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         self.optimizer.step()
-        return losses.detach().float(), (logits.argmax(-1) == y).sum(1)
+        return losses.detach().float(), correct
 
     def evaluate(self) -> list[tuple[float, float]]:
         with autocast(self.cfgs[0].trainer, self.device):
-            return evaluate(self.model, self.data.test_x, self.data.test_y, members=self.members)
+            return evaluate(self.model, self.data.test_x, self.data.test_y, self.data.task, members=self.members)
 
     def lrs(self) -> list[float]:
         return list(self.optimizer.param_groups[0]["lr"])

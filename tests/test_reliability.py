@@ -113,6 +113,10 @@ BAD_INPUTS = [
     (["trainer.precision=fp16"], "trainer.precision", "fp32, bf16, fp64"),
     (["diag.percentiles=true", "diag.layers=[7]"], "diag.layers", "-3 to 2"),
     (["data.batch_size=100000"], "data.batch_size", "at most the 64 training examples"),
+    (["data=linear_regression", "model=cnn"], "model", "mlp (data=linear_regression gives vectors"),
+    (["data=linear_regression", "threshold.metric=test_acc"], "threshold.metric", "test_loss, train_loss"),
+    (["data=linear_regression", "trainer.precise_bn=5"], "trainer.precise_bn", "0 with data=linear_regression"),
+    (["diag.landscape_steps=[4,0.5]"], "diag.landscape_steps", "0 < low <= high"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["trainer.device=cuda"], "trainer.device", "not available on this machine"))
