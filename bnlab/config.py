@@ -19,7 +19,7 @@ from bnlab.data import DATASETS, has_accuracy
 from bnlab.metrics import THRESHOLD_METRICS, higher_is_better
 from bnlab.models import ACTIVATIONS, MODELS
 from bnlab.norms import NORMS
-from bnlab.optim import OPTIMIZERS
+from bnlab.optim import OPTIMIZERS, SCHEDULES
 
 
 @dataclass
@@ -73,6 +73,10 @@ class OptimConfig:
     lr: float = 0.01  # learning rate per step
     momentum: float = 0.0  # sgd: heavy-ball momentum (0 = plain SGD)
     weight_decay: float = 0.0  # L2 penalty coefficient
+    schedule: str = "none"  # none | step | cosine: how the lr falls after the warm-up (bnlab.optim.lr_factor)
+    warmup_steps: int = 0  # steps: the lr rises linearly from lr / warmup_steps to lr over this many steps
+    decay_every: int = 1000  # step schedule: steps between two decays of the lr
+    decay_factor: float = 0.1  # step schedule: the lr is multiplied by this (a fraction) at each decay
 
 
 @dataclass
@@ -245,6 +249,10 @@ def validate(cfg: TrainConfig) -> None:
     _require(o.lr > 0, "optim.lr", o.lr, "a number > 0")
     _require(o.momentum >= 0, "optim.momentum", o.momentum, "a number >= 0")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+    check_choice("optim.schedule", o.schedule, SCHEDULES)
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "an integer >= 0 (steps)")
+    _require(o.decay_every >= 1, "optim.decay_every", o.decay_every, "an integer >= 1 (steps)")
+    _require(0 < o.decay_factor <= 1, "optim.decay_factor", o.decay_factor, "a number in (0, 1]")
     _require(t.max_steps > 0, "trainer.max_steps", t.max_steps, "an integer > 0")
     _require(t.eval_every > 0, "trainer.eval_every", t.eval_every, "an integer > 0")
     check_choice("trainer.device", t.device, DEVICES)

@@ -21,7 +21,7 @@ from bnlab.config import ConfigError, TrainConfig, TrainerConfig
 from bnlab.data import TASKS, Dataset, Task, load_data
 from bnlab.diagnostics import DiagnosticLog
 from bnlab.models import Unit, build_model
-from bnlab.optim import build_optimizer
+from bnlab.optim import build_optimizer, current_lrs, schedule_lr
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class Engine(Protocol):
         """Each member's (test loss, test accuracy)."""
 
     def lrs(self) -> list[float]:
-        """Each member's learning rate now."""
+        """Each member's learning rate in the last step (optim.schedule applied)."""
 
     def member_state(self, n: int) -> dict[str, Any]:
         """Member n's model and optimizer state, as its checkpoint keeps them."""
@@ -202,6 +202,7 @@ class Single:
             loss, correct = member_scores(self.data.task, self.model(x).unsqueeze(0), y.unsqueeze(0))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        schedule_lr(self.optimizer, self.cfg.optim, step, self.cfg.trainer.max_steps)
         due = self.diagnostics.due(step)
         if due:  # at the step's weights and gradients, before the update
             self.diagnostics.before_step(step, x, y)
@@ -215,7 +216,7 @@ class Single:
             return evaluate(self.model, self.data.test_x, self.data.test_y, self.data.task)
 
     def lrs(self) -> list[float]:
-        return [self.optimizer.param_groups[0]["lr"]]
+        return current_lrs(self.optimizer)
 
     def member_state(self, n: int) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -24,7 +24,7 @@ from bnlab.data import Dataset
 from bnlab.engine import Single, autocast, batches, evaluate, member_scores, prepare_model, skip
 from bnlab.models import CNN, MLP, MODELS, BasicBlock, ResNet, Unit, build_model
 from bnlab.norms import NORMS, stackers
-from bnlab.optim import OPTIMIZERS, build_stacked_optimizer
+from bnlab.optim import OPTIMIZERS, build_stacked_optimizer, current_lrs, schedule_lr
 from bnlab.stacking import unchanged, widen
 
 log = logging.getLogger(__name__)
@@ -261,6 +261,8 @@ class Fused:
             losses, correct = member_scores(data.task, self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
+        cfg = self.cfgs[0]  # the members share the schedule (can_fuse), each scaling its own lr
+        schedule_lr(self.optimizer, cfg.optim, step, cfg.trainer.max_steps)
         self.optimizer.step()
         return losses.detach().float(), correct
 
@@ -269,7 +271,7 @@ class Fused:
             return evaluate(self.model, self.data.test_x, self.data.test_y, self.data.task, members=self.members)
 
     def lrs(self) -> list[float]:
-        return list(self.optimizer.param_groups[0]["lr"])
+        return current_lrs(self.optimizer)
 
     def member_state(self, n: int) -> dict[str, Any]:
         """Member n's checkpoint: its model as the ordinary model's state_dict, its part of the optimizer."""

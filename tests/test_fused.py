@@ -244,6 +244,9 @@ def test_can_fuse_accepts_runs_that_differ_in_seed_lr_and_weight_decay():
         ("model.widths=[16,16]", "model.widths"),
         ("model.activation=tanh", "model.activation"),
         ("trainer.max_steps=10", "trainer.max_steps"),
+        ("optim.schedule=cosine", "optim.schedule"),  # one schedule per group: its factor scales every member's lr
+        ("optim.warmup_steps=5", "optim.warmup_steps"),
+        ("optim.decay_every=5", "optim.decay_every"),
     ],
 )
 def test_can_fuse_refuses_runs_that_differ_elsewhere(override, key):

@@ -117,6 +117,9 @@ BAD_INPUTS = [
     (["data=linear_regression", "threshold.metric=test_acc"], "threshold.metric", "test_loss, train_loss"),
     (["data=linear_regression", "trainer.precise_bn=5"], "trainer.precise_bn", "0 with data=linear_regression"),
     (["diag.landscape_steps=[4,0.5]"], "diag.landscape_steps", "0 < low <= high"),
+    (["optim.schedule=linear"], "optim.schedule", "none, step, cosine"),
+    (["optim.decay_factor=2"], "optim.decay_factor", "a number in (0, 1]"),
+    (["optim.warmup_steps=-1"], "optim.warmup_steps", "an integer >= 0"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["trainer.device=cuda"], "trainer.device", "not available on this machine"))
