@@ -161,7 +161,8 @@ BOOKKEEPING_KEYS = ("data.root", "data.download", "trainer.threads", "trainer.re
 # Resolvers for conf/: a run directory is named by its overrides (`norm=batch,optim.lr=0.1`, or `default`),
 # the bookkeeping keys left out (${bnlab.bookkeeping:} in train.yaml); presets scale with the batch size:
 # ${bnlab.div:60000,${data.batch_size}} steps is one MNIST epoch,
-# ${bnlab.scale:0.05,${data.batch_size},32} is lr 0.05 at batch 32, linearly scaled (Goyal et al. 2017).
+# ${bnlab.scale:0.05,${data.batch_size},32} is lr 0.05 at batch 32, linearly scaled (Goyal et al. 2017);
+# ${bnlab.if_none:${norm.name},A,B} is A without a norm and B with one (a preset's per-norm training changes).
 def run_name(overrides: str, limit: int = 200) -> str:
     """A run directory's name: its overrides, `default` when none, cut to `limit` characters with a hash of
     the whole kept at the end (file systems refuse names over 255 bytes)."""
@@ -174,6 +175,9 @@ OmegaConf.register_new_resolver("bnlab.run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("bnlab.bookkeeping", lambda: list(BOOKKEEPING_KEYS), replace=True)
 OmegaConf.register_new_resolver("bnlab.div", lambda a, b: int(a) // int(b), replace=True)
 OmegaConf.register_new_resolver("bnlab.scale", lambda x, b, ref: float(x) * float(b) / float(ref), replace=True)
+OmegaConf.register_new_resolver(
+    "bnlab.if_none", lambda norm, plain, normed: plain if norm == "none" else normed, replace=True
+)
 
 BIAS_CHOICES = ("auto", "true", "false")
 INIT_CHOICES = ("default", "normal", "glorot")

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from bnlab import analysis
 from bnlab.analysis import (
     AtBestLr,
     Curve,
@@ -52,15 +53,19 @@ HATCHES = ["", "//", "..", "xx", "\\\\"]  # per learning rate, on bars
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]  # per value of what else varies
 ACT_TAG = re.compile(r"^act/(-?\d+)/unit0/p(15|50|85)$")
 ICS_TAG = re.compile(r"^ics/layer(\d+)/l2$")
-LANDSCAPE = (
-    ("landscape/loss_variation", "loss variation", "range of $L(\\theta - \\eta g)$ (nats)"),
-    ("landscape/grad_predictiveness", "gradient predictiveness", "range of $\\|\\nabla L(\\theta - \\eta g) - g\\|_2$"),
+MAX_ICS_LAYERS = 4  # layers shown in the ICS figure, spread evenly from the second to the last
+LANDSCAPE_BANDS = (  # (title, y label, tag of the smallest value over the step sizes, tag of the largest)
+    ("loss landscape", "$L(\\theta - \\eta g)$", "landscape/loss_min", "landscape/loss_max"),
     (
-        "landscape/beta_smoothness",
-        "effective $\\beta$-smoothness",
-        "max $\\|\\nabla L(\\theta - \\eta g) - g\\|_2 \\,/\\, \\|\\eta g\\|_2$",
+        "gradient predictiveness",
+        "$\\|\\nabla L(\\theta - \\eta g) - g\\|_2$",
+        "landscape/grad_change_min",
+        "landscape/grad_change_max",
     ),
 )
+BETA = ("effective $\\beta$-smoothness", "max $\\|\\nabla L(\\theta - \\eta g) - g\\|_2 \\,/\\, \\|\\eta g\\|_2$")
+PAPER_STEPS = {1: ("BN-Baseline", 13.3), 5: ("BN-x5", 2.1), 30: ("BN-x30", 2.7)}  # Ioffe & Szegedy, millions of
+INCEPTION_STEPS = 31.0  # steps to 72.2 % (Inception's best), BRIEF.md
 ACC_MODES = (
     ("test_acc_train_mode", "train mode\n(batch statistics)"),
     ("test_acc", "eval mode\n(running averages, EMA)"),
@@ -691,34 +696,143 @@ def internal_covariate_shift(sweep: Sweep) -> Section | None:
     ]
     if not layers:
         return None
+    shown = sorted({layers[round(i)] for i in np.linspace(0, len(layers) - 1, min(len(layers), MAX_ICS_LAYERS))})
     panels = [
-        [(f"ics/layer{i}/l2", f"layer {i}", "ICS $\\|G - G'\\|_2$") for i in layers],
-        [(f"ics/layer{i}/cos", f"layer {i}", "ICS $\\cos(G, G')$") for i in layers],
+        [(f"ics/layer{i}/l2", f"layer {i}", "ICS $\\|G - G'\\|_2$") for i in shown],
+        [(f"ics/layer{i}/cos", f"layer {i}", "ICS $\\cos(G, G')$") for i in shown],
     ]
     fig = _curves_grid(sweep, panels, "internal covariate shift per layer\n(median over seeds, band: min-max)")
     if fig is None:
         return None
+    spread = "" if shown == layers else f" Of the {len(layers)} layers with a shift, {len(shown)} spread evenly."
     return Section(
         "Internal covariate shift",
         "Internal covariate shift per layer over training (Santurkar et al. 2018): top, ||G - G'||_2; bottom, "
         "cos(G, G') (G: the layer's weight gradient; G': the same after the earlier layers' update); median over "
-        "seeds, shaded min-max. Layers whose shift is always 0 (layer 0) are left out.",
+        "seeds, shaded min-max. Layers whose shift is always 0 (layer 0) are left out." + spread,
         fig,
     )
 
 
 def landscape(sweep: Sweep) -> Section | None:
-    """6b. Loss-landscape smoothness along the gradient over training (Santurkar et al. 2018)."""
-    title = "loss landscape along the gradient, step sizes 0.5-4 x lr\n(median over seeds, band: min-max)"
-    fig = _curves_grid(sweep, [list(LANDSCAPE)], title)
-    if fig is None:
+    """6b. Loss-landscape smoothness along the gradient over training, in Santurkar et al.'s style (their
+    Fig. 4): per lr, the loss and the gradient change over the step sizes tried as a band per norm, and the
+    effective beta-smoothness."""
+    groups = [g for g in sweep.groups if g.results and any("landscape/loss_min" in r.scalars for r in g.results)]
+    if not groups:
         return None
+    looks = Looks(sweep)
+    lrs = sorted({g.lr for g in groups})
+    fig, axes = _figure(len(lrs), 3, width=13.0, height=0.8 + 3.2 * len(lrs), sharex=True)
+    for row, lr in enumerate(lrs):
+        for g in (g for g in groups if g.lr == lr):
+            look = looks.of(g)
+            for col, (_, _, low_tag, high_tag) in enumerate(LANDSCAPE_BANDS):
+                steps, low, _, _ = band([c for r in g.results if (c := r.curve(low_tag)) is not None])
+                _, high, _, _ = band([c for r in g.results if (c := r.curve(high_tag)) is not None])
+                axes[row, col].fill_between(steps, low, high, color=look.colour, alpha=0.35, lw=0)
+                for edge in (low, high):
+                    axes[row, col].plot(steps, edge, color=look.colour, ls=look.dash, lw=0.8)
+            _plot_band(axes[row, 2], [c for r in g.results if (c := r.curve("landscape/beta_smoothness"))], look)
+        for col, (title, ylabel) in enumerate([(t, y) for t, y, _, _ in LANDSCAPE_BANDS] + [BETA]):
+            ax = axes[row, col]
+            _log_scale_if_wide(ax)
+            ax.set_title(f"{title}, lr {lr:g}", fontsize=10)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if row == len(lrs) - 1:
+                ax.set_xlabel(STEPS)
+    low_x, high_x = groups[0].runs[0].summary.config.get("diag", {}).get("landscape_steps", [0.5, 4.0])
+    fig.suptitle(
+        f"along the gradient g, step sizes eta = {low_x:g} to {high_x:g} x lr\n"
+        "(bands: the range over the step sizes; right: median and min-max over seeds)"
+    )
+    _legend(fig, *_group_legend(groups, looks))
     return Section(
         "Loss-landscape smoothness",
-        "Loss variation, gradient predictiveness and effective beta-smoothness along the gradient over training "
-        "(Santurkar et al. 2018; smaller is smoother); median over seeds, shaded min-max.",
+        f"Santurkar et al.'s Fig. 4 for this sweep, one row per lr: at each diag.every-th step, the loss at theta - "
+        f"eta g (left) and the change of the gradient ||grad L(theta - eta g) - g|| (middle) for step sizes eta from "
+        f"{low_x:g} to {high_x:g} times the lr, drawn as a band from the smallest to the largest value (median over "
+        "seeds of each end): a narrow band is a smooth landscape (its width is the loss variation and the gradient "
+        "predictiveness); right: the effective beta-smoothness, max ||grad L(theta - eta g) - g|| / ||eta g|| "
+        "(median over seeds, shaded min-max). Smaller is smoother.",
         fig,
     )
+
+
+def baseline_speedup(sweep: Sweep) -> Section | None:
+    """8. Ioffe & Szegedy's speed-up (their Table 2, Figure 2): no normalization at its best lr against each
+    norm at that lr times 1, 5 and 30, by the steps each needs to reach the baseline's best test accuracy."""
+    result = analysis.baseline_speedup(sweep)
+    if result is None:
+        return None
+    looks = Looks(sweep)
+    rows = [result.baseline, *(r for r in result.rows if r.group is not None)]
+    fig, ((ax,),) = _figure(width=10.0, height=5.2)
+    handles, labels = [], []
+    tops = []
+    for row in rows:
+        look = looks.of(row.group)
+        curves = [c for r in row.group.results if (c := r.curve("test/acc")) is not None and len(c[0])]
+        _plot_band(ax, curves, look)
+        tops += [float(np.nanmax(v)) for _, v in curves]
+        if row.steps is not None:
+            ax.plot(row.steps[0], result.target, "o", mfc="white", mec=look.colour, mew=2, ms=8)
+        handles.append(Line2D([], [], **look.line(lw=1.6)))
+        labels.append(_speedup_label(row))
+    ax.axhline(result.target, color="0.35", ls=":", lw=1.0)
+    ax.set_ylim(max(0.0, result.target - 0.1), max(tops) + 0.01)
+    ax.set(xlabel=STEPS, ylabel="test accuracy", title="test accuracy vs iterations (median over seeds, band: min-max)")
+    ax.grid(alpha=0.3)
+    handles += [Line2D([], [], color="0.35", ls=":"), Line2D([], [], color="0.3", marker="o", mfc="white", ls="none")]
+    labels += [f"the baseline's best accuracy, {result.target:.4f}", "where it is reached\n(median over seeds)"]
+    _legend(fig, handles, labels)
+    return Section(
+        "Speed-up at multiples of the baseline's learning rate",
+        "Ioffe & Szegedy's comparison (their Table 2 and Figure 2): no normalization at its best lr (by final test "
+        "accuracy) against each norm at that lr times 1, 5 and 30, each curve the median over seeds with a min-max "
+        "band; dotted: the baseline's best accuracy (the lowest of its seeds' peaks, so every baseline seed reaches "
+        "it); rings: the median step at which each reaches it.",
+        fig,
+        speedup_table(result),
+    )
+
+
+def _speedup_label(row: analysis.SpeedupRow) -> str:
+    if row.norm == "none":
+        return f"none at its best lr, {row.lr:g} (the baseline)"
+    return f"{row.norm}, lr {row.lr:g} ({row.multiple:g} x the baseline's)"
+
+
+def speedup_table(result: analysis.BaselineSpeedup) -> str:
+    """The comparison as a markdown table, beside Ioffe & Szegedy's Inception numbers."""
+    head = "| run | lr | steps to the target (median, min-max) | speed-up over the baseline (paired by seed) "
+    head += "| best test acc | paper (millions of steps to 72.2 %) | paper speed-up |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for row in [result.baseline, *result.rows]:
+        name = "none (baseline)" if row.norm == "none" else f"{row.norm} x{row.multiple:g}"
+        paper, steps = ("Inception", INCEPTION_STEPS) if row.norm == "none" else PAPER_STEPS.get(row.multiple, ("", 0))
+        paper_cells = [f"{paper} {steps:g}", f"{INCEPTION_STEPS / steps:.1f}x"] if steps else ["", ""]
+        if row.group is None:
+            lines.append(f"| {name} | {row.lr:g} | not in the grid | | | {' | '.join(paper_cells)} |")
+            continue
+        reached = "never" if row.steps is None else _spread_text(row.steps)
+        if row.never and row.steps is not None:
+            reached += f", {row.never} never"
+        ratio = "1x" if row.norm == "none" else "-" if row.speedup is None else _spread_text(row.speedup, "x")
+        mean, std = row.peak
+        best = "-" if mean is None else f"{mean:.4f}" + ("" if std is None else f"±{std:.4f}")
+        lines.append(f"| {name} | {row.lr:g} | {reached} | {ratio} | {best} | {' | '.join(paper_cells)} |")
+    return (
+        f"Target: the baseline's best test accuracy, {result.target:.4f} (the lowest of its seeds' peaks). The "
+        "paper's target was Inception's best, 72.2 %, and its BN runs also had the other changes it lists (faster lr "
+        "decay, less L2, no dropout).\n\n" + "\n".join(lines) + "\n"
+    )
+
+
+def _spread_text(spread: tuple[float, float, float], unit: str = "") -> str:
+    med, lo, hi = spread
+    return f"{med:g}{unit}" + ("" if lo == hi else f" ({lo:g}-{hi:g})")
 
 
 def train_eval_precise_bn(sweep: Sweep) -> Section | None:
@@ -773,4 +887,5 @@ FIGURES: dict[str, Callable[[Sweep], Section | None]] = {  # PNG file name -> th
     "ics.png": internal_covariate_shift,
     "landscape.png": landscape,
     "precise_bn.png": train_eval_precise_bn,
+    "speedup.png": baseline_speedup,
 }

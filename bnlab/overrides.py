@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from bnlab.config import ConfigError, TrainConfig, check_choice, flatten
 
-GROUPS = ("model", "norm", "data", "optim", "experiment")  # the config groups: one folder each under conf/
+GROUPS = ("model", "norm", "data", "optim", "experiment", "setup")  # the config groups: one folder each under conf/
 # Hydra's own flags that take a value (the next argument), which is no override
 VALUED_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c", "--package", "-p"}
 INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info [TOPIC]

@@ -16,7 +16,7 @@ from matplotlib.lines import Line2D
 from rich.console import Console
 from torch.utils.tensorboard import SummaryWriter
 
-from bnlab.analysis import RunResult, largest_lr_that_trains, load_sweep, training_edges
+from bnlab.analysis import RunResult, baseline_speedup, largest_lr_that_trains, load_sweep, training_edges
 from bnlab.config import TrainConfig
 from bnlab.figures import FIGURES, norm_colours
 from bnlab.files import OutputError, write_json
@@ -101,6 +101,11 @@ def fake_run(
                 w.add_scalar("landscape/loss_variation", scale * (0.5 + rng.random()) / (1 + s / 200), s)
                 w.add_scalar("landscape/grad_predictiveness", scale * (2 + rng.random()), s)
                 w.add_scalar("landscape/beta_smoothness", scale * (10 + 5 * rng.random()), s)
+                loss = -math.log(curve(norm, lr, seed, s))
+                w.add_scalar("landscape/loss_min", loss, s)
+                w.add_scalar("landscape/loss_max", loss + scale * (0.5 + rng.random()), s)
+                w.add_scalar("landscape/grad_change_min", scale * rng.random(), s)
+                w.add_scalar("landscape/grad_change_max", scale * (2 + rng.random()), s)
                 if bn:
                     w.add_scalar("stat_drift/1.norm.running_mean", rng.random(), s)
         w.add_scalar("final/test_acc", accs[last], last)
@@ -304,3 +309,36 @@ def test_the_training_edge_states_its_margin_on_both_sides(tmp_path):
     worst = min(r.summary.final["test_acc"] for r in runs[:3])
     assert (edge.lr, edge.above) == (0.1, 1.0) and edge.margin == pytest.approx(worst - 0.9)
     assert edge.why == "1 of 3 ended below the cut (the worst by 0.0070)"
+
+
+def test_an_ioffe_sweep_compares_norms_at_1_5_and_30_times_the_baselines_best_lr(tmp_path):
+    for lr in (0.01, 0.05, 0.1, 0.3):
+        for seed in range(3):
+            fake_run(tmp_path, "none", seed, lr, final_acc=0.97 if lr == 0.01 else 0.95)  # best: 0.01
+            fake_run(tmp_path, "batch", seed, lr)
+    sweep = load_sweep(tmp_path)
+    result = baseline_speedup(sweep)
+    assert result.baseline.lr == 0.01 and [(r.norm, r.lr) for r in result.rows] == [
+        ("batch", 0.01),
+        ("batch", 0.05),
+        ("batch", pytest.approx(0.3)),
+    ]
+    peaks = [max(curve("none", 0.01, seed, s) for s in range(0, 1001, 100)) for seed in range(3)]
+    assert result.target == pytest.approx(min(peaks))
+    for row in [result.baseline, *result.rows]:  # the first evaluation at or above the target, seed by seed
+        steps = [
+            next(s for s in range(0, 1001, 100) if curve(row.norm, row.lr, seed, s) >= min(peaks)) for seed in range(3)
+        ]
+        assert row.steps == (np.median(steps), min(steps), max(steps)) and row.never == 0
+    base = [next(s for s in range(0, 1001, 100) if curve("none", 0.01, seed, s) >= min(peaks)) for seed in range(3)]
+    x5 = [next(s for s in range(0, 1001, 100) if curve("batch", 0.05, seed, s) >= min(peaks)) for seed in range(3)]
+    ratios = [b / x for b, x in zip(base, x5)]
+    assert result.rows[1].speedup == (round(float(np.median(ratios)), 2), min(ratios), max(ratios))
+    assert result.rows[1].speedup[0] > 1  # BN at 5x the lr gets there sooner
+    text = write_report(tmp_path).read_text()
+    assert "speedup.png" in embedded(text) and image_ok(tmp_path / "speedup.png")
+    assert "| batch x5 | 0.05 |" in text and "BN-x5 2.1 | 14.8x |" in text and "| batch x30 | 0.3 |" in text
+
+
+def test_no_speedup_section_without_5_or_30_times_the_baselines_lr(lr_sweep):
+    assert baseline_speedup(load_sweep(lr_sweep)) is None
