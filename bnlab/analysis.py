@@ -296,6 +296,12 @@ class Sweep:
     def thresholds(self) -> list[float]:
         return sorted({t for g in self.groups for t in g.thresholds})
 
+    @cached_property
+    def final_metric(self) -> str:
+        """What ranks the runs at their end: test accuracy, or where no run has one (a regression) the test loss."""
+        has_acc = any(r.summary.final.get("test_acc") is not None for r in self.runs)
+        return "test_acc" if has_acc or not self.runs else "test_loss"
+
 
 def load_sweep(root: Path, keys: list[str] | None = None, include_failed: bool = False) -> Sweep:
     """Every run below `root`, grouped by `keys` (default: the keys that vary); failed runs (refused late,
@@ -420,7 +426,7 @@ class AtBestLr:
 
     label: str  # the groups' label without the lr
     groups: list[Group]  # one per lr tried, lr ascending
-    by_acc: Group  # the lr whose final test accuracy is highest (median over seeds)
+    by_acc: Group  # the lr whose final test accuracy is highest (a regression: test loss lowest; median over seeds)
     by_iters: dict[float, Group | None]  # per threshold, the lr that needs the fewest iterations (median) among
     # those where every seed reached it; None: no lr did
 
@@ -449,7 +455,8 @@ def best_lrs(sweep: Sweep) -> list[AtBestLr]:
     out = []
     for label, groups in series.items():
         groups = sorted(groups, key=lambda g: g.lr)
-        accs = {id(g): statistics.median(g.final("test_acc")) if g.final("test_acc") else -1.0 for g in groups}
+        metric, sign = sweep.final_metric, 1 if higher_is_better(sweep.final_metric) else -1
+        accs = {id(g): sign * statistics.median(g.final(metric)) if g.final(metric) else -math.inf for g in groups}
         by_iters = {}
         for t in sweep.thresholds:
             reached = [g for g in groups if g.thresholds[t].iterations is not None and not g.thresholds[t].never]

@@ -231,10 +231,13 @@ def best_lr(sweep: Sweep) -> Section | None:
         return None
     looks = Looks(sweep)
     ts = sweep.thresholds
+    metric, name = sweep.final_metric, METRICS[sweep.final_metric].label.split(" (")[0]
     fig, axes = _figure(1, 1 + len(ts), width=4.0 + 3.2 * (1 + len(ts)), height=5.0)
     for i, b in enumerate(best):
         g = b.by_acc
-        accs = g.final("test_acc")
+        accs = g.final(metric)
+        if not accs:
+            continue
         med = statistics.median(accs)
         axes[0, 0].bar(i, med, 0.7, color=looks.of(g).colour, hatch=looks.of(g).hatch, edgecolor="white")
         axes[0, 0].errorbar(i, med, yerr=[[med - min(accs)], [max(accs) - med]], fmt="none", ecolor="black", capsize=3)
@@ -257,10 +260,10 @@ def best_lr(sweep: Sweep) -> Section | None:
             ax.errorbar(i, med, yerr=[[med - lo], [hi - med]], fmt="none", ecolor="black", capsize=3)
             ax.text(i, hi, f"{med:g}\nlr {at.lr:g}{'*' if b.edge(at) else ''}", ha="center", va="bottom", fontsize=7)
     names = [_wrap(b.label) for b in best]
-    accs_seen = [a for b in best for a in b.by_acc.final("test_acc")]
-    low = max(0.0, min(accs_seen) - 0.05)
+    accs_seen = [a for b in best for a in b.by_acc.final(metric)] or [0.0]
+    low = max(0.0, min(accs_seen) - 0.05) if higher_is_better(metric) else 0.0
     axes[0, 0].set_ylim(low, max(accs_seen) + 0.3 * (max(accs_seen) - low))  # room for the labels above the bars
-    axes[0, 0].set(ylabel="final test accuracy", title="final test accuracy\nat each one's best lr")
+    axes[0, 0].set(ylabel=f"final {name}", title=f"final {name}\nat each one's best lr")
     for j, t in enumerate(ts, 1):
         axes[0, j].set(ylabel=f"{STEPS}", title=f"iterations to {_threshold_text(sweep, t)}\nat each one's best lr")
         axes[0, j].set_ylim(0, axes[0, j].get_ylim()[1] * 1.15)
@@ -270,7 +273,7 @@ def best_lr(sweep: Sweep) -> Section | None:
     fig.suptitle("each norm at its own best learning rate (median over seeds, error bars: min-max)")
     return Section(
         "Each norm at its best learning rate",
-        "Left: final test accuracy of each norm (and setting) at the learning rate where it is highest; right: the "
+        f"Left: final {name} of each norm (and setting) at the learning rate where it is best; right: the "
         "iterations each needs to reach each threshold at the lr where that is fewest (every seed reaching it). "
         "The lr is written above each bar; * marks an lr at the edge of the grid tried, so the best may lie "
         "beyond it; 'never': no lr reached the threshold. Median over seeds, error bars min-max.",
@@ -282,12 +285,15 @@ def best_lr(sweep: Sweep) -> Section | None:
 def best_lr_table(sweep: Sweep, best: list[AtBestLr]) -> str:
     """The best-lr comparison as a markdown table, with the speed-up over norm=none at its own best lr."""
     ts = sweep.thresholds
-    head = ["group", "best lr (test acc)", "final test acc", *(f"iters to {t:g} (lr)" for t in ts)]
+    metric = sweep.final_metric
+    short = metric.replace("_", " ")  # test acc, test loss
+    head = ["group", f"best lr ({short})", f"final {short}", *(f"iters to {t:g} (lr)" for t in ts)]
     head += [f"speed-up to {t:g} over none at its best lr" for t in ts]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for b in best:
-        mean, std = b.by_acc.final_test_acc
-        row = [b.label, f"{b.by_acc.lr:g}{'*' if b.edge(b.by_acc) else ''}", f"{mean:.4f}±{std or 0:.4f}"]
+        mean, std = b.by_acc.mean_std(metric)
+        final = "-" if mean is None else f"{mean:.4f}±{std or 0:.4f}"
+        row = [b.label, f"{b.by_acc.lr:g}{'*' if b.edge(b.by_acc) else ''}", final]
         for t in ts:
             at = b.by_iters[t]
             row.append(
@@ -430,6 +436,7 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
     best = largest_lr_that_trains(sweep.runs)  # its margins: in the text, from training_edges
     threshold = easiest_threshold(sweep.metric, sweep.thresholds)
     ts = sweep.thresholds
+    final, name = sweep.final_metric, METRICS[sweep.final_metric].label.split(" (")[0]
     fig, axes = _figure(1, 1 + len(ts), width=3.0 + 4.0 * (1 + len(ts)), height=5.0)
     ax_acc = axes[0, 0]
     all_lrs = sorted({lr for by_lr in series.values() for lr in by_lr})
@@ -438,8 +445,7 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
         look = looks.of(first[label], vary_lr=False)
         lrs = np.array(list(by_lr))
         accs = [
-            [a for s in runs if s.status.counts and (a := s.final.get("test_acc")) is not None]
-            for runs in by_lr.values()
+            [a for s in runs if s.status.counts and (a := s.final.get(final)) is not None] for runs in by_lr.values()
         ]
         have = [i for i, a in enumerate(accs) if a]
         ax_acc.plot(lrs[have], [np.median(accs[i]) for i in have], **look.line(lw=1.6))
@@ -454,7 +460,8 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
         for lr, runs in by_lr.items():
             for s in (s for s in runs if s.status == Status.DIVERGED):
                 any_diverged = True
-                ax_acc.plot(lr, s.final.get("test_acc") or 0.0, "x", color=look.colour, ms=10, mew=2.2)
+                if (value := s.final.get(final)) is not None or final == "test_acc":
+                    ax_acc.plot(lr, value or 0.0, "x", color=look.colour, ms=10, mew=2.2)
         if best.get(label) is not None and accs[i := list(by_lr).index(best[label])]:
             ax_acc.plot(best[label], np.median(accs[i]), "o", ms=15, mfc="none", mec=look.colour, mew=2)
         jitter = 1.06 ** (j - (len(series) - 1) / 2)  # keeps the series' error bars apart
@@ -476,7 +483,7 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
             any_open |= bool(opened)
             ax.plot(x[closed], median[closed], look.marker, color=look.colour, ms=6)
             ax.plot(x[opened], median[opened], look.marker, mfc="white", mec=look.colour, mew=1.6, ms=7)
-    if threshold is not None and sweep.metric == "test_acc":
+    if threshold is not None and sweep.metric == final:
         ax_acc.axhline(threshold, color="0.35", ls=":", lw=1.0)
     budget = max((r.summary.max_steps for r in sweep.runs), default=0)
     for ax, t in zip(axes[0, 1:], ts):
@@ -487,32 +494,32 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
             ylabel=f"{STEPS}", title=f"iterations to {_threshold_text(sweep, t)}\n(median over seeds, bars: min-max)"
         )
     _lr_axis(ax_acc, all_lrs)
-    ax_acc.set(
-        ylabel="final test accuracy", title="final test accuracy vs learning rate\n(median over seeds, band: min-max)"
-    )
+    _log_scale_if_wide(ax_acc)
+    ax_acc.set(ylabel=f"final {name}", title=f"final {name} vs learning rate\n(median over seeds, band: min-max)")
     handles = [Line2D([], [], **looks.of(first[label], vary_lr=False).line(lw=1.6)) for label in series]
     labels = list(series)
+    higher = higher_is_better(sweep.metric)
+    easiest = "lowest" if higher else "highest"
     extras = [
         (True, Line2D([], [], color="0.3", marker="o", ms=13, mfc="none", mew=2, ls="none"), "largest lr that trains"),
         (
             any_diverged,
             Line2D([], [], color="0.3", marker="x", ms=9, mew=2.2, ls="none"),
-            "a diverged run\n(its final test acc)",
+            f"a diverged run\n(its final {name})",
         ),
         (
             any_open,
             Line2D([], [], color="0.3", marker="o", mfc="white", ls="none"),
             "some seeds never reached it\n(counted at the step budget)",
         ),
-        (True, Line2D([], [], color="0.35", ls=":", lw=1.0), "left: the lowest threshold;\nright: the step budget"),
+        (True, Line2D([], [], color="0.35", ls=":", lw=1.0), f"left: the {easiest} threshold;\nright: the step budget"),
     ]
     _legend(fig, handles + [h for shown, h, _ in extras if shown], labels + [lab for shown, _, lab in extras if shown])
-    higher = higher_is_better(sweep.metric)
     criterion = (
         " (no threshold was set)"
         if threshold is None
         else f" and each ended with final {sweep.metric} {'≥' if higher else '≤'} {threshold:g} "
-        f"(the {'lowest' if higher else 'highest'} threshold)"
+        f"(the {easiest} threshold)"
     )
     lines = [
         "Largest learning rate that still trains, per group: all its seeds completed "
@@ -525,7 +532,7 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
     ]
     return Section(
         "Learning-rate sensitivity",
-        "Left: final test accuracy vs learning rate (median over seeds, shaded min-max; x: diverged runs; ring: the "
+        f"Left: final {name} vs learning rate (median over seeds, shaded min-max; x: diverged runs; ring: the "
         "largest lr that trains). Then, one panel per threshold: the iterations to reach it vs learning rate (open "
         "markers: some seeds never reached it and count at the step budget). Colour: norm.",
         fig,

@@ -342,3 +342,23 @@ def test_an_ioffe_sweep_compares_norms_at_1_5_and_30_times_the_baselines_best_lr
 
 def test_no_speedup_section_without_5_or_30_times_the_baselines_lr(lr_sweep):
     assert baseline_speedup(load_sweep(lr_sweep)) is None
+
+
+def test_a_regression_lr_sweep_ranks_by_the_final_test_loss(tmp_path):
+    for norm in ("none", "batch"):
+        for lr in (0.003, 0.01):
+            for seed in range(2):
+                summary = fake_run(tmp_path, norm, seed, lr)
+                loss = (2.0 if norm == "none" else 0.8) + (lr - 0.003) * (10 if norm == "none" else -10) + seed / 100
+                run_dir = tmp_path / f"data.batch_size=60,norm={norm},optim.lr={lr},seed={seed}"
+                reached = [{"threshold": 2.5, "iterations": 500 if norm == "batch" else 1500}]
+                summary.update(final={"test_loss": loss, "train_loss": loss}, threshold_metric="test_loss")
+                write_json(run_dir / "summary.json", {**summary, "iterations_to_threshold": reached})
+    sweep = load_sweep(tmp_path)
+    assert sweep.final_metric == "test_loss"
+    text = write_report(tmp_path).read_text()
+    assert {"best_lr.png", "lr_sensitivity.png"} <= embedded(text)
+    assert "| group | best lr (test loss) | final test loss |" in text
+    # the lowest loss is the best: no BN at 0.003 (2.005), BN at 0.01 (0.735)
+    assert "| norm=none | 0.003* | 2.0050±0.0071 |" in text and "| norm=batch | 0.01* | 0.7350±0.0071 |" in text
+    assert "final test_loss ≤ 2.5 (the highest threshold)" in text
