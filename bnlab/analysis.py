@@ -312,6 +312,19 @@ def load_sweep(root: Path, keys: list[str] | None = None, include_failed: bool =
     return Sweep(Path(root), shown, group_runs(shown, keys), failed)
 
 
+# ---------------------------------------------------------------- a diagnostic over training, in one number per group
+
+
+def over_training(group: Group, tag: str) -> tuple[float, float | None, float, float] | None:
+    """`tag` (a diagnostic's TensorBoard scalar) in one number per run, its median over the steps logged, and
+    those over the group's seeds: (mean, std, min, max); None where no run logged it."""
+    medians = [float(np.nanmedian(c[1])) for r in group.results if (c := r.curve(tag)) is not None and len(c[1])]
+    if not medians:
+        return None
+    std = statistics.stdev(medians) if len(medians) > 1 else None
+    return statistics.fmean(medians), std, min(medians), max(medians)
+
+
 # ---------------------------------------------------------------- the learning rate that still trains
 
 

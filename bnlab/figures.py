@@ -38,6 +38,7 @@ from bnlab.analysis import (
     group_runs,
     largest_lr_that_trains,
     lr_series,
+    over_training,
     speedup_at_best,
     training_edges,
 )
@@ -712,12 +713,16 @@ def internal_covariate_shift(sweep: Sweep) -> Section | None:
     if fig is None:
         return None
     spread = "" if shown == layers else f" Of the {len(layers)} layers with a shift, {len(shown)} spread evenly."
+    columns = [
+        (f"ics/layer{i}/{m}", f"layer {i} {name}") for i in shown for m, name in (("l2", "‖G - G'‖"), ("cos", "cos"))
+    ]
     return Section(
         "Internal covariate shift",
         "Internal covariate shift per layer over training (Santurkar et al. 2018): top, ||G - G'||_2; bottom, "
         "cos(G, G') (G: the layer's weight gradient; G': the same after the earlier layers' update); median over "
         "seeds, shaded min-max. Layers whose shift is always 0 (layer 0) are left out." + spread,
         fig,
+        _over_training_table(sweep, columns),
     )
 
 
@@ -764,6 +769,33 @@ def landscape(sweep: Sweep) -> Section | None:
         "predictiveness); right: the effective beta-smoothness, max ||grad L(theta - eta g) - g|| / ||eta g|| "
         "(median over seeds, shaded min-max). Smaller is smoother.",
         fig,
+        _over_training_table(
+            sweep,
+            [
+                ("landscape/loss_variation", "loss variation"),
+                ("landscape/grad_predictiveness", "gradient predictiveness"),
+                ("landscape/beta_smoothness", "effective β-smoothness"),
+            ],
+        ),
+    )
+
+
+def _over_training_table(sweep: Sweep, columns: list[tuple[str, str]]) -> str:
+    """Per group, each (tag, name) of `columns` in one number: per run its median over training, then the mean ±
+    std (min-max) over the seeds."""
+    lines = ["| group | " + " | ".join(name for _, name in columns) + " |", "|---|" + "---|" * len(columns)]
+    for g in (g for g in sweep.groups if g.results):
+        cells = []
+        for tag, _ in columns:
+            value = over_training(g, tag)
+            cells.append(
+                "-" if value is None else f"{value[0]:.4g}±{value[1] or 0:.2g} ({value[2]:.4g}-{value[3]:.4g})"
+            )
+        lines.append(f"| {g.label} | " + " | ".join(cells) + " |")
+    return (
+        "Each number: per run, the median over the steps logged; then the mean ± std (min-max) over the seeds.\n\n"
+        + "\n".join(lines)
+        + "\n"
     )
 
 

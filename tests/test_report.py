@@ -16,7 +16,15 @@ from matplotlib.lines import Line2D
 from rich.console import Console
 from torch.utils.tensorboard import SummaryWriter
 
-from bnlab.analysis import RunResult, baseline_speedup, largest_lr_that_trains, load_sweep, training_edges
+from bnlab.analysis import (
+    Group,
+    RunResult,
+    baseline_speedup,
+    largest_lr_that_trains,
+    load_sweep,
+    over_training,
+    training_edges,
+)
 from bnlab.config import TrainConfig
 from bnlab.figures import FIGURES, norm_colours
 from bnlab.files import OutputError, write_json
@@ -239,6 +247,11 @@ def test_diagnostics_give_activation_ics_and_landscape_figures(tmp_path):
     assert embedded(text) == expected
     for name in expected:
         assert image_ok(tmp_path / name), name
+    # one number per group and measure under each figure; BN's landscape is the smoother in the made-up runs
+    assert "| group | layer 1 ‖G - G'‖ | layer 1 cos | layer 2 ‖G - G'‖ | layer 2 cos |" in text
+    smoothness = text[text.index("## Loss-landscape smoothness") :]
+    beta = {g: float(v) for g, v in re.findall(r"^\| (norm=\w+) \| [^|]+\| [^|]+\| ([\d.]+)±", smoothness, re.M)}
+    assert beta.keys() == {"norm=batch", "norm=none"} and beta["norm=batch"] < beta["norm=none"]
 
 
 def test_precise_bn_keys_give_the_mode_chart_and_runs_without_events_still_report(tmp_path):
@@ -362,3 +375,15 @@ def test_a_regression_lr_sweep_ranks_by_the_final_test_loss(tmp_path):
     # the lowest loss is the best: no BN at 0.003 (2.005), BN at 0.01 (0.735)
     assert "| norm=none | 0.003* | 2.0050±0.0071 |" in text and "| norm=batch | 0.01* | 0.7350±0.0071 |" in text
     assert "final test_loss ≤ 2.5 (the highest threshold)" in text
+
+
+def test_a_diagnostic_over_training_is_each_runs_median_then_mean_std_min_max_over_seeds(tmp_path):
+    runs = []
+    for seed, values in enumerate(([1.0, 2.0, 90.0], [2.0, 3.0, 4.0], [5.0, 6.0, 7.0])):  # medians 2, 3, 6
+        summary = Summary(status=Status.COMPLETED, config={"seed": seed}, threshold_metric="test_acc")
+        run = RunResult(tmp_path / str(seed), summary)
+        run.__dict__["scalars"] = {"ics/layer1/l2": (np.array([100, 200, 300]), np.array(values))}
+        runs.append(run)
+    group = Group("all runs", {}, runs)
+    assert over_training(group, "ics/layer1/l2") == pytest.approx((11 / 3, np.std([2, 3, 6], ddof=1), 2.0, 6.0))
+    assert over_training(group, "ics/layer2/l2") is None
