@@ -12,7 +12,7 @@ def test_train_help_lists_the_config_groups(tmp_path):
     out = bnlab("train", "--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     for group in (
-        "model: cnn, mlp, resnet",
+        "model: cnn, dln, mlp, resnet",
         "norm: batch, batch_manual, batch_renorm, ghost_batch, group, instance, layer, noisy_batch, none, rms",
         "optim: adam, sgd",
     ):
