@@ -18,11 +18,11 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from bnlab.data import CUSTOM_FORM, DATASETS, shape
+from bnlab.data import CUSTOM_FORM, DATASETS, has_accuracy, shape
 from bnlab.metrics import THRESHOLD_METRICS, higher_is_better
 from bnlab.models import ACTIVATIONS, MODELS, RESIDUAL_INITS, build_model
 from bnlab.norms import NORMS, create_norm
-from bnlab.optim import OPTIMIZERS
+from bnlab.optim import OPTIMIZERS, SCHEDULES
 from bnlab.targets import locate
 
 
@@ -33,8 +33,8 @@ class ModelConfig:
         default_factory=lambda: [100, 100, 100]
     )  # mlp: units per hidden layer; cnn, resnet: channels per stage
     blocks: int = 1  # resnet: basic residual blocks per stage
-    activation: str = "relu"  # relu | sigmoid | tanh | gelu
-    init: str = "default"  # default: PyTorch's init; normal: weights ~ N(0, init_std), biases 0
+    activation: str = "relu"  # relu | sigmoid | tanh | gelu | identity (no nonlinearity: a deep linear network)
+    init: str = "default"  # default: PyTorch's; normal: weights ~ N(0, init_std); glorot: Glorot uniform; biases 0
     init_std: float = 0.05  # standard deviation of the normal init (BRIEF: 0.05 good, 5 bad)
     bias: str = "auto"  # auto: drop the bias of a layer that a norm follows | true | false
     residual_init: str = "default"  # resnet: default | skipinit (scalar 0 on each residual branch) | fixup
@@ -63,17 +63,18 @@ class NormConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"  # mnist | fashion_mnist | cifar10 | synthetic | custom
+    name: str = "mnist"  # mnist | fashion_mnist | cifar10 | synthetic | linear_regression | custom
     root: str = "${oc.env:BNLAB_DATA,'~/.cache/bnlab/data'}"  # torchvision's on-disk layout below it
     batch_size: int = 60  # examples per training step
     download: bool = True  # fetch missing files on first use
     normalize: bool = False  # standardize inputs per channel with train-set statistics (off: pixels in [0, 1])
-    num_train: int = 2048  # synthetic: training examples
-    num_test: int = 512  # synthetic: test examples
+    num_train: int = 2048  # synthetic, linear_regression: training examples
+    num_test: int = 512  # synthetic, linear_regression: test examples
     num_classes: int = 10  # synthetic: classes
     channels: int = 1  # synthetic: image channels
     image_size: int = 28  # synthetic: image height and width in pixels
-    seed: int = 0  # synthetic: seed of the generated task (the run's own seed leaves the task as it is)
+    dim: int = 10  # linear_regression: dimension of the inputs x and of the targets y = A x
+    seed: int = 0  # synthetic, linear_regression: seed of the generated task (the run's seed leaves it as it is)
     target: str = ""  # custom: import path of a function called as target(**kwargs), see bnlab.data
     kwargs: Any = None  # custom: keyword arguments of data.target (a dict)
 
@@ -85,6 +86,10 @@ class OptimConfig:
     momentum: float = 0.0  # sgd: heavy-ball momentum (0 = plain SGD)
     weight_decay: float = 0.0  # L2 penalty coefficient
     agc: float = 0.0  # > 0: adaptive gradient clipping at this lambda, e.g. 0.01 (Brock et al.; not the classifier)
+    schedule: str = "none"  # none | step | cosine: how the lr falls after the warm-up (bnlab.optim.lr_factor)
+    warmup_steps: int = 0  # steps: the lr rises linearly from lr / warmup_steps to lr over this many steps
+    decay_every: int = 1000  # step schedule: steps between two decays of the lr
+    decay_factor: float = 0.1  # step schedule: the lr is multiplied by this (a fraction) at each decay
 
 
 @dataclass
@@ -129,6 +134,10 @@ class DiagConfig:
     percentiles: bool = False  # 15/50/85th percentiles and histograms of the inputs to the nonlinearity
     ics: bool = False  # internal covariate shift per layer, ||G - G'|| and cos(G, G') (Santurkar et al.)
     landscape: bool = False  # loss variation, gradient predictiveness, effective beta-smoothness along the gradient
+    landscape_steps: list[float] = field(
+        default_factory=lambda: [0.5, 4.0]
+    )  # landscape: smallest and largest step along the gradient, in multiples of the lr (Santurkar et al.'s VGG)
+    landscape_points: int = 8  # landscape: step sizes tried, spaced evenly over landscape_steps
     grad_norms: bool = False  # L2 norm of each layer's weight gradient
     stat_drift: bool = False  # change of the norm layers' running statistics since the last diagnostic
 
@@ -178,7 +187,8 @@ BOOKKEEPING_KEYS = (
 # Resolvers for conf/: a run directory is named by its overrides (`norm=batch,optim.lr=0.1`, or `default`),
 # the bookkeeping keys left out (${bnlab.bookkeeping:} in train.yaml); presets scale with the batch size:
 # ${bnlab.div:60000,${data.batch_size}} steps is one MNIST epoch,
-# ${bnlab.scale:0.05,${data.batch_size},32} is lr 0.05 at batch 32, linearly scaled (Goyal et al. 2017).
+# ${bnlab.scale:0.05,${data.batch_size},32} is lr 0.05 at batch 32, linearly scaled (Goyal et al. 2017);
+# ${bnlab.if_none:${norm.name},A,B} is A without a norm and B with one (a preset's per-norm training changes).
 def run_name(overrides: str, limit: int = 200) -> str:
     """A run directory's name: its overrides, `default` when none, cut to `limit` characters with a hash of
     the whole kept at the end (file systems refuse names over 255 bytes)."""
@@ -191,9 +201,12 @@ OmegaConf.register_new_resolver("bnlab.run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("bnlab.bookkeeping", lambda: list(BOOKKEEPING_KEYS), replace=True)
 OmegaConf.register_new_resolver("bnlab.div", lambda a, b: int(a) // int(b), replace=True)
 OmegaConf.register_new_resolver("bnlab.scale", lambda x, b, ref: float(x) * float(b) / float(ref), replace=True)
+OmegaConf.register_new_resolver(
+    "bnlab.if_none", lambda norm, plain, normed: plain if norm == "none" else normed, replace=True
+)
 
 BIAS_CHOICES = ("auto", "true", "false")
-INIT_CHOICES = ("default", "normal")
+INIT_CHOICES = ("default", "normal", "glorot")
 PLACEMENTS = ("before_act", "after_act")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp64")
@@ -264,6 +277,11 @@ def validate(cfg: TrainConfig) -> None:
     _require(n.d_max >= 0, "norm.d_max", n.d_max, "a number >= 0")
     check_choice("data.name", d.name, DATASETS)
     _require(t.devices >= 1, "trainer.devices", t.devices, "an integer >= 1")
+    classes = has_accuracy(d.name)
+    if not classes:  # regression: vectors in and out, no images for a conv net, no classes to be right about
+        _require(m.name == "mlp", "model", m.name, f"mlp (data={d.name} gives vectors, not images)")
+        _require(d.dim >= 1, "data.dim", d.dim, "an integer >= 1")
+        _require(t.precise_bn == 0, "trainer.precise_bn", t.precise_bn, f"0 with data={d.name} (it measures accuracy)")
     norm = NORMS[n.name]
     per_process = 2 if norm.batch_stats and not norm.synced else 1  # examples each process normalizes over
     min_batch = max(per_process * t.devices, 2 if norm.batch_stats else 1)
@@ -278,6 +296,10 @@ def validate(cfg: TrainConfig) -> None:
     _require(o.momentum >= 0, "optim.momentum", o.momentum, "a number >= 0")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
     _require(o.agc >= 0, "optim.agc", o.agc, "a number >= 0 (0: off; Brock et al. use 0.01 to 0.16)")
+    check_choice("optim.schedule", o.schedule, SCHEDULES)
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "an integer >= 0 (steps)")
+    _require(o.decay_every >= 1, "optim.decay_every", o.decay_every, "an integer >= 1 (steps)")
+    _require(0 < o.decay_factor <= 1, "optim.decay_factor", o.decay_factor, "a number in (0, 1]")
     _require(t.max_steps > 0, "trainer.max_steps", t.max_steps, "an integer > 0")
     _require(t.eval_every > 0, "trainer.eval_every", t.eval_every, "an integer > 0")
     check_choice("trainer.device", t.device, DEVICES)
@@ -301,7 +323,12 @@ def validate(cfg: TrainConfig) -> None:
             _require(False, f"diag.{switch}", True, accepted)
     _require(cfg.diag.every > 0, "diag.every", cfg.diag.every, "an integer > 0")
     _require(cfg.diag.probe > 0, "diag.probe", cfg.diag.probe, "an integer > 0")
-    check_choice("threshold.metric", cfg.threshold.metric, THRESHOLD_METRICS)
+    lo_hi = list(cfg.diag.landscape_steps)
+    steps_ok = len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1]
+    _require(steps_ok, "diag.landscape_steps", lo_hi, "[low, high] with 0 < low <= high (multiples of the lr)")
+    _require(cfg.diag.landscape_points >= 2, "diag.landscape_points", cfg.diag.landscape_points, "an integer >= 2")
+    metrics = [k for k in THRESHOLD_METRICS if classes or not k.endswith("_acc")]
+    check_choice("threshold.metric", cfg.threshold.metric, metrics, f"values with data={d.name}")
     if higher_is_better(cfg.threshold.metric):
         bad = [v for v in cfg.threshold.values if not 0 <= v <= 1]
         _require(not bad, "threshold.values", list(cfg.threshold.values), "accuracies in [0, 1]")

@@ -1,6 +1,7 @@
 """Datasets as whole splits of tensors on the device: torchvision's on-disk layout, small readers for
 its IDX and CIFAR pickle files, MD5 verification of every file, fetching missing files offline, and
-`custom`: the user's own function that returns the tensors (data.target)."""
+`custom`: the user's own function that returns the tensors (data.target); and the task each data set
+poses (`TASKS`: its loss, and whether a prediction can be right or wrong)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from bnlab.targets import locate
 
@@ -41,23 +44,41 @@ SYNTHETIC_CONTRAST = 0.4  # synthetic: value of a lit prototype pixel on a 0 bac
 SYNTHETIC_NOISE = 0.6  # synthetic: per-pixel Gaussian noise std at 784 pixels an image, in pixel units (see _synthetic)
 
 
+@dataclass(frozen=True)
+class Task:
+    """What a data set asks of a model: the loss of each example, and which predictions count as correct."""
+
+    loss: Callable[[Tensor, Tensor], Tensor]  # (outputs (B, K), targets) -> loss per example (B,)
+    correct: Callable[[Tensor, Tensor], Tensor] | None  # (outputs, targets) -> bool (B,); None: no accuracy
+
+
+TASKS: dict[str, Task] = {
+    "classification": Task(
+        lambda out, y: F.cross_entropy(out, y, reduction="none"),
+        lambda out, y: out.argmax(-1) == y,
+    ),
+    # mean over the K outputs of the squared error; its mean over a batch is torch's mse_loss
+    "regression": Task(lambda out, y: (out - y).square().mean(-1), None),
+}
+
+
 class DataError(RuntimeError):
     """A dataset that cannot be loaded or fetched; the message says which file and how to get a good copy."""
 
 
 @dataclass
 class Dataset:
-    train_x: torch.Tensor  # float32 (N, C, H, W) on the device
-    train_y: torch.Tensor  # int64 (N,) class indices
-    test_x: torch.Tensor  # float32 (M, C, H, W)
-    test_y: torch.Tensor  # int64 (M,)
-    num_classes: int
+    train_x: torch.Tensor  # float32 (N, C, H, W) images, or (N, D) vectors, on the device
+    train_y: torch.Tensor  # classification: int64 (N,) class indices; regression: float32 (N, K) targets
+    test_x: torch.Tensor  # float32 (M, ...)
+    test_y: torch.Tensor  # (M, ...)
+    num_classes: int  # the model's outputs: classes, or the dimension K of a regression target
+    task: Task = TASKS["classification"]
 
     @property
-    def in_shape(self) -> tuple[int, int, int]:
-        """(channels, height, width) of one example."""
-        c, h, w = self.train_x.shape[1:]
-        return c, h, w
+    def in_shape(self) -> tuple[int, ...]:
+        """The shape of one example: (channels, height, width) of an image, (D,) of a vector."""
+        return tuple(self.train_x.shape[1:])
 
 
 Fetcher = Callable[["Spec", Path], None]  # (spec, data root) -> writes the spec's files or raises
@@ -78,6 +99,7 @@ class Spec:
     fetchers: list[tuple[str, Fetcher]] = field(default_factory=list)  # (label, fetcher), tried in order by fetch
     ways: list[str] = field(default_factory=list)  # offline ways to get the files, for messages; {folder} is filled in
     num_classes: int = 10
+    task: str = "classification"  # a key of TASKS
 
 
 # ---------------------------------------------------------------- readers
@@ -144,6 +166,13 @@ def _spec(name: str) -> Spec:
     if name not in DATASETS:
         raise DataError(f"Unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}.")
     return DATASETS[name]
+
+
+def has_accuracy(name: str) -> bool:
+    """Whether data set `name` poses a task whose predictions are right or wrong (classification); an unknown
+    name counts as one (bnlab.config.validate refuses it)."""
+    spec = DATASETS.get(name)
+    return spec is None or TASKS[spec.task].correct is not None
 
 
 def _root(root: str | Path) -> Path:
@@ -358,6 +387,20 @@ def shape(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:
     return data.in_shape, data.num_classes
 
 
+def _linear_regression(cfg: DataConfig) -> tuple[Split, int]:
+    """Santurkar et al.'s deep-linear-network task: x ~ N(0, I) in data.dim dimensions and y = A x, with A a
+    fixed data.dim x data.dim matrix of N(0, 1) entries; deterministic in cfg (data.seed). x and y are
+    (N, dim); the model's output count is dim."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    a = torch.randn((cfg.dim, cfg.dim), generator=g)
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn((n, cfg.dim), generator=g)
+        return x, x @ a.T
+
+    return (*sample(cfg.num_train), *sample(cfg.num_test)), cfg.dim
+
+
 def load_data(cfg: DataConfig, device: torch.device) -> Dataset:
     """The whole dataset on device: pixels in [0, 1] (custom: as its function returns them), or standardized
     per channel with train statistics."""
@@ -371,10 +414,11 @@ def load_data(cfg: DataConfig, device: torch.device) -> Dataset:
         train_x, test_x = train_x.float() / 255, test_x.float() / 255  # pixel values 0..255 -> [0, 1]
         num_classes = spec.num_classes
     if cfg.normalize:
-        mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
-        std = train_x.std(dim=(0, 2, 3), keepdim=True)
+        dims = (0, 2, 3) if train_x.dim() == 4 else (0,)  # per channel of an image, per entry of a vector
+        mean = train_x.mean(dim=dims, keepdim=True)
+        std = train_x.std(dim=dims, keepdim=True)
         train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    return Dataset(train_x, train_y, test_x, test_y, num_classes)
+    return Dataset(train_x, train_y, test_x, test_y, num_classes, TASKS[spec.task])
 
 
 # ---------------------------------------------------------------- registry
@@ -441,4 +485,5 @@ DATASETS: dict[str, Spec] = {
     ),
     "synthetic": Spec(make=lambda cfg: (_synthetic(cfg), cfg.num_classes)),
     "custom": Spec(make=_custom),
+    "linear_regression": Spec(task="regression", make=_linear_regression),
 }

@@ -22,10 +22,10 @@ from torch import Tensor, nn
 from bnlab.baselines import Scalar, WSConv2d, WSLinear, standardize
 from bnlab.config import BOOKKEEPING_KEYS, ConfigError, TrainConfig, flatten
 from bnlab.data import Dataset
-from bnlab.engine import LOCAL, Single, autocast, batches, evaluate, member_losses, prepare_model, skip
+from bnlab.engine import LOCAL, Single, autocast, batches, evaluate, member_scores, prepare_model, skip
 from bnlab.models import CNN, MLP, MODELS, BasicBlock, ResNet, Unit, build_model
 from bnlab.norms import NORMS, stackable, stackers
-from bnlab.optim import OPTIMIZERS, build_stacked_optimizer
+from bnlab.optim import OPTIMIZERS, build_stacked_optimizer, current_lrs, schedule_lr
 from bnlab.stacking import unchanged, widen
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class FusedModel(nn.Module):
         return {k: _member(v, self.members, n).clone() for k, v in self.net.state_dict().items()}
 
 
-def build_fused(cfgs: Sequence[TrainConfig], in_shape: tuple[int, int, int], num_classes: int) -> FusedModel:
+def build_fused(cfgs: Sequence[TrainConfig], in_shape: tuple[int, ...], num_classes: int) -> FusedModel:
     """Each member built exactly as train.py builds its model (torch.manual_seed(seed), build_model), stacked."""
     models = []
     for cfg in cfgs:
@@ -280,22 +280,24 @@ class Fused:
     def step(self, step: int) -> tuple[Tensor, Tensor]:
         n = self.members
         idx = torch.stack([next(o) for o in self.orders], 1).flatten()  # (B*N,), example-major: the stacked layout
-        x = self.data.train_x.index_select(0, idx).unflatten(0, (-1, n)).transpose(0, 1)  # (N, B, ...), a view
-        y = self.data.train_y.index_select(0, idx).view(-1, n).t()
+        data = self.data
+        # (N, B, ...) views of the members' examples and targets
+        x, y = (t.index_select(0, idx).unflatten(0, (-1, n)).transpose(0, 1) for t in (data.train_x, data.train_y))
         with autocast(self.cfgs[0].trainer, self.device):
-            logits = self.model(x)
-            losses = member_losses(logits, y)
+            losses, correct = member_scores(data.task, self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
+        cfg = self.cfgs[0]  # the members share the schedule (can_fuse), each scaling its own lr
+        schedule_lr(self.optimizer, cfg.optim, step, cfg.trainer.max_steps)
         self.optimizer.step()
-        return losses.detach().float(), (logits.argmax(-1) == y).sum(1)
+        return losses.detach().float(), correct
 
     def evaluate(self) -> list[tuple[float, float]]:
         with autocast(self.cfgs[0].trainer, self.device):
-            return evaluate(self.model, self.data.test_x, self.data.test_y, members=self.members)
+            return evaluate(self.model, self.data.test_x, self.data.test_y, self.data.task, members=self.members)
 
     def lrs(self) -> list[float]:
-        return list(self.optimizer.param_groups[0]["lr"])
+        return current_lrs(self.optimizer)
 
     def member_state(self, n: int) -> dict[str, Any]:
         """Member n's checkpoint: its model as the ordinary model's state_dict, its part of the optimizer."""

@@ -11,6 +11,7 @@ their layers live in bnlab/baselines.py.
 from __future__ import annotations
 
 from collections.abc import Callable
+from math import prod
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,6 +29,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
     "tanh": nn.Tanh,
     "gelu": nn.GELU,
+    "identity": nn.Identity,  # no nonlinearity: the MLP becomes a deep linear network
 }
 
 
@@ -88,10 +90,12 @@ def conv3x3(c_in: int, c_out: int, stride: int = 1) -> Callable[[bool], nn.Conv2
 
 
 class MLP(nn.Sequential):
-    """Flatten -> one Unit per hidden width -> Linear to the classes (784-100-100-100-10 by default)."""
+    """Flatten -> one Unit per hidden width -> Linear to the classes (784-100-100-100-10 by default).
 
-    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, cfg: TrainConfig) -> None:
-        widths = [in_shape[0] * in_shape[1] * in_shape[2], *cfg.model.widths]
+    With model.activation=identity it is a deep linear network: len(widths) + 1 linear layers."""
+
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, cfg: TrainConfig) -> None:
+        widths = [prod(in_shape), *cfg.model.widths]
         hidden = [unit(lambda b, i=i, o=o: nn.Linear(i, o, bias=b), o, cfg) for i, o in zip(widths, widths[1:])]
         super().__init__(nn.Flatten(), *hidden, nn.Linear(widths[-1], num_classes))
 
@@ -165,7 +169,7 @@ def custom_model(in_shape: tuple[int, int, int], num_classes: int, cfg: TrainCon
     return model
 
 
-MODELS: dict[str, Callable[[tuple[int, int, int], int, TrainConfig], nn.Module]] = {
+MODELS: dict[str, Callable[[tuple[int, ...], int, TrainConfig], nn.Module]] = {
     "mlp": MLP,
     "cnn": CNN,
     "resnet": ResNet,
@@ -174,12 +178,16 @@ MODELS: dict[str, Callable[[tuple[int, int, int], int, TrainConfig], nn.Module]]
 
 
 def init_weights(model: nn.Module, cfg: TrainConfig) -> None:
-    """model.init=normal: every Linear and Conv weight ~ N(0, init_std), biases 0; norms untouched."""
-    if cfg.model.init != "normal":
+    """model.init=normal: every Linear and Conv weight ~ N(0, init_std); glorot: ~ U(-a, a) with
+    a = sqrt(6 / (fan_in + fan_out)) (Glorot & Bengio 2010); biases 0 either way; norms untouched."""
+    if cfg.model.init == "default":
         return
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            nn.init.normal_(m.weight, 0.0, cfg.model.init_std)
+            if cfg.model.init == "glorot":
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.normal_(m.weight, 0.0, cfg.model.init_std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
@@ -213,7 +221,7 @@ def fixup_init(model: ResNet, cfg: TrainConfig) -> None:
                 p.zero_()
 
 
-def build_model(cfg: TrainConfig, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+def build_model(cfg: TrainConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     model = MODELS[cfg.model.name](in_shape, num_classes, cfg)
     init_weights(model, cfg)
     if cfg.model.residual_init == "fixup":

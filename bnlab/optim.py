@@ -1,10 +1,13 @@
 """Optimizers by name: the `optim` config group's registry. Each entry builds the ordinary optimizer and,
 for fused runs, its stacked form: one learning rate and weight decay per member, applied along dim 0 of
 every stacked parameter (bnlab.stacking's layout), each member's update exactly its separate run's.
-Either form can clip its gradients adaptively before each step (optim.agc, Brock et al. 2021), per member."""
+Either form can clip its gradients adaptively before each step (optim.agc, Brock et al. 2021), per member.
+Also the learning-rate schedule (optim.schedule, optim.warmup_steps): the lr of each step is a function
+of the step alone, so a resumed run continues it exactly."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,7 +21,8 @@ if TYPE_CHECKING:
 
 class _StackedOptimizer(torch.optim.Optimizer):
     """Base of the stacked optimizers: each param group holds one lr and one weight decay per member
-    (lists), applied along dim 0 of every parameter, whose i-th of N equal parts is member i's."""
+    (lists), applied along dim 0 of every parameter, whose i-th of N equal parts is member i's, and one
+    `scale` that multiplies every member's lr (the schedule's factor, the same for all members)."""
 
     def __init__(
         self, params: Iterable[Tensor], members: int, lr: Sequence[float], weight_decay: Sequence[float], **defaults
@@ -28,7 +32,7 @@ class _StackedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"need {members} learning rates and weight decays, got {len(lr)} and {len(weight_decay)}")
         self.members = members
         self._constants: dict[tuple, Tensor] = {}
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, **defaults))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, scale=1.0, **defaults))
 
     def _view(self, t: Tensor) -> Tensor:
         """t (N*d, ...) as (N, d, ...): a view, so in-place updates reach t."""
@@ -106,7 +110,7 @@ class StackedSGD(_StackedOptimizer):
             else:
                 state["momentum_buffer"].mul_(group["momentum"]).add_(g)
             g = state["momentum_buffer"]
-        w.addcmul_(self._per_member([-lr for lr in group["lr"]], p), g)  # w - lr * g, in place
+        w.addcmul_(self._per_member([-lr for lr in group["lr"]], p), g, value=group["scale"])  # w - lr * g
 
 
 class StackedAdam(_StackedOptimizer):
@@ -132,7 +136,7 @@ class StackedAdam(_StackedOptimizer):
         t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(g, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        step_size = self._per_member(group["lr"], p) / (1 - beta1**t)
+        step_size = self._per_member(group["lr"], p) * group["scale"] / (1 - beta1**t)
         denom = (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
         w.addcdiv_(step_size * exp_avg, denom, value=-1.0)  # w - step_size * exp_avg / denom
 
@@ -212,3 +216,45 @@ def build_stacked_optimizer(model: nn.Module, cfgs: Sequence[OptimConfig]) -> to
     optimizer = OPTIMIZERS[cfgs[0].name].stacked(model.parameters(), cfgs)
     _clip_before_steps(optimizer, model, cfgs[0].agc, members=len(cfgs))
     return optimizer
+
+
+# ---------------------------------------------------------------- the learning-rate schedule
+
+SCHEDULES = ("none", "step", "cosine")
+
+
+def lr_factor(cfg: OptimConfig, step: int, max_steps: int) -> float:
+    """The multiple of optim.lr that optimizer step `step` (1, 2, ..., max_steps) takes.
+
+    Warm-up: steps 1 to w = optim.warmup_steps take step / w (linear, reaching 1 at step w). After it,
+    with s = step - w - 1 the steps since the warm-up (0 for the first) and T = max_steps - w:
+    none: 1; step: decay_factor ** (s // decay_every) (torch's StepLR, stepped every step); cosine:
+    (1 + cos(pi * s / T)) / 2 (torch's CosineAnnealingLR with T_max = T, from 1 down to nearly 0).
+    """
+    w = cfg.warmup_steps
+    if step <= w:
+        return step / w
+    s = step - w - 1
+    if cfg.schedule == "step":
+        return cfg.decay_factor ** (s // cfg.decay_every)
+    if cfg.schedule == "cosine":
+        return (1 + math.cos(math.pi * s / max(1, max_steps - w))) / 2
+    return 1.0
+
+
+def schedule_lr(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int, max_steps: int) -> None:
+    """Set the lr of optimizer step `step`: optim.lr (a stacked optimizer: each member's) times lr_factor."""
+    factor = lr_factor(cfg, step, max_steps)
+    for group in optimizer.param_groups:
+        if isinstance(optimizer, _StackedOptimizer):
+            group["scale"] = factor
+        else:
+            group["lr"] = cfg.lr * factor
+
+
+def current_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
+    """The lr of the last step (before the first: optim.lr), one per member of a stacked optimizer."""
+    group = optimizer.param_groups[0]
+    if isinstance(optimizer, _StackedOptimizer):
+        return [lr * group["scale"] for lr in group["lr"]]
+    return [group["lr"]]

@@ -26,7 +26,8 @@ from bnlab.config import ConfigError, TrainConfig, check_choice, flatten
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
-GROUPS = ("model", "norm", "data", "optim", "experiment", "baseline")  # the config groups: one folder each under conf/
+# the config groups: one folder each under conf/
+GROUPS = ("model", "norm", "data", "optim", "experiment", "baseline", "setup")
 CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
 # Hydra's own flags that take a value (the next argument), which is no override
 VALUED_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c", "--package", "-p"}

@@ -60,7 +60,10 @@ FP32 = {"rtol": 1e-4, "atol": 1e-5}
 
 
 def member_configs(*overrides: str, members=MEMBERS, precision: str = "fp64") -> list[TrainConfig]:
-    base = compose_config([*TASK, f"trainer.precision={precision}", *overrides])
+    keys = {o.split("=")[0] for o in overrides}
+    base = compose_config(
+        [*(o for o in TASK if o.split("=")[0] not in keys), f"trainer.precision={precision}", *overrides]
+    )
     cfgs = []
     for seed, lr, wd in members:
         cfg = copy.deepcopy(base)
@@ -189,6 +192,13 @@ def test_a_diverging_member_stops_alone_and_leaves_the_others_alone(tmp_path):
     assert [s.steps for s in fused] == [STEPS, 1, STEPS]
 
 
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_fused_regression_members_follow_their_separate_runs(norm, tmp_path):
+    cfgs = member_configs("data=linear_regression", "model=dln", "model.widths=[6,6,6]", "data.dim=6", f"norm={norm}")
+    fused = assert_fused_equals_separate(cfgs, tmp_path)
+    assert all(set(s.final) == {"train_loss", "test_loss"} for s in fused)
+
+
 def test_a_precise_bn_member_is_tested_as_its_separate_run(tmp_path):
     cfgs = member_configs("model=mlp", SMALL["mlp"], "norm=batch", "trainer.precise_bn=4")
     fused = assert_fused_equals_separate(cfgs, tmp_path)
@@ -272,6 +282,9 @@ def test_can_fuse_accepts_runs_that_differ_in_seed_lr_and_weight_decay():
         ("model.widths=[16,16]", "model.widths"),
         ("model.activation=tanh", "model.activation"),
         ("trainer.max_steps=10", "trainer.max_steps"),
+        ("optim.schedule=cosine", "optim.schedule"),  # one schedule per group: its factor scales every member's lr
+        ("optim.warmup_steps=5", "optim.warmup_steps"),
+        ("optim.decay_every=5", "optim.decay_every"),
     ],
 )
 def test_can_fuse_refuses_runs_that_differ_elsewhere(override, key):

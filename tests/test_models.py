@@ -74,3 +74,19 @@ def test_normal_init_draws_weights_with_the_given_std(tiny_config, std):
 def test_conv_models_take_mnist_and_cifar_sizes(tiny_config, model, size):
     net = build_model(tiny_config(f"model={model}", SMALL[model]), (3, size, size), 10)
     assert net(torch.randn(4, 3, size, size)).shape == (4, 10)
+
+
+def test_dln_is_25_square_linear_layers_with_glorot_weights(tiny_config):
+    torch.manual_seed(0)
+    net = build_model(tiny_config("model=dln", "data=linear_regression", "norm=none"), (10,), 10)
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(10, 10)] * 25
+    assert [type(u.act) for u in units(net)] == [nn.Identity] * 24
+    assert all(m.bias is None for m in linears[:-1]) and torch.count_nonzero(linears[-1].bias) == 0
+    bound = (6 / 20) ** 0.5  # Glorot uniform: U(-a, a), a = sqrt(6 / (fan_in + fan_out))
+    weights = torch.cat([m.weight.flatten() for m in linears])
+    assert weights.abs().max() <= bound and weights.var().item() == pytest.approx(bound**2 / 3, rel=0.1)
+    # no nonlinearity: the network is the product of its weight matrices
+    product = torch.linalg.multi_dot([m.weight for m in reversed(linears)])
+    x = torch.randn(5, 10)
+    torch.testing.assert_close(net(x), x @ product.T, rtol=1e-4, atol=1e-5)
