@@ -265,7 +265,8 @@ class Single:
         idx = self.group.share(next(self.order))
         x, y = self.data.train_x[idx], self.data.train_y[idx]
         with autocast(self.cfg.trainer, self.device):
-            loss, correct = member_scores(self.data.task, self.net(x).unsqueeze(0), y.unsqueeze(0))
+            losses, right = member_scores(self.data.task, self.net(x).unsqueeze(0), y.unsqueeze(0))
+            loss, correct = losses[0], right[0]  # one member: scalars, as a Replica sums them over processes
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         schedule_lr(self.optimizer, self.cfg.optim, step, self.cfg.trainer.max_steps)
