@@ -874,8 +874,11 @@ def speedup_table(result: analysis.BaselineSpeedup) -> str:
 
 
 def _spread_text(spread: tuple[float, float, float], unit: str = "") -> str:
+    """'2600 (2400-2900)' steps, or '2.36x (2.18-2.42)' with unit 'x'."""
     med, lo, hi = spread
-    return f"{med:g}{unit}" + ("" if lo == hi else f" ({lo:g}-{hi:g})")
+    number = "{:.2f}" if unit else "{:g}"
+    text = number.format(med) + unit
+    return text if lo == hi else f"{text} ({number.format(lo)}-{number.format(hi)})"
 
 
 def train_eval_precise_bn(sweep: Sweep) -> Section | None:
