@@ -4,14 +4,15 @@ config minus the seed, and per group what the tables and figures show.
 Per group: run counts by status; for each threshold the iterations its runs needed (median and min-max
 over the seeds that reached it, and how many never did) and the speed-up over the group's
 no-normalization twin (the same config with norm=none), paired by seed; the final test accuracy (mean
-and std) and steps/s. Across groups: the learning rate that still trains, and which keys a batch-size
-sweep set with the batch size.
+and std) and steps/s. Across groups: the learning rate that still trains, each group at its best
+learning rate, and which keys a batch-size sweep set with the batch size.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 import warnings
 from collections.abc import Iterable
@@ -223,8 +224,9 @@ def group_runs(runs: list[RunResult], keys: list[str] | None = None) -> list[Gro
             r.group = label
         groups.append(Group(label, dict(zip(keys, values)), members))
     thresholds = sorted({t for r in runs for t in r.summary.iterations_to_threshold})
+    by_norm = set_with_norm(runs, keys)
     for g in groups:
-        g.twin = _twin(g, groups)
+        g.twin = _twin(g, groups, by_norm)
         twin = g.twin.results if g.twin else []
         for t in thresholds:
             reached = [r.summary.iterations_to_threshold.get(t) for r in g.results]
@@ -237,9 +239,16 @@ def group_runs(runs: list[RunResult], keys: list[str] | None = None) -> list[Gro
     return sorted(groups, key=_sort_key)
 
 
-def _twin(group: Group, groups: list[Group]) -> Group | None:
-    """The group with the same config but norm=none (not the group itself), if any."""
-    want = {k: v for k, v in group.keys.items() if not k.startswith("norm.")}
+def set_with_norm(runs: list[RunResult], keys: list[str]) -> set[str]:
+    """Of `keys`, those that go with the norm: the norm's own (norm.*) and those the sweep set with it (a
+    preset's per-norm weight decay, say: runs that share the norm share their value)."""
+    return {k for k in keys if k.startswith("norm.") or follows(runs, k, "norm.name")}
+
+
+def _twin(group: Group, groups: list[Group], by_norm: set[str]) -> Group | None:
+    """The group with the same config but norm=none (not the group itself), if any; the keys that go with the
+    norm (`by_norm`) may differ."""
+    want = {k: v for k, v in group.keys.items() if k not in by_norm}
     for other in groups:
         same = all(other.keys[k] == v for k, v in want.items())
         if other is not group and other.norm == "none" and same:
@@ -287,6 +296,12 @@ class Sweep:
     def thresholds(self) -> list[float]:
         return sorted({t for g in self.groups for t in g.thresholds})
 
+    @cached_property
+    def final_metric(self) -> str:
+        """What ranks the runs at their end: test accuracy, or where no run has one (a regression) the test loss."""
+        has_acc = any(r.summary.final.get("test_acc") is not None for r in self.runs)
+        return "test_acc" if has_acc or not self.runs else "test_loss"
+
 
 def load_sweep(root: Path, keys: list[str] | None = None, include_failed: bool = False) -> Sweep:
     """Every run below `root`, grouped by `keys` (default: the keys that vary); failed runs (refused late,
@@ -295,6 +310,19 @@ def load_sweep(root: Path, keys: list[str] | None = None, include_failed: bool =
     failed = [] if include_failed else [r for r in runs if r.summary.status == Status.FAILED]
     shown = [r for r in runs if r not in failed]
     return Sweep(Path(root), shown, group_runs(shown, keys), failed)
+
+
+# ---------------------------------------------------------------- a diagnostic over training, in one number per group
+
+
+def over_training(group: Group, tag: str) -> tuple[float, float | None, float, float] | None:
+    """`tag` (a diagnostic's TensorBoard scalar) in one number per run, its median over the steps logged, and
+    those over the group's seeds: (mean, std, min, max); None where no run logged it."""
+    medians = [float(np.nanmedian(c[1])) for r in group.results if (c := r.curve(tag)) is not None and len(c[1])]
+    if not medians:
+        return None
+    std = statistics.stdev(medians) if len(medians) > 1 else None
+    return statistics.fmean(medians), std, min(medians), max(medians)
 
 
 # ---------------------------------------------------------------- the learning rate that still trains
@@ -411,7 +439,7 @@ class AtBestLr:
 
     label: str  # the groups' label without the lr
     groups: list[Group]  # one per lr tried, lr ascending
-    by_acc: Group  # the lr whose final test accuracy is highest (median over seeds)
+    by_acc: Group  # the lr whose final test accuracy is highest (a regression: test loss lowest; median over seeds)
     by_iters: dict[float, Group | None]  # per threshold, the lr that needs the fewest iterations (median) among
     # those where every seed reached it; None: no lr did
 
@@ -440,7 +468,8 @@ def best_lrs(sweep: Sweep) -> list[AtBestLr]:
     out = []
     for label, groups in series.items():
         groups = sorted(groups, key=lambda g: g.lr)
-        accs = {id(g): statistics.median(g.final("test_acc")) if g.final("test_acc") else -1.0 for g in groups}
+        metric, sign = sweep.final_metric, 1 if higher_is_better(sweep.final_metric) else -1
+        accs = {id(g): sign * statistics.median(g.final(metric)) if g.final(metric) else -math.inf for g in groups}
         by_iters = {}
         for t in sweep.thresholds:
             reached = [g for g in groups if g.thresholds[t].iterations is not None and not g.thresholds[t].never]
@@ -453,8 +482,11 @@ def speedup_at_best(best: AtBestLr, everyone: list[AtBestLr], t: float) -> float
     """Median iterations to `t` of the norm=none series at its own best lr over this series' at its best lr;
     None without such a twin, or where this series never reached `t`; inf where the twin never did."""
 
+    runs = [r for b in everyone for g in b.groups for r in g.runs]
+    by_norm = set_with_norm(runs, list(best.groups[0].keys))
+
     def setting(b: AtBestLr) -> dict[str, Any]:
-        return {k: v for k, v in b.groups[0].keys.items() if k not in ("norm.name", "optim.lr")}
+        return {k: v for k, v in b.groups[0].keys.items() if k not in by_norm and k != "optim.lr"}
 
     twin = next((b for b in everyone if b.norm == "none" and setting(b) == setting(best)), None)
     ours = best.by_iters.get(t)
@@ -462,3 +494,86 @@ def speedup_at_best(best: AtBestLr, everyone: list[AtBestLr], t: float) -> float
         return None
     theirs = twin.by_iters.get(t)
     return float("inf") if theirs is None else theirs.thresholds[t].iterations[0] / ours.thresholds[t].iterations[0]
+
+
+# ---------------------------------------------------------------- the speed-up at multiples of the baseline's lr
+
+IOFFE_MULTIPLES = (1, 5, 30)  # BN-Baseline, BN-x5, BN-x30: BN at the baseline's lr times these
+
+
+@dataclass
+class SpeedupRow:
+    """A norm at a multiple of the baseline's lr: the steps it needed to reach the baseline's best accuracy."""
+
+    norm: str
+    multiple: float  # of the baseline's lr
+    lr: float
+    group: Group | None  # None: that lr is not in the sweep's grid
+    steps: tuple[float, float, float] | None = None  # (median, min, max) over the seeds that reached the target
+    never: int = 0  # seeds that never did
+    speedup: tuple[float, float, float] | None = None  # the baseline's steps over these, paired by seed
+    peak: tuple[float | None, float | None] = (None, None)  # best test accuracy over training: mean, std
+
+
+@dataclass
+class BaselineSpeedup:
+    """Ioffe & Szegedy's comparison (their Table 2, Figure 2): no normalization at its best lr (the baseline)
+    against each norm at that lr times 1, 5 and 30, by the steps each needs to reach the baseline's best
+    test accuracy."""
+
+    target: float  # the baseline's best test accuracy: the lowest of its seeds' peaks (every seed reaches it)
+    baseline: SpeedupRow
+    rows: list[SpeedupRow]  # per norm and multiple
+
+
+def first_reaching(run: RunResult, target: float) -> int | None:
+    """The first evaluated step at which the run's test accuracy reached `target` (None: never)."""
+    curve = run.curve("test/acc")
+    if curve is None:
+        return None
+    hits = curve[0][curve[1] >= target]
+    return int(hits[0]) if len(hits) else None
+
+
+def _peak(run: RunResult) -> float | None:
+    curve = run.curve("test/acc")
+    return float(np.nanmax(curve[1])) if curve is not None and len(curve[1]) else None
+
+
+def _row(norm: str, multiple: float, lr: float, group: Group | None, target: float, base: dict) -> SpeedupRow:
+    """The row of `group` (None: not in the grid); `base`: the baseline's steps by seed."""
+    if group is None:
+        return SpeedupRow(norm, multiple, lr, None)
+    steps = {r.summary.seed: first_reaching(r, target) for r in group.results}
+    reached = [s for s in steps.values() if s is not None]
+    ratios = [base[seed] / s for seed, s in steps.items() if s and base.get(seed)]
+    peaks = [p for r in group.results if (p := _peak(r)) is not None]
+    peak = (
+        round(statistics.fmean(peaks), 4) if peaks else None,
+        round(statistics.stdev(peaks), 4) if len(peaks) > 1 else None,
+    )
+    return SpeedupRow(norm, multiple, lr, group, _spread(reached), len(steps) - len(reached), _spread(ratios, 2), peak)
+
+
+def baseline_speedup(sweep: Sweep, multiples: tuple[float, ...] = IOFFE_MULTIPLES) -> BaselineSpeedup | None:
+    """The comparison for a sweep over the lr with norm=none and some other norm whose grid holds the
+    baseline's best lr (by final test accuracy) times 5 or 30; None otherwise, or without test/acc curves."""
+    best = best_lrs(sweep)
+    baseline = next((b for b in best if b.norm == "none"), None)
+    if baseline is None:
+        return None
+    lr = baseline.by_acc.lr
+    others = [b for b in best if b.norm != "none"]
+
+    def at(b: AtBestLr, m: float) -> Group | None:
+        return next((g for g in b.groups if math.isclose(g.lr, m * lr, rel_tol=1e-6)), None)
+
+    if not any(at(b, m) for b in others for m in multiples if m > 1):
+        return None
+    peaks = [p for r in baseline.by_acc.results if (p := _peak(r)) is not None]
+    if not peaks:
+        return None
+    target = min(peaks)
+    base = {r.summary.seed: first_reaching(r, target) for r in baseline.by_acc.results}
+    rows = [_row(b.norm, m, m * lr, at(b, m), target, base) for b in others for m in multiples]
+    return BaselineSpeedup(target, _row("none", 1, lr, baseline.by_acc, target, base), rows)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,10 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from rich.console import Console
 
 from bnlab import provenance
-from bnlab.config import BOOKKEEPING_KEYS, ConfigError, flatten, fuse_mode, validate
+from bnlab.config import BOOKKEEPING_KEYS, ConfigError, check_targets, flatten, fuse_mode, validate
 from bnlab.console import make_console, shell_path
 from bnlab.dashboard import write_dashboard
+from bnlab.data import DataError
 from bnlab.engine import resolve_device
 from bnlab.job import FAILED, REFUSED, job_config, threads_per_job
 from bnlab.overrides import DEFAULTS
@@ -32,7 +34,7 @@ EXCLUDE_KEYS = "hydra.job.config.override_dirname.exclude_keys"
 FUSING_LAUNCHER = "hydra_plugins.bnlab_launcher.BnlabLauncher"  # _target_ in conf/hydra/launcher/bnlab.yaml
 
 
-def refuse(error: ConfigError) -> None:
+def refuse(error: ConfigError | DataError) -> None:
     """Print the refusal as one paragraph and exit 2 (the traceback with HYDRA_FULL_ERROR=1)."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
@@ -42,18 +44,19 @@ def refuse(error: ConfigError) -> None:
 
 class Preflight(Callback):
     """Before the first job starts and before Hydra creates a run folder: each job's config must pass
-    `validate` on this machine; a preset that sweeps must be run with -m; and a job that resumes into
+    `validate` on this machine, and its own norm, model or data set (norm.target, ...) must import, build
+    and run on a probe batch; a preset that sweeps must be run with -m; and a job that resumes into
     a folder that already has a config must keep that config (bookkeeping keys aside). A refusal
     exits 2 and leaves every folder as it was."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            _check_job(config)
+            _check_job(config, set())
             _check_not_a_sweep(config)
             _warn_of_coarse_counts([config])
             if config.trainer.resume:
                 _check_resume(Path(config.hydra.run.dir), config)
-        except ConfigError as e:
+        except (ConfigError, DataError) as e:
             refuse(e)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -67,11 +70,11 @@ class Preflight(Callback):
         name_runs_by_what_varies(config, overrides)
         jobs = [loader.load_sweep_config(config, job) for job in overrides]
         try:
-            errors = []
+            errors, tried = [], set()
             for job in jobs:
                 try:
-                    _check_job(job)
-                except ConfigError as e:
+                    _check_job(job, tried)
+                except (ConfigError, DataError) as e:
                     errors.append((" ".join(job.hydra.overrides.task), e))
             if errors:
                 where, first = errors[0]
@@ -81,7 +84,7 @@ class Preflight(Callback):
             if config.trainer.resume:
                 for job in jobs:
                     _check_resume(Path(config.hydra.sweep.dir) / str(job.hydra.sweep.subdir), job)
-        except ConfigError as e:
+        except (ConfigError, DataError) as e:
             refuse(e)
 
 
@@ -134,10 +137,16 @@ def name_runs_by_what_varies(config: DictConfig, jobs: list[list[str]]) -> None:
         config.hydra.overrides.hydra.append(f"{EXCLUDE_KEYS}=[{','.join([*BOOKKEEPING_KEYS, *constant])}]")
 
 
-def _check_job(config: DictConfig) -> None:
+def _check_job(config: DictConfig, tried: set[str]) -> None:
+    """Refuse a job whose config does not validate here, or whose own norm, model or data set (each
+    distinct one tried once: a custom data set is loaded to try it) cannot be used."""
     cfg = job_config(config)
     validate(cfg)
     resolve_device(cfg.trainer.device)
+    key = repr((asdict(cfg.model), asdict(cfg.norm), asdict(cfg.data)))
+    if key not in tried:
+        tried.add(key)
+        check_targets(cfg)
 
 
 def _warn_of_coarse_counts(jobs: list[DictConfig]) -> None:
@@ -160,7 +169,7 @@ def _check_not_a_sweep(config: DictConfig) -> None:
     """A preset whose hydra.sweeper.params sweep keys the command line does not fix is a sweep: refuse
     to run it as a single run, giving the -m command."""
     given = {o.lstrip("+~").split("=")[0] for o in config.hydra.overrides.task}
-    swept = [k for k in config.hydra.sweeper.get("params") or {} if k not in given]
+    swept = [k for k in config.hydra.sweeper.get("params") or {} if k.lstrip("+~") not in given]
     if swept:
         args = " ".join(config.hydra.overrides.task)
         preset = config.hydra.runtime.choices.get("experiment")

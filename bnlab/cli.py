@@ -154,7 +154,7 @@ def parser() -> argparse.ArgumentParser:
     res.add_argument("dir", type=existing_folder, help="the run folder or sweep folder")
     data = sub.add_parser("data", help="fetch and check the datasets").add_subparsers(dest="action", required=True)
     fetch_p = data.add_parser("fetch", help="download or copy a dataset into the data root and verify it")
-    fetch_p.add_argument("name", choices=[n for n in DATASETS if n != "synthetic"])
+    fetch_p.add_argument("name", choices=[n for n, spec in DATASETS.items() if spec.md5])
     list_p = data.add_parser("list", help="show which dataset files are present and verified")
     for q in (fetch_p, list_p):
         q.add_argument("--root", help="data root (default: $BNLAB_DATA or ~/.cache/bnlab/data)")

@@ -8,18 +8,22 @@ before any data is loaded or any run folder written.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, get_type_hints
+from typing import Any, TypeVar, get_type_hints
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from bnlab.data import DATASETS
+from bnlab.data import CUSTOM_FORM, DATASETS, has_accuracy, shape
 from bnlab.metrics import THRESHOLD_METRICS, higher_is_better
-from bnlab.models import ACTIVATIONS, MODELS
-from bnlab.norms import NORMS
-from bnlab.optim import OPTIMIZERS
+from bnlab.models import ACTIVATIONS, MODELS, RESIDUAL_INITS, build_model
+from bnlab.norms import NORMS, create_norm
+from bnlab.optim import OPTIMIZERS, SCHEDULES
+from bnlab.targets import locate
 
 # What a key is to a sweep, in its field's metadata; every other key must be equal in a fused group:
 MEMBER = {"fuse": "member"}  # each member of a fused group (bnlab/fused.py) trains with its own value
@@ -45,20 +49,24 @@ def bookkeeping(default: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"  # mlp | cnn | resnet
+    name: str = "mlp"  # mlp | cnn | resnet | custom
     widths: list[int] = field(
         default_factory=lambda: [100, 100, 100]
     )  # mlp: units per hidden layer; cnn, resnet: channels per stage
     blocks: int = 1  # resnet: basic residual blocks per stage
-    activation: str = "relu"  # relu | sigmoid | tanh | gelu
-    init: str = member("default")  # default: PyTorch's init; normal: weights ~ N(0, init_std), biases 0
+    activation: str = "relu"  # relu | sigmoid | tanh | gelu | identity (no nonlinearity: a deep linear network)
+    init: str = member("default")  # default: PyTorch's; normal: N(0, init_std) weights; glorot: Glorot; biases 0
     init_std: float = member(0.05)  # standard deviation of the normal init (BRIEF: 0.05 good, 5 bad)
     bias: str = "auto"  # auto: drop the bias of a layer that a norm follows | true | false
+    residual_init: str = "default"  # resnet: default | skipinit (scalar 0 on each residual branch) | fixup
+    weight_standardization: bool = False  # every layer but the classifier scaled-standardized (Brock et al.)
+    target: str = ""  # custom: import path of a class or function called as target(in_shape, num_classes, **kwargs)
+    kwargs: Any = None  # custom: keyword arguments of model.target (a dict)
 
 
 @dataclass
 class NormConfig:
-    name: str = "batch"  # a key of bnlab.norms.NORMS
+    name: str = "batch"  # a key of bnlab.norms.NORMS (custom: the user's own, norm.target)
     placement: str = "before_act"  # before_act: layer -> norm -> act; after_act: layer -> act -> norm
     eps: float = member(1e-5)  # added to the variance before the square root
     momentum: float = member(0.1)  # running statistics: run = (1 - momentum) * run + momentum * batch
@@ -70,21 +78,26 @@ class NormConfig:
     renorm_warmup: int = member(5000)  # batch_renorm: steps of plain BN (r_max = 1, d_max = 0)
     r_max_steps: int = member(40000)  # batch_renorm: step at which r_max is reached (linear ramp after warm-up)
     d_max_steps: int = member(25000)  # batch_renorm: step at which d_max is reached (linear ramp after warm-up)
+    target: str = ""  # custom: import path of a class or function called as target(channels, **kwargs)
+    kwargs: Any = None  # custom: keyword arguments of norm.target (a dict)
 
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"  # mnist | fashion_mnist | cifar10 | synthetic
+    name: str = "mnist"  # mnist | fashion_mnist | cifar10 | synthetic | linear_regression | custom
     root: str = bookkeeping("${oc.env:BNLAB_DATA,'~/.cache/bnlab/data'}")  # torchvision's on-disk layout below it
     batch_size: int = 60  # examples per training step
     download: bool = bookkeeping(True)  # fetch missing files on first use
     normalize: bool = False  # standardize inputs per channel with train-set statistics (off: pixels in [0, 1])
-    num_train: int = 2048  # synthetic: training examples
-    num_test: int = 512  # synthetic: test examples
+    num_train: int = 2048  # synthetic, linear_regression: training examples
+    num_test: int = 512  # synthetic, linear_regression: test examples
     num_classes: int = 10  # synthetic: classes
     channels: int = 1  # synthetic: image channels
     image_size: int = 28  # synthetic: image height and width in pixels
-    seed: int = 0  # synthetic: seed of the generated task (the run's own seed leaves the task as it is)
+    dim: int = 10  # linear_regression: dimension of the inputs x and of the targets y = A x
+    seed: int = 0  # synthetic, linear_regression: seed of the generated task (the run's seed leaves it as it is)
+    target: str = ""  # custom: import path of a function called as target(**kwargs), see bnlab.data
+    kwargs: Any = None  # custom: keyword arguments of data.target (a dict)
 
 
 @dataclass
@@ -95,6 +108,11 @@ class OptimConfig:
     weight_decay: float = member(0.0)  # L2 penalty coefficient
     betas: list[float] = member([0.9, 0.999])  # adam: moving-average decays
     eps: float = member(1e-8)  # adam: added to the root of the second moment
+    agc: float = member(0.0)  # > 0: adaptive gradient clipping at this lambda, e.g. 0.01 (Brock et al.; not the head)
+    schedule: str = member("none")  # none | step | cosine: how the lr falls after the warm-up (bnlab.optim.lr_factor)
+    warmup_steps: int = member(0)  # steps: the lr rises linearly from lr / warmup_steps to lr over this many steps
+    decay_every: int = member(1000)  # step schedule: steps between two decays of the lr
+    decay_factor: float = member(0.1)  # step schedule: the lr is multiplied by this (a fraction) at each decay
 
 
 @dataclass
@@ -142,6 +160,10 @@ class DiagConfig:
     percentiles: bool = False  # 15/50/85th percentiles and histograms of the inputs to the nonlinearity
     ics: bool = False  # internal covariate shift per layer, ||G - G'|| and cos(G, G') (Santurkar et al.)
     landscape: bool = False  # loss variation, gradient predictiveness, effective beta-smoothness along the gradient
+    landscape_steps: list[float] = field(
+        default_factory=lambda: [0.5, 4.0]
+    )  # landscape: smallest and largest step along the gradient, in multiples of the lr (Santurkar et al.'s VGG)
+    landscape_points: int = 8  # landscape: step sizes tried, spaced evenly over landscape_steps
     grad_norms: bool = False  # L2 norm of each layer's weight gradient
     stat_drift: bool = False  # change of the norm layers' running statistics since the last diagnostic
 
@@ -197,6 +219,7 @@ MEMBER_KEYS = keys_marked(MEMBER)  # seed, lr, init, norm and optimizer constant
 # ${bnlab.div:60000,${data.batch_size}} steps is one MNIST epoch,
 # ${bnlab.scale:0.05,${data.batch_size},32} is lr 0.05 at batch 32, linearly scaled (Goyal et al. 2017);
 # ${bnlab.part:N,10} is a tenth of N steps, at least 1 (presets made small: scripts/bench_suite.py).
+# ${bnlab.if_none:${norm.name},A,B} is A without a norm and B with one (a preset's per-norm training changes).
 def run_name(overrides: str, limit: int = 200) -> str:
     """A run directory's name: its overrides, `default` when none, cut to `limit` characters with a hash of
     the whole kept at the end (file systems refuse names over 255 bytes)."""
@@ -210,9 +233,12 @@ OmegaConf.register_new_resolver("bnlab.bookkeeping", lambda: list(BOOKKEEPING_KE
 OmegaConf.register_new_resolver("bnlab.div", lambda a, b: int(a) // int(b), replace=True)
 OmegaConf.register_new_resolver("bnlab.scale", lambda x, b, ref: float(x) * float(b) / float(ref), replace=True)
 OmegaConf.register_new_resolver("bnlab.part", lambda n, d: max(1, int(n) // int(d)), replace=True)
+OmegaConf.register_new_resolver(
+    "bnlab.if_none", lambda norm, plain, normed: plain if norm == "none" else normed, replace=True
+)
 
 BIAS_CHOICES = ("auto", "true", "false")
-INIT_CHOICES = ("default", "normal")
+INIT_CHOICES = ("default", "normal", "glorot")
 PLACEMENTS = ("before_act", "after_act")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp64")
@@ -263,6 +289,14 @@ def validate(cfg: TrainConfig) -> None:
     check_choice("model.activation", m.activation, ACTIVATIONS)
     check_choice("model.init", m.init, INIT_CHOICES)
     check_choice("model.bias", m.bias.lower(), BIAS_CHOICES)
+    check_choice("model.residual_init", m.residual_init, RESIDUAL_INITS)
+    accepted = f"default with model={m.name} (skipinit and fixup need model=resnet)"
+    _require(m.residual_init == "default" or m.name == "resnet", "model.residual_init", m.residual_init, accepted)
+    for group, c in (("model", m), ("norm", n), ("data", d)):
+        accepted = f"an import path such as my_pkg.module.Name with {group}=custom"
+        _require(c.name != "custom" or bool(c.target), f"{group}.target", c.target, accepted)
+        accepted = f"a dict of keyword arguments, e.g. {group}.kwargs={{name:value}}"
+        _require(c.kwargs is None or isinstance(c.kwargs, dict), f"{group}.kwargs", c.kwargs, accepted)
     widths_ok = len(m.widths) > 0 and all(w > 0 for w in m.widths)
     _require(widths_ok, "model.widths", m.widths, "a non-empty list of positive integers")
     _require(m.blocks >= 1, "model.blocks", m.blocks, "an integer >= 1")
@@ -281,6 +315,11 @@ def validate(cfg: TrainConfig) -> None:
     _require(n.d_max >= 0, "norm.d_max", n.d_max, "a number >= 0")
     check_choice("data.name", d.name, DATASETS)
     _require(t.devices >= 1, "trainer.devices", t.devices, "an integer >= 1")
+    classes = has_accuracy(d.name)
+    if not classes:  # regression: vectors in and out, no images for a conv net, no classes to be right about
+        _require(m.name == "mlp", "model", m.name, f"mlp (data={d.name} gives vectors, not images)")
+        _require(d.dim >= 1, "data.dim", d.dim, "an integer >= 1")
+        _require(t.precise_bn == 0, "trainer.precise_bn", t.precise_bn, f"0 with data={d.name} (it measures accuracy)")
     norm = NORMS[n.name]
     per_process = 2 if norm.batch_stats and not norm.synced else 1  # examples each process normalizes over
     min_batch = max(per_process * t.devices, 2 if norm.batch_stats else 1)
@@ -297,6 +336,11 @@ def validate(cfg: TrainConfig) -> None:
     betas_ok = len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas)
     _require(betas_ok, "optim.betas", list(o.betas), "two numbers in [0, 1), e.g. optim.betas=[0.9,0.999]")
     _require(o.eps > 0, "optim.eps", o.eps, "a number > 0")
+    _require(o.agc >= 0, "optim.agc", o.agc, "a number >= 0 (0: off; Brock et al. use 0.01 to 0.16)")
+    check_choice("optim.schedule", o.schedule, SCHEDULES)
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "an integer >= 0 (steps)")
+    _require(o.decay_every >= 1, "optim.decay_every", o.decay_every, "an integer >= 1 (steps)")
+    _require(0 < o.decay_factor <= 1, "optim.decay_factor", o.decay_factor, "a number in (0, 1]")
     _require(t.max_steps > 0, "trainer.max_steps", t.max_steps, "an integer > 0")
     _require(t.eval_every > 0, "trainer.eval_every", t.eval_every, "an integer > 0")
     check_choice("trainer.device", t.device, DEVICES)
@@ -321,7 +365,75 @@ def validate(cfg: TrainConfig) -> None:
             _require(False, f"diag.{switch}", True, accepted)
     _require(cfg.diag.every > 0, "diag.every", cfg.diag.every, "an integer > 0")
     _require(cfg.diag.probe > 0, "diag.probe", cfg.diag.probe, "an integer > 0")
-    check_choice("threshold.metric", cfg.threshold.metric, THRESHOLD_METRICS)
+    lo_hi = list(cfg.diag.landscape_steps)
+    steps_ok = len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1]
+    _require(steps_ok, "diag.landscape_steps", lo_hi, "[low, high] with 0 < low <= high (multiples of the lr)")
+    _require(cfg.diag.landscape_points >= 2, "diag.landscape_points", cfg.diag.landscape_points, "an integer >= 2")
+    metrics = [k for k in THRESHOLD_METRICS if classes or not k.endswith("_acc")]
+    check_choice("threshold.metric", cfg.threshold.metric, metrics, f"values with data={d.name}")
     if higher_is_better(cfg.threshold.metric):
         bad = [v for v in cfg.threshold.values if not 0 <= v <= 1]
         _require(not bad, "threshold.values", list(cfg.threshold.values), "accuracies in [0, 1]")
+
+
+# ---------------------------------------------------------------- the user's own norm, model and data
+
+TAKES = {
+    "norm": "the import path of a class or function, called as target(channels, **norm.kwargs), that returns an "
+    "nn.Module mapping (N, C) and (N, C, H, W) inputs to outputs of the same shape",
+    "model": "the import path of a class or function, called as target((C, H, W), num_classes, **model.kwargs), "
+    "that returns an nn.Module mapping examples (B, C, H, W) to logits (B, num_classes)",
+    "data": f"the import path of a function, called as target(**data.kwargs), that returns {CUSTOM_FORM}",
+}
+PROBE_BATCH = 4  # examples in the batch a custom norm or model is tried on
+T = TypeVar("T")
+
+
+def _attempt(group: str, target: str, doing: str, step: Callable[..., T], *args: Any) -> T:
+    """step(*args), or a ConfigError naming `group`.target, what was being done and the error."""
+    try:
+        return step(*args)
+    except Exception as e:
+        raise ConfigError(
+            f"{group}.target={target!r} cannot be used: {doing} failed with {type(e).__name__}: {e}. "
+            f"{group}=custom takes {TAKES[group]}; its module must be importable (installed, or on PYTHONPATH)."
+        ) from e
+
+
+def _probe(module: torch.nn.Module, x: torch.Tensor, out_shape: tuple[int, ...]) -> None:
+    """Forward and backward in train mode, forward in eval mode, on a copy; the output must have out_shape."""
+    module = copy.deepcopy(module)
+    for training in (True, False):
+        module.train(training)
+        with torch.set_grad_enabled(training):
+            y = module(x)
+        if not torch.is_tensor(y) or tuple(y.shape) != out_shape:
+            got = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
+            raise ValueError(f"in {'train' if training else 'eval'} mode it returned {got}, not shape {out_shape}")
+        if training:
+            y.sum().backward()
+
+
+def check_targets(cfg: TrainConfig) -> None:
+    """Refuse (ConfigError) a custom norm, model or data set that cannot be used, before any run folder is
+    written: its target must import, build an nn.Module (data: return tensors in bnlab's form, so it is
+    called here once) and run on a probe batch of PROBE_BATCH: forward and backward in train mode, forward
+    in eval mode, with outputs of the right shape."""
+    m, n, d = cfg.model, cfg.norm, cfg.data
+    for group, c in (("data", d), ("model", m), ("norm", n)):
+        if c.name == "custom":
+            _attempt(group, c.target, "importing it", locate, c.target)
+    examples = _attempt("data", d.target, "loading the data", shape, d) if d.name == "custom" else None
+    probe = torch.Generator().manual_seed(0)
+    if m.name == "custom":
+        in_shape, classes = examples or shape(d)
+        model = _attempt("model", m.target, "building it", build_model, cfg, in_shape, classes)
+        x = torch.rand(PROBE_BATCH, *in_shape, generator=probe)
+        doing = f"running it on a probe batch {tuple(x.shape)}"
+        _attempt("model", m.target, doing, _probe, model, x, (PROBE_BATCH, classes))
+    elif n.name == "custom":
+        spatial = () if m.name == "mlp" else (5, 5)  # the MLP normalizes feature vectors, the conv nets maps
+        for channels in sorted(set(m.widths)):
+            norm = _attempt("norm", n.target, f"building it for {channels} channels", create_norm, channels, n)
+            x = torch.randn(PROBE_BATCH, channels, *spatial, generator=probe)
+            _attempt("norm", n.target, f"running it on a probe batch {tuple(x.shape)}", _probe, norm, x, tuple(x.shape))

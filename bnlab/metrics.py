@@ -17,8 +17,8 @@ class Metric:
 METRICS: dict[str, Metric] = {
     "test_acc": Metric("test accuracy", True, "test/acc"),
     "train_acc": Metric("training accuracy", True, "train/acc"),
-    "test_loss": Metric("test loss (cross-entropy, nats)", False, "test/loss"),
-    "train_loss": Metric("training loss (cross-entropy, nats)", False, "train/loss"),
+    "test_loss": Metric("test loss (cross-entropy in nats; regression: MSE)", False, "test/loss"),
+    "train_loss": Metric("training loss (cross-entropy in nats; regression: MSE)", False, "train/loss"),
     "test_acc_train_mode": Metric("test accuracy in train mode (batch statistics)", True),
     "test_acc_precise_bn": Metric("test accuracy after precise BN", True),
 }

@@ -7,14 +7,15 @@ from an MLP and on feature maps (N, C, H, W) from a conv net, in train and eval 
 owns the layers themselves: torch's batch norm, a from-scratch batch norm to read, Batch
 Renormalization with its r_max/d_max schedule, Ghost batch norm, Santurkar et al.'s noisy batch
 norm, synchronized batch norm (statistics over the batch of every process of a distributed run),
-layer, group, instance and RMS norm, and `none` (no layer at all).
+layer, group, instance and RMS norm, `none` (no layer at all), and `custom`: the user's own layer,
+built from norm.target and norm.kwargs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnlab.stacking import unchanged, widen
+from bnlab.targets import locate
 
 if TYPE_CHECKING:
     from bnlab.config import NormConfig
@@ -368,6 +370,39 @@ class StackedRMSNorm(RMSNorm):
         return self._scale_shift((per_member * torch.rsqrt(mean_square + self.eps)).view_as(x))
 
 
+class CustomNorm(nn.Module):
+    """norm=custom: the user's layer `target(channels, **kwargs)` (norm.target, norm.kwargs), held as `layer`.
+
+    It can be fused when its target (a class, or a function) declares `per_channel = True`: the layer
+    built for C channels treats each channel on its own (its output at channel c depends on channel c of
+    its input alone, over any of the batch and spatial positions: batch statistics are fine, statistics
+    across channels are not), and each of its parameters and buffers is per channel along dim 0 (shape
+    (C,) or (C, ...)) or a scalar that every member shares (a step counter). The layer of N fused
+    members is then the target built for N*C channels (bnlab.stacking's layout).
+    """
+
+    def __init__(self, channels: int, *, target: str, kwargs: dict[str, Any] | None) -> None:
+        super().__init__()
+        self.channels, self.target, self.kwargs = channels, target, dict(kwargs or {})
+        self.layer = locate(target)(channels, **self.kwargs)
+        if not isinstance(self.layer, nn.Module):
+            raise TypeError(f"it returned a {type(self.layer).__name__}, not an nn.Module")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x)
+
+
+def per_channel(target: str) -> bool:
+    """Whether a custom norm's target declares `per_channel = True` (see CustomNorm)."""
+    return getattr(locate(target), "per_channel", False) is True
+
+
+def _stack_custom(m: CustomNorm, n: int) -> CustomNorm:
+    if not per_channel(m.target):
+        raise TypeError(f"{m.target} does not declare per_channel = True, so it cannot be fused")
+    return CustomNorm(n * m.channels, target=m.target, kwargs=m.kwargs)
+
+
 def _by_features(m: nn.Module, n: int) -> nn.Module:
     return widen(m, n, "num_features")
 
@@ -412,12 +447,19 @@ NORMS: dict[str, Norm] = {
     "batch_manual": Norm(ManualBatchNorm, _BN, batch_stats=True, running_stats=True, stack=widen),
     "noisy_batch": Norm(NoisyBatchNorm, _BN, batch_stats=True, running_stats=True),
     "sync_batch": Norm(SyncBatchNorm, _BN, batch_stats=True, running_stats=True, synced=True, stack=_by_features),
+    # its traits are its target's, unknown to bnlab: batch 1 is allowed, and it fuses if the target says so
+    "custom": Norm(CustomNorm, ("target", "kwargs"), stack=_stack_custom),
 }
 
 
 def create_norm(channels: int, cfg: NormConfig) -> nn.Module:
     """The normalization layer `cfg.name` for `channels` channels (nn.Identity for `none`)."""
     return NORMS[cfg.name].build(channels, cfg)
+
+
+def stackable(cfg: NormConfig) -> bool:
+    """Whether the norm cfg names has a stacked form for fused runs (norm=custom: if its target declares it)."""
+    return NORMS[cfg.name].stack is not None and (cfg.name != "custom" or per_channel(cfg.target))
 
 
 def stackers() -> dict[type, Callable[[nn.Module, int], nn.Module]]:

@@ -1,7 +1,9 @@
 """The command line of `bnlab train`, checked before Hydra sees it: every override must parse, name a
 known key or config group option ("Did you mean 'batch'?", which Hydra's own message does not offer)
 and carry a value of the key's type; a launcher must be usable on this machine. Each refusal is a
-ConfigError of one paragraph with a hint. Also how bnlab writes a value into an override (quoting)."""
+ConfigError of one paragraph with a hint. A group's options are its YAML files in every config folder
+the command composes from: bnlab's conf/ and the user's (`--config-dir DIR`, `hydra.searchpath=[file://DIR]`).
+Also how bnlab writes a value into an override (quoting)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ import copy
 import shutil
 from dataclasses import asdict
 from importlib.resources import files
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob, Override
 from hydra.errors import OverrideParseException
@@ -19,7 +23,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from bnlab.config import ConfigError, TrainConfig, check_choice, flatten
 
-GROUPS = ("model", "norm", "data", "optim", "experiment")  # the config groups: one folder each under conf/
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+# the config groups: one folder each under conf/
+GROUPS = ("model", "norm", "data", "optim", "experiment", "baseline", "setup")
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
 # Hydra's own flags that take a value (the next argument), which is no override
 VALUED_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c", "--package", "-p"}
 INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info [TOPIC]
@@ -28,10 +37,54 @@ SCHEMA = OmegaConf.structured(TrainConfig)
 DEFAULTS = asdict(TrainConfig())
 
 
-def group_options(group: str) -> list[str]:
-    """The options of a config group: the YAML files in its folder of conf/."""
-    folder = files("bnlab.conf") / group
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+def group_options(group: str, folders: list[Traversable] | None = None) -> list[str]:
+    """The options of a config group: the YAML files in its folder of bnlab's conf/ and of `folders`."""
+    options = set()
+    for folder in [files("bnlab.conf"), *(folders or [])]:
+        if folder.joinpath(group).is_dir():
+            options |= {
+                p.name.removesuffix(".yaml") for p in folder.joinpath(group).iterdir() if p.name.endswith(".yaml")
+            }
+    return sorted(options)
+
+
+def _folder(entry: str) -> Traversable | None:
+    """A search path entry as a folder: file://DIR (relative to the working directory) or pkg://module."""
+    scheme, _, where = entry.partition("://")
+    if scheme == "file":
+        return Path(where)
+    if scheme == "pkg":
+        try:
+            return files(where)
+        except ModuleNotFoundError:
+            return None
+    return None
+
+
+def user_folders(args: list[str], overrides: list[Override]) -> list[Traversable]:
+    """The user's config folders of `bnlab train ARGS`: --config-dir (-cd) and hydra.searchpath entries."""
+    folders: list[Traversable] = []
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag in CONFIG_DIR_FLAGS:
+            folders.append(Path(value if eq else args[i + 1] if i + 1 < len(args) else ""))
+    for o in overrides:
+        if o.key_or_group == "hydra.searchpath" and isinstance(o.value(), list):
+            folders += [f for f in map(_folder, map(str, o.value())) if f is not None]
+    return folders
+
+
+def help_groups() -> str:
+    """The config groups and their options for `bnlab train --help` (${bnlab.help_groups:} in conf/train.yaml):
+    bnlab's and the user's, from every folder of the search path, since Hydra's own list misses those of
+    hydra.searchpath given on the command line."""
+    builtin = ("hydra", "main", "schema")  # Hydra's own configs, bnlab's conf/ and the structured configs
+    sources = [s for s in HydraConfig.get().runtime.config_sources if s.provider not in builtin]
+    folders = [f for f in (_folder(f"{s.schema}://{s.path}") for s in sources) if f is not None]
+    return "\n".join(f"{group}: {', '.join(group_options(group, folders))}" for group in sorted(GROUPS))
+
+
+OmegaConf.register_new_resolver("bnlab.help_groups", help_groups, replace=True)
 
 
 def quote(value: str) -> str:
@@ -86,19 +139,21 @@ def check_overrides(args: list[str]) -> None:
     """Refuse (ConfigError) an override that does not parse, names an unknown key or group option, or
     gives a key a value of the wrong type; and a SLURM launcher where SLURM is not installed."""
     keys = [*GROUPS, *flatten(DEFAULTS)]
-    for o in parse(args):
+    overrides = parse(args)
+    folders = user_folders(args, overrides)
+    for o in overrides:
         key = o.key_or_group
         if key.split(".")[0].split("/")[0] == "hydra":
             _check_launcher(o, multirun="-m" in args or "--multirun" in args)
             continue
-        if o.is_delete() or (o.is_add() and key != "experiment"):
-            continue  # Hydra refuses what these get wrong
+        if o.is_delete() or (o.is_add() and key not in GROUPS) or ".kwargs." in key:
+            continue  # Hydra refuses what these get wrong; norm.kwargs.eps: the user's own keyword arguments
         section = key.rpartition(".")[0]
         check_choice(key, key, [k for k in keys if k.rpartition(".")[0] == section] or keys, what="keys")
         if key in GROUPS:
             if not isinstance(o.value(), Glob):
                 for value in _values(o):
-                    check_choice(key if not o.is_add() else f"+{key}", str(value), group_options(key))
+                    check_choice(key if not o.is_add() else f"+{key}", str(value), group_options(key, folders))
         else:
             for value in _values(o):
                 _check_type(key, value)

@@ -19,10 +19,11 @@ from bnlab.summary import Status, Summary
 COUNTED = (Status.COMPLETED, Status.DIVERGED, Status.FAILED)  # the ok/div/fail column
 FINAL_NAMES = {  # final metrics -> their column
     "test_acc": "final test acc",
+    "test_loss": "final test loss",  # the column of a regression, which has no accuracy
     "test_acc_train_mode": "test acc, train mode",
     "test_acc_precise_bn": "test acc, precise BN",
 }
-FINALS = tuple(m for m in FINAL_NAMES if m != "test_acc")  # shown when some run recorded them (trainer.precise_bn)
+FINALS = ("test_acc_train_mode", "test_acc_precise_bn")  # shown when some run recorded them (trainer.precise_bn)
 
 
 def fmt_threshold(t: float) -> str:
@@ -63,8 +64,10 @@ def fmt_status(group: Group) -> str:
 
 
 def finals(groups: list[Group]) -> list[str]:
-    """The final metrics shown: test accuracy, and those that some run recorded beside it (train mode, precise BN)."""
-    return ["test_acc", *(m for m in FINALS if any(g.final(m) for g in groups))]
+    """The final metrics shown: test accuracy (where no run has one, a regression's: test loss), and those that
+    some run recorded beside it (train mode, precise BN)."""
+    regression = any(g.final("test_loss") for g in groups) and not any(g.final("test_acc") for g in groups)
+    return ["test_loss" if regression else "test_acc", *(m for m in FINALS if any(g.final(m) for g in groups))]
 
 
 def cells(group: Group, thresholds: list[float], metrics: list[str], sep: str) -> list[str]:

@@ -35,7 +35,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from bnlab.config import TrainConfig, flatten, validate
 from bnlab.console import make_console, shell_path
-from bnlab.data import Dataset
+from bnlab.data import Dataset, has_accuracy
 from bnlab.diagnostics import precise_bn
 from bnlab.distributed import Replica, processes
 from bnlab.engine import LOCAL, Engine, Group, Single, evaluate_shared, forget_shared_data, prepare
@@ -89,6 +89,7 @@ class Run:
         self.device = ""
         self.final: dict[str, float] = {}  # metrics of the last evaluation
         self.thresholds = Thresholds(cfg.threshold.metric, cfg.threshold.values)
+        self.accuracy = has_accuracy(cfg.data.name)  # regression: losses only
         self.start = time.perf_counter()
         self.earlier_wall_time = 0.0  # seconds spent before a resume
         self.loop_time = 0.0  # seconds spent in the training loop, evaluations included
@@ -134,7 +135,8 @@ class Run:
             self.pending.add(loss, acc)
         if (write or stopped) and self.pending.steps:
             loss, acc = self.pending.means()
-            self.points.append((self.steps, time.time(), {"train/loss": loss, "train/acc": acc}))
+            points = {"train/loss": loss, "train/acc": acc} if self.accuracy else {"train/loss": loss}
+            self.points.append((self.steps, time.time(), points))
             self.pending = Sums()
         return stopped
 
@@ -148,14 +150,18 @@ class Run:
         self.points.clear()
 
     def record_eval(self, step: int, test_loss: float, test_acc: float, lr: float) -> None:
-        """A test evaluation at `step`, with the training metrics averaged since the previous one."""
+        """A test evaluation at `step`, with the training metrics averaged since the previous one (accuracies
+        only where the task has them)."""
         metrics = {"test_loss": test_loss, "test_acc": test_acc}
         if self.window.steps:
             metrics["train_loss"], metrics["train_acc"] = self.window.means()
             self.window = Sums()
-        values = {"test/loss": test_loss, "test/acc": test_acc, "train/lr": lr}
+        if not self.accuracy:
+            metrics = {k: v for k, v in metrics.items() if not k.endswith("_acc")}
+        values = {"test/loss": test_loss, "test/acc": metrics.get("test_acc"), "train/lr": lr}
         # a diverged model's NaN loss would break TensorBoard's charts
-        self.points.append((step, time.time(), {k: v for k, v in values.items() if math.isfinite(v)}))
+        finite = {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
+        self.points.append((step, time.time(), finite))
         self.write_points()
         self.final, self.last_eval = metrics, step
         log.debug("%sstep %d: %s", self.label, step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -512,10 +518,12 @@ def eval_modes(model: nn.Module, data: Dataset, cfg: TrainConfig, group: Group =
     each with its share of every batch as in training: the sums are reduced and precise BN's statistics
     averaged over the processes."""
     probe = copy.deepcopy(model)
-    ((_, train_mode),) = evaluate_shared(group, probe, data.test_x, data.test_y, cfg.data.batch_size, True).tolist()
+    ((_, train_mode),) = evaluate_shared(
+        group, probe, data.test_x, data.test_y, data.task, cfg.data.batch_size, train_mode=True
+    ).tolist()
     generator = torch.Generator(device=data.train_x.device).manual_seed(cfg.seed)
     precise_bn(probe, data.train_x, cfg.data.batch_size, cfg.trainer.precise_bn, generator, group)
-    ((_, precise),) = evaluate_shared(group, probe, data.test_x, data.test_y).tolist()
+    ((_, precise),) = evaluate_shared(group, probe, data.test_x, data.test_y, data.task).tolist()
     return {"test_acc_train_mode": train_mode, "test_acc_precise_bn": precise}
 
 

@@ -1,5 +1,6 @@
 """Record a sweep as a section of docs/results.md: its numbers go to docs/results/SECTION.json (each group
-of the sweep table, thresholds as numbers, every final metric with its spread over seeds) and its
+of the sweep table, thresholds as numbers, every final metric with its spread over seeds; ICS and landscape
+diagnostics in one number per group; Ioffe & Szegedy's speed-up where the sweep has it) and its
 provenance (the sweep folder's provenance.json: command, bnlab commit, torch, machine, device, threads,
 wall time) into the section's provenance block of docs/results.md, between the markers
 <!-- provenance:SECTION --> and <!-- /provenance -->. `scripts/reproduce.py SECTION` re-runs it.
@@ -14,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from bnlab.analysis import load_sweep
+from bnlab.analysis import Sweep, baseline_speedup, load_sweep, over_training
 from bnlab.summarize import record
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -34,6 +35,26 @@ def provenance_text(section: str, p: dict) -> str:
     )
 
 
+def diagnostics(sweep: Sweep) -> dict:
+    """Per group, every ICS and landscape scalar the runs logged in one number (bnlab.analysis.over_training)."""
+    tags = sorted({t for r in sweep.runs for t in r.scalars if t.startswith(("ics/", "landscape/"))})
+    return {
+        g.label: {t: dict(zip(("mean", "std", "min", "max"), v)) for t in tags if (v := over_training(g, t))}
+        for g in sweep.groups
+        if g.results
+    }
+
+
+def speedup(sweep: Sweep) -> dict | None:
+    """Ioffe & Szegedy's comparison (bnlab.analysis.baseline_speedup), where the sweep has one."""
+    result = baseline_speedup(sweep)
+    if result is None:
+        return None
+    keys = ("norm", "multiple", "lr", "steps", "never", "speedup", "peak")
+    rows = [{k: getattr(row, k) for k in keys} for row in [result.baseline, *result.rows]]
+    return {"target": result.target, "rows": rows}
+
+
 def main(section: str, sweep_dir: Path) -> int:
     provenance = json.loads((sweep_dir / "provenance.json").read_text())
     sweep = load_sweep(sweep_dir)
@@ -43,6 +64,10 @@ def main(section: str, sweep_dir: Path) -> int:
         "threshold_metric": sweep.metric,
         "groups": [record(g) for g in sweep.groups],
     }
+    if diag := diagnostics(sweep):
+        result["diagnostics"] = diag
+    if ioffe := speedup(sweep):
+        result["speedup"] = ioffe
     (DOCS / "results").mkdir(exist_ok=True)
     (DOCS / "results" / f"{section}.json").write_text(json.dumps(result, indent=1) + "\n")
     doc = (DOCS / "results.md").read_text()

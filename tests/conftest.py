@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import LONG, TINY, TRAIN, compose_config
+from helpers import EXAMPLE, LONG, TINY, TRAIN, compose_config
 
 from bnlab.config import TrainConfig
 
 torch.set_num_threads(1)
+sys.path.insert(0, str(EXAMPLE))  # the example norm, importable as my_norm (README "Your own norm")
 
 
 @pytest.fixture

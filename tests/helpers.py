@@ -15,6 +15,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from bnlab.config import TrainConfig
 
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "my_norm"  # the example package of README "Your own norm" (my_norm.py, conf/)
+# PYTHONPATH for a `bnlab` subprocess that imports the example norm and tests/custom_targets.py
+TARGETS_ENV = {"PYTHONPATH": f"{EXAMPLE}:{ROOT / 'tests'}"}
+
 # A tiny synthetic task: enough for every model to take a few steps in well under a second.
 TINY = [
     "data=synthetic",

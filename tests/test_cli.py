@@ -12,8 +12,9 @@ def test_train_help_lists_the_config_groups(tmp_path):
     out = bnlab("train", "--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     for group in (
-        "model: cnn, mlp, resnet",
-        "norm: batch, batch_manual, batch_renorm, ghost_batch, group, instance, layer, noisy_batch, none, rms",
+        "model: cnn, custom, dln, mlp, resnet",
+        "norm: batch, batch_manual, batch_renorm, custom, ghost_batch, group, instance, layer, noisy_batch, none, rms",
+        "baseline: bn, fixup, gn_ws, none, skipinit",
         "optim: adam, sgd",
     ):
         assert group in out.stdout

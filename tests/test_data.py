@@ -111,7 +111,7 @@ def on_disk(request, tmp_path, monkeypatch):
 
 
 def test_registry_names():
-    assert set(DATASETS) == {"mnist", "fashion_mnist", "cifar10", "synthetic"}
+    assert set(DATASETS) == {"mnist", "fashion_mnist", "cifar10", "synthetic", "custom", "linear_regression"}
 
 
 def test_load_round_trips_pixels_and_labels(on_disk):
@@ -285,7 +285,7 @@ def test_file_report_statuses(tmp_path, monkeypatch):
     ]
     (folder / IDX[0]).unlink()
     assert file_report("mnist", tmp_path)[0] == (folder / IDX[0], "missing")
-    assert file_report("synthetic", tmp_path) == []
+    assert file_report("synthetic", tmp_path) == [] and file_report("linear_regression", tmp_path) == []
 
 
 def test_malformed_idx_header_is_refused(tmp_path, monkeypatch):
@@ -334,3 +334,25 @@ def test_synthetic_normalize(tmp_path):
     ds = load_data(config("synthetic", tmp_path, normalize=True, **SYNTH), CPU)
     torch.testing.assert_close(ds.train_x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(ds.train_x.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-5, rtol=0)
+
+
+def test_linear_regression_targets_are_one_fixed_linear_map_of_gaussian_inputs(tmp_path):
+    ds = load_data(config("linear_regression", tmp_path / "unused", num_train=200, num_test=50, dim=6), CPU)
+    assert ds.train_x.shape == (200, 6) and ds.test_y.shape == (50, 6) and ds.in_shape == (6,)
+    assert ds.num_classes == 6 and ds.task.correct is None and ds.train_y.dtype == torch.float32
+    # A from the training pairs (least squares, exact for y = A x) maps the test inputs onto their targets
+    a = torch.linalg.lstsq(ds.train_x.double(), ds.train_y.double()).solution.T
+    torch.testing.assert_close(ds.test_x.double() @ a.T, ds.test_y.double(), atol=1e-4, rtol=1e-5)
+    # x ~ N(0, I) and A ~ N(0, 1) entries (4 sigma bounds on the sample moments), the same A for every run seed
+    assert abs(ds.train_x.mean()) < 4 / 1200**0.5 and abs(ds.train_x.var() - 1) < 4 * (2 / 1200) ** 0.5
+    assert abs(a.mean()) < 4 / 6 and 0.2 < a.var() < 3
+    again = load_data(config("linear_regression", tmp_path, num_train=200, num_test=50, dim=6), CPU)
+    other = load_data(config("linear_regression", tmp_path, num_train=200, num_test=50, dim=6, seed=1), CPU)
+    assert torch.equal(again.train_y, ds.train_y) and not torch.equal(other.train_x, ds.train_x)
+    assert not (tmp_path / "unused").exists()
+
+
+def test_vectors_are_normalized_per_entry(tmp_path):
+    ds = load_data(config("linear_regression", tmp_path, num_train=300, num_test=20, dim=4, normalize=True), CPU)
+    torch.testing.assert_close(ds.train_x.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ds.train_x.std(0), torch.ones(4), atol=1e-5, rtol=0)

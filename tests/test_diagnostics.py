@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnlab.config import ModelConfig, NormConfig, TrainConfig
+from bnlab.data import TASKS
 from bnlab.diagnostics import (
     activation_percentiles,
     activations,
@@ -50,6 +51,8 @@ WEIGHTS = {
 }
 X = f64([[1.0, 2.0], [-1.0, 0.5], [0.3, -1.2], [2.0, 0.0]])
 Y = torch.tensor([0, 1, 1, 0])
+Y_REGRESSION = f64([[0.5, -1.0], [2.0, 0.3], [-0.7, 0.0], [1.1, 1.4]])  # 2 targets per example
+TARGETS = {"classification": Y, "regression": Y_REGRESSION}
 
 
 def tiny(norm: str, **cfg) -> nn.Sequential:
@@ -70,8 +73,8 @@ def batch_norm(h: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
     return (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + EPS) * gamma + beta
 
 
-def reference_loss(p: dict[str, Tensor], norm: str) -> Tensor:
-    """The tiny network's mean cross-entropy on (X, Y), written out."""
+def reference_loss(p: dict[str, Tensor], norm: str, task: str = "classification") -> Tensor:
+    """The tiny network's mean cross-entropy on (X, Y), or mean squared error on (X, Y_REGRESSION), written out."""
     h = X
     for i in (0, 1):
         h = h @ p[f"{i}.layer.weight"].T + p[f"{i}.layer.bias"]
@@ -79,13 +82,15 @@ def reference_loss(p: dict[str, Tensor], norm: str) -> Tensor:
             h = batch_norm(h, p[f"{i}.norm.weight"], p[f"{i}.norm.bias"])
         h = torch.tanh(h)
     logits = h @ p["2.weight"].T + p["2.bias"]
+    if task == "regression":
+        return ((logits - Y_REGRESSION) ** 2).sum() / Y_REGRESSION.numel()
     return (torch.logsumexp(logits, 1) - logits[torch.arange(len(Y)), Y]).mean()
 
 
-def reference_grads(p: dict[str, Tensor], norm: str) -> tuple[float, dict[str, Tensor]]:
+def reference_grads(p: dict[str, Tensor], norm: str, task: str = "classification") -> tuple[float, dict[str, Tensor]]:
     """The reference loss at p and its gradient w.r.t. every tensor of p."""
     leaves = {k: v.detach().clone().requires_grad_() for k, v in p.items()}
-    loss = reference_loss(leaves, norm)
+    loss = reference_loss(leaves, norm, task)
     return loss.item(), dict(
         zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True))
     )
@@ -105,30 +110,31 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.parametrize("task", sorted(TASKS))
 @pytest.mark.parametrize("norm", ["none", "batch"])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-def test_ics_matches_hand_computation(norm, optimizer):
+def test_ics_matches_hand_computation(norm, optimizer, task):
     model = tiny(norm)
     opt = OPTIMIZERS[optimizer](model.parameters())
-    F.cross_entropy(model(X), Y).backward()
+    TASKS[task].loss(model(X), TARGETS[task]).mean().backward()
     before = snapshot(model)
     opt.step()
     update = deltas(model, before)
     theta = used_weights(norm)
-    _, grads = reference_grads(theta, norm)
+    _, grads = reference_grads(theta, norm, task)
     if optimizer == "sgd":
         for k, g in grads.items():
             torch.testing.assert_close(update[k], -0.5 * g)
 
     # Layer 1: G at theta, G' with unit 0's parameters (weight, bias, gamma, beta) moved by their update.
     g = grads["1.layer.weight"]
-    _, shifted = reference_grads({k: v + update[k] if k.startswith("0.") else v for k, v in theta.items()}, norm)
+    _, shifted = reference_grads({k: v + update[k] if k.startswith("0.") else v for k, v in theta.items()}, norm, task)
     g_shifted = shifted["1.layer.weight"]
     norm_diff = (g - g_shifted).norm().item()
     cos = ((g * g_shifted).sum() / (g.norm() * g_shifted.norm())).item()
     assert norm_diff > 1e-3  # a real shift, not a vacuous test
 
-    (zero, one), (d, c) = internal_covariate_shift(model, X, Y, update)
+    (zero, one), (d, c) = internal_covariate_shift(model, X, TARGETS[task], update, TASKS[task])
     assert (zero, one) == (0.0, 1.0)  # layer 0: nothing before it moves, G' = G
     assert d == pytest.approx(norm_diff, rel=1e-9) and c == pytest.approx(cos, rel=1e-9)
 
@@ -152,26 +158,32 @@ def test_units_are_in_forward_order_and_resnet_shortcuts_count_as_earlier_layers
 # --- loss landscape ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("task", sorted(TASKS))
 @pytest.mark.parametrize("norm", ["none", "batch"])
-@pytest.mark.parametrize("lr, num", [(0.3, 8), (1.0, 3)])
-def test_landscape_matches_hand_computation(norm, lr, num):
+@pytest.mark.parametrize("lr, num, steps", [(0.3, 8, (0.5, 4.0)), (1.0, 3, (0.5, 4.0)), (0.2, 5, (0.01, 30.0))])
+def test_landscape_matches_hand_computation(norm, lr, num, steps, task):
     theta = used_weights(norm)
-    _, g = reference_grads(theta, norm)
+    _, g = reference_grads(theta, norm, task)
     g_flat, losses, changes, betas = torch.cat([v.flatten() for v in g.values()]), [], [], []
+    low, high = steps
     for k in range(num):
-        eta = 0.5 * lr + k * 3.5 * lr / (num - 1)
-        loss, moved = reference_grads({n: v - eta * g[n] for n, v in theta.items()}, norm)
+        eta = low * lr + k * (high - low) * lr / (num - 1)
+        loss, moved = reference_grads({n: v - eta * g[n] for n, v in theta.items()}, norm, task)
         change = (torch.cat([v.flatten() for v in moved.values()]) - g_flat).norm().item()
         losses.append(loss)
         changes.append(change)
         betas.append(change / (eta * g_flat.norm().item()))
 
-    result = landscape(tiny(norm), X, Y, lr, num=num)
+    result = landscape(tiny(norm), X, TARGETS[task], lr, num=num, steps=steps, task=TASKS[task])
     assert result == pytest.approx(
         {
             "loss_variation": max(losses) - min(losses),
             "grad_predictiveness": max(changes) - min(changes),
             "beta_smoothness": max(betas),
+            "loss_min": min(losses),
+            "loss_max": max(losses),
+            "grad_change_min": min(changes),
+            "grad_change_max": max(changes),
         },
         rel=1e-9,
     )

@@ -19,6 +19,11 @@ REDUCED = {
     "noisy_bn": [],
     "eval_pitfall": ["trainer.precise_bn=3"],
     "sync_bn": ["data.batch_size=8"],
+    "fair_baselines": ["optim.lr=0.05,0.1", "model.widths=[4,8,8]", "model.blocks=1"],
+    # the deep linear network's regression task (setup=dln), full-batch on 64 points
+    "santurkar_ics": ["data=linear_regression", "data.batch_size=64"],
+    "santurkar_landscape": ["data=linear_regression", "data.batch_size=64"],
+    "ioffe_speedup": ["optim.lr=0.01,0.05"],
 }
 
 
@@ -60,5 +65,45 @@ def test_preset_runs_end_to_end(tmp_path, name):
         assert loss["sync_batch", 2] == pytest.approx(loss["batch", 1], rel=1e-5)
         assert loss["batch", 2] == pytest.approx(loss["ghost_batch", 1], rel=1e-5)
         assert loss["batch", 2] != pytest.approx(loss["sync_batch", 2], rel=1e-3)
+    if name == "fair_baselines":
+        models = {(s["config"]["norm"]["name"], s["config"]["model"]["residual_init"]) for s in summaries.values()}
+        assert models == {
+            ("batch", "default"),
+            ("none", "default"),
+            ("none", "skipinit"),
+            ("none", "fixup"),
+            ("group", "default"),
+        }
+        assert sum(s["config"]["model"]["weight_standardization"] for s in summaries.values()) == 2  # gn_ws, 2 lrs
+        assert bnlab("report", "sweep", cwd=tmp_path).returncode == 0
+        assert "## Each norm at its best learning rate" in (tmp_path / "sweep" / "report.md").read_text()
     if name == "batch_size":
         assert {s["config"]["optim"]["lr"] for s in summaries.values()} == {0.05 * 2 / 32, 0.05 * 16 / 32}
+    if name.startswith("santurkar"):  # the DLN at the setup's two lrs, losses only
+        assert {s["config"]["optim"]["lr"] for s in summaries.values()} == {0.003, 0.01}
+        assert all(set(s["final"]) == {"train_loss", "test_loss"} for s in summaries.values())
+        assert all(s["config"]["model"]["activation"] == "identity" for s in summaries.values())
+        tag = "ics/layer23/cos" if name == "santurkar_ics" else "landscape/loss_max"
+        assert all(tag in scalars(run) for run in summaries)
+    if name == "ioffe_speedup":  # BN's lr decays 6x faster and its weight decay is 5x smaller
+        changes = {(s["config"]["norm"]["name"], s["config"]["optim"]["decay_every"]) for s in summaries.values()}
+        assert changes == {("none", 1000), ("batch", 167)}
+        assert {(s["config"]["norm"]["name"], s["config"]["optim"]["weight_decay"]) for s in summaries.values()} == {
+            ("none", 0.0005),
+            ("batch", 0.0001),
+        }
+
+
+@pytest.mark.parametrize("name", ["santurkar_ics", "santurkar_landscape"])
+def test_setup_mnist_mlp_switches_a_santurkar_preset_to_the_mlp_at_its_lrs(tmp_path, name):
+    out = bnlab(
+        "train", "-m", f"+experiment={name}", "setup=mnist_mlp", *TINY, "seed=0", "trainer.max_steps=4",
+        "trainer.eval_every=2", "diag.every=2", "hydra.sweep.dir=sweep", cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/summary.json")]
+    assert {(s["config"]["optim"]["lr"], s["config"]["model"]["activation"]) for s in summaries} == {
+        (0.1, "relu"),
+        (0.3, "relu"),
+    }
+    assert all(s["config"]["diag"]["landscape_steps"] == [0.5, 4.0] for s in summaries)

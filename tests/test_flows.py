@@ -20,9 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import LONG, MESSAGES, TINY, TRAIN, assert_equal_runs, bnlab, scalars, start, wait_for
+from omegaconf import OmegaConf
 
 from bnlab import files
 from bnlab.app import claim_folder
+from bnlab.callbacks import _check_not_a_sweep
+from bnlab.config import ConfigError
 from bnlab.files import OutputError
 from bnlab.overrides import quote
 from bnlab.train import CHECKPOINT, Loop, train
@@ -183,7 +186,11 @@ def test_exit_codes_and_messages(tmp_path, args, code, message):
 
 def test_ctrl_c_during_start_up_exits_130_without_a_traceback(tmp_path):
     proc = start(*TINY, cwd=tmp_path, output=True)
-    time.sleep(1.0)  # still importing torch and composing the config
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
+    while maps.exists() and "torch" not in maps.read_text() and time.monotonic() < deadline:
+        time.sleep(0.01)  # wait for bnlab's own code to be importing torch (not the interpreter starting up)
+    if not maps.exists():
+        time.sleep(1.0)  # no /proc: still importing torch and composing the config, on a machine that is not busy
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
@@ -196,6 +203,18 @@ def test_a_sweeping_preset_without_m_is_refused_with_the_m_command(tmp_path):
     out = bnlab("train", "+experiment=init_lr_grid", *TINY, cwd=tmp_path)
     assert out.returncode == 2 and MESSAGES["preset"] in " ".join(out.stderr.split())
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_preset_runs_alone_when_the_command_line_fixes_every_key_it_sweeps_appends_included():
+    sweeps = {"+baseline": "bn,none", "optim.lr": "0.01,0.1"}
+    config = OmegaConf.create(
+        {"hydra": {"overrides": {"task": []}, "sweeper": {"params": sweeps}, "runtime": {"choices": {}}}}
+    )
+    config.hydra.overrides.task = ["+baseline=none", "optim.lr=0.1"]
+    _check_not_a_sweep(config)
+    config.hydra.overrides.task = ["+baseline=none"]
+    with pytest.raises(ConfigError, match="a sweep over optim.lr, so it runs with -m"):
+        _check_not_a_sweep(config)
 
 
 # 7. Every file bnlab writes is standard JSON, a diverged run's too.

@@ -28,7 +28,9 @@ from bnlab.norms import NORMS
 from bnlab.stacking import Memberwise
 from bnlab.train import CHECKPOINT, train, train_runs
 
-FUSABLE_NORMS = sorted(name for name, norm in NORMS.items() if norm.stack is not None)
+# built-in norms with a stacked form (norm=custom fuses when its target declares it: tested on its own below)
+FUSABLE_NORMS = sorted(name for name, norm in NORMS.items() if norm.stack is not None and name != "custom")
+MEAN_ONLY = ["norm=custom", "norm.target=my_norm.MeanOnlyBatchNorm"]  # examples/my_norm: per_channel = True
 
 STEPS = 20
 SMALL = {"mlp": "model.widths=[16,12]", "cnn": "model.widths=[4,8]", "resnet": "model.widths=[4,8]"}
@@ -59,7 +61,10 @@ FP32 = {"rtol": 1e-4, "atol": 1e-5}
 
 
 def member_configs(*overrides: str, members=MEMBERS, precision: str = "fp64") -> list[TrainConfig]:
-    base = compose_config([*TASK, f"trainer.precision={precision}", *overrides])
+    keys = {o.split("=")[0] for o in overrides}
+    base = compose_config(
+        [*(o for o in TASK if o.split("=")[0] not in keys), f"trainer.precision={precision}", *overrides]
+    )
     cfgs = []
     for seed, lr, wd in members:
         cfg = copy.deepcopy(base)
@@ -155,6 +160,42 @@ def test_a_fused_resnet_follows_its_separate_runs(norm, tmp_path):
     assert_fused_equals_separate(member_configs("model=resnet", SMALL["resnet"], f"norm={norm}"), tmp_path)
 
 
+@pytest.mark.parametrize("model", ["mlp", "cnn", "resnet"])
+def test_a_custom_norm_that_declares_per_channel_fuses_exactly(model, tmp_path):
+    fused = assert_fused_equals_separate(member_configs(f"model={model}", SMALL[model], *MEAN_ONLY), tmp_path)
+    assert all(s.fused_members == 3 for s in fused)
+
+
+def test_a_custom_norm_that_does_not_declare_per_channel_runs_alone():
+    cfgs = member_configs("model=mlp", SMALL["mlp"], "norm=custom", "norm.target=custom_targets.ChannelScale")
+    assert "custom when its target declares per_channel = True" in can_fuse(cfgs)
+    assert can_fuse(member_configs("model=mlp", SMALL["mlp"], *MEAN_ONLY)) is None
+    custom_model = ["model=custom", "model.target=custom_targets.tiny_net"]
+    assert "model=custom has no stacked form" in can_fuse(member_configs(*custom_model))
+
+
+@pytest.mark.parametrize(
+    "baseline",
+    [
+        ["model.residual_init=skipinit", "norm=none"],
+        ["model.residual_init=fixup", "norm=none", "model.bias=false"],
+        ["model.weight_standardization=true", "norm=group"],
+        ["model.residual_init=fixup", "norm=none", "optim.agc=0.02", "optim.momentum=0.9"],
+        ["model.weight_standardization=true", "norm=none", "optim=adam", "optim.agc=0.05"],
+    ],
+    ids=["skipinit", "fixup", "gn_ws", "fixup_agc", "ws_agc_adam"],
+)
+def test_the_fair_baselines_fuse_exactly(baseline, tmp_path):
+    members = [(seed, lr / 10, wd) for seed, lr, wd in MEMBERS] if "optim=adam" in baseline else MEMBERS
+    cfgs = member_configs("model=resnet", SMALL["resnet"], *baseline, members=members)
+    assert_fused_equals_separate(cfgs, tmp_path)
+
+
+def test_weight_standardization_and_agc_fuse_exactly_in_the_mlp(tmp_path):
+    cfgs = member_configs("model=mlp", SMALL["mlp"], "model.weight_standardization=true", "norm=none", "optim.agc=0.02")
+    assert_fused_equals_separate(cfgs, tmp_path)
+
+
 @pytest.mark.parametrize("optim", [["optim=sgd", "optim.momentum=0.9"], ["optim=adam"]], ids=["sgd_momentum", "adam"])
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_per_member_lr_and_weight_decay_with_momentum_and_adam(model, optim, tmp_path):
@@ -176,6 +217,13 @@ def test_a_diverging_member_stops_alone_and_leaves_the_others_alone(tmp_path):
     fused = assert_fused_equals_separate(cfgs, tmp_path)
     assert [s.status for s in fused] == ["completed", "diverged", "completed"]
     assert [s.steps for s in fused] == [STEPS, 1, STEPS]
+
+
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_fused_regression_members_follow_their_separate_runs(norm, tmp_path):
+    cfgs = member_configs("data=linear_regression", "model=dln", "model.widths=[6,6,6]", "data.dim=6", f"norm={norm}")
+    fused = assert_fused_equals_separate(cfgs, tmp_path)
+    assert all(set(s.final) == {"train_loss", "test_loss"} for s in fused)
 
 
 def test_a_precise_bn_member_is_tested_as_its_separate_run(tmp_path):
@@ -252,7 +300,12 @@ MEMBER_CASES = {
     "optim.momentum": ([], [0.0, 0.5, 0.9]),
     "optim.betas": (["optim=adam", "optim.lr=0.01"], [[0.9, 0.999], [0.8, 0.99], [0.5, 0.9]]),
     "optim.eps": (["optim=adam", "optim.lr=0.01"], [1e-8, 1e-3, 0.1]),
-    "model.init": (["model.init_std=0.3"], ["default", "normal", "normal"]),
+    "optim.agc": ([], [0.0, 0.01, 0.1]),
+    "optim.schedule": (["optim.decay_every=5", "optim.decay_factor=0.5"], ["none", "step", "cosine"]),
+    "optim.warmup_steps": ([], [0, 3, 10]),
+    "optim.decay_every": (["optim.schedule=step"], [3, 7, 1000]),
+    "optim.decay_factor": (["optim.schedule=step", "optim.decay_every=5"], [0.1, 0.5, 1.0]),
+    "model.init": (["model.init_std=0.3"], ["default", "normal", "glorot"]),
     "model.init_std": (["model.init=normal"], [0.05, 0.3, 1.0]),
     "norm.eps": ([], [1e-5, 1e-2, 0.5]),
     "norm.momentum": ([], [0.1, 0.01, 0.6]),
@@ -337,6 +390,8 @@ def test_can_fuse_accepts_runs_that_differ_in_member_and_bookkeeping_keys():
         ("model.widths=[16,16]", "model.widths"),
         ("model.activation=tanh", "model.activation"),
         ("trainer.max_steps=10", "trainer.max_steps"),
+        ("model.residual_init=skipinit", "model.residual_init"),
+        ("model.weight_standardization=true", "model.weight_standardization"),
     ],
 )
 def test_can_fuse_refuses_runs_that_differ_elsewhere(override, key):

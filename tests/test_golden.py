@@ -19,6 +19,7 @@ from helpers import compose_config, scalars
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from bnlab.data import DATASETS
 from bnlab.overrides import group_options
 from bnlab.train import train
 
@@ -53,13 +54,16 @@ def one_run(preset: str) -> list[str]:
     for o in OverridesParser.create().parse_overrides(params):
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         value = "batch" if o.key_or_group == "norm" and "batch" in values else values[0]
-        first.append(f"{o.key_or_group}={value}")
+        first.append(f"{'+' if o.is_add() else ''}{o.key_or_group}={value}")
     return first
 
 
 def numbers(preset: str, tmp_path: Path) -> dict:
-    """What one reduced run of the preset ends with."""
-    cfg = compose_config([f"+experiment={preset}", *one_run(preset), *SETTINGS])
+    """What one reduced run of the preset ends with (on the synthetic task, unless the preset's own data is
+    generated too: the deep linear network's regression keeps its task)."""
+    own = compose_config([f"+experiment={preset}", *one_run(preset)]).data.name
+    settings = [o for o in SETTINGS if not (DATASETS[own].make and o.startswith(("data=", "data.image_size")))]
+    cfg = compose_config([f"+experiment={preset}", *one_run(preset), *settings])
     summary = train(cfg, tmp_path)
     logged = scalars(tmp_path)
     return {

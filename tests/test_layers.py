@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bnlab"
 
 # Layer of every module: a module may import modules of its own layer or below, never above.
 LAYERS = {
-    # the foundation: result files, the console, metric names, the summary contract, the stacked layout
+    # the foundation: result files, the console, metric names, the summary contract, the stacked layout, the
+    # import of the user's own code
     "bnlab.files": 0,
     "bnlab.console": 0,
     "bnlab.metrics": 0,
@@ -19,8 +20,10 @@ LAYERS = {
     "bnlab.stacking": 0,
     "bnlab.hparams": 0,
     "bnlab.provenance": 0,
+    "bnlab.targets": 0,
     # the building blocks, each a registry
     "bnlab.data": 1,
+    "bnlab.baselines": 1,
     "bnlab.norms": 1,
     "bnlab.models": 1,
     "bnlab.optim": 1,

@@ -8,11 +8,13 @@ from bnlab.norms import NORMS
 from bnlab.train import train
 
 SMALL = {"mlp": "model.widths=[16,16]", "cnn": "model.widths=[8,16]", "resnet": "model.widths=[8,16]"}
+# model=custom and norm=custom are the user's: tests/test_custom.py
+BUILT_IN_MODELS, BUILT_IN_NORMS = sorted(set(MODELS) - {"custom"}), sorted(set(NORMS) - {"custom"})
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
-@pytest.mark.parametrize("norm", sorted(NORMS))
-@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("norm", BUILT_IN_NORMS)
+@pytest.mark.parametrize("model", BUILT_IN_MODELS)
 def test_every_model_norm_and_placement_trains(tiny_config, tmp_path, model, norm, placement):
     cfg = tiny_config(f"model={model}", SMALL[model], f"norm={norm}", f"norm.placement={placement}", "norm.groups=2")
     summary = train(cfg, tmp_path)
@@ -26,14 +28,14 @@ def units(model: nn.Module) -> list[Unit]:
     return [m for m in model.modules() if isinstance(m, Unit)]
 
 
-@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("model", BUILT_IN_MODELS)
 def test_norm_placement_sets_the_order_of_norm_and_activation(tiny_config, model):
     for placement, before in [("before_act", True), ("after_act", False)]:
         net = build_model(tiny_config(f"model={model}", SMALL[model], f"norm.placement={placement}"), (1, 8, 8), 10)
         assert units(net) and all(u.norm_before_act is before for u in units(net))
 
 
-@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("model", BUILT_IN_MODELS)
 def test_auto_bias_is_dropped_only_where_a_norm_follows(tiny_config, model):
     def biases(*overrides):
         net = build_model(tiny_config(f"model={model}", SMALL[model], *overrides), (1, 8, 8), 10)
@@ -72,3 +74,19 @@ def test_normal_init_draws_weights_with_the_given_std(tiny_config, std):
 def test_conv_models_take_mnist_and_cifar_sizes(tiny_config, model, size):
     net = build_model(tiny_config(f"model={model}", SMALL[model]), (3, size, size), 10)
     assert net(torch.randn(4, 3, size, size)).shape == (4, 10)
+
+
+def test_dln_is_25_square_linear_layers_with_glorot_weights(tiny_config):
+    torch.manual_seed(0)
+    net = build_model(tiny_config("model=dln", "data=linear_regression", "norm=none"), (10,), 10)
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(10, 10)] * 25
+    assert [type(u.act) for u in units(net)] == [nn.Identity] * 24
+    assert all(m.bias is None for m in linears[:-1]) and torch.count_nonzero(linears[-1].bias) == 0
+    bound = (6 / 20) ** 0.5  # Glorot uniform: U(-a, a), a = sqrt(6 / (fan_in + fan_out))
+    weights = torch.cat([m.weight.flatten() for m in linears])
+    assert weights.abs().max() <= bound and weights.var().item() == pytest.approx(bound**2 / 3, rel=0.1)
+    # no nonlinearity: the network is the product of its weight matrices
+    product = torch.linalg.multi_dot([m.weight for m in reversed(linears)])
+    x = torch.randn(5, 10)
+    torch.testing.assert_close(net(x), x @ product.T, rtol=1e-4, atol=1e-5)

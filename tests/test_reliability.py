@@ -120,6 +120,13 @@ BAD_INPUTS = [
     (["trainer.timeout_s=0"], "trainer.timeout_s", "> 0"),
     (["trainer.devices=2", "trainer.fuse=true"], "trainer.fuse", "fused runs need trainer.devices=1"),
     (["trainer.devices=2", "diag.ics=true"], "diag.ics", "single-process runs only"),
+    (["data=linear_regression", "model=cnn"], "model", "mlp (data=linear_regression gives vectors"),
+    (["data=linear_regression", "threshold.metric=test_acc"], "threshold.metric", "test_loss, train_loss"),
+    (["data=linear_regression", "trainer.precise_bn=5"], "trainer.precise_bn", "0 with data=linear_regression"),
+    (["diag.landscape_steps=[4,0.5]"], "diag.landscape_steps", "0 < low <= high"),
+    (["optim.schedule=linear"], "optim.schedule", "none, step, cosine"),
+    (["optim.decay_factor=2"], "optim.decay_factor", "a number in (0, 1]"),
+    (["optim.warmup_steps=-1"], "optim.warmup_steps", "an integer >= 0"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["trainer.device=cuda"], "trainer.device", "not available on this machine"))

@@ -16,7 +16,15 @@ from matplotlib.lines import Line2D
 from rich.console import Console
 from torch.utils.tensorboard import SummaryWriter
 
-from bnlab.analysis import RunResult, largest_lr_that_trains, load_sweep, training_edges
+from bnlab.analysis import (
+    Group,
+    RunResult,
+    baseline_speedup,
+    largest_lr_that_trains,
+    load_sweep,
+    over_training,
+    training_edges,
+)
 from bnlab.config import TrainConfig
 from bnlab.figures import FIGURES, norm_colours
 from bnlab.files import OutputError, write_json
@@ -101,6 +109,11 @@ def fake_run(
                 w.add_scalar("landscape/loss_variation", scale * (0.5 + rng.random()) / (1 + s / 200), s)
                 w.add_scalar("landscape/grad_predictiveness", scale * (2 + rng.random()), s)
                 w.add_scalar("landscape/beta_smoothness", scale * (10 + 5 * rng.random()), s)
+                loss = -math.log(curve(norm, lr, seed, s))
+                w.add_scalar("landscape/loss_min", loss, s)
+                w.add_scalar("landscape/loss_max", loss + scale * (0.5 + rng.random()), s)
+                w.add_scalar("landscape/grad_change_min", scale * rng.random(), s)
+                w.add_scalar("landscape/grad_change_max", scale * (2 + rng.random()), s)
                 if bn:
                     w.add_scalar("stat_drift/1.norm.running_mean", rng.random(), s)
         w.add_scalar("final/test_acc", accs[last], last)
@@ -234,6 +247,11 @@ def test_diagnostics_give_activation_ics_and_landscape_figures(tmp_path):
     assert embedded(text) == expected
     for name in expected:
         assert image_ok(tmp_path / name), name
+    # one number per group and measure under each figure; BN's landscape is the smoother in the made-up runs
+    assert "| group | layer 1 ‖G - G'‖ | layer 1 cos | layer 2 ‖G - G'‖ | layer 2 cos |" in text
+    smoothness = text[text.index("## Loss-landscape smoothness") :]
+    beta = {g: float(v) for g, v in re.findall(r"^\| (norm=\w+) \| [^|]+\| [^|]+\| ([\d.]+)±", smoothness, re.M)}
+    assert beta.keys() == {"norm=batch", "norm=none"} and beta["norm=batch"] < beta["norm=none"]
 
 
 def test_precise_bn_keys_give_the_mode_chart_and_runs_without_events_still_report(tmp_path):
@@ -304,3 +322,79 @@ def test_the_training_edge_states_its_margin_on_both_sides(tmp_path):
     worst = min(r.summary.final["test_acc"] for r in runs[:3])
     assert (edge.lr, edge.above) == (0.1, 1.0) and edge.margin == pytest.approx(worst - 0.9)
     assert edge.why == "1 of 3 ended below the cut (the worst by 0.0070)"
+
+
+def test_bars_of_groups_that_differ_in_another_key_are_shades_of_their_norms_colour(tmp_path):
+    for batch_size in (32, 64):
+        for seed in range(2):
+            fake_run(tmp_path, "batch", seed, batch_size=batch_size, precise=True, events=False)
+    sweep = load_sweep(tmp_path)
+    section = FIGURES["precise_bn.png"](sweep)
+    faces = [to_hex(h.get_facecolor()) for legend in section.figure.legends for h in legend.legend_handles]
+    assert len(faces) == 2 and len(set(faces)) == 2
+    assert faces[0] == to_hex(norm_colours(sweep)["batch"])  # the first in the norm's own colour, then lighter
+
+
+def test_an_ioffe_sweep_compares_norms_at_1_5_and_30_times_the_baselines_best_lr(tmp_path):
+    for lr in (0.01, 0.05, 0.1, 0.3):
+        for seed in range(3):
+            fake_run(tmp_path, "none", seed, lr, final_acc=0.97 if lr == 0.01 else 0.95)  # best: 0.01
+            fake_run(tmp_path, "batch", seed, lr)
+    sweep = load_sweep(tmp_path)
+    result = baseline_speedup(sweep)
+    assert result.baseline.lr == 0.01 and [(r.norm, r.lr) for r in result.rows] == [
+        ("batch", 0.01),
+        ("batch", 0.05),
+        ("batch", pytest.approx(0.3)),
+    ]
+    peaks = [max(curve("none", 0.01, seed, s) for s in range(0, 1001, 100)) for seed in range(3)]
+    assert result.target == pytest.approx(min(peaks))
+    for row in [result.baseline, *result.rows]:  # the first evaluation at or above the target, seed by seed
+        steps = [
+            next(s for s in range(0, 1001, 100) if curve(row.norm, row.lr, seed, s) >= min(peaks)) for seed in range(3)
+        ]
+        assert row.steps == (np.median(steps), min(steps), max(steps)) and row.never == 0
+    base = [next(s for s in range(0, 1001, 100) if curve("none", 0.01, seed, s) >= min(peaks)) for seed in range(3)]
+    x5 = [next(s for s in range(0, 1001, 100) if curve("batch", 0.05, seed, s) >= min(peaks)) for seed in range(3)]
+    ratios = [b / x for b, x in zip(base, x5)]
+    assert result.rows[1].speedup == (round(float(np.median(ratios)), 2), min(ratios), max(ratios))
+    assert result.rows[1].speedup[0] > 1  # BN at 5x the lr gets there sooner
+    text = write_report(tmp_path).read_text()
+    assert "speedup.png" in embedded(text) and image_ok(tmp_path / "speedup.png")
+    assert "| batch x5 | 0.05 |" in text and "BN-x5 2.1 | 14.8x |" in text and "| batch x30 | 0.3 |" in text
+
+
+def test_no_speedup_section_without_5_or_30_times_the_baselines_lr(lr_sweep):
+    assert baseline_speedup(load_sweep(lr_sweep)) is None
+
+
+def test_a_regression_lr_sweep_ranks_by_the_final_test_loss(tmp_path):
+    for norm in ("none", "batch"):
+        for lr in (0.003, 0.01):
+            for seed in range(2):
+                summary = fake_run(tmp_path, norm, seed, lr)
+                loss = (2.0 if norm == "none" else 0.8) + (lr - 0.003) * (10 if norm == "none" else -10) + seed / 100
+                run_dir = tmp_path / f"data.batch_size=60,norm={norm},optim.lr={lr},seed={seed}"
+                reached = [{"threshold": 2.5, "iterations": 500 if norm == "batch" else 1500}]
+                summary.update(final={"test_loss": loss, "train_loss": loss}, threshold_metric="test_loss")
+                write_json(run_dir / "summary.json", {**summary, "iterations_to_threshold": reached})
+    sweep = load_sweep(tmp_path)
+    assert sweep.final_metric == "test_loss"
+    text = write_report(tmp_path).read_text()
+    assert {"best_lr.png", "lr_sensitivity.png"} <= embedded(text)
+    assert "| group | best lr (test loss) | final test loss |" in text
+    # the lowest loss is the best: no BN at 0.003 (2.005), BN at 0.01 (0.735)
+    assert "| norm=none | 0.003* | 2.0050±0.0071 |" in text and "| norm=batch | 0.01* | 0.7350±0.0071 |" in text
+    assert "final test_loss ≤ 2.5 (the highest threshold)" in text
+
+
+def test_a_diagnostic_over_training_is_each_runs_median_then_mean_std_min_max_over_seeds(tmp_path):
+    runs = []
+    for seed, values in enumerate(([1.0, 2.0, 90.0], [2.0, 3.0, 4.0], [5.0, 6.0, 7.0])):  # medians 2, 3, 6
+        summary = Summary(status=Status.COMPLETED, config={"seed": seed}, threshold_metric="test_acc")
+        run = RunResult(tmp_path / str(seed), summary)
+        run.__dict__["scalars"] = {"ics/layer1/l2": (np.array([100, 200, 300]), np.array(values))}
+        runs.append(run)
+    group = Group("all runs", {}, runs)
+    assert over_training(group, "ics/layer1/l2") == pytest.approx((11 / 3, np.std([2, 3, 6], ddof=1), 2.0, 6.0))
+    assert over_training(group, "ics/layer2/l2") is None

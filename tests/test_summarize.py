@@ -203,10 +203,28 @@ def test_the_table_shows_every_final_metric_the_runs_recorded(tmp_path):
     assert "| 0.9600±0.0100 | 0.9100±0.0100 | 0.9700±0.0000 |" in md
 
 
+def test_a_regression_table_shows_the_final_test_loss_and_its_speed_ups(tmp_path):
+    runs = []
+    for norm, losses, reached in (("none", (2.0, 2.1), 3000), ("batch", (0.8, 0.7), 1000)):
+        for seed, loss in enumerate(losses):
+            r = run(norm, 0.01, seed, {"2.5": reached})
+            r.update(threshold_metric="test_loss", final={"test_loss": loss, "train_loss": loss})
+            # a per-norm setting the sweep set with the norm (ioffe_speedup's weight decay) leaves the twin a twin
+            r["config"]["optim"]["weight_decay"] = 0.0005 if norm == "none" else 0.0001
+            runs.append(r)
+    write_sweep(tmp_path, runs)
+    summarize(tmp_path, make_console())
+    md = (tmp_path / "summary.md").read_text()
+    assert "| iters to test_loss 2.5 | final test loss | steps/s |" in md and "final test acc" not in md
+    assert "| norm=batch, optim.weight_decay=0.0001 | 2 | 2/0/0 | 1000; 3.00x | 0.7500±0.0707 |" in md
+
+
 def test_threshold_defaults_belong_to_the_data_set():
     from helpers import compose_config
 
     assert compose_config(["data=mnist"]).threshold.values == [0.90, 0.95, 0.97]
     assert compose_config(["data=fashion_mnist"]).threshold.values == [0.80, 0.85, 0.88]
     assert compose_config(["data=cifar10"]).threshold.values == [0.50, 0.60, 0.70]
+    regression = compose_config(["data=linear_regression"]).threshold
+    assert (regression.metric, regression.values) == ("test_loss", [5.0, 2.5, 1.0])
     assert compose_config(["data=fashion_mnist", "threshold.values=[0.5]"]).threshold.values == [0.5]

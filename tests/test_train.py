@@ -7,6 +7,7 @@ from helpers import scalars
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bnlab.config import ConfigError
+from bnlab.data import load_data
 from bnlab.engine import autocast, batches, prepare_model
 from bnlab.models import build_model
 from bnlab.norms import BatchNorm
@@ -51,6 +52,37 @@ def test_summary_json_and_tensorboard_scalars(tiny_config, tmp_path):
     assert s["verdict/iters_to_test_acc_0.99"] == [(10, 10.0)] and s["verdict/reached_test_acc_0.99"] == [(10, 0.0)]
     assert s["verdict/final_test_acc"] == [(10, pytest.approx(summary.final["test_acc"]))]
     assert sorted({tag.split("/")[0] for tag in s}) == ["test", "train", "verdict"]  # the curves sort first
+
+
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_a_regression_run_records_losses_only_and_its_test_loss_is_the_mse(tiny_config, tmp_path, norm):
+    cfg = tiny_config(
+        "data=linear_regression",
+        "model=dln",
+        "data.num_train=64",
+        "data.num_test=32",
+        "data.batch_size=64",
+        f"norm={norm}",
+        "optim.lr=0.01",
+        "trainer.max_steps=40",
+        "trainer.eval_every=10",
+        "threshold.values=[100,1e-6]",
+    )
+    summary = train(cfg, tmp_path)
+    assert summary.status == "completed" and summary.threshold_metric == "test_loss"
+    assert set(summary.final) == {"train_loss", "test_loss"}
+    assert summary.iterations_to_threshold == {100.0: 0, 1e-6: None}
+    s = scalars(tmp_path)
+    assert not any(tag.endswith("acc") for tag in s)
+    losses = [v for _, v in s["test/loss"]]
+    assert [step for step, _ in s["test/loss"]] == [0, 10, 20, 30, 40] and losses[-1] < losses[0]
+    # the final test loss is the mean squared error of the trained model on the test set, by hand
+    data = load_data(cfg.data, torch.device("cpu"))
+    model = build_model(cfg, data.in_shape, data.num_classes)
+    model.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"])
+    with torch.no_grad():
+        mse = ((model.eval()(data.test_x) - data.test_y) ** 2).mean().item()
+    assert summary.final["test_loss"] == pytest.approx(mse, rel=1e-5)
 
 
 def sessions(run_dir) -> tuple:
