@@ -169,20 +169,21 @@ def member_scores(task: Task, outputs: Tensor, y: Tensor) -> tuple[Tensor, Tenso
 def examples_per_pass(model: nn.Module, x: Tensor, members: int = 1) -> int:
     """How many of x's examples one evaluation pass of `model` (of `members` fused members) takes: as many as
     keep the outputs of all its layers within EVAL_BYTES, or on a GPU within a quarter of its free memory."""
-    sizes = [x[:1].numel() * x.element_size() * members]
+    probe = x[:2]  # two examples: a norm over one value per group (group norm of width 1) refuses a single one
+    sizes = [probe.numel() * x.element_size() * members]
     layers = [m for m in model.modules() if next(m.children(), None) is None]
     hooks = [m.register_forward_hook(lambda m, i, out: sizes.append(out.numel() * out.element_size())) for m in layers]
     was_training = model.training
     try:
         with torch.no_grad():
             model.eval()
-            model(x[:1] if members == 1 else x[:1].expand(members, *x[:1].shape))
+            model(probe if members == 1 else probe.expand(members, *probe.shape))
     finally:
         model.train(was_training)
         for hook in hooks:
             hook.remove()
     budget = torch.cuda.mem_get_info(x.device)[0] // 4 if x.device.type == "cuda" else EVAL_BYTES
-    return max(1, budget // sum(sizes))
+    return max(1, budget * len(probe) // sum(sizes))
 
 
 @torch.no_grad()

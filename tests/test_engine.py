@@ -82,15 +82,15 @@ def mnist_mlp(tiny_config):
 
 
 def passes(model: torch.nn.Module, run, members: int = 1) -> int:
-    """How many forward passes of `model` over more than one example run() makes (examples_per_pass probes
-    the model with one)."""
+    """How many forward passes of `model` over more than two examples run() makes (examples_per_pass probes
+    the model with two)."""
     sizes = []
     hook = model.register_forward_hook(lambda m, inputs, out: sizes.append(inputs[0].shape[members > 1]))
     try:
         run()
     finally:
         hook.remove()
-    return sum(size > 1 for size in sizes)
+    return sum(size > 2 for size in sizes)
 
 
 def test_the_mlp_evaluates_the_mnist_test_set_in_one_pass(tiny_config):
@@ -98,6 +98,14 @@ def test_the_mlp_evaluates_the_mnist_test_set_in_one_pass(tiny_config):
     model = build_model(cfg, (1, 28, 28), 10)
     assert examples_per_pass(model, x) >= len(x)
     assert passes(model, lambda: evaluate(model, x, torch.zeros(len(x), dtype=torch.long))) == 1
+
+
+def test_a_norm_over_single_values_is_probed_with_the_two_examples_it_needs(tiny_config):
+    cfg = tiny_config("model=mlp", "model.widths=[1]", "norm=group", "norm.groups=1")  # one value per group
+    model = build_model(cfg, (1, 28, 28), 10)
+    x = torch.zeros(100, 1, 28, 28)
+    assert examples_per_pass(model, x) >= len(x)
+    assert evaluate(model, x, torch.zeros(len(x), dtype=torch.long)).shape == (1, 2)
 
 
 def test_a_fused_group_evaluates_every_member_in_each_pass(tiny_config):
