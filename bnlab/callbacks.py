@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from rich.console import Console
 
 from bnlab import provenance
-from bnlab.config import BOOKKEEPING_KEYS, ConfigError, check_targets, flatten, validate
+from bnlab.config import BOOKKEEPING_KEYS, ConfigError, check_targets, flatten, fuse_mode, validate
 from bnlab.console import make_console, shell_path
 from bnlab.dashboard import write_dashboard
 from bnlab.data import DataError
@@ -62,9 +62,10 @@ class Preflight(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
             return  # another sweeper draws its jobs as it goes: each is validated when it starts
-        if config.trainer.fuse and config.hydra.launcher.get("_target_") != FUSING_LAUNCHER:
+        if fuse_mode(config.trainer) == "true" and config.hydra.launcher.get("_target_") != FUSING_LAUNCHER:
             log.warning("trainer.fuse=true fuses runs only with hydra/launcher=bnlab (the default): these run alone")
         loader = GlobalHydra.instance().config_loader()
+        compose_each_job_once(loader, config)
         overrides = sweep_jobs(config)
         name_runs_by_what_varies(config, overrides)
         jobs = [loader.load_sweep_config(config, job) for job in overrides]
@@ -85,6 +86,26 @@ class Preflight(Callback):
                     _check_resume(Path(config.hydra.sweep.dir) / str(job.hydra.sweep.subdir), job)
         except (ConfigError, DataError) as e:
             refuse(e)
+
+
+def compose_each_job_once(loader: Any, config: DictConfig) -> None:
+    """Every job's config is loaded three times (here, by Hydra's sweeper to check it, by the launcher to run
+    it), and Hydra composes it anew each time (a tenth of a second or more a job): have `loader` compose each
+    job of this sweep (`config`) once and hand the same config to the later loads (the launcher's, which
+    sets the job's number, is the last)."""
+    compose = type(loader).load_sweep_config.__get__(loader)
+    composed: dict[tuple[str, ...], DictConfig] = {}
+
+    def load_sweep_config(master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        if master_config is not config:
+            return compose(master_config, sweep_overrides)
+        key = tuple(sweep_overrides)
+        if key not in composed:
+            composed[key] = compose(master_config, list(sweep_overrides))
+        OmegaConf.copy_cache(master_config, composed[key])  # as Hydra does: what was resolved since (the folder)
+        return composed[key]
+
+    loader.load_sweep_config = load_sweep_config
 
 
 def sweep_jobs(config: DictConfig) -> list[list[str]]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, TypeVar, get_type_hints
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -25,6 +25,27 @@ from bnlab.norms import NORMS, create_norm
 from bnlab.optim import OPTIMIZERS, SCHEDULES
 from bnlab.targets import locate
 
+# What a key is to a sweep, in its field's metadata; every other key must be equal in a fused group:
+MEMBER = {"fuse": "member"}  # each member of a fused group (bnlab/fused.py) trains with its own value
+BOOKKEEPING = {"fuse": "bookkeeping"}  # leaves the trajectory alone: names no run folder or sweep group
+
+
+def _marked(default: Any, marker: dict[str, str]) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=marker)
+    return field(default=default, metadata=marker)
+
+
+def member(default: Any) -> Any:
+    """The field of a key that each member of a fused group may set to its own value: one its stacked
+    form takes per member, leaving the computation's shape alone (tests/test_fused.py checks each one)."""
+    return _marked(default, MEMBER)
+
+
+def bookkeeping(default: Any) -> Any:
+    """The field of a key that leaves a run's trajectory alone (where the data lives, threads, ...)."""
+    return _marked(default, BOOKKEEPING)
+
 
 @dataclass
 class ModelConfig:
@@ -34,8 +55,8 @@ class ModelConfig:
     )  # mlp: units per hidden layer; cnn, resnet: channels per stage
     blocks: int = 1  # resnet: basic residual blocks per stage
     activation: str = "relu"  # relu | sigmoid | tanh | gelu | identity (no nonlinearity: a deep linear network)
-    init: str = "default"  # default: PyTorch's; normal: weights ~ N(0, init_std); glorot: Glorot uniform; biases 0
-    init_std: float = 0.05  # standard deviation of the normal init (BRIEF: 0.05 good, 5 bad)
+    init: str = member("default")  # default: PyTorch's; normal: N(0, init_std) weights; glorot: Glorot; biases 0
+    init_std: float = member(0.05)  # standard deviation of the normal init (BRIEF: 0.05 good, 5 bad)
     bias: str = "auto"  # auto: drop the bias of a layer that a norm follows | true | false
     residual_init: str = "default"  # resnet: default | skipinit (scalar 0 on each residual branch) | fixup
     weight_standardization: bool = False  # every layer but the classifier scaled-standardized (Brock et al.)
@@ -47,16 +68,16 @@ class ModelConfig:
 class NormConfig:
     name: str = "batch"  # a key of bnlab.norms.NORMS (custom: the user's own, norm.target)
     placement: str = "before_act"  # before_act: layer -> norm -> act; after_act: layer -> act -> norm
-    eps: float = 1e-5  # added to the variance before the square root
-    momentum: float = 0.1  # running statistics: run = (1 - momentum) * run + momentum * batch
+    eps: float = member(1e-5)  # added to the variance before the square root
+    momentum: float = member(0.1)  # running statistics: run = (1 - momentum) * run + momentum * batch
     affine: bool = True  # learn a per-channel scale gamma and shift beta
-    groups: int = 4  # group: channel groups (must divide every layer's channel count)
-    virtual_batch_size: int = 16  # ghost_batch: examples per virtual batch
-    r_max: float = 3.0  # batch_renorm: final clip of r = sigma_B / sigma
-    d_max: float = 5.0  # batch_renorm: final clip of d = (mu_B - mu) / sigma
-    renorm_warmup: int = 5000  # batch_renorm: steps of plain BN (r_max = 1, d_max = 0)
-    r_max_steps: int = 40000  # batch_renorm: step at which r_max is reached (linear ramp after warm-up)
-    d_max_steps: int = 25000  # batch_renorm: step at which d_max is reached (linear ramp after warm-up)
+    groups: int = member(4)  # group: channel groups (must divide every layer's channel count)
+    virtual_batch_size: int = member(16)  # ghost_batch: examples per virtual batch
+    r_max: float = member(3.0)  # batch_renorm: final clip of r = sigma_B / sigma
+    d_max: float = member(5.0)  # batch_renorm: final clip of d = (mu_B - mu) / sigma
+    renorm_warmup: int = member(5000)  # batch_renorm: steps of plain BN (r_max = 1, d_max = 0)
+    r_max_steps: int = member(40000)  # batch_renorm: step at which r_max is reached (linear ramp after warm-up)
+    d_max_steps: int = member(25000)  # batch_renorm: step at which d_max is reached (linear ramp after warm-up)
     target: str = ""  # custom: import path of a class or function called as target(channels, **kwargs)
     kwargs: Any = None  # custom: keyword arguments of norm.target (a dict)
 
@@ -64,9 +85,9 @@ class NormConfig:
 @dataclass
 class DataConfig:
     name: str = "mnist"  # mnist | fashion_mnist | cifar10 | synthetic | linear_regression | custom
-    root: str = "${oc.env:BNLAB_DATA,'~/.cache/bnlab/data'}"  # torchvision's on-disk layout below it
+    root: str = bookkeeping("${oc.env:BNLAB_DATA,'~/.cache/bnlab/data'}")  # torchvision's on-disk layout below it
     batch_size: int = 60  # examples per training step
-    download: bool = True  # fetch missing files on first use
+    download: bool = bookkeeping(True)  # fetch missing files on first use
     normalize: bool = False  # standardize inputs per channel with train-set statistics (off: pixels in [0, 1])
     num_train: int = 2048  # synthetic, linear_regression: training examples
     num_test: int = 512  # synthetic, linear_regression: test examples
@@ -82,14 +103,16 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"  # sgd | adam
-    lr: float = 0.01  # learning rate per step
-    momentum: float = 0.0  # sgd: heavy-ball momentum (0 = plain SGD)
-    weight_decay: float = 0.0  # L2 penalty coefficient
-    agc: float = 0.0  # > 0: adaptive gradient clipping at this lambda, e.g. 0.01 (Brock et al.; not the classifier)
-    schedule: str = "none"  # none | step | cosine: how the lr falls after the warm-up (bnlab.optim.lr_factor)
-    warmup_steps: int = 0  # steps: the lr rises linearly from lr / warmup_steps to lr over this many steps
-    decay_every: int = 1000  # step schedule: steps between two decays of the lr
-    decay_factor: float = 0.1  # step schedule: the lr is multiplied by this (a fraction) at each decay
+    lr: float = member(0.01)  # learning rate per step
+    momentum: float = member(0.0)  # sgd: heavy-ball momentum (0 = plain SGD)
+    weight_decay: float = member(0.0)  # L2 penalty coefficient
+    betas: list[float] = member([0.9, 0.999])  # adam: moving-average decays
+    eps: float = member(1e-8)  # adam: added to the root of the second moment
+    agc: float = member(0.0)  # > 0: adaptive gradient clipping at this lambda, e.g. 0.01 (Brock et al.; not the head)
+    schedule: str = member("none")  # none | step | cosine: how the lr falls after the warm-up (bnlab.optim.lr_factor)
+    warmup_steps: int = member(0)  # steps: the lr rises linearly from lr / warmup_steps to lr over this many steps
+    decay_every: int = member(1000)  # step schedule: steps between two decays of the lr
+    decay_factor: float = member(0.1)  # step schedule: the lr is multiplied by this (a fraction) at each decay
 
 
 @dataclass
@@ -97,17 +120,20 @@ class TrainerConfig:
     max_steps: int = 3000  # optimizer steps (iterations)
     eval_every: int = 100  # steps between test evaluations (the resolution of iterations-to-threshold)
     device: str = "auto"  # auto | cpu | cuda | mps
-    threads: int = 0  # torch CPU threads; 0: the machine's cores, shared out among a sweep's parallel jobs
-    resume: bool = False  # skip a run whose summary.json says completed; continue one from its checkpoint
+    threads: int = bookkeeping(0)  # torch CPU threads; 0: the machine's cores, shared out among a sweep's parallel jobs
+    resume: bool = bookkeeping(False)  # skip a run whose summary.json says completed; continue one from its checkpoint
     checkpoint_every: int = 500  # steps between checkpoints (0: only at the end of a run)
-    stop_loss: float = 0.0  # > 0: end the run as diverged once the training loss stays above this ...
-    stop_patience: int = 100  # ... for this many consecutive steps
+    stop_loss: float = member(0.0)  # > 0: end the run as diverged once the training loss stays above this ...
+    stop_patience: int = member(100)  # ... for this many consecutive steps
     deterministic: bool = False  # GPU: deterministic kernels only (slower); CPU runs are deterministic anyway
-    precise_bn: int = 0  # > 0: after training, also test in train mode and after precise BN over this many batches
+    precise_bn: int = member(0)  # > 0: after training, also test in train mode and after precise BN over N batches
     log_every: int = (
         10  # steps between reads of the training loss and accuracy from the device (TensorBoard gets their mean)
     )
-    fuse: bool = False  # in a sweep: train runs that differ only in seed, lr, weight decay as one stacked model
+    # In a sweep (hydra/launcher=bnlab): train the runs that differ only in keys marked MEMBER below as one stacked
+    # model (bnlab/fused.py). true: fuse, warning of groups that cannot be; auto: fuse where that is exact and run
+    # the rest alone, one console line saying which; false: every run alone.
+    fuse: bool | str = bookkeeping(False)
     precision: str = "fp32"  # fp32 | bf16 (autocast, norm layers in fp32) | fp64 (exactness checks)
     channels_last: bool = False  # conv models: NHWC feature maps (faster convolutions on GPUs with tensor cores)
     compile: bool = False  # torch.compile the model (its first steps compile; CPU needs a C++ compiler)
@@ -115,13 +141,13 @@ class TrainerConfig:
     # takes an equal share of every batch of data.batch_size (README "Several GPUs or processes").
     devices: int = 1
     sync_buffers: str = "broadcast"  # devices > 1: running statistics after each step: broadcast (rank 0's) | average
-    timeout_s: float = 300.0  # devices > 1: seconds a process waits for the others before the run fails
+    timeout_s: float = bookkeeping(300.0)  # devices > 1: seconds a process waits for the others before the run fails
 
 
 @dataclass
 class ThresholdConfig:
-    metric: str = "test_acc"  # test_acc | train_acc | test_loss | train_loss
-    values: list[float] = field(default_factory=lambda: [0.90, 0.95, 0.97])  # acc: reach >= value; loss: reach <= value
+    metric: str = member("test_acc")  # test_acc | train_acc | test_loss | train_loss
+    values: list[float] = member([0.90, 0.95, 0.97])  # acc: reach >= value; loss: reach <= value
 
 
 @dataclass
@@ -155,7 +181,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     diag: DiagConfig = field(default_factory=DiagConfig)
-    seed: int = 0  # seeds the weights and the batch order
+    seed: int = member(0)  # seeds the weights and the batch order
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -172,22 +198,27 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
-# Keys that leave a run's trajectory alone (where the data lives, threads, the resume and fuse switches):
-# they name no run directory, no sweep group and no reason not to fuse.
-BOOKKEEPING_KEYS = (
-    "data.root",
-    "data.download",
-    "trainer.threads",
-    "trainer.resume",
-    "trainer.fuse",
-    "trainer.timeout_s",
-)
+def keys_marked(marker: dict[str, str], node: type = TrainConfig, prefix: str = "") -> tuple[str, ...]:
+    """The dotted keys whose fields carry `marker` (MEMBER or BOOKKEEPING) in their metadata."""
+    keys: list[str] = []
+    types = get_type_hints(node)
+    for f in fields(node):
+        if is_dataclass(types[f.name]):
+            keys.extend(keys_marked(marker, types[f.name], f"{prefix}{f.name}."))
+        elif all(f.metadata.get(k) == v for k, v in marker.items()):
+            keys.append(f"{prefix}{f.name}")
+    return tuple(keys)
+
+
+BOOKKEEPING_KEYS = keys_marked(BOOKKEEPING)  # the data's location, threads, the resume and fuse switches, ...
+MEMBER_KEYS = keys_marked(MEMBER)  # seed, lr, init, norm and optimizer constants, thresholds, ...
 
 
 # Resolvers for conf/: a run directory is named by its overrides (`norm=batch,optim.lr=0.1`, or `default`),
 # the bookkeeping keys left out (${bnlab.bookkeeping:} in train.yaml); presets scale with the batch size:
 # ${bnlab.div:60000,${data.batch_size}} steps is one MNIST epoch,
 # ${bnlab.scale:0.05,${data.batch_size},32} is lr 0.05 at batch 32, linearly scaled (Goyal et al. 2017);
+# ${bnlab.part:N,10} is a tenth of N steps, at least 1 (presets made small: scripts/bench_suite.py).
 # ${bnlab.if_none:${norm.name},A,B} is A without a norm and B with one (a preset's per-norm training changes).
 def run_name(overrides: str, limit: int = 200) -> str:
     """A run directory's name: its overrides, `default` when none, cut to `limit` characters with a hash of
@@ -201,6 +232,7 @@ OmegaConf.register_new_resolver("bnlab.run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("bnlab.bookkeeping", lambda: list(BOOKKEEPING_KEYS), replace=True)
 OmegaConf.register_new_resolver("bnlab.div", lambda a, b: int(a) // int(b), replace=True)
 OmegaConf.register_new_resolver("bnlab.scale", lambda x, b, ref: float(x) * float(b) / float(ref), replace=True)
+OmegaConf.register_new_resolver("bnlab.part", lambda n, d: max(1, int(n) // int(d)), replace=True)
 OmegaConf.register_new_resolver(
     "bnlab.if_none", lambda norm, plain, normed: plain if norm == "none" else normed, replace=True
 )
@@ -211,6 +243,12 @@ PLACEMENTS = ("before_act", "after_act")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp64")
 SYNC_BUFFERS = ("broadcast", "average")
+FUSE_CHOICES = ("false", "true", "auto")
+
+
+def fuse_mode(t: TrainerConfig) -> str:
+    """trainer.fuse as one of FUSE_CHOICES (the command line gives true and false as booleans)."""
+    return str(t.fuse).lower()
 
 
 class ConfigError(ValueError):
@@ -295,6 +333,9 @@ def validate(cfg: TrainConfig) -> None:
     _require(o.lr > 0, "optim.lr", o.lr, "a number > 0")
     _require(o.momentum >= 0, "optim.momentum", o.momentum, "a number >= 0")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+    betas_ok = len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas)
+    _require(betas_ok, "optim.betas", list(o.betas), "two numbers in [0, 1), e.g. optim.betas=[0.9,0.999]")
+    _require(o.eps > 0, "optim.eps", o.eps, "a number > 0")
     _require(o.agc >= 0, "optim.agc", o.agc, "a number >= 0 (0: off; Brock et al. use 0.01 to 0.16)")
     check_choice("optim.schedule", o.schedule, SCHEDULES)
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "an integer >= 0 (steps)")
@@ -311,13 +352,14 @@ def validate(cfg: TrainConfig) -> None:
     _require(t.precise_bn >= 0, "trainer.precise_bn", t.precise_bn, "an integer >= 0 (0: off)")
     _require(t.log_every > 0, "trainer.log_every", t.log_every, "an integer > 0")
     check_choice("trainer.precision", t.precision, PRECISIONS)
+    check_choice("trainer.fuse", fuse_mode(t), FUSE_CHOICES)
     check_choice("trainer.sync_buffers", t.sync_buffers, SYNC_BUFFERS)
     _require(t.timeout_s > 0, "trainer.timeout_s", t.timeout_s, "a number of seconds > 0")
     if t.devices > 1:
         alone = (
             f"false (a run over trainer.devices={t.devices} processes trains alone; fused runs need trainer.devices=1)"
         )
-        _require(not t.fuse, "trainer.fuse", t.fuse, alone)
+        _require(fuse_mode(t) != "true", "trainer.fuse", t.fuse, alone + " or auto")
         for switch in cfg.diag.switched_on():
             accepted = f"false with trainer.devices={t.devices} (the diagnostics run in single-process runs only)"
             _require(False, f"diag.{switch}", True, accepted)

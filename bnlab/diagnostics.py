@@ -278,14 +278,13 @@ class DiagnosticLog:
     `ics/layer{i}/l2|cos`, `landscape/<metric>`, `grad_norm/layer{i}` and `stat_drift/<buffer>`.
 
     The trainer calls `before_step` after backward and `after_step` after the optimizer step, on the
-    steps where `due` says so.
+    steps where `due` says so. `model` is the run's model; a fused group's engine (bnlab.fused) gives each
+    member's log a copy of that member's model at each call (with its gradients where `needs_gradients`).
+    `lr` tells the run's learning rate now.
     """
 
-    def __init__(
-        self, cfg, model: nn.Module, writer, probe: Tensor, optimizer: torch.optim.Optimizer, task: Task
-    ) -> None:
-        self.cfg, self.model, self.writer, self.probe, self.optimizer = cfg, model, writer, probe, optimizer
-        self.task = task
+    def __init__(self, cfg, model: nn.Module, writer, probe: Tensor, lr: Callable[[], float], task: Task) -> None:
+        self.cfg, self.model, self.writer, self.probe, self.lr, self.task = cfg, model, writer, probe, lr, task
         depth = len(units(model))
         if cfg.percentiles and any(not -depth <= i < depth for i in cfg.layers):
             raise ConfigError(
@@ -293,6 +292,7 @@ class DiagnosticLog:
                 f"{depth} hidden layers, -{depth} to {depth - 1}."
             )
         self.on = bool(cfg.switched_on())
+        self.needs_gradients = cfg.landscape or cfg.grad_norms or cfg.ics  # before_step has work to do
         self.stats = running_stats(model) if cfg.stat_drift else {}
         self.before: dict[str, Tensor] = {}
 
@@ -306,9 +306,9 @@ class DiagnosticLog:
     def before_step(self, step: int, x: Tensor, y: Tensor) -> None:
         """At the step's weights, with its gradients: landscape along them, gradient norms, a snapshot for ICS."""
         if self.cfg.landscape:
-            lr, c = self.optimizer.param_groups[0]["lr"], self.cfg
+            c = self.cfg
             steps = tuple(c.landscape_steps)
-            self._log("landscape", landscape(self.model, x, y, lr, c.landscape_points, steps, self.task), step)
+            self._log("landscape", landscape(self.model, x, y, self.lr(), c.landscape_points, steps, self.task), step)
         if self.cfg.grad_norms:
             self._log("grad_norm", grad_norms(self.model), step)
         if self.cfg.ics:

@@ -11,9 +11,13 @@ decides when to synchronise with the device. An engine's `Group` is the processe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import Any, Protocol
 
 import torch
@@ -27,7 +31,9 @@ from bnlab.optim import build_optimizer, current_lrs, schedule_lr
 
 log = logging.getLogger(__name__)
 
-EVAL_CHUNK = 500  # examples per forward pass during evaluation (a CNN's activations then stay in the CPU cache)
+# What the layer outputs of one evaluation pass may take: the MLP's whole MNIST test set, about 500 examples of
+# the CNN (whose activations then stay in the CPU's caches, faster than larger passes there).
+EVAL_BYTES = 128 * 2**20
 
 
 # ---------------------------------------------------------------- the device and the data
@@ -58,7 +64,8 @@ def resolve_device(name: str, devices: int = 1, rank: int = 0) -> torch.device:
 
 def prepare(cfg: TrainConfig, rank: int = 0) -> tuple[torch.device, Dataset]:
     """The process set up as trainer.* asks (threads, deterministic kernels), the device (of process `rank`
-    in a distributed run), and the whole dataset on it in the precision and memory format the run trains in."""
+    in a distributed run), and the whole dataset on it in the precision and memory format the run trains in
+    (`shared_data`)."""
     t = cfg.trainer
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -67,17 +74,45 @@ def prepare(cfg: TrainConfig, rank: int = 0) -> tuple[torch.device, Dataset]:
     if t.threads:
         torch.set_num_threads(t.threads)
     device = resolve_device(t.device, t.devices, rank)
-    data = load_data(cfg.data, device)
+    data = shared_data(cfg, device)
     if cfg.data.batch_size > len(data.train_y):
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} is not accepted; accepted values: at most the "
             f"{len(data.train_y)} training examples of data={cfg.data.name}."
         )
-    for name in ("train_x", "test_x"):
-        x = getattr(data, name)
-        x = x.double() if t.precision == "fp64" else x
-        setattr(data, name, x.contiguous(memory_format=torch.channels_last) if t.channels_last else x)
     return device, data
+
+
+_DATASETS: OrderedDict[tuple, Dataset] = OrderedDict()  # this process's datasets as runs train on them, newest last
+KEEP_DATASETS = 2  # how many of them a process keeps for its next jobs (MNIST in float32: 0.2 GB)
+
+
+def shared_data(cfg: TrainConfig, device: torch.device) -> Dataset:
+    """The dataset as the run trains on it (on `device`, in trainer.precision's dtype and trainer.channels_last's
+    memory format), loaded once per process: every later job of a sweep that asks for the same data gets the
+    same tensors, in a Dataset object of its own. They are inference tensors: torch raises an error at any
+    in-place change to them, and a job that ends with an error has its process `forget_shared_data`, so no
+    job sees what another one did to them."""
+    data_keys = {k: v for k, v in asdict(cfg.data).items() if k not in ("batch_size", "download")}
+    key = (json.dumps(data_keys, sort_keys=True), str(device), cfg.trainer.precision, cfg.trainer.channels_last)
+    if key in _DATASETS:
+        _DATASETS.move_to_end(key)
+    else:
+        with torch.inference_mode():
+            data = load_data(cfg.data, device)
+            for name in ("train_x", "test_x"):
+                x = getattr(data, name)
+                x = x.double() if cfg.trainer.precision == "fp64" else x
+                setattr(data, name, x.contiguous(memory_format=torch.channels_last) if cfg.trainer.channels_last else x)
+        _DATASETS[key] = data
+        while len(_DATASETS) > KEEP_DATASETS:
+            _DATASETS.popitem(last=False)
+    return dataclasses.replace(_DATASETS[key])
+
+
+def forget_shared_data() -> None:
+    """Drop the datasets this process keeps: the next job loads its own again."""
+    _DATASETS.clear()
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -131,6 +166,26 @@ def member_scores(task: Task, outputs: Tensor, y: Tensor) -> tuple[Tensor, Tenso
     return losses, task.correct(flat_out, flat_y).view(n, b).sum(1)
 
 
+def examples_per_pass(model: nn.Module, x: Tensor, members: int = 1) -> int:
+    """How many of x's examples one evaluation pass of `model` (of `members` fused members) takes: as many as
+    keep the outputs of all its layers within EVAL_BYTES, or on a GPU within a quarter of its free memory."""
+    probe = x[:2]  # two examples: a norm over one value per group (group norm of width 1) refuses a single one
+    sizes = [probe.numel() * x.element_size() * members]
+    layers = [m for m in model.modules() if next(m.children(), None) is None]
+    hooks = [m.register_forward_hook(lambda m, i, out: sizes.append(out.numel() * out.element_size())) for m in layers]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(probe if members == 1 else probe.expand(members, *probe.shape))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    budget = torch.cuda.mem_get_info(x.device)[0] // 4 if x.device.type == "cuda" else EVAL_BYTES
+    return max(1, budget * len(probe) // sum(sizes))
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -138,29 +193,28 @@ def evaluate(
     y: Tensor,
     task: Task = TASKS["classification"],
     members: int = 1,
-    chunk: int = EVAL_CHUNK,
+    chunk: int | None = None,
     train_mode: bool = False,
-) -> list[tuple[float, float]]:
-    """Per member, the mean loss and the accuracy (0 where the task has none) over (x, y), `chunk`
-    examples at a time (split among the members), in eval mode (running statistics) or, with
-    `train_mode`, in train mode (each chunk's own batch statistics, which also moves the running
-    statistics); the mode is restored after.
+) -> Tensor:
+    """Per member, the mean loss and the accuracy (0 where the task has none) over (x, y) as a (members, 2)
+    tensor on the device, unread: `chunk` examples per member at a time (None: `examples_per_pass`), every
+    member in each pass, in eval mode (running statistics) or, with `train_mode`, in train mode (each chunk's
+    own batch statistics, which also moves the running statistics); the mode is restored after.
 
     An ordinary model (members = 1) takes the examples (B, ...); a fused model of N members takes them
     once per member, (N, B, ...), and returns (N, B, outputs)."""
+    size = chunk or examples_per_pass(model, x, members)
     was_training = model.training
     model.train(train_mode)
-    loss_sum = torch.zeros(members, device=x.device, dtype=x.dtype)
-    correct = torch.zeros(members, device=x.device)
-    size = max(1, chunk // members)
+    sums = torch.zeros(members, 2, device=x.device, dtype=torch.float64)  # loss, correct
     for start in range(0, len(x), size):
         xc, yc = x[start : start + size], y[start : start + size]
         outputs = model(xc if members == 1 else xc.expand(members, *xc.shape)).view(members, len(yc), -1)
         losses, right = member_scores(task, outputs, yc.expand(members, *yc.shape))
-        loss_sum += losses * len(yc)
-        correct += right
+        sums[:, 0] += losses * len(yc)
+        sums[:, 1] += right
     model.train(was_training)
-    return [(loss / len(x), acc / len(x)) for loss, acc in zip(loss_sum.tolist(), correct.tolist())]
+    return sums / len(x)
 
 
 class Group:
@@ -194,23 +248,24 @@ def evaluate_shared(
     x: Tensor,
     y: Tensor,
     task: Task = TASKS["classification"],
-    chunk: int = EVAL_CHUNK,
+    chunk: int | None = None,
     train_mode: bool = False,
-) -> tuple[float, float]:
-    """`evaluate` of an ordinary model over (x, y) by the processes of `group`: each takes its share of every
-    chunk, as of a training batch, and the sums are reduced, so every process gets the whole set's loss
-    and accuracy. In train mode a final chunk with fewer examples than processes is left out (some
-    process would have none, and a synchronized norm needs every process in every forward pass)."""
+) -> Tensor:
+    """`evaluate` of an ordinary model over (x, y) by the processes of `group`, as a (1, 2) tensor: each
+    takes its share of every chunk, as of a training batch, and the sums are reduced, so every process gets
+    the whole set's loss and accuracy. In train mode a final chunk with fewer examples than processes is
+    left out (some process would have none, and a synchronized norm needs every process in every pass)."""
     if group.size == 1:
-        return evaluate(model, x, y, task, chunk=chunk, train_mode=train_mode)[0]
+        return evaluate(model, x, y, task, chunk=chunk, train_mode=train_mode)
+    chunk = chunk or examples_per_pass(model, x)
     chunks = torch.arange(len(x), device=x.device).split(chunk)
     if train_mode and len(chunks[-1]) < group.size:
         chunks = chunks[:-1]
     idx = torch.cat([group.share(c) for c in chunks])
-    ((loss, acc),) = evaluate(model, x[idx], y[idx], task, chunk=-(-chunk // group.size), train_mode=train_mode)
-    totals = group.sum(torch.tensor([loss * len(idx), acc * len(idx), len(idx)], dtype=torch.float64, device=x.device))
-    loss_sum, correct, count = totals.tolist()
-    return loss_sum / count, correct / count
+    mean = evaluate(model, x[idx], y[idx], task, chunk=-(-chunk // group.size), train_mode=train_mode)[0]
+    count = torch.tensor([len(idx)], dtype=torch.float64, device=x.device)
+    totals = group.sum(torch.cat([mean * len(idx), count]))
+    return (totals[:2] / totals[2]).view(1, 2)
 
 
 # ---------------------------------------------------------------- engines
@@ -226,8 +281,8 @@ class Engine(Protocol):
     def step(self, step: int) -> tuple[Tensor, Tensor]:
         """Train one step; each member's loss and count of correct predictions (N,), on the device, unread."""
 
-    def evaluate(self) -> list[tuple[float, float]]:
-        """Each member's (test loss, test accuracy)."""
+    def evaluate(self) -> Tensor:
+        """Each member's test loss and test accuracy (members, 2), on the device, unread."""
 
     def lrs(self) -> list[float]:
         """Each member's learning rate in the last step (optim.schedule applied)."""
@@ -253,7 +308,7 @@ class Single:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.order = batches(len(data.train_y), cfg.data.batch_size, generator)
         probe = data.test_x[: cfg.diag.probe]
-        self.diagnostics = DiagnosticLog(cfg.diag, self.model, writer, probe, self.optimizer, data.task)
+        self.diagnostics = DiagnosticLog(cfg.diag, self.model, writer, probe, lambda: self.lrs()[0], data.task)
         parameters = sum(p.numel() for p in self.model.parameters())
         log.info("%s: %s, %d parameters, %d training examples", cfg.model.name, device, parameters, len(data.train_y))
         if checkpoint:
@@ -263,13 +318,13 @@ class Single:
 
     def step(self, step: int) -> tuple[Tensor, Tensor]:
         idx = self.group.share(next(self.order))
-        x, y = self.data.train_x[idx], self.data.train_y[idx]
+        x, y = self.data.train_x.index_select(0, idx), self.data.train_y.index_select(0, idx)  # faster than x[idx]
         with autocast(self.cfg.trainer, self.device):
             losses, right = member_scores(self.data.task, self.net(x).unsqueeze(0), y.unsqueeze(0))
             loss, correct = losses[0], right[0]  # one member: scalars, as a Replica sums them over processes
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        schedule_lr(self.optimizer, self.cfg.optim, step, self.cfg.trainer.max_steps)
+        schedule_lr(self.optimizer, [self.cfg.optim], step, self.cfg.trainer.max_steps)
         due = self.diagnostics.due(step)
         if due:  # at the step's weights and gradients, before the update
             self.diagnostics.before_step(step, x, y)
@@ -283,9 +338,9 @@ class Single:
         Replica's summed over the processes, once their running statistics are made equal)."""
         return loss.float().view(1), correct.view(1)
 
-    def evaluate(self) -> list[tuple[float, float]]:
+    def evaluate(self) -> Tensor:
         with autocast(self.cfg.trainer, self.device):
-            return [evaluate_shared(self.group, self.model, self.data.test_x, self.data.test_y, self.data.task)]
+            return evaluate_shared(self.group, self.model, self.data.test_x, self.data.test_y, self.data.task)
 
     def lrs(self) -> list[float]:
         return current_lrs(self.optimizer)

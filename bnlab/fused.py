@@ -1,46 +1,43 @@
-"""Fused training: N runs that differ only in seed, learning rate and weight decay (`can_fuse`) trained as
-one stacked model, each member following its separate run to float rounding. `FusedModel` walks an
-ordinary model and swaps each layer for its stacked counterpart on activations laid out as
-bnlab.stacking describes: a Linear becomes a batched matmul, a Conv2d a grouped conv, and a norm
-whatever its registry entry says (the same norm over N*C channels, so no statistic crosses members).
-Every stacked tensor is the members' tensors concatenated along dim 0, which `member_state_dict`
-splits back. The optimizer is the registry's stacked form (one lr and weight decay per member), the
-loss is the sum of the members' mean losses, and `Fused` is the engine that bnlab.train's loop drives
-for a fused group (bnlab.launcher forms the groups of a sweep)."""
+"""Fused training: N runs that differ only in keys marked MEMBER in bnlab/config.py (seed, lr, init, norm
+and optimizer constants, thresholds, ...; `can_fuse`) trained as one stacked model, each member following
+its separate run to float rounding. `FusedModel` walks the members' ordinary models and swaps each layer
+for its stacked counterpart on activations laid out as bnlab.stacking describes: a Linear becomes a
+batched matmul, a Conv2d a grouped conv, and a norm whatever its registry entry says (the same norm
+over N*C channels, so no statistic crosses members), or, where the members' norm settings differ,
+each member's own layer on its channels. Every stacked tensor is the members' tensors concatenated
+along dim 0, which `member_state_dict` splits back. The optimizer is the registry's stacked form (each
+member's optim.* values), the loss is the sum of the members' mean losses, and `Fused` is the engine
+that bnlab.train's loop drives for a fused group (bnlab.launcher forms the groups of a sweep); each
+member's diagnostics run on a copy of its model, as an ordinary model."""
 
 from __future__ import annotations
 
 import copy
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from bnlab.baselines import Scalar, WSConv2d, WSLinear, standardize
-from bnlab.config import BOOKKEEPING_KEYS, ConfigError, TrainConfig, flatten
+from bnlab.config import BOOKKEEPING_KEYS, MEMBER_KEYS, ConfigError, TrainConfig, flatten
 from bnlab.data import Dataset
+from bnlab.diagnostics import DiagnosticLog
 from bnlab.engine import LOCAL, Single, autocast, batches, evaluate, member_scores, prepare_model, skip
 from bnlab.models import CNN, MLP, MODELS, BasicBlock, ResNet, Unit, build_model
 from bnlab.norms import NORMS, stackable, stackers
 from bnlab.optim import OPTIMIZERS, build_stacked_optimizer, current_lrs, schedule_lr
-from bnlab.stacking import unchanged, widen
+from bnlab.stacking import Memberwise, member_part, settings, unchanged, widen
 
 log = logging.getLogger(__name__)
 
-# Config keys that may differ between members: what the stacked optimizer takes per member (and
-# config.BOOKKEEPING_KEYS, which leave a run's trajectory alone).
-PER_MEMBER_KEYS = ("seed", "optim.lr", "optim.weight_decay")
-
 
 def shared_config(cfg: TrainConfig) -> dict[str, str]:
-    """The flattened config that the members of a fused group must share: all but the per-member and
-    bookkeeping keys, values as strings."""
-    return {
-        k: str(v) for k, v in flatten(asdict(cfg)).items() if k not in PER_MEMBER_KEYS and k not in BOOKKEEPING_KEYS
-    }
+    """The flattened config that the members of a fused group must share: all but the keys marked MEMBER
+    or BOOKKEEPING in bnlab/config.py, values as strings."""
+    return {k: str(v) for k, v in flatten(asdict(cfg)).items() if k not in MEMBER_KEYS and k not in BOOKKEEPING_KEYS}
 
 
 def can_fuse(cfgs: Sequence[TrainConfig]) -> str | None:
@@ -51,10 +48,8 @@ def can_fuse(cfgs: Sequence[TrainConfig]) -> str | None:
     for key, value in flat[0].items():
         others = {f.get(key) for f in flat[1:]} - {value}
         if others:
-            return f"{key} differs ({value} vs {', '.join(sorted(others))}); only {', '.join(PER_MEMBER_KEYS)} may"
+            return f"{key} differs ({value} vs {', '.join(sorted(others))}); only {', '.join(MEMBER_KEYS)} may"
     cfg = cfgs[0]
-    if cfg.diag.switched_on():
-        return "the diagnostics (diag.*) run on ordinary models only"
     if cfg.model.name == "custom":
         fusable = [name for name in MODELS if name != "custom"]
         return f"model=custom has no stacked form (fusable: {', '.join(fusable)})"
@@ -160,22 +155,19 @@ STACKERS: dict[type, Callable[[nn.Module, int], nn.Module]] = {
 CONTAINERS = (nn.Sequential, MLP, CNN, ResNet, Unit, BasicBlock)
 
 
-def stack_module(m: nn.Module, n: int) -> nn.Module:
-    """The stacked counterpart of m for n members (parameters and buffers not yet filled in)."""
+def stack_module(layers: Sequence[nn.Module]) -> nn.Module:
+    """The stacked counterpart of the members' layers, one per member, all of one kind (parameters and
+    buffers not yet filled in): the layer's stacked form, or `Memberwise` where their settings differ."""
+    m, n = layers[0], len(layers)
     kind = type(m)
     if kind in STACKERS:
-        return STACKERS[kind](m, n)
+        return Memberwise(layers) if any(settings(x) != settings(m) for x in layers[1:]) else STACKERS[kind](m, n)
     if kind in CONTAINERS and not m._parameters and not m._buffers:
         new = copy.copy(m)
         new._parameters, new._buffers = {}, {}
-        new._modules = {name: stack_module(child, n) for name, child in m.named_children()}
+        new._modules = {name: stack_module([x._modules[name] for x in layers]) for name in m._modules}
         return new
     raise TypeError(f"{kind.__name__} has no stacked counterpart (see bnlab.fused.STACKERS)")
-
-
-def _member(v: Tensor, members: int, n: int) -> Tensor:
-    """Member n's part of a stacked tensor; a scalar (num_batches_tracked) is shared by all members."""
-    return v if v.dim() == 0 else v.unflatten(0, (members, -1))[n]
 
 
 class FusedModel(nn.Module):
@@ -191,7 +183,7 @@ class FusedModel(nn.Module):
             if [(k, v.shape, v.dtype) for k, v in state.items()] != layout:
                 raise ValueError(f"model {i} differs from model 0 in its parameters or buffers")
         self.members = len(models)
-        self.net = stack_module(models[0], self.members)
+        self.net = stack_module(models)
         self.load_member_state_dicts(states)
         # Feature maps channels-last: CPU grouped convs (their backward most of all) and max-pooling run
         # markedly faster on them than on contiguous ones.
@@ -221,7 +213,7 @@ class FusedModel(nn.Module):
 
     def member_state_dict(self, n: int) -> dict[str, Tensor]:
         """Member n's parameters and buffers as the ordinary model's state_dict (copies)."""
-        return {k: _member(v, self.members, n).clone() for k, v in self.net.state_dict().items()}
+        return {k: member_part(v, self.members, n).clone() for k, v in self.net.state_dict().items()}
 
 
 def build_fused(cfgs: Sequence[TrainConfig], in_shape: tuple[int, ...], num_classes: int) -> FusedModel:
@@ -251,12 +243,34 @@ class Fused:
         data: Dataset,
         device: torch.device,
         checkpoints: Sequence[dict] | None = None,
+        writers: Sequence | None = None,
     ) -> None:
         reason = can_fuse(cfgs)
         if reason:
             raise ConfigError(f"these runs cannot be fused: {reason}")
         self.cfgs, self.data, self.device, self.members = list(cfgs), data, device, len(cfgs)
         self.model = prepare_model(build_fused(cfgs, data.in_shape, data.num_classes), cfgs[0].trainer, device)
+        # Each member as an ordinary model, prepared as its run's model is (compiling aside): copied and filled
+        # with the member's state for its diagnostics and precise BN.
+        with torch.random.fork_rng(devices=[]):  # building draws initial weights: keep the RNG as it was
+            models = [build_model(c, data.in_shape, data.num_classes) for c in cfgs]
+        self.templates = [prepare_model(m, replace(c.trainer, compile=False), device) for m, c in zip(models, cfgs)]
+        writers = writers or [None] * self.members
+        self.diagnostics = (
+            [  # each member's, on a copy of its model at each call, as its separate run has them
+                DiagnosticLog(
+                    c.diag,
+                    self.member_model(n),
+                    writers[n],
+                    data.test_x[: c.diag.probe],
+                    lambda n=n: self.lrs()[n],
+                    data.task,
+                )
+                for n, c in enumerate(cfgs)
+            ]
+            if cfgs[0].diag.switched_on()
+            else []
+        )
         if checkpoints:
             self.model.load_member_state_dicts([c["model"] for c in checkpoints])
         self.optimizer = build_stacked_optimizer(self.model, [c.optim for c in cfgs])
@@ -287,12 +301,19 @@ class Fused:
             losses, correct = member_scores(data.task, self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
-        cfg = self.cfgs[0]  # the members share the schedule (can_fuse), each scaling its own lr
-        schedule_lr(self.optimizer, cfg.optim, step, cfg.trainer.max_steps)
+        schedule_lr(self.optimizer, [c.optim for c in self.cfgs], step, self.cfgs[0].trainer.max_steps)
+        due = [(n, d) for n, d in enumerate(self.diagnostics) if d.due(step)]
+        for n, diagnostics in due:  # at the step's weights and gradients, before the update
+            if diagnostics.needs_gradients:
+                diagnostics.model = self.member_model(n, gradients=True)
+                diagnostics.before_step(step, x[n], y[n])
         self.optimizer.step()
+        for n, diagnostics in due:
+            diagnostics.model = self.member_model(n)
+            diagnostics.after_step(step, x[n], y[n])
         return losses.detach().float(), correct
 
-    def evaluate(self) -> list[tuple[float, float]]:
+    def evaluate(self) -> Tensor:
         with autocast(self.cfgs[0].trainer, self.device):
             return evaluate(self.model, self.data.test_x, self.data.test_y, self.data.task, members=self.members)
 
@@ -303,11 +324,15 @@ class Fused:
         """Member n's checkpoint: its model as the ordinary model's state_dict, its part of the optimizer."""
         return {"model": self.model.member_state_dict(n), "optimizer": self.optimizer.member_state(n)}
 
-    def member_model(self, n: int) -> nn.Module:
-        """Member n as an ordinary model (a copy)."""
-        dtype = next(self.model.parameters()).dtype
-        model = build_model(self.cfgs[n], self.data.in_shape, self.data.num_classes).to(device=self.device, dtype=dtype)
+    def member_model(self, n: int, gradients: bool = False) -> nn.Module:
+        """Member n as an ordinary model (a copy), with its part of every gradient if asked."""
+        model = copy.deepcopy(self.templates[n])
         model.load_state_dict(self.model.member_state_dict(n))
+        if gradients:
+            stacked = dict(self.model.net.named_parameters())
+            for name, p in model.named_parameters():
+                grad = stacked[name].grad
+                p.grad = None if grad is None else member_part(grad, self.members, n).clone()
         return model
 
 

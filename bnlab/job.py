@@ -5,12 +5,11 @@ both run jobs through here."""
 
 from __future__ import annotations
 
-import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from bnlab.config import ConfigError, TrainConfig
@@ -34,11 +33,9 @@ def job_config(dcfg: DictConfig, parallel_jobs: int | None = None) -> TrainConfi
     """The job's TrainConfig from its composed config (the hydra node, if any, left out), with
     trainer.threads=0 resolved to its share of the cores when `parallel_jobs` jobs run at once (and
     each of its trainer.devices processes to its share of that)."""
-    if "hydra" in dcfg:
-        dcfg = copy.deepcopy(dcfg)
-        with read_write(dcfg), open_dict(dcfg):
-            del dcfg["hydra"]
-    cfg: TrainConfig = OmegaConf.to_object(dcfg)
+    # Key by key, leaving the hydra node out (a copy of the whole config would cost several times more).
+    values = {f.name: dcfg[f.name] for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: OmegaConf.to_object(v) if isinstance(v, DictConfig) else v for k, v in values.items()})
     cfg.trainer.threads = cfg.trainer.threads or max(1, threads_per_job(parallel_jobs) // max(1, cfg.trainer.devices))
     return cfg
 

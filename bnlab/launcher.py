@@ -1,15 +1,16 @@
 """`hydra/launcher=bnlab`, the default launcher of `bnlab train -m`: Hydra's basic launcher (jobs one
-after another in this process), except that jobs with trainer.fuse=true that differ only in seed, lr
-and weight decay train together as one fused model (bnlab/fused.py). Each member still gets its own
-run directory, .hydra/ configs, train.log, TensorBoard run and summary.json, as if it had run alone.
-Hydra loads launchers only from the hydra_plugins package: bnlab/hydra_plugin is installed there and
-hands `launch` to `launch_jobs` here."""
+after another in this process), except that jobs with trainer.fuse=true or auto that differ only in
+keys marked MEMBER in bnlab/config.py (seed, lr, init, ...) train together as one fused model
+(bnlab/fused.py). Each member still gets its own run directory, .hydra/ configs, train.log, TensorBoard
+run and summary.json, as if it had run alone. Hydra loads launchers only from the hydra_plugins
+package: bnlab/hydra_plugin is installed there and hands `launch` to `launch_jobs` here."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, open_dict
 
 from bnlab.app import console, report, show_job
-from bnlab.config import TrainConfig
+from bnlab.config import TrainConfig, fuse_mode
 from bnlab.fused import can_fuse, shared_config
 from bnlab.job import job_config, run_jobs
 
@@ -28,23 +29,42 @@ log = logging.getLogger(__name__)
 
 
 def fuse_key(cfg: TrainConfig) -> str | None:
-    """Jobs with one key may be fused (bnlab.fused.shared_config); None: the job asks not to be."""
-    return json.dumps(shared_config(cfg), sort_keys=True) if cfg.trainer.fuse else None
+    """Jobs with one key may be fused (bnlab.fused.shared_config); None: the job trains alone (it asks to,
+    or runs over several processes)."""
+    if fuse_mode(cfg.trainer) == "false" or cfg.trainer.devices > 1:
+        return None
+    return json.dumps(shared_config(cfg), sort_keys=True)
 
 
-def plan(cfgs: Sequence[TrainConfig]) -> list[list[int]]:
+def plan(cfgs: Sequence[TrainConfig]) -> tuple[list[list[int]], dict[str, int]]:
     """The jobs (indices) grouped for training, in sweep order by each group's first job: each fusable
-    group of two or more jobs together, every other job alone."""
+    group of two or more jobs together, every other job alone; and for the jobs that asked to be fused
+    but train alone, why (reason -> jobs)."""
     groups: dict[Any, list[int]] = {}
     for i, cfg in enumerate(cfgs):
         groups.setdefault(fuse_key(cfg) or ("alone", i), []).append(i)
-    planned = []
+    planned, alone = [], {}
     for members in groups.values():
         reason = can_fuse([cfgs[i] for i in members]) if len(members) > 1 else None
-        if reason:
+        if reason and any(fuse_mode(cfgs[i].trainer) == "true" for i in members):
             log.warning("trainer.fuse=true: %d jobs run one by one, not fused: %s", len(members), reason)
-        planned.extend([[i] for i in members] if reason else [members])
-    return sorted(planned, key=lambda g: g[0])
+        if len(members) == 1 and fuse_mode(cfgs[members[0]].trainer) != "false":
+            reason = "trainer.devices > 1" if cfgs[members[0]].trainer.devices > 1 else "no job to fuse with"
+        if reason:
+            alone[reason] = alone.get(reason, 0) + len(members)
+        planned.extend([[i] for i in members] if reason or len(members) == 1 else [members])
+    return sorted(planned, key=lambda g: g[0]), alone
+
+
+def fusing_line(groups: list[list[int]], alone: dict[str, int]) -> str:
+    """trainer.fuse=auto's line: how many jobs train fused, in which groups, and why the others train alone."""
+    fused = [len(g) for g in groups if len(g) > 1]
+    sizes = ", ".join(f"{n}x{size}" for size, n in sorted(Counter(fused).items(), reverse=True))
+    plural = "" if len(fused) == 1 else "s"
+    text = f"trainer.fuse=auto: {sum(fused)} runs train as {len(fused)} fused group{plural} ({sizes or 'none'})"
+    if alone:
+        text += f"; {sum(alone.values())} alone (" + "; ".join(f"{n}: {why}" for why, n in alone.items()) + ")"
+    return text
 
 
 def launch_jobs(
@@ -62,8 +82,11 @@ def launch_jobs(
             sweep_config.hydra.job.id = sweep_config.hydra.job.num = idx
         configs.append(sweep_config)
     cfgs = [job_config(c) for c in configs]  # one job at a time: each gets every core
+    groups, alone = plan(cfgs)
+    if any(fuse_mode(c.trainer) == "auto" for c in cfgs):
+        console.print(fusing_line(groups, alone), soft_wrap=True, highlight=False)
     returns: list[JobReturn] = []
-    for group in plan(cfgs):
+    for group in groups:
         if len(group) == 1:
             tasks = {group[0]: launcher.task_function}
         else:  # train the group, then hand each member's outcome to the job that reports it

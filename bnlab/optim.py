@@ -1,9 +1,9 @@
 """Optimizers by name: the `optim` config group's registry. Each entry builds the ordinary optimizer and,
-for fused runs, its stacked form: one learning rate and weight decay per member, applied along dim 0 of
-every stacked parameter (bnlab.stacking's layout), each member's update exactly its separate run's.
-Either form can clip its gradients adaptively before each step (optim.agc, Brock et al. 2021), per member.
-Also the learning-rate schedule (optim.schedule, optim.warmup_steps): the lr of each step is a function
-of the step alone, so a resumed run continues it exactly."""
+for fused runs, its stacked form: every optim.* value per member (lr, weight decay, momentum, betas,
+eps, schedule, clipping), applied along dim 0 of every stacked parameter (bnlab.stacking's layout), each
+member's update exactly its separate run's. Either form can clip its gradients adaptively before each
+step (optim.agc, Brock et al. 2021). Also the learning-rate schedule (optim.schedule, optim.warmup_steps):
+the lr of each step is a function of the step alone, so a resumed run continues it exactly."""
 
 from __future__ import annotations
 
@@ -20,31 +20,35 @@ if TYPE_CHECKING:
 
 
 class _StackedOptimizer(torch.optim.Optimizer):
-    """Base of the stacked optimizers: each param group holds one lr and one weight decay per member
-    (lists), applied along dim 0 of every parameter, whose i-th of N equal parts is member i's, and one
-    `scale` that multiplies every member's lr (the schedule's factor, the same for all members)."""
+    """Base of the stacked optimizers: each param group holds every setting as a list of one value per
+    member (lr, weight decay, momentum, ...), applied along dim 0 of every parameter, whose i-th of N
+    equal parts is member i's; `scale` holds each member's schedule factor of its lr (schedule_lr)."""
 
-    def __init__(
-        self, params: Iterable[Tensor], members: int, lr: Sequence[float], weight_decay: Sequence[float], **defaults
-    ) -> None:
-        lr, weight_decay = [float(v) for v in lr], [float(v) for v in weight_decay]
-        if len(lr) != members or len(weight_decay) != members:
-            raise ValueError(f"need {members} learning rates and weight decays, got {len(lr)} and {len(weight_decay)}")
+    def __init__(self, params: Iterable[Tensor], members: int, **settings: Sequence) -> None:
+        for name, values in settings.items():
+            if len(values) != members:
+                raise ValueError(f"need {members} values of {name}, one per member, got {len(values)}")
         self.members = members
-        self._constants: dict[tuple, Tensor] = {}
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, scale=1.0, **defaults))
+        self._constants: dict[tuple, tuple[tuple, Tensor]] = {}
+        super().__init__(params, {"scale": [1.0] * members, **{name: list(v) for name, v in settings.items()}})
 
     def _view(self, t: Tensor) -> Tensor:
         """t (N*d, ...) as (N, d, ...): a view, so in-place updates reach t."""
         return t.unflatten(0, (self.members, -1))
 
-    def _per_member(self, values: Sequence[float], p: Tensor) -> Tensor:
-        """values (N,) shaped to broadcast against self._view(p); made once per set of values, so that a
-        step copies nothing from the host (on a GPU such a copy would wait for the queued work)."""
-        key = (tuple(values), p.dtype, p.device, p.dim())
-        if key not in self._constants:
-            self._constants[key] = torch.tensor(values, dtype=p.dtype, device=p.device).view(-1, *[1] * p.dim())
-        return self._constants[key]
+    def _per_member(self, name: str, values: Sequence[float], p: Tensor) -> Tensor:
+        """values (N,) shaped to broadcast against self._view(p); made again only when the values change
+        (a step that makes one copies from the host, which on a GPU waits for the queued work)."""
+        key, values = (name, p.dtype, p.device, p.dim()), tuple(float(v) for v in values)
+        if key not in self._constants or self._constants[key][0] != values:
+            tensor = torch.tensor(values, dtype=p.dtype, device=p.device).view(-1, *[1] * p.dim())
+            self._constants[key] = (values, tensor)
+        return self._constants[key][1]
+
+    def _value(self, name: str, values: Sequence[float], p: Tensor) -> float | Tensor:
+        """The members' common value as a number (a group whose members share it computes as their runs
+        do), or else their values per member."""
+        return float(values[0]) if len(set(values)) == 1 else self._per_member(name, values, p)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -58,7 +62,7 @@ class _StackedOptimizer(torch.optim.Optimizer):
                     continue
                 w, g = self._view(p), self._view(p.grad)
                 if any(group["weight_decay"]):
-                    g = torch.addcmul(g, self._per_member(group["weight_decay"], p), w)  # g + wd * w
+                    g = torch.addcmul(g, self._per_member("weight_decay", group["weight_decay"], p), w)  # g + wd * w
                 self._update(p, w, g, group)
         return loss
 
@@ -88,76 +92,70 @@ class _StackedOptimizer(torch.optim.Optimizer):
                 }
 
 
+def _lrs(group: dict) -> list[float]:
+    """Each member's lr of this step: optim.lr times its schedule factor."""
+    return [lr * scale for lr, scale in zip(group["lr"], group["scale"])]
+
+
 class StackedSGD(_StackedOptimizer):
     """torch.optim.SGD (heavy-ball momentum, no dampening, no Nesterov; weight decay added to the
-    gradient) with one learning rate and weight decay per member."""
-
-    def __init__(
-        self,
-        params: Iterable[Tensor],
-        members: int,
-        lr: Sequence[float],
-        momentum: float,
-        weight_decay: Sequence[float],
-    ) -> None:
-        super().__init__(params, members, lr, weight_decay, momentum=momentum)
+    gradient) with each member's lr, momentum and weight decay."""
 
     def _update(self, p: Tensor, w: Tensor, g: Tensor, group: dict) -> None:
-        if group["momentum"]:
+        if any(group["momentum"]):  # a member without momentum: 0 * buffer + g = g, its plain SGD step
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = g.clone()
             else:
-                state["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                state["momentum_buffer"].mul_(self._value("momentum", group["momentum"], p)).add_(g)
             g = state["momentum_buffer"]
-        w.addcmul_(self._per_member([-lr for lr in group["lr"]], p), g, value=group["scale"])  # w - lr * g
+        w.addcmul_(self._per_member("-lr", [-lr for lr in _lrs(group)], p), g)  # w - lr * g, in place
 
 
 class StackedAdam(_StackedOptimizer):
-    """torch.optim.Adam (no AMSGrad; weight decay as L2 added to the gradient) with one learning rate
-    and weight decay per member."""
-
-    def __init__(
-        self,
-        params: Iterable[Tensor],
-        members: int,
-        lr: Sequence[float],
-        weight_decay: Sequence[float],
-        betas: tuple[float, float] = (0.9, 0.999),  # torch.optim.Adam's
-        eps: float = 1e-8,  # torch.optim.Adam's
-    ) -> None:
-        super().__init__(params, members, lr, weight_decay, betas=betas, eps=eps)
+    """torch.optim.Adam (no AMSGrad; weight decay as L2 added to the gradient) with each member's lr,
+    betas, eps and weight decay."""
 
     def _update(self, p: Tensor, w: Tensor, g: Tensor, group: dict) -> None:
-        (beta1, beta2), state = group["betas"], self.state[p]
+        beta1 = self._value("beta1", [b[0] for b in group["betas"]], p)
+        beta2 = self._value("beta2", [b[1] for b in group["betas"]], p)
+        state = self.state[p]
         if not state:
             state.update(step=0, exp_avg=torch.zeros_like(w), exp_avg_sq=torch.zeros_like(w))
         state["step"] += 1
         t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(g, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        step_size = self._per_member(group["lr"], p) * group["scale"] / (1 - beta1**t)
-        denom = (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
+        if torch.is_tensor(beta2):
+            exp_avg_sq.mul_(beta2).addcmul_(g * (1 - beta2), g)
+        else:
+            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        step_size = self._per_member("lr", _lrs(group), p) / (1 - beta1**t)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add_(self._value("eps", group["eps"], p))
         w.addcdiv_(step_size * exp_avg, denom, value=-1.0)  # w - step_size * exp_avg / denom
 
 
 @dataclass(frozen=True)
 class Optimizer:
     build: Callable[[Iterable[Tensor], OptimConfig], torch.optim.Optimizer]
-    # N members' optimizer from their configs (per member: lr, weight_decay; shared: the rest)
+    # N members' optimizer from their configs, each member with its own optim.* values; None: it cannot be fused
     stacked: Callable[[Iterable[Tensor], Sequence[OptimConfig]], torch.optim.Optimizer] | None = None
+
+
+def _settings(cfgs: Sequence[OptimConfig], *keys: str) -> dict[str, list]:
+    """keys -> the members' values (lists, such as betas, as tuples)."""
+    return {k: [tuple(v) if isinstance(v, list) else v for v in (getattr(c, k) for c in cfgs)] for k in keys}
 
 
 OPTIMIZERS: dict[str, Optimizer] = {
     "sgd": Optimizer(
         lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
-        lambda params, cfgs: StackedSGD(
-            params, len(cfgs), [c.lr for c in cfgs], cfgs[0].momentum, [c.weight_decay for c in cfgs]
-        ),
+        lambda params, cfgs: StackedSGD(params, len(cfgs), **_settings(cfgs, "lr", "momentum", "weight_decay")),
     ),
     "adam": Optimizer(
-        lambda params, cfg: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
-        lambda params, cfgs: StackedAdam(params, len(cfgs), [c.lr for c in cfgs], [c.weight_decay for c in cfgs]),
+        lambda params, cfg: torch.optim.Adam(
+            params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+        ),
+        lambda params, cfgs: StackedAdam(params, len(cfgs), **_settings(cfgs, "lr", "betas", "eps", "weight_decay")),
     ),
 }
 
@@ -174,16 +172,28 @@ def unitwise_norm(t: Tensor, members: int = 1) -> Tensor:
     return t.reshape(members, -1).norm(dim=1).repeat_interleave(t.numel() // members).view_as(t)
 
 
+def _per_unit(values: Sequence[float], t: Tensor) -> Tensor:
+    """N members' values, one for each unit of t (its N equal parts along dim 0), shaped as unitwise_norm(t)."""
+    units = t.shape[0] if t.dim() > 1 else t.numel()
+    per_unit = torch.tensor(values, dtype=t.dtype, device=t.device).repeat_interleave(units // len(values))
+    return per_unit.view(-1, *[1] * (t.dim() - 1)) if t.dim() > 1 else per_unit.view_as(t)
+
+
 @torch.no_grad()
-def clip_gradients(params: Iterable[Tensor], clipping: float, members: int = 1) -> None:
+def clip_gradients(params: Iterable[Tensor], clipping: float | Sequence[float], members: int = 1) -> None:
     """Adaptive gradient clipping (Brock, De, Smith & Simonyan 2021, arXiv 2102.06171, eq. 3), in place:
     per unit i (`unitwise_norm`) of each parameter W with gradient G,
     G_i <- clipping * max(||W_i||, 1e-3) / ||G_i|| * G_i  where ||G_i|| / max(||W_i||, 1e-3) > clipping,
-    and G_i unchanged otherwise."""
+    and G_i unchanged otherwise. `clipping`: one lambda, or one per member of a fused run (0: unclipped)."""
+    if not isinstance(clipping, (int, float)):
+        members = len(clipping)
+        if len(set(clipping)) == 1:
+            clipping = clipping[0]
     for p in params:
         if p.grad is None:
             continue
-        max_norm = unitwise_norm(p, members).clamp_min(AGC_EPS) * clipping
+        limit = clipping if isinstance(clipping, (int, float)) else _per_unit([c or math.inf for c in clipping], p)
+        max_norm = unitwise_norm(p, members).clamp_min(AGC_EPS) * limit
         grad_norm = unitwise_norm(p.grad, members)
         p.grad.mul_(torch.where(grad_norm > max_norm, max_norm / grad_norm.clamp_min(1e-6), 1.0))
 
@@ -194,27 +204,27 @@ def final_layer(model: nn.Module) -> nn.Module:
     return [m for m in model.modules() if isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() > 1][-1]
 
 
-def _clip_before_steps(optimizer: torch.optim.Optimizer, model: nn.Module, clipping: float, members: int) -> None:
-    """optim.agc > 0: clip every parameter's gradient but the final layer's before each step, as Brock et al.
-    do (clipping the classifier hurt them)."""
-    if clipping:
+def _clip_before_steps(optimizer: torch.optim.Optimizer, model: nn.Module, clipping: Sequence[float]) -> None:
+    """optim.agc > 0 (of any member): clip every parameter's gradient but the final layer's before each step,
+    as Brock et al. do (clipping the classifier hurt them)."""
+    if any(clipping):
         head = {id(p) for p in final_layer(model).parameters()}
         params = [p for p in model.parameters() if id(p) not in head]
-        optimizer.register_step_pre_hook(lambda *_: clip_gradients(params, clipping, members))
+        optimizer.register_step_pre_hook(lambda *_: clip_gradients(params, clipping))
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The optimizer of the model's parameters that cfg names, clipping adaptively with optim.agc > 0."""
     optimizer = OPTIMIZERS[cfg.name].build(model.parameters(), cfg)
-    _clip_before_steps(optimizer, model, cfg.agc, members=1)
+    _clip_before_steps(optimizer, model, [cfg.agc])
     return optimizer
 
 
 def build_stacked_optimizer(model: nn.Module, cfgs: Sequence[OptimConfig]) -> torch.optim.Optimizer:
     """The stacked counterpart of build_optimizer for a fused model of len(cfgs) members, member n taking
-    cfgs[n].lr and .weight_decay; clipping (optim.agc, shared) per member."""
+    cfgs[n]'s values (lr, momentum, ..., optim.agc)."""
     optimizer = OPTIMIZERS[cfgs[0].name].stacked(model.parameters(), cfgs)
-    _clip_before_steps(optimizer, model, cfgs[0].agc, members=len(cfgs))
+    _clip_before_steps(optimizer, model, [c.agc for c in cfgs])
     return optimizer
 
 
@@ -242,19 +252,20 @@ def lr_factor(cfg: OptimConfig, step: int, max_steps: int) -> float:
     return 1.0
 
 
-def schedule_lr(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int, max_steps: int) -> None:
-    """Set the lr of optimizer step `step`: optim.lr (a stacked optimizer: each member's) times lr_factor."""
-    factor = lr_factor(cfg, step, max_steps)
+def schedule_lr(optimizer: torch.optim.Optimizer, cfgs: Sequence[OptimConfig], step: int, max_steps: int) -> None:
+    """Set the lr of optimizer step `step`: optim.lr times lr_factor, each member's by its own schedule
+    (cfgs: one per member of a stacked optimizer, else one)."""
+    factors = [lr_factor(cfg, step, max_steps) for cfg in cfgs]
     for group in optimizer.param_groups:
         if isinstance(optimizer, _StackedOptimizer):
-            group["scale"] = factor
+            group["scale"] = factors
         else:
-            group["lr"] = cfg.lr * factor
+            group["lr"] = cfgs[0].lr * factors[0]
 
 
 def current_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
     """The lr of the last step (before the first: optim.lr), one per member of a stacked optimizer."""
     group = optimizer.param_groups[0]
     if isinstance(optimizer, _StackedOptimizer):
-        return [lr * group["scale"] for lr in group["lr"]]
+        return _lrs(group)
     return [group["lr"]]

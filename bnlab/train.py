@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from tensorboard.compat.proto.summary_pb2 import Summary as TensorBoardSummary
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
@@ -37,7 +38,7 @@ from bnlab.console import make_console, shell_path
 from bnlab.data import Dataset, has_accuracy
 from bnlab.diagnostics import precise_bn
 from bnlab.distributed import Replica, processes
-from bnlab.engine import LOCAL, Engine, Group, Single, evaluate_shared, prepare
+from bnlab.engine import LOCAL, Engine, Group, Single, evaluate_shared, forget_shared_data, prepare
 from bnlab.files import OutputError, owned, write_torch
 from bnlab.fused import Fused
 from bnlab.hparams import metric_values, session
@@ -98,6 +99,7 @@ class Run:
         self.last_checkpoint = 0  # the step of the last checkpoint written (0: none)
         self.high_loss_steps = 0  # consecutive steps with the loss above trainer.stop_loss
         self.writer: SummaryWriter | None = None
+        self.points: list[tuple[int, float, dict[str, float]]] = []  # TensorBoard points not yet handed to the writer
 
     def state(self, loop_seconds: float) -> dict[str, Any]:
         """What a checkpoint keeps of this record, `loop_seconds` into the current loop."""
@@ -133,11 +135,19 @@ class Run:
             self.pending.add(loss, acc)
         if (write or stopped) and self.pending.steps:
             loss, acc = self.pending.means()
-            self.writer.add_scalar("train/loss", loss, self.steps)
-            if self.accuracy:
-                self.writer.add_scalar("train/acc", acc, self.steps)
+            points = {"train/loss": loss, "train/acc": acc} if self.accuracy else {"train/loss": loss}
+            self.points.append((self.steps, time.time(), points))
             self.pending = Sums()
         return stopped
+
+    def write_points(self) -> None:
+        """Hand the TensorBoard points recorded since the last call to the writer, one event per step: at every
+        evaluation, checkpoint and the end, not at every point, since each hand-over wakes the writer's
+        thread, and the training loop waits for the interpreter while it runs (5 % of an MLP's steps)."""
+        for step, walltime, values in self.points:
+            scalars = [TensorBoardSummary.Value(tag=k, simple_value=v) for k, v in values.items()]
+            self.writer.file_writer.add_summary(TensorBoardSummary(value=scalars), step, walltime)
+        self.points.clear()
 
     def record_eval(self, step: int, test_loss: float, test_acc: float, lr: float) -> None:
         """A test evaluation at `step`, with the training metrics averaged since the previous one (accuracies
@@ -148,9 +158,11 @@ class Run:
             self.window = Sums()
         if not self.accuracy:
             metrics = {k: v for k, v in metrics.items() if not k.endswith("_acc")}
-        for tag, value in (("test/loss", test_loss), ("test/acc", metrics.get("test_acc")), ("train/lr", lr)):
-            if value is not None and math.isfinite(value):  # a diverged model's NaN loss would break TensorBoard
-                self.writer.add_scalar(tag, value, step)
+        values = {"test/loss": test_loss, "test/acc": metrics.get("test_acc"), "train/lr": lr}
+        # a diverged model's NaN loss would break TensorBoard's charts
+        finite = {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
+        self.points.append((step, time.time(), finite))
+        self.write_points()
         self.final, self.last_eval = metrics, step
         log.debug("%sstep %d: %s", self.label, step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if self.thresholds.metric in metrics:
@@ -180,6 +192,13 @@ class _Unwritten:
 
     def add_scalar(self, *args: Any, **kwargs: Any) -> None:
         pass
+
+    def add_summary(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @property
+    def file_writer(self) -> _Unwritten:
+        return self
 
 
 class StopOnSignal:
@@ -291,6 +310,7 @@ def _train_together(cfgs: list[TrainConfig], run_dirs: list[Path], console: Cons
     finally:
         summaries = [run.summary() for run in runs]
         for run, summary in zip(runs, summaries):
+            run.write_points()
             if run.status != Status.INTERRUPTED:  # an interrupted run logs them when it is resumed and ends
                 _log_hparams(run.writer, summary)
             run.writer.close()
@@ -321,11 +341,15 @@ def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None) -> N
     device, data = prepare(cfg)
     for run in runs:
         run.device = str(device)
-    if t.devices == 1:
-        _drive(runs, data, device, checkpoints, LOCAL, console)
-        return
-    with processes(t.devices, t.device, t.timeout_s, _replica, cfg, runs[0].run_dir, bool(checkpoints)) as group:
-        _drive(runs, data, device, checkpoints, group, console)
+    try:
+        if t.devices == 1:
+            _drive(runs, data, device, checkpoints, LOCAL, console)
+            return
+        with processes(t.devices, t.device, t.timeout_s, _replica, cfg, runs[0].run_dir, bool(checkpoints)) as group:
+            _drive(runs, data, device, checkpoints, group, console)
+    except BaseException:
+        forget_shared_data()  # the error may be torch refusing an in-place change to the shared data, made anyway
+        raise
 
 
 def _replica(group: Group, cfg: TrainConfig, run_dir: Path, resumed: bool) -> None:
@@ -356,7 +380,7 @@ def _drive(
     elif len(runs) == 1:
         engine = Single(cfg, data, device, runs[0].writer, checkpoint)
     else:
-        engine = Fused([r.cfg for r in runs], data, device, checkpoints)
+        engine = Fused([r.cfg for r in runs], data, device, checkpoints, [r.writer for r in runs])
     if checkpoints:
         torch.set_rng_state(checkpoints[0]["rng"])
     progress, show = _progress(console, runs)
@@ -405,15 +429,17 @@ class Loop:
                 break
             self.unread.append(self.engine.step(step))
             due_eval = step % t.eval_every == 0
-            due_checkpoint = t.checkpoint_every and step % t.checkpoint_every == 0
+            # the last step's checkpoint is finish()'s
+            due_checkpoint = t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps
             due_point = step % t.log_every == 0 or step == t.max_steps
             if not (due_point or due_eval or due_checkpoint):
                 continue  # nothing to read: the device runs ahead
+            results = self.engine.evaluate() if due_eval else None  # queued behind the steps, read after them
             self.read(step, write=due_point)
             if not self.active:
                 break
-            if due_eval:
-                self.evaluate(self.active, step)
+            if results is not None:
+                self.record_eval(self.active, step, results)
             if due_checkpoint:
                 for n in self.active:
                     self.save_checkpoint(n)
@@ -425,9 +451,10 @@ class Loop:
 
     def read(self, step: int, write: bool) -> None:
         """Read the unread steps up to `step` and record them; runs that stop there leave `active`."""
-        losses = torch.stack([loss for loss, _ in self.unread]).tolist()  # (steps, members): a host sync point
         batch = self.runs[0].cfg.data.batch_size
-        accs = (torch.stack([correct for _, correct in self.unread]) / batch).tolist()
+        losses = torch.stack([loss for loss, _ in self.unread])  # (steps, members)
+        accs = torch.stack([correct for _, correct in self.unread]).float() / batch
+        losses, accs = torch.stack([losses, accs]).tolist()  # the host sync point
         first = step - len(self.unread) + 1
         self.unread.clear()
         stopped = [
@@ -441,15 +468,20 @@ class Loop:
             self.finish(stopped)
 
     def evaluate(self, members: list[int], step: int) -> None:
-        results, lrs = self.engine.evaluate(), self.engine.lrs()
+        self.record_eval(members, step, self.engine.evaluate())
+
+    def record_eval(self, members: list[int], step: int, results: Tensor) -> None:
+        """Record an evaluation at `step` (the engine's (members, 2) tensor) for these members."""
+        values, lrs = results.tolist(), self.engine.lrs()
         for n in members:
-            self.runs[n].record_eval(step, *results[n], lrs[n])
-        self.show(test_acc=results[members[0]][1])
+            self.runs[n].record_eval(step, *values[n], lrs[n])
+        self.show(test_acc=values[members[0]][1])
 
     def save_checkpoint(self, n: int, finished: bool = False) -> None:
         if self.engine.group.rank:  # a distributed run: rank 0 writes
             return
         run = self.runs[n]
+        run.write_points()  # a resume from this checkpoint finds every point up to it
         state = {**run.state(time.perf_counter() - self.start), **self.engine.member_state(n)}
         write_torch(run.run_dir / CHECKPOINT, {**state, "rng": torch.get_rng_state(), "finished": finished})
         run.last_checkpoint = run.steps
@@ -472,7 +504,7 @@ class Loop:
             self.evaluate([n for n in unevaluated if runs[n].steps == step], step)
         for n in members:
             run = runs[n]
-            if self.t.precise_bn and run.status != Status.INTERRUPTED:
+            if run.cfg.trainer.precise_bn and run.status != Status.INTERRUPTED:
                 run.final.update(eval_modes(self.engine.member_model(n), self.data, run.cfg, self.engine.group))
                 train_mode, precise = run.final["test_acc_train_mode"], run.final["test_acc_precise_bn"]
                 log.info("%stest accuracy in train mode %.4f, after precise BN %.4f", run.label, train_mode, precise)
@@ -486,12 +518,12 @@ def eval_modes(model: nn.Module, data: Dataset, cfg: TrainConfig, group: Group =
     each with its share of every batch as in training: the sums are reduced and precise BN's statistics
     averaged over the processes."""
     probe = copy.deepcopy(model)
-    _, train_mode = evaluate_shared(
+    ((_, train_mode),) = evaluate_shared(
         group, probe, data.test_x, data.test_y, data.task, cfg.data.batch_size, train_mode=True
-    )
+    ).tolist()
     generator = torch.Generator(device=data.train_x.device).manual_seed(cfg.seed)
     precise_bn(probe, data.train_x, cfg.data.batch_size, cfg.trainer.precise_bn, generator, group)
-    _, precise = evaluate_shared(group, probe, data.test_x, data.test_y, data.task)
+    ((_, precise),) = evaluate_shared(group, probe, data.test_x, data.test_y, data.task).tolist()
     return {"test_acc_train_mode": train_mode, "test_acc_precise_bn": precise}
 
 

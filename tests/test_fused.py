@@ -18,13 +18,14 @@ import pytest
 import torch
 from helpers import TINY, bnlab, compose_config, scalars
 
-from bnlab.config import ConfigError, TrainConfig
+from bnlab.config import MEMBER_KEYS, ConfigError, TrainConfig
 from bnlab.data import load_data
 from bnlab.engine import Single
 from bnlab.fused import Fused, FusedModel, activation_bytes, build_fused, can_fuse
-from bnlab.launcher import plan
+from bnlab.launcher import fusing_line, plan
 from bnlab.models import build_model
 from bnlab.norms import NORMS
+from bnlab.stacking import Memberwise
 from bnlab.train import CHECKPOINT, train, train_runs
 
 # built-in norms with a stacked form (norm=custom fuses when its target declares it: tested on its own below)
@@ -76,12 +77,38 @@ def model_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / CHECKPOINT, weights_only=False)["model"]
 
 
-def assert_fused_equals_separate(cfgs: list[TrainConfig], tmp_path: Path) -> list[dict]:
-    """Train cfgs fused and one by one; every member's record equals its separate run's. Returns the
-    fused summaries."""
+def train_interrupted_and_resumed(cfgs: list[TrainConfig], dirs: list[Path], monkeypatch, at: int = 12) -> list:
+    """Train cfgs as a fused group that Ctrl-C stops before step `at` (checkpoints every 5 steps), then
+    resume it to the end; the resumed summaries."""
+    step = Fused.step
+
+    def interrupted(self, i):
+        if i == at:
+            raise KeyboardInterrupt
+        return step(self, i)
+
+    cfgs = copy.deepcopy(cfgs)
+    for cfg in cfgs:
+        cfg.trainer.checkpoint_every = 5
+    with monkeypatch.context() as patch:
+        patch.setattr(Fused, "step", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train_runs(copy.deepcopy(cfgs), dirs)
+    assert [json.loads((d / "summary.json").read_text())["status"] for d in dirs] == ["interrupted"] * len(dirs)
+    for cfg in cfgs:
+        cfg.trainer.resume = True
+    return train_runs(cfgs, dirs)
+
+
+def assert_fused_equals_separate(cfgs: list[TrainConfig], tmp_path: Path, monkeypatch=None) -> list[dict]:
+    """Train cfgs fused (with `monkeypatch`: interrupted and resumed) and one by one; every member's record
+    equals its separate run's. Returns the fused summaries."""
     tol = FP64 if cfgs[0].trainer.precision == "fp64" else FP32
     fused_dirs = [tmp_path / f"fused{n}" for n in range(len(cfgs))]
-    fused = train_runs(copy.deepcopy(cfgs), fused_dirs)
+    if monkeypatch:
+        fused = train_interrupted_and_resumed(cfgs, fused_dirs, monkeypatch)
+    else:
+        fused = train_runs(copy.deepcopy(cfgs), fused_dirs)
     for n, cfg in enumerate(cfgs):
         alone_dir = tmp_path / f"alone{n}"
         alone = train(copy.deepcopy(cfg), alone_dir)
@@ -265,9 +292,88 @@ def test_fused_model_refuses_models_of_different_shapes():
         FusedModel([build_model(cfg, (2, 8, 8), 10), build_model(wide, (2, 8, 8), 10)])
 
 
-def test_can_fuse_accepts_runs_that_differ_in_seed_lr_and_weight_decay():
-    cfgs = member_configs("model=cnn", SMALL["cnn"])
+# Every key marked MEMBER in bnlab/config.py: the setting it acts in and the values of the three members.
+MEMBER_CASES = {
+    "seed": ([], [3, 4, 5]),
+    "optim.lr": ([], [0.1, 0.02, 0.3]),
+    "optim.weight_decay": ([], [0.0, 1e-3, 3e-2]),
+    "optim.momentum": ([], [0.0, 0.5, 0.9]),
+    "optim.betas": (["optim=adam", "optim.lr=0.01"], [[0.9, 0.999], [0.8, 0.99], [0.5, 0.9]]),
+    "optim.eps": (["optim=adam", "optim.lr=0.01"], [1e-8, 1e-3, 0.1]),
+    "optim.agc": ([], [0.0, 0.01, 0.1]),
+    "optim.schedule": (["optim.decay_every=5", "optim.decay_factor=0.5"], ["none", "step", "cosine"]),
+    "optim.warmup_steps": ([], [0, 3, 10]),
+    "optim.decay_every": (["optim.schedule=step"], [3, 7, 1000]),
+    "optim.decay_factor": (["optim.schedule=step", "optim.decay_every=5"], [0.1, 0.5, 1.0]),
+    "model.init": (["model.init_std=0.3"], ["default", "normal", "glorot"]),
+    "model.init_std": (["model.init=normal"], [0.05, 0.3, 1.0]),
+    "norm.eps": ([], [1e-5, 1e-2, 0.5]),
+    "norm.momentum": ([], [0.1, 0.01, 0.6]),
+    "norm.groups": (["norm=group"], [1, 2, 4]),
+    "norm.virtual_batch_size": (["norm=ghost_batch"], [4, 8, 16]),
+    "norm.r_max": (["norm=batch_renorm"], [1.1, 1.5, 3.0]),
+    "norm.d_max": (["norm=batch_renorm"], [0.1, 0.5, 5.0]),
+    "norm.renorm_warmup": (["norm=batch_renorm"], [0, 4, 8]),
+    "norm.r_max_steps": (["norm=batch_renorm"], [4, 12, 30]),
+    "norm.d_max_steps": (["norm=batch_renorm"], [4, 12, 30]),
+    "trainer.stop_loss": (["trainer.stop_patience=15"], [0.0, 0.5, 1.0]),  # 0.5 and 1.0 stop them at step 15
+    "trainer.stop_patience": (["trainer.stop_loss=1.0"], [16, 30, 100]),  # 16 stops the first after the resume
+    "trainer.precise_bn": ([], [0, 2, 5]),
+    "threshold.metric": ([], ["test_acc", "train_acc", "train_loss"]),
+    "threshold.values": ([], [[0.3], [0.2, 0.9], [0.1, 0.4, 0.6]]),
+}
+# The norm constants in every norm that takes them, on feature vectors (mlp) and maps (cnn).
+NORM_CASES = [
+    (model, key, norm)
+    for key in ("norm.eps", "norm.momentum")
+    for norm in FUSABLE_NORMS
+    if key.split(".")[1] in NORMS[norm].keys
+    for model in ("mlp", "cnn")
+]
+
+
+def members_differing_in(key: str, *overrides: str) -> list[TrainConfig]:
+    """The three members of MEMBERS, each with its own value of `key` (MEMBER_CASES) as well."""
+    setting, values = MEMBER_CASES[key]
+    cfgs = member_configs(*setting, *overrides)
+    for cfg, value in zip(cfgs, values):
+        section, _, name = key.rpartition(".")
+        setattr(getattr(cfg, section) if section else cfg, name, value)
+    assert can_fuse(cfgs) is None
+    return cfgs
+
+
+def test_every_key_that_members_may_differ_in_has_its_case():
+    assert set(MEMBER_CASES) == set(MEMBER_KEYS)
+
+
+@pytest.mark.parametrize("key", sorted(MEMBER_CASES))
+def test_members_that_differ_in_a_key_follow_their_separate_runs_through_a_resume(key, tmp_path, monkeypatch):
+    cfgs = members_differing_in(key, "model=mlp", SMALL["mlp"])
+    fused = assert_fused_equals_separate(cfgs, tmp_path, monkeypatch)
+    if key.startswith("trainer.stop"):
+        assert "diverged" in [s.status for s in fused] and "completed" in [s.status for s in fused]
+
+
+@pytest.mark.parametrize(("model", "key", "norm"), NORM_CASES)
+def test_norm_constants_per_member_in_every_norm(model, key, norm, tmp_path):
+    cfgs = members_differing_in(key, f"model={model}", SMALL[model], f"norm={norm}")
+    assert_fused_equals_separate(cfgs, tmp_path)
+
+
+def test_members_whose_norm_settings_differ_run_their_norms_member_by_member():
+    cfgs = members_differing_in("norm.eps", "model=mlp", SMALL["mlp"])
+    data = load_data(cfgs[0].data, torch.device("cpu"))
+    norms = [m for m in build_fused(cfgs, data.in_shape, data.num_classes).modules() if isinstance(m, Memberwise)]
+    assert len(norms) == 2 and [layer.eps for layer in norms[0].layers] == [1e-5, 1e-2, 0.5]
+    same = member_configs("model=mlp", SMALL["mlp"])
+    assert not any(isinstance(m, Memberwise) for m in build_fused(same, data.in_shape, data.num_classes).modules())
+
+
+def test_can_fuse_accepts_runs_that_differ_in_member_and_bookkeeping_keys():
+    cfgs = members_differing_in("norm.momentum", "model=cnn", SMALL["cnn"])
     cfgs[1].trainer.threads, cfgs[2].trainer.resume = 1, True  # bookkeeping, no effect on the trajectory
+    cfgs[1].model.init, cfgs[2].optim.momentum = "normal", 0.9
     assert can_fuse(cfgs) is None
     assert can_fuse(cfgs[:1]) is None
 
@@ -278,13 +384,14 @@ def test_can_fuse_accepts_runs_that_differ_in_seed_lr_and_weight_decay():
         ("data.batch_size=16", "data.batch_size"),
         ("norm=layer", "norm.name"),
         ("optim=adam", "optim.name"),
-        ("optim.momentum=0.9", "optim.momentum"),
+        ("norm.affine=false", "norm.affine"),
+        ("norm.placement=after_act", "norm.placement"),
+        ("model.bias=true", "model.bias"),
         ("model.widths=[16,16]", "model.widths"),
         ("model.activation=tanh", "model.activation"),
         ("trainer.max_steps=10", "trainer.max_steps"),
-        ("optim.schedule=cosine", "optim.schedule"),  # one schedule per group: its factor scales every member's lr
-        ("optim.warmup_steps=5", "optim.warmup_steps"),
-        ("optim.decay_every=5", "optim.decay_every"),
+        ("model.residual_init=skipinit", "model.residual_init"),
+        ("model.weight_standardization=true", "model.weight_standardization"),
     ],
 )
 def test_can_fuse_refuses_runs_that_differ_elsewhere(override, key):
@@ -304,9 +411,15 @@ def test_can_fuse_refuses_norms_without_a_stacked_form():
     assert can_fuse([]) == "no configs"
 
 
-def test_can_fuse_refuses_runs_with_diagnostics():
-    cfgs = member_configs("model=mlp", SMALL["mlp"], "diag.grad_norms=true")
-    assert "diag" in can_fuse(cfgs)
+@pytest.mark.parametrize("switch", ["percentiles", "ics", "landscape", "grad_norms", "stat_drift"])
+def test_each_member_logs_the_diagnostics_of_its_separate_run(switch, tmp_path, monkeypatch):
+    cfgs = member_configs("model=mlp", SMALL["mlp"], f"diag.{switch}=true", "diag.every=5", "diag.probe=32")
+    assert can_fuse(cfgs) is None
+    # stat_drift compares with the statistics at the last diagnostic, which a checkpoint does not keep: a
+    # resumed run (fused or not) compares its first with those it started with, so no resume there
+    assert_fused_equals_separate(cfgs, tmp_path, monkeypatch if switch != "stat_drift" else None)
+    logged = {tag.split("/")[0] for tag in scalars(tmp_path / "fused1")}
+    assert {"percentiles": "act", "grad_norms": "grad_norm"}.get(switch, switch) in logged
 
 
 def test_the_launcher_fuses_only_the_jobs_that_ask_and_can():
@@ -315,7 +428,23 @@ def test_the_launcher_fuses_only_the_jobs_that_ask_and_can():
     noisy = member_configs("model=mlp", SMALL["mlp"], "trainer.fuse=true", "norm=noisy_batch")[:2]
     alone = member_configs("model=mlp", SMALL["mlp"])[:2]
     cfgs = [fuse[0], alone[0], other_batch[0], fuse[1], noisy[0], other_batch[1], noisy[1], alone[1], fuse[2]]
-    assert plan(cfgs) == [[0, 3, 8], [1], [2, 5], [4], [6], [7]]
+    groups, alone_why = plan(cfgs)
+    assert groups == [[0, 3, 8], [1], [2, 5], [4], [6], [7]]
+    ((why, jobs),) = alone_why.items()
+    assert why.startswith("norm=noisy_batch has no stacked form") and jobs == 2
+
+
+def test_fuse_auto_fuses_where_it_can_and_says_which_in_one_line():
+    auto = member_configs("model=mlp", SMALL["mlp"], "trainer.fuse=auto")
+    diag = member_configs("model=mlp", SMALL["mlp"], "trainer.fuse=auto", "diag.grad_norms=true")[:2]
+    lone = member_configs("model=mlp", SMALL["mlp"], "trainer.fuse=auto", "data.batch_size=16")[:1]
+    two = member_configs("model=mlp", SMALL["mlp"], "trainer.fuse=auto", "trainer.devices=2")[:2]
+    groups, alone = plan([*auto, *diag, *lone, *two])
+    assert groups == [[0, 1, 2], [3, 4], [5], [6], [7]]
+    assert fusing_line(groups, alone) == (
+        "trainer.fuse=auto: 5 runs train as 2 fused groups (1x3, 1x2); 3 alone (1: no job to fuse with; "
+        "2: trainer.devices > 1)"
+    )
 
 
 @pytest.mark.slow

@@ -10,7 +10,9 @@ import urllib.request
 
 import pytest
 from helpers import CLI, TINY, bnlab, scalars
+from omegaconf import OmegaConf
 
+from bnlab.callbacks import compose_each_job_once
 from bnlab.hparams import columns
 from bnlab.job import threads_per_job
 
@@ -154,3 +156,21 @@ def test_a_sweep_prints_one_line_per_run_and_its_table(tmp_path):
     runs = [line for line in before_table if line.startswith("run ")]
     assert len(runs) == 20 and len(before_table) <= 21  # and Hydra's "Launching 20 jobs"
     assert "run 1: norm=none,seed=0: completed after 4 steps" in runs[0]  # named by what varies
+
+
+def test_each_job_of_a_sweep_is_composed_once():
+    class Loader:
+        def __init__(self) -> None:
+            self.composed = 0
+
+        def load_sweep_config(self, master_config, sweep_overrides):
+            self.composed += 1
+            return OmegaConf.create({"job": list(sweep_overrides)})
+
+    loader, master = Loader(), OmegaConf.create({"a": 1})
+    compose_each_job_once(loader, master)
+    first = loader.load_sweep_config(master, ["seed=1"])
+    assert loader.load_sweep_config(master, ["seed=1"]) is first and loader.composed == 1
+    assert loader.load_sweep_config(master, ["seed=2"]).job == ["seed=2"] and loader.composed == 2
+    loader.load_sweep_config(OmegaConf.create({}), ["seed=1"])  # another sweep's
+    assert loader.composed == 3
