@@ -50,15 +50,18 @@ class Task:
 
     loss: Callable[[Tensor, Tensor], Tensor]  # (outputs (B, K), targets) -> loss per example (B,)
     correct: Callable[[Tensor, Tensor], Tensor] | None  # (outputs, targets) -> bool (B,); None: no accuracy
+    # (outputs, targets) -> the mean of `loss` in one op (a run's step: fewer ops, bnlab.engine.run_scores)
+    mean_loss: Callable[[Tensor, Tensor], Tensor]
 
 
 TASKS: dict[str, Task] = {
     "classification": Task(
         lambda out, y: F.cross_entropy(out, y, reduction="none"),
         lambda out, y: out.argmax(-1) == y,
+        F.cross_entropy,
     ),
     # mean over the K outputs of the squared error; its mean over a batch is torch's mse_loss
-    "regression": Task(lambda out, y: (out - y).square().mean(-1), None),
+    "regression": Task(lambda out, y: (out - y).square().mean(-1), None, F.mse_loss),
 }
 
 

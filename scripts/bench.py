@@ -72,6 +72,7 @@ def config(overrides: list[str], steps: int, eval_every: int | None = None) -> T
                 f"trainer.max_steps={steps}",
                 f"trainer.eval_every={eval_every or steps + 1}",
                 f"trainer.device={DEVICE.type}",
+                f"trainer.threads={torch.get_num_threads()}",  # as many as the loops below use (OMP_NUM_THREADS)
             ],
         )
     return OmegaConf.to_object(cfg)

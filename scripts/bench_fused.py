@@ -43,6 +43,7 @@ def configs(seeds: int, overrides: list[str], steps: int, data: list[str]) -> li
         f"trainer.eval_every={steps}",
         "trainer.checkpoint_every=0",
         f"trainer.device={DEVICE.type}",
+        f"trainer.threads={torch.get_num_threads()}",  # OMP_NUM_THREADS, or the cores
     ]
     with initialize_config_module("bnlab.conf", version_base="1.3"):
         return [OmegaConf.to_object(compose("train", overrides=[*common, f"seed={s}"])) for s in range(seeds)]
