@@ -36,6 +36,7 @@ def sweep(jobs: int, steps: int, data: list[str], cwd: Path) -> tuple[float, flo
         f"trainer.max_steps={steps}",
         f"trainer.eval_every={steps}",
         "trainer.fuse=false",
+        "trainer.threads=1",  # steady loop times beside other work (the loop's time is taken out anyway)
         f"hydra.sweep.dir=sweep{jobs}",
     ]
     start = time.perf_counter()
