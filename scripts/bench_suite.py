@@ -82,17 +82,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="the first K seeds of a preset's seed sweep (default 1)")
     parser.add_argument("--only", default="", help="comma-separated presets (default: all)")
     parser.add_argument("--device", default="cpu", help="trainer.device (default cpu)")
+    parser.add_argument("--threads", type=int, default=0, help="trainer.threads, both ways (default 0: the cores)")
     args = parser.parse_args()
     presets = args.only.split(",") if args.only else group_options("experiment")
     print(
         f"{len(presets)} presets at 1/{args.divide} of their steps, {args.seeds} seed(s), "
-        f"trainer.device={args.device}; load average {load()} on {os.cpu_count()} cores"
+        f"trainer.device={args.device}, trainer.threads={args.threads}; load average {load()} on {os.cpu_count()} cores"
     )
     rows, totals = [], [0.0, 0.0]
     with tempfile.TemporaryDirectory() as tmp:
         for i, preset in enumerate(presets):
             common, runs, conv = reduced(preset, args.divide, args.seeds)
-            common.append(f"trainer.device={args.device}")
+            common += [f"trainer.device={args.device}", f"trainer.threads={args.threads}"]
             best = ["trainer.fuse=auto", *(["trainer.channels_last=true"] if conv and args.device == "cpu" else [])]
             ways = {"plain": [*common, "trainer.fuse=false"], "best": [*common, *best]}
             times, fused, loads = {}, "", [load()]
