@@ -45,6 +45,15 @@ class _StackedOptimizer(torch.optim.Optimizer):
             self._constants[key] = (values, tensor)
         return self._constants[key][1]
 
+    def _lr(self, group: dict, p: Tensor, sign: float = 1.0) -> tuple[Tensor, float]:
+        """This step's lr of each member, times `sign`, as (per-member tensor, factor): the members' lrs and
+        their common schedule factor, so a schedule shared by the group copies nothing per step; where
+        the members' schedules differ, their scheduled lrs (made anew as they change) and 1."""
+        scales = group["scale"]
+        if len(set(scales)) == 1:
+            return self._per_member(f"{sign}lr", [sign * lr for lr in group["lr"]], p), scales[0]
+        return self._per_member(f"{sign}lr*scale", [sign * lr for lr in _lrs(group)], p), 1.0
+
     def _value(self, name: str, values: Sequence[float], p: Tensor) -> float | Tensor:
         """The members' common value as a number (a group whose members share it computes as their runs
         do), or else their values per member."""
@@ -109,7 +118,8 @@ class StackedSGD(_StackedOptimizer):
             else:
                 state["momentum_buffer"].mul_(self._value("momentum", group["momentum"], p)).add_(g)
             g = state["momentum_buffer"]
-        w.addcmul_(self._per_member("-lr", [-lr for lr in _lrs(group)], p), g)  # w - lr * g, in place
+        lr, factor = self._lr(group, p, sign=-1.0)
+        w.addcmul_(lr, g, value=factor)  # w - lr * g, in place
 
 
 class StackedAdam(_StackedOptimizer):
@@ -129,7 +139,8 @@ class StackedAdam(_StackedOptimizer):
             exp_avg_sq.mul_(beta2).addcmul_(g * (1 - beta2), g)
         else:
             exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        step_size = self._per_member("lr", _lrs(group), p) / (1 - beta1**t)
+        lr, factor = self._lr(group, p)
+        step_size = lr * (factor / (1 - beta1**t))
         denom = (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add_(self._value("eps", group["eps"], p))
         w.addcdiv_(step_size * exp_avg, denom, value=-1.0)  # w - step_size * exp_avg / denom
 
