@@ -177,14 +177,14 @@ def examples_per_pass(model: nn.Module, x: Tensor, members: int = 1) -> int:
     """How many of x's examples one evaluation pass of `model` (of `members` fused members) takes: as many as
     keep the outputs of all its layers within EVAL_BYTES, or on a GPU within a quarter of its free memory."""
     probe = x[:2]  # two examples: a norm over one value per group (group norm of width 1) refuses a single one
-    sizes = [probe.numel() * x.element_size() * members]
+    sizes = [probe.numel() * x.element_size()]
     layers = [m for m in model.modules() if next(m.children(), None) is None]
     hooks = [m.register_forward_hook(lambda m, i, out: sizes.append(out.numel() * out.element_size())) for m in layers]
     was_training = model.training
     try:
         with torch.no_grad():
             model.eval()
-            model(probe if members == 1 else probe.expand(members, *probe.shape))
+            model(probe if members == 1 else probe.unsqueeze(0))
     finally:
         model.train(was_training)
         for hook in hooks:
@@ -209,14 +209,14 @@ def evaluate(
     own batch statistics, which also moves the running statistics); the mode is restored after.
 
     An ordinary model (members = 1) takes the examples (B, ...); a fused model of N members takes them
-    once per member, (N, B, ...), and returns (N, B, outputs)."""
+    once for all members, (1, B, ...), and returns (N, B, outputs)."""
     size = chunk or examples_per_pass(model, x, members)
     was_training = model.training
     model.train(train_mode)
     sums = torch.zeros(members, 2, device=x.device, dtype=torch.float64)  # loss, correct
     for start in range(0, len(x), size):
         xc, yc = x[start : start + size], y[start : start + size]
-        outputs = model(xc if members == 1 else xc.expand(members, *xc.shape)).view(members, len(yc), -1)
+        outputs = model(xc if members == 1 else xc.unsqueeze(0)).view(members, len(yc), -1)
         losses, right = member_scores(task, outputs, yc.expand(members, *yc.shape))
         sums[:, 0] += losses * len(yc)
         sums[:, 1] += right

@@ -97,11 +97,14 @@ class _BatchedLinear(torch.autograd.Function):
 
 class StackedLinear(nn.Module):
     """N Linear layers as one batched matmul, (B, N*in) -> (B, N*out); weight (N*out, in) and bias
-    (N*out,) are the members' weights and biases one after another."""
+    (N*out,) are the members' weights and biases one after another. As the model's first layer it may take
+    K < N inputs (B, K*in), input k shared by the N/K members k*N/K, ... (`inputs`, set by FusedModel): K
+    matmuls of N/K members' weights each, not N over K inputs copied N/K times."""
 
     def __init__(self, linear: nn.Linear, members: int) -> None:
         super().__init__()
         self.members, self.in_features, self.out_features = members, linear.in_features, linear.out_features
+        self.inputs = members
         self.weight = nn.Parameter(linear.weight.new_empty(members * self.out_features, self.in_features))
         bias = None if linear.bias is None else nn.Parameter(linear.bias.new_empty(members * self.out_features))
         self.register_parameter("bias", bias)
@@ -110,11 +113,11 @@ class StackedLinear(nn.Module):
         return self.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        n, b = self.members, x.shape[0]
-        w = self._weight().view(n, self.out_features, self.in_features)
-        bias = None if self.bias is None else self.bias.view(n, self.out_features)
-        y = _BatchedLinear.apply(x.reshape(b, n, self.in_features), w, bias)  # (N, B, out)
-        return y.transpose(0, 1).reshape(b, n * self.out_features)  # row-major again, as norms and activations like it
+        k, b, out = self.inputs, x.shape[0], self.members * self.out_features
+        w = self._weight().view(k, out // k, self.in_features)  # input k's members' weights, one after another
+        bias = None if self.bias is None else self.bias.view(k, out // k)
+        y = _BatchedLinear.apply(x.reshape(b, k, self.in_features), w, bias)  # (K, B, N/K*out)
+        return y.transpose(0, 1).reshape(b, out)  # row-major again, as norms and activations like it
 
 
 class StackedWSLinear(StackedLinear):
@@ -170,6 +173,18 @@ def stack_module(layers: Sequence[nn.Module]) -> nn.Module:
     raise TypeError(f"{kind.__name__} has no stacked counterpart (see bnlab.fused.STACKERS)")
 
 
+def entry_layer(net: nn.Module) -> StackedLinear | None:
+    """The stacked model's first layer with parameters if it is a StackedLinear with only stateless layers
+    before it (an MLP), which can take inputs that several members share; otherwise None. A convolution
+    does not: over a shared input of one channel a CPU convolution leaves the channels-last layout and
+    every later layer runs about twice as slow, so each member gets its copy of the input there."""
+    for m in net.modules():  # the built-in models register their layers in the order they run
+        if next(m.children(), None) is not None or isinstance(m, (nn.Flatten, *STATELESS)):
+            continue
+        return m if isinstance(m, StackedLinear) else None
+    return None
+
+
 class FusedModel(nn.Module):
     """N ordinary bnlab models of one architecture as one stacked model; member n starts as models[n]."""
 
@@ -188,16 +203,25 @@ class FusedModel(nn.Module):
         # Feature maps channels-last: CPU grouped convs (their backward most of all) and max-pooling run
         # markedly faster on them than on contiguous ones.
         self.channels_last = any(isinstance(m, nn.Conv2d) for m in self.net.modules())
+        self.entry = entry_layer(self.net)
         self.train(models[0].training)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Inputs (N, B, *example shape) -> logits (N, B, classes), member n applied to x[n]."""
-        n, b = x.shape[:2]
-        if n != self.members:
-            raise ValueError(f"expected inputs for {self.members} members, got shape {tuple(x.shape)}")
-        stacked = x.transpose(0, 1).reshape(b, n * x.shape[2], *x.shape[3:])  # (B, N*C, ...)
+        """Inputs (K, B, *example shape) -> logits (N, B, classes) for K dividing N: member n applied to
+        x[n // (N/K)], so K = N gives each member its own examples and K = 1 gives all the same ones (an
+        evaluation; members drawing the same batches). The entry layer takes the K inputs as they are."""
+        k, b = x.shape[:2]
+        n = self.members
+        if k == 0 or n % k:
+            raise ValueError(f"expected inputs for {n} members or a divisor of {n}, got shape {tuple(x.shape)}")
+        if k < n and self.entry is None:  # each member its own copy of its input (a conv model)
+            x = x.unsqueeze(1).expand(k, n // k, *x.shape[1:]).reshape(n, *x.shape[1:])
+            k = n
+        stacked = x.transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:])  # (B, K*C, ...)
         if self.channels_last and stacked.dim() == 4:
             stacked = stacked.contiguous(memory_format=torch.channels_last)
+        if self.entry is not None:
+            self.entry.inputs = k
         return self.net(stacked).view(b, n, -1).transpose(0, 1)
 
     def load_member_state_dicts(self, states: Sequence[dict[str, Tensor]]) -> None:
@@ -274,9 +298,16 @@ class Fused:
         if checkpoints:
             self.model.load_member_state_dicts([c["model"] for c in checkpoints])
         self.optimizer = build_stacked_optimizer(self.model, [c.optim for c in cfgs])
+        # Members of one seed draw the same batches: where the group is K equal blocks of one seed each (the
+        # launcher sorts it by seed), K batches are drawn and fed to the model once each, not N.
+        seeds = [c.seed for c in cfgs]
+        k = len(set(seeds))
+        self.inputs = (
+            k if seeds == [s for s in dict.fromkeys(seeds) for _ in range(self.members // k)] else self.members
+        )
         self.orders = [
             batches(len(data.train_y), c.data.batch_size, torch.Generator(device=device).manual_seed(c.seed))
-            for c in cfgs
+            for c in cfgs[:: self.members // self.inputs]
         ]
         log.info(
             "%d %s runs fused: %s, %d parameters, %d training examples",
@@ -292,13 +323,14 @@ class Fused:
                 skip(order, checkpoints[0]["step"])
 
     def step(self, step: int) -> tuple[Tensor, Tensor]:
-        n = self.members
-        idx = torch.stack([next(o) for o in self.orders], 1).flatten()  # (B*N,), example-major: the stacked layout
+        k, per = self.inputs, self.members // self.inputs
+        idx = torch.stack([next(o) for o in self.orders], 1).flatten()  # (B*K,), example-major: the stacked layout
         data = self.data
-        # (N, B, ...) views of the members' examples and targets
-        x, y = (t.index_select(0, idx).unflatten(0, (-1, n)).transpose(0, 1) for t in (data.train_x, data.train_y))
+        # (K, B, ...) views of the K batches' examples and targets; member n's are x[n // per], y[n // per]
+        x, y = (t.index_select(0, idx).unflatten(0, (-1, k)).transpose(0, 1) for t in (data.train_x, data.train_y))
         with autocast(self.cfgs[0].trainer, self.device):
-            losses, correct = member_scores(data.task, self.model(x), y)
+            outputs = self.model(x)
+            losses, correct = member_scores(data.task, outputs, y.repeat_interleave(per, 0) if per > 1 else y)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         schedule_lr(self.optimizer, [c.optim for c in self.cfgs], step, self.cfgs[0].trainer.max_steps)
@@ -306,11 +338,11 @@ class Fused:
         for n, diagnostics in due:  # at the step's weights and gradients, before the update
             if diagnostics.needs_gradients:
                 diagnostics.model = self.member_model(n, gradients=True)
-                diagnostics.before_step(step, x[n], y[n])
+                diagnostics.before_step(step, x[n // per], y[n // per])
         self.optimizer.step()
         for n, diagnostics in due:
             diagnostics.model = self.member_model(n)
-            diagnostics.after_step(step, x[n], y[n])
+            diagnostics.after_step(step, x[n // per], y[n // per])
         return losses.detach().float(), correct
 
     def evaluate(self) -> Tensor:

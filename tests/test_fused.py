@@ -211,6 +211,27 @@ def test_placement_bias_and_sigmoid(placement, tmp_path):
     assert_fused_equals_separate(cfgs, tmp_path)
 
 
+SHARED_SEEDS = [(0, 0.1, 0.0), (0, 0.2, 1e-3), (1, 0.1, 0.0), (1, 0.05, 1e-2)]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=mlp", SMALL["mlp"]],
+        ["model=cnn", SMALL["cnn"]],
+        ["model=mlp", SMALL["mlp"], "model.weight_standardization=true"],
+    ],
+    ids=["mlp", "cnn", "mlp_ws"],
+)
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [0, 2, 1, 3]], ids=["by_seed", "mixed"])
+def test_members_of_one_seed_share_their_batches_and_still_follow_their_separate_runs(overrides, order, tmp_path):
+    cfgs = member_configs(*overrides, members=[SHARED_SEEDS[i] for i in order])
+    data = load_data(cfgs[0].data, torch.device("cpu"))
+    # by seed: 2 batches a step, one per seed, each fed to the model once; otherwise one per member
+    assert Fused(cfgs, data, torch.device("cpu")).inputs == (2 if order == [0, 1, 2, 3] else 4)
+    assert_fused_equals_separate(cfgs, tmp_path)
+
+
 def test_a_diverging_member_stops_alone_and_leaves_the_others_alone(tmp_path):
     cfgs = member_configs("model=mlp", SMALL["mlp"], "norm=batch")
     cfgs[1].optim.lr = math.inf  # its weights turn inf and NaN in the first update
@@ -430,6 +451,8 @@ def test_the_launcher_fuses_only_the_jobs_that_ask_and_can():
     cfgs = [fuse[0], alone[0], other_batch[0], fuse[1], noisy[0], other_batch[1], noisy[1], alone[1], fuse[2]]
     groups, alone_why = plan(cfgs)
     assert groups == [[0, 3, 8], [1], [2, 5], [4], [6], [7]]
+    fuse[0].seed, fuse[2].seed = 5, 0  # a fused group is ordered by seed: members of one seed draw one batch
+    assert plan(cfgs)[0][0] == [8, 3, 0]
     ((why, jobs),) = alone_why.items()
     assert why.startswith("norm=noisy_batch has no stacked form") and jobs == 2
 
