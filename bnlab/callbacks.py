@@ -65,7 +65,7 @@ class Preflight(Callback):
         if fuse_mode(config.trainer) == "true" and config.hydra.launcher.get("_target_") != FUSING_LAUNCHER:
             log.warning("trainer.fuse=true fuses runs only with hydra/launcher=bnlab (the default): these run alone")
         loader = GlobalHydra.instance().config_loader()
-        compose_each_job_once(loader, config)
+        ComposeOnce(loader, config)
         overrides = sweep_jobs(config)
         name_runs_by_what_varies(config, overrides)
         jobs = [loader.load_sweep_config(config, job) for job in overrides]
@@ -88,24 +88,27 @@ class Preflight(Callback):
             refuse(e)
 
 
-def compose_each_job_once(loader: Any, config: DictConfig) -> None:
+class ComposeOnce:
     """Every job's config is loaded three times (here, by Hydra's sweeper to check it, by the launcher to run
-    it), and Hydra composes it anew each time (a tenth of a second or more a job): have `loader` compose each
-    job of this sweep (`config`) once and hand the same config to the later loads (the launcher's, which
-    sets the job's number, is the last)."""
-    compose = type(loader).load_sweep_config.__get__(loader)
-    composed: dict[tuple[str, ...], DictConfig] = {}
+    it), and Hydra composes it anew each time (a tenth of a second or more a job): `loader.load_sweep_config`
+    made to compose each job of this sweep (`config`) once and hand the same config to the later loads (the
+    launcher's, which sets the job's number, is the last). An object, not a closure, so that the loader still
+    pickles (bnlab's launcher hands Hydra's state to its worker processes)."""
 
-    def load_sweep_config(master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
-        if master_config is not config:
-            return compose(master_config, sweep_overrides)
+    def __init__(self, loader: Any, config: DictConfig) -> None:
+        self.compose = type(loader).load_sweep_config.__get__(loader)
+        self.config = config
+        self.composed: dict[tuple[str, ...], DictConfig] = {}
+        loader.load_sweep_config = self
+
+    def __call__(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        if master_config is not self.config:
+            return self.compose(master_config, sweep_overrides)
         key = tuple(sweep_overrides)
-        if key not in composed:
-            composed[key] = compose(master_config, list(sweep_overrides))
-        OmegaConf.copy_cache(master_config, composed[key])  # as Hydra does: what was resolved since (the folder)
-        return composed[key]
-
-    loader.load_sweep_config = load_sweep_config
+        if key not in self.composed:
+            self.composed[key] = self.compose(master_config, list(sweep_overrides))
+        OmegaConf.copy_cache(master_config, self.composed[key])  # as Hydra does: what was resolved since (the folder)
+        return self.composed[key]
 
 
 def sweep_jobs(config: DictConfig) -> list[list[str]]:

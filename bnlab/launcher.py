@@ -1,7 +1,8 @@
 """`hydra/launcher=bnlab`, the default launcher of `bnlab train -m`: Hydra's basic launcher (jobs one
 after another in this process), except that jobs with trainer.fuse=true or auto that differ only in
 keys marked MEMBER in bnlab/config.py (seed, lr, init, ...) train together as one fused model
-(bnlab/fused.py). Each member still gets its own run directory, .hydra/ configs, train.log, TensorBoard
+(bnlab/fused.py), and that with hydra.launcher.n_jobs > 1 it trains that many groups at once in worker
+processes. Each member still gets its own run directory, .hydra/ configs, train.log, TensorBoard
 run and summary.json, as if it had run alone. Hydra loads launchers only from the hydra_plugins
 package: bnlab/hydra_plugin is installed there and hands `launch` to `launch_jobs` here."""
 
@@ -9,15 +10,21 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
+import signal
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, configure_log, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
 from bnlab.app import console, report, show_job
@@ -75,40 +82,120 @@ def fusing_line(groups: list[list[int]], alone: dict[str, int]) -> str:
 def launch_jobs(
     launcher: Launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
 ) -> Sequence[JobReturn]:
-    """What the basic launcher does for these jobs, with the fusable groups trained as one model each."""
+    """What the basic launcher does for these jobs, with the fusable groups trained as one model each; with
+    hydra.launcher.n_jobs > 1, that many groups (a fused group or a lone job) at once, each in a worker
+    process with its share of the cores (as hydra/launcher=joblib shares them), the largest groups first."""
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     Path(str(launcher.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-    log.info("Launching %d jobs locally", len(job_overrides))
+    n_jobs = launcher.n_jobs if launcher.n_jobs > 0 else os.cpu_count() or 1
+    log.info("Launching %d jobs locally, %d at once", len(job_overrides), n_jobs)
     configs = []
     for idx, overrides in enumerate(job_overrides, initial_job_idx):
         sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = sweep_config.hydra.job.num = idx
         configs.append(sweep_config)
-    cfgs = [job_config(c) for c in configs]  # one job at a time: each gets every core
+    cfgs = [job_config(c, n_jobs) for c in configs]
     groups, alone = plan(cfgs)
     if any(fuse_mode(c.trainer) == "auto" for c in cfgs):
         console.print(fusing_line(groups, alone), soft_wrap=True, highlight=False)
-    returns: list[JobReturn] = []
-    for group in groups:
-        if len(group) == 1:
-            tasks = {group[0]: launcher.task_function}
-        else:  # train the group, then hand each member's outcome to the job that reports it
-            dirs = [job_dir(configs[i]) for i in group]
-            log.info("training %d runs as one fused model: %s", len(group), ", ".join(d.name for d in dirs))
-            outcomes = run_jobs([cfgs[i] for i in group], dirs, console)
-            tasks = {i: _reporter(outcome) for i, outcome in zip(group, outcomes)}
-        for i, task in tasks.items():
-            ret = run_job(
-                hydra_context=launcher.hydra_context,
+    work = [([configs[i] for i in g], [cfgs[i] for i in g]) for g in groups]
+    if n_jobs == 1 or len(groups) == 1:
+        returns = [run_group(launcher.hydra_context, launcher.task_function, *w) for w in work]
+    else:
+        # members x steps: the longest first, so that none starts last; the returns in sweep order
+        order = sorted(range(len(groups)), key=lambda g: -len(groups[g]) * cfgs[groups[g][0]].trainer.max_steps)
+        state = Singleton.get_state()
+        done = in_workers(n_jobs, [(launcher.hydra_context, launcher.task_function, *work[g], state) for g in order])
+        returns = [r for _, r in sorted(zip(order, done))]
+    return [ret for group in returns for ret in group]
+
+
+def in_workers(n_jobs: int, calls: list[tuple]) -> list[list[JobReturn]]:
+    """run_group(*call) for each call, in n_jobs worker processes; the returns in the calls' order.
+
+    The workers have a process group of their own, so that Ctrl-C in a terminal reaches this process only,
+    which passes it (and SIGTERM) on to each worker once: their runs stop after the step they are in and
+    write their summaries. After a signal or the first error no group starts (one is handed to a worker only
+    when another ends), those running finish or stop, and the error is raised again here."""
+    context = multiprocessing.get_context("spawn")  # no forked copy of this process's torch threads and locks
+    signalled = []
+
+    def forward(signum: int, frame: Any) -> None:
+        signalled.append(signum)
+        for child in context.active_children():
+            os.kill(child.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    results: dict[int, bytes] = {}
+    error: BaseException | None = None
+    try:
+        with ProcessPoolExecutor(n_jobs, mp_context=context, initializer=os.setpgrp) as pool:
+            todo = iter(enumerate(calls))
+            running = {}
+            while True:
+                while len(running) < n_jobs and not signalled and error is None:
+                    i, call = next(todo, (None, None))
+                    if call is None:
+                        break
+                    running[pool.submit(_pickled_run_group, cloudpickle.dumps(call))] = i
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    i = running.pop(future)
+                    if future.exception() is not None:
+                        error = error or future.exception()
+                    else:
+                        results[i] = future.result()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if error is not None:
+        raise error
+    if signalled:
+        raise KeyboardInterrupt
+    return [cloudpickle.loads(results[i]) for i in range(len(calls))]
+
+
+def _pickled_run_group(call: bytes) -> bytes:
+    """run_group in a worker. Hydra's state holds closures (OmegaConf's resolvers), which only cloudpickle
+    pickles, as hydra/launcher=joblib's loky does."""
+    return cloudpickle.dumps(run_group(*cloudpickle.loads(call)))
+
+
+def run_group(
+    hydra_context: HydraContext,
+    task_function: TaskFunction,
+    configs: list[DictConfig],
+    cfgs: list[TrainConfig],
+    singleton_state: dict | None = None,
+) -> list[JobReturn]:
+    """Run one job alone, or train a fused group and hand each member's outcome to the job that reports it;
+    in this process or, given Hydra's state (`singleton_state`), in a worker."""
+    if singleton_state is not None:
+        setup_globals()
+        Singleton.set_state(singleton_state)
+    logging_cfg = configs[0].hydra.hydra_logging, configs[0].hydra.verbose
+    if len(configs) == 1:
+        tasks = [task_function]
+    else:
+        dirs = [job_dir(c) for c in configs]
+        log.info("training %d runs as one fused model: %s", len(dirs), ", ".join(d.name for d in dirs))
+        tasks = [_reporter(outcome) for outcome in run_jobs(cfgs, dirs, console)]
+    returns = []
+    for config, task in zip(configs, tasks):
+        returns.append(
+            run_job(
+                hydra_context=hydra_context,
                 task_function=task,
-                config=configs[i],
+                config=config,
                 job_dir_key="hydra.sweep.dir",
                 job_subdir_key="hydra.sweep.subdir",
             )
-            returns.append(ret)
-            configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+        )
+        configure_log(*logging_cfg)
     return returns
 
 

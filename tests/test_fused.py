@@ -12,11 +12,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, bnlab, compose_config, scalars
+from helpers import TINY, bnlab, compose_config, scalars, start
 
 from bnlab.config import MEMBER_KEYS, ConfigError, TrainConfig
 from bnlab.data import load_data
@@ -498,6 +500,54 @@ def test_a_fused_sweep_writes_every_run_as_an_unfused_sweep_does(tmp_path):
     assert (tmp_path / "fused" / "summary.csv").read_text().count("\n") == (
         tmp_path / "alone" / "summary.csv"
     ).read_text().count("\n")
+
+
+@pytest.mark.slow
+def test_n_jobs_trains_groups_and_lone_jobs_at_once_to_the_same_runs(tmp_path):
+    sweep = [
+        "-m",
+        *TINY,
+        "trainer.max_steps=6",
+        "trainer.threads=1",
+        "trainer.fuse=auto",
+        "seed=0,1",
+        "norm=batch,noisy_batch,layer",
+    ]
+    outs = {
+        n: bnlab("train", *sweep, f"hydra.launcher.n_jobs={n}", f"hydra.sweep.dir=jobs{n}", cwd=tmp_path)
+        for n in (1, 2)
+    }
+    assert all(out.returncode == 0 for out in outs.values()), outs[2].stderr
+    # batch and layer: a fused group each; noisy_batch has no stacked form: two lone jobs
+    assert "4 runs train as 2 fused groups (2x2); 2 alone" in outs[2].stdout
+    assert outs[2].stdout.count("completed after 6 steps") == 6
+    for name in sorted(p.parent.name for p in (tmp_path / "jobs1").glob("*/summary.json")):
+        a, b = (json.loads((tmp_path / d / name / "summary.json").read_text()) for d in ("jobs2", "jobs1"))
+        assert (a["status"], a["fused_members"]) == ("completed", 1 if "noisy" in name else 2), name
+        assert a["final"] == b["final"], name
+        if "noisy" in name:  # a lone job's log, written in its worker
+            assert "training from the start" in (tmp_path / "jobs2" / name / "train.log").read_text()
+    summary = json.loads((tmp_path / "jobs2" / "summary.json").read_text())
+    assert sum(g["runs"] for g in summary["groups"]) == 6
+    assert json.loads((tmp_path / "jobs2" / "provenance.json").read_text())["launcher"] == "BnlabLauncher, 2 at once"
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_worker_of_an_n_jobs_sweep_and_starts_no_more_groups(tmp_path):
+    sweep = [*TINY, "trainer.max_steps=100000", "trainer.fuse=auto", "seed=0,1", "norm=batch,noisy_batch"]
+    proc = start("-m", *sweep, "hydra.launcher.n_jobs=2", "hydra.sweep.dir=s", cwd=tmp_path, output=True)
+    deadline = time.monotonic() + 120  # both workers training: the fused group and the first lone job
+    while len(list((tmp_path / "s").glob(f"*/{CHECKPOINT}"))) < 3:
+        assert time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # to the launcher alone: it passes the signal on to its workers
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    statuses = {p.parent.name: json.loads(p.read_text())["status"] for p in (tmp_path / "s").glob("*/summary.json")}
+    assert statuses == dict.fromkeys(
+        ["norm=batch,seed=0", "norm=batch,seed=1", "norm=noisy_batch,seed=0"], "interrupted"
+    )
+    assert "continue the sweep with `bnlab resume" in out
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn", "resnet"])

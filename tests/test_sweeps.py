@@ -12,7 +12,7 @@ import pytest
 from helpers import CLI, TINY, bnlab, scalars
 from omegaconf import OmegaConf
 
-from bnlab.callbacks import compose_each_job_once
+from bnlab.callbacks import ComposeOnce
 from bnlab.hparams import columns
 from bnlab.job import threads_per_job
 
@@ -168,7 +168,7 @@ def test_each_job_of_a_sweep_is_composed_once():
             return OmegaConf.create({"job": list(sweep_overrides)})
 
     loader, master = Loader(), OmegaConf.create({"a": 1})
-    compose_each_job_once(loader, master)
+    ComposeOnce(loader, master)
     first = loader.load_sweep_config(master, ["seed=1"])
     assert loader.load_sweep_config(master, ["seed=1"]) is first and loader.composed == 1
     assert loader.load_sweep_config(master, ["seed=2"]).job == ["seed=2"] and loader.composed == 2
