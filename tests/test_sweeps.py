@@ -160,6 +160,8 @@ def test_a_sweep_prints_one_line_per_run_and_its_table(tmp_path):
 
 def test_each_job_of_a_sweep_is_composed_once():
     class Loader:
+        repository = None  # every override below is a plain value of a key that is no group
+
         def __init__(self) -> None:
             self.composed = 0
 
@@ -168,9 +170,51 @@ def test_each_job_of_a_sweep_is_composed_once():
             return OmegaConf.create({"job": list(sweep_overrides)})
 
     loader, master = Loader(), OmegaConf.create({"a": 1})
-    ComposeOnce(loader, master)
+    composer = ComposeOnce(loader, master)
+    composer.is_plain_value = lambda o: False  # compose every job (the copies: the test below)
     first = loader.load_sweep_config(master, ["seed=1"])
     assert loader.load_sweep_config(master, ["seed=1"]) is first and loader.composed == 1
     assert loader.load_sweep_config(master, ["seed=2"]).job == ["seed=2"] and loader.composed == 2
     loader.load_sweep_config(OmegaConf.create({}), ["seed=1"])  # another sweep's
     assert loader.composed == 3
+
+
+@pytest.mark.parametrize(
+    "sweep, composed",
+    [
+        (["+experiment=lr_sensitivity"], 7),  # 385 jobs: a composition per norm, the lrs and seeds copied
+        (["+experiment=fair_baselines"], 5),  # +baseline appends a config group: one per baseline
+        (
+            [
+                "norm=none,batch",
+                "norm.momentum=0.1,0.2",
+                "threshold.values=[0.5],[0.6]",  # a list: composed, not copied
+                "model.activation=relu,sigmoid",
+                "data.batch_size=8,16",
+                "+trainer.spare=1,2",  # an append: composed
+                "seed=0,1",
+            ],
+            8,  # 2 norms x 2 threshold lists x 2 appends
+        ),
+    ],
+    ids=["lr_sensitivity", "fair_baselines", "values_lists_appends"],
+)
+def test_a_job_copied_from_another_equals_hydras_own_composition(sweep, composed):
+    from hydra import compose, initialize_config_module
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    preset = [o for o in sweep if o.startswith("+experiment=")]
+    with initialize_config_module("bnlab.conf", version_base="1.3"):
+        master = compose("train", overrides=preset, return_hydra_config=True)
+        params = [f"{k}={v}" for k, v in (master.hydra.sweeper.get("params") or {}).items()]
+        (jobs,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides([*sweep, *params]), None)
+        loader = GlobalHydra.instance().config_loader()
+        composer = ComposeOnce(loader, master)
+        copies = [loader.load_sweep_config(master, job) for job in jobs]
+        assert len(composer.templates) == composed
+        for job, copied in list(zip(jobs, copies))[:: max(1, len(jobs) // 12)]:
+            hydras = composer.compose(master, job)
+            assert OmegaConf.to_container(copied) == OmegaConf.to_container(hydras), job
+            assert OmegaConf.is_struct(copied) and not OmegaConf.is_readonly(copied.hydra)
