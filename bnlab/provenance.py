@@ -1,7 +1,7 @@
 """Where a result came from: `provenance.json` in every sweep (and single run) folder names the command,
-the bnlab version and commit, the Python and torch versions, the machine, the device and the torch
-thread count that produced its numbers, and when and for how long it ran. docs/results.md copies it
-into each section (scripts/record_result.py)."""
+the bnlab version and commit, the Python and torch versions, the machine, the device, the torch
+thread count and the CPU's vector instructions that produced its numbers, and when and for how long it
+ran. docs/results.md copies it into each section (scripts/record_result.py)."""
 
 from __future__ import annotations
 
@@ -40,13 +40,20 @@ def commit() -> str | None:
 
 
 def cpu_name() -> str:
+    """The CPU's model name, with its family and model numbers (a VM may call every generation "AMD EPYC")."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    name = info.get("model name", platform.machine())
+    return f"{name} (family {info['cpu family']}, model {info['model']})" if "cpu family" in info else name
+
+
+def cpu_kernels() -> str:
+    """The vector instructions torch's CPU kernels use here (AVX2, AVX512, ...): float results depend on them
+    in their last bits, as on the thread count. ATEN_CPU_CAPABILITY and MKL_ENABLE_INSTRUCTIONS lower them."""
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def device_name(device: str) -> str:
@@ -71,6 +78,7 @@ def start(folder: Path, args: list[str], device: str, threads: int, launcher: st
             "machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}",
             "device": device_name(device),
             "torch_threads": threads,  # per run (trainer.threads, 0 resolved to the cores each run gets)
+            "cpu_kernels": cpu_kernels(),
             "launcher": launcher,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "start_time": time.time(),

@@ -26,10 +26,11 @@ def provenance_text(section: str, p: dict) -> str:
     commit = (p.get("bnlab_commit") or "not a git checkout")[:12]
     runs = ", ".join(f"{n} {status}" for status, n in p.get("runs", {}).items())
     minutes = p["wall_time_s"] / 60
+    kernels = f"{p['cpu_kernels']} CPU kernels, " if "cpu_kernels" in p else ""
     return (
         f"> Produced by `{p['command']}` with bnlab {p['bnlab_version']} (commit {commit}), torch {p['torch']}, "
         f"Python {p['python']}, on {p['machine']} ({p['device']}, {p['torch_threads']} torch threads per run, "
-        f"{p['launcher']}): {runs} in {minutes:.1f} min, {p['started'][:10]}. Its numbers: "
+        f"{kernels}{p['launcher']}): {runs} in {minutes:.1f} min, {p['started'][:10]}. Its numbers: "
         f"[results/{section}.json](results/{section}.json); run it again with "
         f"`python scripts/reproduce.py {section}` (`--scale 0.25` for a quick look)."
     )

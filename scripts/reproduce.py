@@ -4,6 +4,12 @@ scaled by F for a quick look, into outputs/reproduce/SECTION-<time>, then a tabl
 test accuracy and the iterations to each threshold, recorded and now, with `!` on every number now
 outside the recorded spread over seeds (min-max; a single seed's number is its own spread).
 
+Float results depend in their last bits on the torch thread count and on the CPU's vector instructions, so
+the re-run takes the recorded thread count (trainer.threads, unless the command sets it) and, where the
+record names them and this CPU has more (an AVX512 CPU re-running an AVX2 record), lowers torch's and
+MKL's kernels to the recorded ones (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS; `--cpu-kernels` to
+choose, e.g. for a record made before they were recorded).
+
     python scripts/reproduce.py main
     python scripts/reproduce.py lr_sensitivity --scale 0.25
 """
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -23,6 +30,7 @@ from rich.table import Table
 
 from bnlab.analysis import Group, load_sweep
 from bnlab.overrides import quote
+from bnlab.provenance import cpu_kernels
 from bnlab.summarize import record
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -89,18 +97,38 @@ def compare(recorded: dict, now: list[Group], console: Console) -> int:
     return flagged
 
 
+def same_numerics(args: list[str], provenance: dict, kernels: str | None) -> tuple[list[str], dict[str, str]]:
+    """The arguments with the recorded thread count, and the environment with the CPU kernels to use
+    (`kernels`, else the recorded ones where this CPU can lower its own to them)."""
+    if not any(a.startswith("trainer.threads=") for a in args):
+        args = [*args, f"trainer.threads={provenance['torch_threads']}"]
+    env = dict(os.environ)
+    kernels = kernels or provenance.get("cpu_kernels")
+    here = cpu_kernels()
+    if kernels and kernels.upper() != here:
+        if kernels.upper() in ("AVX2", "AVX512") and here == "AVX512":
+            env.update(ATEN_CPU_CAPABILITY=kernels.lower(), MKL_ENABLE_INSTRUCTIONS=kernels.upper())
+            print(f"CPU kernels lowered from {here} to {kernels.upper()}")
+        else:
+            print(f"the record's CPU kernels ({kernels}) differ from this CPU's ({here}): the last digits may move")
+    return args, env
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("section", help="a section of docs/results.md (a file docs/results/SECTION.json)")
     parser.add_argument("--scale", type=float, default=1.0, help="step budget factor (0.25: a quarter)")
+    parser.add_argument("--cpu-kernels", help="AVX2 or AVX512 (default: the record's, where it names them)")
     args = parser.parse_args()
     recorded = json.loads((DOCS / "results" / f"{args.section}.json").read_text())
     command = shlex.split(recorded["provenance"]["command"])[2:]  # after `bnlab train`
     run_args = scaled([a for a in command if not a.startswith(SET_ANEW)], recorded["groups"], args.scale)
+    run_args, env = same_numerics(run_args, recorded["provenance"], args.cpu_kernels)
     out = Path("outputs") / "reproduce" / f"{args.section}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     print("running: bnlab train " + " ".join(map(shlex.quote, run_args)))
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "bnlab", "train", *run_args, f"hydra.sweep.dir={quote(str(out))}"])
+    train = [sys.executable, "-m", "bnlab", "train", *run_args, f"hydra.sweep.dir={quote(str(out))}"]
+    done = subprocess.run(train, env=env)
     print(f"{out}: exit code {done.returncode} after {(time.perf_counter() - start) / 60:.1f} min")
     flagged = compare(recorded, load_sweep(out).groups, Console(width=200))
     scale = "" if args.scale == 1 else f" (step budget x{args.scale:g}: expect numbers that depend on it to move)"
