@@ -127,11 +127,12 @@ class ComposeOnce:
             tuple(o.input_line for o in parsed if o not in values),
             tuple(o.key_or_group for o in values),
         )
-        template = self.templates.get(template_key)
-        if template is None:
-            self.templates[template_key] = self.compose(self.config, sweep_overrides)
-            return self.templates[template_key]
-        cfg = copy.deepcopy(template)
+        if template_key not in self.templates:
+            composed = self.compose(self.config, sweep_overrides)
+            # a copy that stays as composed: the job's own config is made read-only when it runs
+            self.templates[template_key] = copy.deepcopy(composed)
+            return composed
+        cfg = copy.deepcopy(self.templates[template_key])
         for o in values:
             OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
         app = [o for o in parsed if not o.is_hydra_override()]

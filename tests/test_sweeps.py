@@ -203,6 +203,7 @@ def test_a_job_copied_from_another_equals_hydras_own_composition(sweep, composed
     from hydra import compose, initialize_config_module
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     preset = [o for o in sweep if o.startswith("+experiment=")]
@@ -218,3 +219,8 @@ def test_a_job_copied_from_another_equals_hydras_own_composition(sweep, composed
             hydras = composer.compose(master, job)
             assert OmegaConf.to_container(copied) == OmegaConf.to_container(hydras), job
             assert OmegaConf.is_struct(copied) and not OmegaConf.is_readonly(copied.hydra)
+        HydraConfig.instance().set_config(copies[0])  # as when the first job runs: its hydra node read-only
+        later = [o if not o.startswith("seed=") else "seed=99" for o in jobs[0]]
+        copied, hydras = loader.load_sweep_config(master, later), composer.compose(master, later)
+        assert OmegaConf.to_container(copied) == OmegaConf.to_container(hydras)
+        assert not OmegaConf.is_readonly(copied.hydra)
