@@ -3,6 +3,7 @@ command run as a user runs it, and a run's TensorBoard scalars."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -56,6 +57,14 @@ LONG = [
     "trainer.eval_every=50",
     "trainer.checkpoint_every=50",
 ]
+
+
+def script(name: str):
+    """scripts/NAME.py imported as a module (the scripts are no package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def compose_config(overrides: list[str]) -> TrainConfig:

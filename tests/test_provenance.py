@@ -3,19 +3,11 @@ record under the same numerics (thread count, CPU kernels)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, TINY, bnlab
-
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import ROOT, TINY, bnlab, script
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from helpers import script
 from hydra import compose, initialize_config_module
 
 from bnlab.analysis import Group, RunResult, group_runs, load_runs
@@ -176,12 +177,7 @@ def test_old_summaries_without_schema_version_are_read(tmp_path):
 
 
 def test_the_ci_check_of_the_main_job_reads_the_newest_sweep(tmp_path):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "check_main_job.py"
-    spec = importlib.util.spec_from_file_location("check_main_job", path)
-    check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check)
+    check = script("check_main_job")
     write_sweep(
         tmp_path / "2026-01-01_00-00-00", [run("batch", 0.01, 0, {"0.95": 900}), run("none", 0.01, 0, {"0.95": None})]
     )
