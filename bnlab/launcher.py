@@ -44,14 +44,10 @@ def fuse_key(cfg: TrainConfig) -> str | None:
 
 
 def plan(cfgs: Sequence[TrainConfig]) -> tuple[list[list[int]], dict[str, int]]:
-    """The jobs (indices) grouped for training, in sweep order by each group's first job: each fusable
+    """The jobs (indices) grouped for training, in sweep order by each group's earliest job: each fusable
     group of two or more jobs together (ordered by seed), every other job alone; and for the jobs that asked
     to be fused but train alone, why (reason -> jobs)."""
     groups: dict[Any, list[int]] = {}
-
-    def seed(i: int) -> int:
-        return cfgs[i].seed
-
     for i, cfg in enumerate(cfgs):
         groups.setdefault(fuse_key(cfg) or ("alone", i), []).append(i)
     planned, alone = [], {}
@@ -63,8 +59,10 @@ def plan(cfgs: Sequence[TrainConfig]) -> tuple[list[list[int]], dict[str, int]]:
             reason = "trainer.devices > 1" if cfgs[members[0]].trainer.devices > 1 else "no job to fuse with"
         if reason:
             alone[reason] = alone.get(reason, 0) + len(members)
-        # a fused group by seed: members of one seed draw the same batches, which bnlab.fused then draws once
-        planned.extend([[i] for i in members] if reason or len(members) == 1 else [sorted(members, key=seed)])
+        if reason or len(members) == 1:
+            planned.extend([i] for i in members)
+        else:  # by seed: members of one seed draw the same batches, which bnlab.fused then draws once
+            planned.append(sorted(members, key=lambda i: cfgs[i].seed))
     return sorted(planned, key=min), alone
 
 
