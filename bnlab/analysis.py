@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from bnlab.config import BOOKKEEPING_KEYS, flatten
 from bnlab.metrics import higher_is_better, reaches
+from bnlab.schema import BOOKKEEPING_KEYS, flatten
 from bnlab.summary import FILE, Status, Summary, is_run_summary
 
 Curve = tuple[np.ndarray, np.ndarray]  # (steps, values), sorted by step

@@ -21,19 +21,19 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from rich.console import Console
 
 from bnlab import provenance
-from bnlab.config import BOOKKEEPING_KEYS, ConfigError, check_targets, flatten, fuse_mode, validate
+from bnlab.config import check_targets, validate
 from bnlab.console import make_console, shell_path
 from bnlab.dashboard import write_dashboard
-from bnlab.data import DataError
+from bnlab.datafiles import DataError
 from bnlab.engine import resolve_device
 from bnlab.job import FAILED, REFUSED, job_config, threads_per_job
-from bnlab.overrides import DEFAULTS
+from bnlab.overrides import DEFAULTS, EXCLUDE_KEYS
+from bnlab.schema import BOOKKEEPING_KEYS, ConfigError, flatten, fuse_mode
 from bnlab.summarize import summarize
 from bnlab.summary import FILE
 
 log = logging.getLogger("bnlab")
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-EXCLUDE_KEYS = "hydra.job.config.override_dirname.exclude_keys"
 FUSING_LAUNCHER = "hydra_plugins.bnlab_launcher.BnlabLauncher"  # _target_ in conf/hydra/launcher/bnlab.yaml
 
 

@@ -9,29 +9,19 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.plugins import Plugins
-from hydra_plugins.bnlab_launcher import BnlabLauncher
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from bnlab.app import console, train_app
-from bnlab.callbacks import EXCLUDE_KEYS
-from bnlab.config import BOOKKEEPING_KEYS, ConfigError, DataConfig
-from bnlab.console import shell_path
-from bnlab.dashboard import write_dashboard
-from bnlab.data import DATASETS, DataError, fetch, file_report
+from bnlab.console import make_console, shell_path
+from bnlab.datafiles import FILES, DataError, fetch, file_report
 from bnlab.job import OK, REFUSED
-from bnlab.overrides import check_overrides, override_args, parse, quote
-from bnlab.report import write_report
-from bnlab.summarize import compare, summarize
+from bnlab.overrides import EXCLUDE_KEYS, check_overrides, override_args, parse, quote
+from bnlab.schema import BOOKKEEPING_KEYS, ConfigError, DataConfig
 from bnlab.summary import FILE, Status, Summary
 
-# Hydra finds plugins by walking the hydra_plugins package, which misses those of an editable install
-# (pip install -e); registering it here finds it either way. Not in the plugin's module: Hydra's walk runs that.
-Plugins.instance().register(BnlabLauncher)
+# Each command imports what it needs when it runs: torch (seconds) only where a model trains.
+console = make_console()
 RUNS, SWEEPS = Path("outputs/runs"), Path("outputs/sweeps")  # conf/train.yaml's folders, below the working directory
 
 
@@ -51,6 +41,14 @@ def train(args: list[str]) -> None:
             raise
         refuse(str(e))
     sys.argv = [f"{Path(sys.argv[0]).name} train", *args]
+    from hydra.core.plugins import Plugins
+    from hydra_plugins.bnlab_launcher import BnlabLauncher
+
+    from bnlab.app import train_app
+
+    # Hydra finds plugins by walking the hydra_plugins package, which misses those of an editable install
+    # (pip install -e); registering it here finds it either way. Not in the plugin's module: Hydra's walk runs that.
+    Plugins.instance().register(BnlabLauncher)
     train_app()
 
 
@@ -99,6 +97,9 @@ def resume(folder: Path) -> None:
     """`bnlab resume DIR`: continue a run folder, or every run of a sweep folder that has not completed, in
     place, with the overrides it was started with."""
     if (folder / "multirun.yaml").is_file():
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
         saved = OmegaConf.load(folder / "multirun.yaml")
         task = [o for o in saved.hydra.overrides.task if not o.startswith("trainer.resume=")]
         made = ("hydra.sweep.dir", "hydra.mode", EXCLUDE_KEYS)  # set anew by this invocation
@@ -139,7 +140,7 @@ def data_list(root: Path) -> None:
     table = Table(title=f"datasets under {root}")
     for col in ("dataset", "file", "status"):
         table.add_column(col, overflow="fold")
-    for name in DATASETS:
+    for name in FILES:
         for path, status in file_report(name, root):
             table.add_row(name, str(path.relative_to(root)), status)
     console.print(table)
@@ -154,7 +155,7 @@ def parser() -> argparse.ArgumentParser:
     res.add_argument("dir", type=existing_folder, help="the run folder or sweep folder")
     data = sub.add_parser("data", help="fetch and check the datasets").add_subparsers(dest="action", required=True)
     fetch_p = data.add_parser("fetch", help="download or copy a dataset into the data root and verify it")
-    fetch_p.add_argument("name", choices=[n for n, spec in DATASETS.items() if spec.md5])
+    fetch_p.add_argument("name", choices=list(FILES))
     list_p = data.add_parser("list", help="show which dataset files are present and verified")
     for q in (fetch_p, list_p):
         q.add_argument("--root", help="data root (default: $BNLAB_DATA or ~/.cache/bnlab/data)")
@@ -186,13 +187,21 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "data":
         data_list(data_root(args.root))
     elif args.command == "summarize" and len(args.dirs) == 1:
+        from bnlab.summarize import summarize
+
         if summarize(args.dirs[0], console, include_failed=args.failed) is None:
             refuse(f"{args.dirs[0]} holds no run (no summary.json of a run below it)")
     elif args.command == "summarize":
+        from bnlab.summarize import compare
+
         compare(args.dirs, console, include_failed=args.failed)
     elif args.command == "report":
+        from bnlab.report import write_report
+
         console.print(f"report: {write_report(args.dir, include_failed=args.failed)}")
     elif args.command == "tb":
+        from bnlab.dashboard import write_dashboard
+
         write_dashboard(args.dir)
         os.execv(
             sys.executable,

@@ -11,13 +11,20 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
-from torch.utils.tensorboard import SummaryWriter
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary as SummaryProto
+from tensorboard.compat.proto.tensor_pb2 import TensorProto
+from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.custom_scalar import metadata as custom_scalars
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from bnlab.analysis import Group, Sweep, band, load_sweep
-from bnlab.config import run_name
 from bnlab.hparams import STATUS, columns, experiment, metric_names, value_at
+from bnlab.schema import run_name
 
 SUFFIX = ".bnlab_dashboard"  # the root's own event files, rewritten each time
 COMPARE = "compare"  # the groups' median runs
@@ -35,6 +42,51 @@ def _context(group: Group, key: str) -> str:
     return ", ".join(f"{k.removesuffix('.name')}={v}" for k, v in group.keys.items() if k != key) or "all runs"
 
 
+class Events:
+    """An event file of TensorBoard's own writer (torch's SummaryWriter would import torch for this)."""
+
+    def __init__(self, folder: Path, suffix: str = "") -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.writer = EventFileWriter(str(folder), filename_suffix=suffix)
+
+    def add(self, summary: SummaryProto, step: int = 0) -> None:
+        self.writer.add_event(Event(wall_time=time.time(), step=step, summary=summary))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self.add(SummaryProto(value=[SummaryProto.Value(tag=tag, simple_value=value)]), step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def layout_summary(layout: dict[str, dict[str, list[str]]]) -> SummaryProto:
+    """The Custom Scalars layout: category -> chart title -> [value, lower, upper] tags of a margin chart."""
+    categories = [
+        layout_pb2.Category(
+            title=category,
+            chart=[
+                layout_pb2.Chart(
+                    title=title,
+                    margin=layout_pb2.MarginChartContent(
+                        series=[layout_pb2.MarginChartContent.Series(value=value, lower=lower, upper=upper)]
+                    ),
+                )
+                for title, (value, lower, upper) in charts.items()
+            ],
+        )
+        for category, charts in layout.items()
+    ]
+    tensor = TensorProto(
+        dtype="DT_STRING",
+        string_val=[layout_pb2.Layout(category=categories).SerializeToString()],
+        tensor_shape=TensorShapeProto(),
+    )
+    value = SummaryProto.Value(
+        tag=custom_scalars.CONFIG_SUMMARY_TAG, metadata=custom_scalars.create_summary_metadata(), tensor=tensor
+    )
+    return SummaryProto(value=[value])
+
+
 def write_dashboard(root: Path) -> Sweep | None:
     """Write the dashboard of the runs below `root` (failed runs left out) into it; None if there are none."""
     sweep = load_sweep(root)
@@ -46,15 +98,15 @@ def write_dashboard(root: Path) -> Sweep | None:
     keys = columns(sweep.varying)
     values = {key: [value_at(r.summary.config, key) for r in sweep.runs] for key in keys}
     values[STATUS] = [r.summary.status.value for r in sweep.runs]
-    layout: dict[str, dict[str, list]] = {}
-    writers: dict[str, SummaryWriter] = {}
+    layout: dict[str, dict[str, list[str]]] = {}
+    writers: dict[str, Events] = {}
     for key, word in COMPARED.items():
         if key not in sweep.varying:
             continue
         for group in (g for g in sweep.groups if g.results):
             context = _context(group, key)
             if group.label not in writers:
-                writers[group.label] = SummaryWriter(str(root / COMPARE / run_name(group.label.replace(", ", ","))))
+                writers[group.label] = Events(root / COMPARE / run_name(group.label.replace(", ", ",")))
             for tag, name in CURVES.items():
                 curves = [c for r in group.results if (c := r.curve(tag)) is not None and len(c[0])]
                 if not curves:
@@ -62,16 +114,14 @@ def write_dashboard(root: Path) -> Sweep | None:
                 prefix = f"vs {word}/{context}/{name}"  # "vs ..." sorts after the curves, test/ and train/
                 for step, median, low, high in zip(*band(curves)):
                     for suffix, value in (("", median), (" min", low), (" max", high)):
-                        writers[group.label].add_scalar(prefix + suffix, value, int(step))
+                        writers[group.label].scalar(prefix + suffix, value, int(step))
                 chart = f"{name}, {word} compared"
-                layout.setdefault(f"{word} compared: {context}", {})[chart] = [
-                    "Margin",
-                    [prefix, f"{prefix} min", f"{prefix} max"],
-                ]
+                layout.setdefault(f"{word} compared: {context}", {})[chart] = [prefix, f"{prefix} min", f"{prefix} max"]
     for writer in writers.values():
         writer.close()
-    with SummaryWriter(str(root), filename_suffix=SUFFIX) as writer:
-        writer.file_writer.add_summary(experiment(keys, values, metric_names(sweep.metric, sweep.thresholds)))
-        if layout:
-            writer.add_custom_scalars(layout)
+    events = Events(root, SUFFIX)
+    events.add(experiment(keys, values, metric_names(sweep.metric, sweep.thresholds)))
+    if layout:
+        events.add(layout_summary(layout))
+    events.close()
     return sweep

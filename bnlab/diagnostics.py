@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from bnlab.config import ConfigError
 from bnlab.data import TASKS, Task
 from bnlab.models import Unit
+from bnlab.schema import ConfigError
 
 if TYPE_CHECKING:
     from bnlab.engine import Group

@@ -38,10 +38,10 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from bnlab.config import TrainConfig
 from bnlab.data import Dataset
 from bnlab.engine import Group, Single, resolve_device
 from bnlab.norms import with_torch_sync_batch_norm
+from bnlab.schema import TrainConfig
 
 log = logging.getLogger(__name__)
 

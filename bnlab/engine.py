@@ -23,11 +23,11 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from bnlab.config import ConfigError, TrainConfig, TrainerConfig
 from bnlab.data import TASKS, Dataset, Task, load_data
 from bnlab.diagnostics import DiagnosticLog
 from bnlab.models import Unit, build_model
 from bnlab.optim import build_optimizer, current_lrs, schedule_lr
+from bnlab.schema import ConfigError, TrainConfig, TrainerConfig
 
 log = logging.getLogger(__name__)
 

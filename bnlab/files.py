@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import io
 import json
 import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import torch
 
 
 class OutputError(OSError):
@@ -40,14 +37,6 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 def write_text(path: Path, text: str) -> None:
     write_bytes(path, text.encode())
-
-
-def write_torch(path: Path, obj: Any) -> None:
-    """torch.save, atomically (checkpoints); serialised in memory first, so that a failing disk shows as
-    an OutputError rather than as torch's own error."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_bytes(path, buffer.getvalue())
 
 
 def finite(obj: Any) -> Any:

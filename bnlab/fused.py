@@ -22,13 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from bnlab.baselines import Scalar, WSConv2d, WSLinear, standardize
-from bnlab.config import BOOKKEEPING_KEYS, MEMBER_KEYS, ConfigError, TrainConfig, flatten
 from bnlab.data import Dataset
 from bnlab.diagnostics import DiagnosticLog
 from bnlab.engine import LOCAL, Single, autocast, batches, evaluate, member_scores, prepare_model, skip
 from bnlab.models import CNN, MLP, MODELS, BasicBlock, ResNet, Unit, build_model
 from bnlab.norms import NORMS, stackable, stackers
 from bnlab.optim import OPTIMIZERS, build_stacked_optimizer, current_lrs, schedule_lr
+from bnlab.schema import BOOKKEEPING_KEYS, MEMBER_KEYS, ConfigError, TrainConfig, flatten
 from bnlab.stacking import Memberwise, member_part, settings, unchanged, widen
 
 log = logging.getLogger(__name__)

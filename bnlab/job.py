@@ -12,11 +12,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from bnlab.config import ConfigError, TrainConfig
-from bnlab.data import DataError
+from bnlab.datafiles import DataError
 from bnlab.files import OutputError
+from bnlab.schema import ConfigError, TrainConfig
 from bnlab.summary import Status, Summary
-from bnlab.train import train_runs
 
 # Exit codes of `bnlab train` (README "When things go wrong")
 OK, FAILED, REFUSED, INTERRUPTED = 0, 1, 2, 130
@@ -76,6 +75,8 @@ class Outcome:
 def run_jobs(cfgs: list[TrainConfig], run_dirs: list[Path], console: Console) -> list[Outcome]:
     """Train these jobs, one alone or several as one fused group, and return each one's outcome; an
     error or Ctrl-C ends every job of the group (their summary.json files say so)."""
+    from bnlab.train import train_runs  # torch: imported by the commands that train, once their checks passed
+
     try:
         return [Outcome(s) for s in train_runs(cfgs, run_dirs, console)]
     except (Exception, KeyboardInterrupt) as e:

@@ -28,9 +28,9 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
 from bnlab.app import console, report, show_job
-from bnlab.config import TrainConfig, fuse_mode
 from bnlab.fused import can_fuse, shared_config
 from bnlab.job import job_config, run_jobs
+from bnlab.schema import TrainConfig, fuse_mode
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from bnlab.norms import create_norm
 from bnlab.targets import locate
 
 if TYPE_CHECKING:
-    from bnlab.config import TrainConfig
+    from bnlab.schema import TrainConfig
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,

@@ -27,7 +27,7 @@ from bnlab.stacking import unchanged, widen
 from bnlab.targets import locate
 
 if TYPE_CHECKING:
-    from bnlab.config import NormConfig
+    from bnlab.schema import NormConfig
 
 
 def _per_channel(v: Tensor, x: Tensor) -> Tensor:

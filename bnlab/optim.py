@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from bnlab.config import OptimConfig
+    from bnlab.schema import OptimConfig
 
 
 class _StackedOptimizer(torch.optim.Optimizer):

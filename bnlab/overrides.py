@@ -21,7 +21,7 @@ from hydra.errors import OverrideParseException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from bnlab.config import ConfigError, TrainConfig, check_choice, flatten
+from bnlab.schema import ConfigError, TrainConfig, check_choice, flatten
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -33,6 +33,7 @@ CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
 VALUED_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c", "--package", "-p"}
 INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info [TOPIC]
 SLURM_LAUNCHERS = {"slurm", "submitit_slurm"}
+EXCLUDE_KEYS = "hydra.job.config.override_dirname.exclude_keys"  # keys left out of a run folder's name
 SCHEMA = OmegaConf.structured(TrainConfig)
 DEFAULTS = asdict(TrainConfig())
 

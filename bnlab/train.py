@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import math
 import resource
@@ -33,16 +34,17 @@ from tensorboard.compat.proto.summary_pb2 import Summary as TensorBoardSummary
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from bnlab.config import TrainConfig, flatten, validate
+from bnlab.config import validate
 from bnlab.console import make_console, shell_path
 from bnlab.data import Dataset, has_accuracy
 from bnlab.diagnostics import precise_bn
 from bnlab.distributed import Replica, processes
 from bnlab.engine import LOCAL, Engine, Group, Single, evaluate_shared, forget_shared_data, prepare
-from bnlab.files import OutputError, owned, write_torch
+from bnlab.files import OutputError, owned, write_bytes
 from bnlab.fused import Fused
 from bnlab.hparams import metric_values, session
 from bnlab.metrics import Thresholds
+from bnlab.schema import TrainConfig, flatten
 from bnlab.summary import FILE, Status, Summary
 
 log = logging.getLogger(__name__)
@@ -483,7 +485,9 @@ class Loop:
         run = self.runs[n]
         run.write_points()  # a resume from this checkpoint finds every point up to it
         state = {**run.state(time.perf_counter() - self.start), **self.engine.member_state(n)}
-        write_torch(run.run_dir / CHECKPOINT, {**state, "rng": torch.get_rng_state(), "finished": finished})
+        buffer = io.BytesIO()  # serialised in memory first: a failing disk shows as an OutputError, not torch's own
+        torch.save({**state, "rng": torch.get_rng_state(), "finished": finished}, buffer)
+        write_bytes(run.run_dir / CHECKPOINT, buffer.getvalue())
         run.last_checkpoint = run.steps
 
     def interrupt(self, step: int, signal_name: str) -> None:

@@ -37,10 +37,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
-from bnlab.config import TrainConfig
 from bnlab.data import load_data
 from bnlab.engine import evaluate
 from bnlab.models import build_model
+from bnlab.schema import TrainConfig
 from bnlab.train import train
 
 CASES = {  # name -> (overrides of the default config: MNIST MLP 784-100-100-100-10, BN, batch 60; steps / MLP steps)

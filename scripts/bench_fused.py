@@ -24,10 +24,11 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from bnlab.config import TrainConfig
-from bnlab.data import file_report, load_data
+from bnlab.data import load_data
+from bnlab.datafiles import file_report
 from bnlab.engine import Single
 from bnlab.fused import Fused, activation_bytes
+from bnlab.schema import TrainConfig
 from bnlab.train import train, train_runs
 
 MODELS = {"mlp (784-100-100-100-10, BN)": ["model=mlp"], "cnn (32-64, BN)": ["model=cnn"]}

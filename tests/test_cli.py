@@ -1,9 +1,15 @@
 """The `bnlab` command as a user runs it: a subprocess in a scratch folder."""
 
 import json
+import subprocess
+import sys
 
 import pytest
+import test_summarize
 from helpers import TINY, bnlab
+
+from bnlab.files import write_json
+from bnlab.summary import FILE
 
 pytestmark = pytest.mark.slow
 
@@ -94,9 +100,35 @@ def test_data_list_reports_missing_files(tmp_path):
 
 
 def test_run_names_stay_within_file_system_limits():
-    from bnlab.config import run_name
+    from bnlab.schema import run_name
 
     assert run_name("") == "default"
     assert run_name("norm=batch,optim.lr=0.1") == "norm=batch,optim.lr=0.1"
     long_a, long_b = "x" * 300 + "a", "x" * 300 + "b"
     assert len(run_name(long_a)) == 200 and run_name(long_a) != run_name(long_b)
+
+
+def test_commands_that_train_nothing_import_no_torch(tmp_path):
+    # torch takes seconds to import: the commands that only read, list or explain start without it
+    run = tmp_path / "sweep" / "norm=batch"
+    run.mkdir(parents=True)
+    write_json(run / FILE, test_summarize.run("batch", 0.01, 0, {"0.9": 300}))
+    (tmp_path / "sweep" / "multirun.yaml").write_text("{}\n")
+    for args in (
+        ["--help"],
+        ["--version"],
+        ["train", "--help"],
+        ["data", "list", "--root", str(tmp_path)],
+        ["summarize", "sweep"],
+        ["report", "sweep"],
+    ):
+        out = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "bnlab", *args], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert out.returncode == 0, (args, out.stderr[-2000:])
+        imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import")}
+        assert "torch" not in imported, args
+    dashboard = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import bnlab.dashboard"], capture_output=True, text=True
+    )  # what `bnlab tb` runs before it hands over to TensorBoard
+    assert dashboard.returncode == 0 and "| torch\n" not in dashboard.stderr

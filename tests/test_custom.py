@@ -12,9 +12,10 @@ import torch
 from helpers import EXAMPLE, ROOT, TARGETS_ENV, TINY, bnlab, compose_config, scalars
 from my_norm import MeanOnlyBatchNorm
 
-from bnlab.config import PLACEMENTS, ConfigError, check_targets
-from bnlab.data import DataError
+from bnlab.config import check_targets
+from bnlab.datafiles import DataError
 from bnlab.overrides import check_overrides
+from bnlab.schema import PLACEMENTS, ConfigError
 from bnlab.train import train
 
 MEAN_ONLY = ["norm=custom", "norm.target=my_norm.MeanOnlyBatchNorm"]

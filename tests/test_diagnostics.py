@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnlab.config import ModelConfig, NormConfig, TrainConfig
 from bnlab.data import TASKS
 from bnlab.diagnostics import (
     activation_percentiles,
@@ -28,6 +27,7 @@ from bnlab.diagnostics import (
 )
 from bnlab.models import Unit, build_model
 from bnlab.norms import create_norm
+from bnlab.schema import ModelConfig, NormConfig, TrainConfig
 
 EPS = 1e-5  # the norms' default eps
 

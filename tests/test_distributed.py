@@ -19,7 +19,6 @@ import torch
 from helpers import CLI, TINY, assert_equal_runs, scalars
 from hydra import compose, initialize_config_module
 
-from bnlab.config import ConfigError
 from bnlab.data import load_data
 from bnlab.diagnostics import precise_bn
 from bnlab.distributed import DistributedError, processes
@@ -27,6 +26,7 @@ from bnlab.engine import Group, batches, resolve_device
 from bnlab.job import job_config, threads_per_job
 from bnlab.models import build_model
 from bnlab.norms import BatchNorm, GhostBatchNorm, SyncBatchNorm, with_torch_sync_batch_norm
+from bnlab.schema import ConfigError
 from bnlab.train import CHECKPOINT, train
 
 # float64, every step logged, momentum in the optimizer state, precise BN at the end

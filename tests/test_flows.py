@@ -25,9 +25,9 @@ from omegaconf import OmegaConf
 from bnlab import files
 from bnlab.app import claim_folder
 from bnlab.callbacks import _check_not_a_sweep
-from bnlab.config import ConfigError
 from bnlab.files import OutputError
 from bnlab.overrides import quote
+from bnlab.schema import ConfigError
 from bnlab.train import CHECKPOINT, Loop, train
 
 pytestmark = pytest.mark.slow

@@ -20,13 +20,13 @@ import pytest
 import torch
 from helpers import TINY, bnlab, compose_config, scalars, start
 
-from bnlab.config import MEMBER_KEYS, ConfigError, TrainConfig
 from bnlab.data import load_data
 from bnlab.engine import Single
 from bnlab.fused import Fused, FusedModel, activation_bytes, build_fused, can_fuse
 from bnlab.launcher import fusing_line, plan
 from bnlab.models import build_model
 from bnlab.norms import NORMS
+from bnlab.schema import MEMBER_KEYS, ConfigError, TrainConfig
 from bnlab.stacking import Memberwise
 from bnlab.train import CHECKPOINT, train, train_runs
 

@@ -1,8 +1,11 @@
 """Golden numbers: every preset, reduced to one run of 20 steps on the synthetic task in float64 with one
 torch thread, must end with the numbers stored in tests/golden.json (final metrics, iterations to two
-thresholds, the last value of each diagnostic it logs), to 1e-7. float64 keeps the numbers the same
-from machine to machine, so a failure means the numerics changed: a default, a layer, the loop. When
-that is on purpose, regenerate the file and say why in the commit:
+thresholds, the last value of each diagnostic it logs), to 1e-6 (relative, and absolute near 0). float64
+keeps the numbers nearly the same from machine to machine: the 25-layer deep linear network of the
+Santurkar presets turns the last bits of another CPU's kernels into differences of about 1e-7 (an Intel
+and an AMD AVX-512 machine), while changing a default such as BN's eps moves numbers by 1e-4. So a
+failure means the numerics changed: a default, a layer, the loop. When that is on purpose, regenerate
+the file and say why in the commit:
 
     python tests/test_golden.py --update
 """
@@ -41,7 +44,7 @@ SETTINGS = [
     "diag.probe=64",
 ]
 DIAGNOSTIC = re.compile(r"^(act|ics|landscape|grad_norm|stat_drift)/")
-RTOL = 1e-7
+TOLERANCE = 1e-6  # relative, and absolute for numbers near 0 (a cosine near 0.001)
 
 
 def one_run(preset: str) -> list[str]:
@@ -78,7 +81,7 @@ def close(a, b) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
     if isinstance(a, float) and isinstance(b, float):
-        return a == pytest.approx(b, rel=RTOL, abs=1e-12)
+        return a == pytest.approx(b, rel=TOLERANCE, abs=TOLERANCE)
     return a == b
 
 

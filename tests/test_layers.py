@@ -11,8 +11,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bnlab"
 
 # Layer of every module: a module may import modules of its own layer or below, never above.
 LAYERS = {
-    # the foundation: result files, the console, metric names, the summary contract, the stacked layout, the
-    # import of the user's own code
+    # the foundation, without torch but stacking and provenance: the config schema, the data sets' files, result
+    # files, the console, metric names, the summary contract, the stacked layout, the import of the user's own code
+    "bnlab.schema": 0,
+    "bnlab.datafiles": 0,
     "bnlab.files": 0,
     "bnlab.console": 0,
     "bnlab.metrics": 0,
@@ -27,7 +29,7 @@ LAYERS = {
     "bnlab.norms": 1,
     "bnlab.models": 1,
     "bnlab.optim": 1,
-    # the structured configs and their validation against the registries
+    # a config's validation against the registries
     "bnlab.config": 2,
     # what one step needs
     "bnlab.diagnostics": 3,
@@ -59,7 +61,7 @@ READ_BY_ANALYSIS = {
     "bnlab.metrics",
     "bnlab.summary",
     "bnlab.hparams",
-    "bnlab.config",
+    "bnlab.schema",
     *ANALYSIS,
 }
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from bnlab.config import PLACEMENTS
 from bnlab.models import MODELS, Unit, build_model
 from bnlab.norms import NORMS
+from bnlab.schema import PLACEMENTS
 from bnlab.train import train
 
 SMALL = {"mlp": "model.widths=[16,16]", "cnn": "model.widths=[8,16]", "resnet": "model.widths=[8,16]"}

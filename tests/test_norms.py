@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnlab.config import NormConfig
 from bnlab.norms import NORMS, create_norm
+from bnlab.schema import NormConfig
 
 C = 8  # channels
 SHAPES = [(12, C), (12, C, 3, 3)]  # feature vectors (N, C) and feature maps (N, C, H, W)

@@ -12,9 +12,9 @@ from helpers import LONG, TINY, TRAIN, assert_equal_runs, bnlab, scalars, start,
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bnlab.config import ConfigError
 from bnlab.files import write_json
 from bnlab.norms import NORMS
+from bnlab.schema import ConfigError
 from bnlab.train import train
 
 

@@ -25,10 +25,10 @@ from bnlab.analysis import (
     over_training,
     training_edges,
 )
-from bnlab.config import TrainConfig
 from bnlab.figures import FIGURES, norm_colours
 from bnlab.files import OutputError, write_json
 from bnlab.report import write_report
+from bnlab.schema import TrainConfig
 from bnlab.summarize import summarize
 from bnlab.summary import Status, Summary
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from helpers import TINY, assert_equal_runs, compose_config, scalars
 
-from bnlab.config import OptimConfig
 from bnlab.data import load_data
 from bnlab.engine import Single
 from bnlab.fused import Fused
 from bnlab.optim import lr_factor
+from bnlab.schema import OptimConfig
 from bnlab.train import train, train_runs
 
 STEPS = 40

@@ -11,9 +11,9 @@ from helpers import script
 from hydra import compose, initialize_config_module
 
 from bnlab.analysis import Group, RunResult, group_runs, load_runs
-from bnlab.config import BOOKKEEPING_KEYS
 from bnlab.console import make_console
 from bnlab.files import write_json
+from bnlab.schema import BOOKKEEPING_KEYS
 from bnlab.summarize import compare, summarize
 from bnlab.summary import Status, Summary
 

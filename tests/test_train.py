@@ -6,11 +6,11 @@ import torch
 from helpers import scalars
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bnlab.config import ConfigError
 from bnlab.data import load_data
 from bnlab.engine import autocast, batches, prepare_model
 from bnlab.models import build_model
 from bnlab.norms import BatchNorm
+from bnlab.schema import ConfigError
 from bnlab.summary import Summary
 from bnlab.train import train
 

@@ -10,8 +10,6 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from bnlab.launcher import launch_jobs
-
 
 class BnlabLauncher(Launcher):
     """`hydra/launcher=bnlab`: the basic launcher, fusing the jobs that ask for it, n_jobs groups at once
@@ -27,4 +25,6 @@ class BnlabLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from bnlab.launcher import launch_jobs  # torch: Hydra imports every plugin at start-up, --help included
+
         return launch_jobs(self, job_overrides, initial_job_idx)
