@@ -180,9 +180,9 @@ class Group:
         return max(r.summary.max_steps for r in self.runs)
 
     @property
-    def steps_per_s(self) -> float | None:
-        speeds = [s for r in self.results if (s := r.summary.steps_per_s)]
-        return round(statistics.fmean(speeds), 1) if speeds else None
+    def steps_per_s(self) -> tuple[float, float, float] | None:
+        """The runs' own training-loop speeds as median, min and max: one slow seed shows as the min."""
+        return _spread([s for r in self.results if (s := r.summary.steps_per_s)], 1)
 
 
 def _speedups(runs: list[RunResult], twin: list[RunResult], threshold: float) -> tuple[list[float], bool]:

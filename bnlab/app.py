@@ -17,8 +17,10 @@ from rich.syntax import Syntax
 
 from bnlab.console import make_console, shell_path
 from bnlab.job import Outcome, job_config, run_jobs
+from bnlab.overrides import FUSING_LAUNCHER
 from bnlab.summarize import run_table, summarize
 from bnlab.summary import Summary
+from bnlab.threads import cores_per_job
 
 log = logging.getLogger("bnlab")
 console = make_console()
@@ -45,8 +47,10 @@ def train_job(dcfg: DictConfig) -> None:
     """One job of `bnlab train`: a run, or one run of a sweep."""
     hc = HydraConfig.get()
     show_job(dcfg)
-    cfg = job_config(dcfg, hc.launcher.get("n_jobs"))
-    (outcome,) = run_jobs([cfg], [Path(hc.runtime.output_dir)], console)
+    # Another launcher's n_jobs (joblib's) share the cores; bnlab's own gives each worker its share (BNLAB_CORES).
+    own = hc.launcher.get("_target_") == FUSING_LAUNCHER
+    parallel = hc.launcher.get("n_jobs") if hc.mode == RunMode.MULTIRUN and not own else 1
+    (outcome,) = run_jobs([job_config(dcfg)], [Path(hc.runtime.output_dir)], console, cores_per_job(parallel))
     report(outcome)
 
 

@@ -26,15 +26,14 @@ from bnlab.console import make_console, shell_path
 from bnlab.dashboard import write_dashboard
 from bnlab.datafiles import DataError
 from bnlab.engine import resolve_device
-from bnlab.job import FAILED, REFUSED, job_config, threads_per_job
-from bnlab.overrides import DEFAULTS, EXCLUDE_KEYS
+from bnlab.job import FAILED, REFUSED, job_config
+from bnlab.overrides import DEFAULTS, EXCLUDE_KEYS, FUSING_LAUNCHER
 from bnlab.schema import BOOKKEEPING_KEYS, ConfigError, flatten, fuse_mode
 from bnlab.summarize import summarize
 from bnlab.summary import FILE
 
 log = logging.getLogger("bnlab")
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-FUSING_LAUNCHER = "hydra_plugins.bnlab_launcher.BnlabLauncher"  # _target_ in conf/hydra/launcher/bnlab.yaml
 
 
 def refuse(error: ConfigError | DataError) -> None:
@@ -253,14 +252,12 @@ class Provenance(Callback):
     """provenance.json in the sweep folder (or a single run's folder): what produced its numbers."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._start(Path(config.hydra.run.dir), config, None, "a single run")
+        self._start(Path(config.hydra.run.dir), config, "a single run")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         parallel = config.hydra.launcher.get("n_jobs")
         launcher = str(config.hydra.launcher.get("_target_", "")).rsplit(".", 1)[-1]
-        self._start(
-            Path(config.hydra.sweep.dir), config, parallel, launcher + (f", {parallel} at once" if parallel else "")
-        )
+        self._start(Path(config.hydra.sweep.dir), config, launcher + (f", n_jobs={parallel}" if parallel else ""))
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._end(Path(config.hydra.run.dir))
@@ -269,16 +266,17 @@ class Provenance(Callback):
         self._end(Path(config.hydra.sweep.dir))
 
     @staticmethod
-    def _start(folder: Path, config: DictConfig, parallel: int | None, launcher: str) -> None:
+    def _start(folder: Path, config: DictConfig, launcher: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        threads = config.trainer.threads or threads_per_job(parallel)
-        provenance.start(folder, sys.argv[1:], config.trainer.device, threads, launcher)
+        provenance.start(folder, sys.argv[1:], config.trainer.device, launcher)
 
     @staticmethod
     def _end(folder: Path) -> None:
         if (folder / provenance.FILE).exists():
-            statuses = [json.loads(p.read_text()).get("status") for p in folder.rglob(FILE)]
-            provenance.end(folder, {s: statuses.count(s) for s in sorted(set(statuses) - {None})})
+            runs = [json.loads(p.read_text()) for p in folder.rglob(FILE)]
+            statuses = [r.get("status") for r in runs]
+            threads = {r["config"]["trainer"]["threads"] for r in runs if r.get("status") and "config" in r}
+            provenance.end(folder, {s: statuses.count(s) for s in sorted(set(statuses) - {None})}, sorted(threads))
 
 
 class SweepTable(Callback):

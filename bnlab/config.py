@@ -99,7 +99,8 @@ def validate(cfg: TrainConfig) -> None:
     _require(t.max_steps > 0, "trainer.max_steps", t.max_steps, "an integer > 0")
     _require(t.eval_every > 0, "trainer.eval_every", t.eval_every, "an integer > 0")
     check_choice("trainer.device", t.device, DEVICES)
-    _require(t.threads >= 0, "trainer.threads", t.threads, "an integer >= 0 (0: automatic)")
+    threads_ok = t.threads == "auto" or (isinstance(t.threads, int) and t.threads >= 1)
+    _require(threads_ok, "trainer.threads", t.threads, "auto (bnlab decides from the model's size) or an integer >= 1")
     accepted = "an integer >= 0 (0: only at the end)"
     _require(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, accepted)
     _require(t.stop_loss >= 0, "trainer.stop_loss", t.stop_loss, "a number >= 0 (0: off)")

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -23,11 +24,12 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from bnlab.data import TASKS, Dataset, Task, load_data
+from bnlab.data import TASKS, Dataset, Task, load_data, shape
 from bnlab.diagnostics import DiagnosticLog
 from bnlab.models import Unit, build_model
 from bnlab.optim import build_optimizer, current_lrs, schedule_lr
 from bnlab.schema import ConfigError, TrainConfig, TrainerConfig
+from bnlab.threads import auto_threads
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +64,52 @@ def resolve_device(name: str, devices: int = 1, rank: int = 0) -> torch.device:
     return torch.device("cuda", rank)
 
 
+def step_flops(cfg: TrainConfig) -> float:
+    """FLOPs of one training step of cfg's model at its batch size: 2 per multiply-add of its linear and
+    convolution layers (the bulk of the work) in the forward pass, three times that for forward and backward.
+    Counted on a copy built on torch's meta device, which computes shapes only; inf where the model cannot
+    be built there (the user's own model may not)."""
+    macs = 0
+
+    def count(module: nn.Module, inputs: tuple, out: Tensor) -> None:
+        nonlocal macs
+        if isinstance(module, nn.Linear):
+            macs += out.numel() * module.in_features
+        elif isinstance(module, nn.Conv2d):
+            macs += out.numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+
+    try:
+        in_shape, classes = shape(cfg.data)
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):  # building draws no weights from the RNG
+            model = build_model(cfg, in_shape, classes)
+            for m in model.modules():
+                m.register_forward_hook(count)
+            with torch.no_grad():
+                model(torch.empty(cfg.data.batch_size // cfg.trainer.devices, *in_shape))
+    except Exception:
+        return math.inf
+    return 6.0 * macs
+
+
+def thread_count(cfgs: list[TrainConfig], cores: int) -> int:
+    """The torch threads of each process of these runs (one run, or a fused group of them): trainer.threads
+    as set, or for auto (bnlab.threads) from the work of a step of all of them on the cores they may use."""
+    t = cfgs[0].trainer
+    if t.threads != "auto":
+        return int(t.threads)
+    return auto_threads(step_flops(cfgs[0]) * len(cfgs), max(1, cores // t.devices))
+
+
 def prepare(cfg: TrainConfig, rank: int = 0) -> tuple[torch.device, Dataset]:
-    """The process set up as trainer.* asks (threads, deterministic kernels), the device (of process `rank`
-    in a distributed run), and the whole dataset on it in the precision and memory format the run trains in
-    (`shared_data`)."""
+    """The process set up as trainer.* asks (trainer.threads resolved to a count: `thread_count`;
+    deterministic kernels), the device (of process `rank` in a distributed run), and the whole dataset on it
+    in the precision and memory format the run trains in (`shared_data`)."""
     t = cfg.trainer
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    torch.set_num_threads(t.threads)
     device = resolve_device(t.device, t.devices, rank)
     data = shared_data(cfg, device)
     if cfg.data.batch_size > len(data.train_y):

@@ -1,4 +1,4 @@
-"""Fused training: N runs that differ only in keys marked MEMBER in bnlab/config.py (seed, lr, init, norm
+"""Fused training: N runs that differ only in keys marked MEMBER in bnlab/schema.py (seed, lr, init, norm
 and optimizer constants, thresholds, ...; `can_fuse`) trained as one stacked model, each member following
 its separate run to float rounding. `FusedModel` walks the members' ordinary models and swaps each layer
 for its stacked counterpart on activations laid out as bnlab.stacking describes: a Linear becomes a
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 def shared_config(cfg: TrainConfig) -> dict[str, str]:
     """The flattened config that the members of a fused group must share: all but the keys marked MEMBER
-    or BOOKKEEPING in bnlab/config.py, values as strings."""
+    or BOOKKEEPING in bnlab/schema.py, values as strings."""
     return {k: str(v) for k, v in flatten(asdict(cfg)).items() if k not in MEMBER_KEYS and k not in BOOKKEEPING_KEYS}
 
 

@@ -1,6 +1,6 @@
 """`hydra/launcher=bnlab`, the default launcher of `bnlab train -m`: Hydra's basic launcher (jobs one
 after another in this process), except that jobs with trainer.fuse=true or auto that differ only in
-keys marked MEMBER in bnlab/config.py (seed, lr, init, ...) train together as one fused model
+keys marked MEMBER in bnlab/schema.py (seed, lr, init, ...) train together as one fused model
 (bnlab/fused.py), and that with hydra.launcher.n_jobs > 1 it trains that many groups at once in worker
 processes. Each member still gets its own run directory, .hydra/ configs, train.log, TensorBoard
 run and summary.json, as if it had run alone. Hydra loads launchers only from the hydra_plugins
@@ -28,9 +28,11 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
 from bnlab.app import console, report, show_job
+from bnlab.engine import thread_count
 from bnlab.fused import can_fuse, shared_config
 from bnlab.job import job_config, run_jobs
 from bnlab.schema import TrainConfig, fuse_mode
+from bnlab.threads import CORES_ENV, cores_per_job, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,18 @@ def fusing_line(groups: list[list[int]], alone: dict[str, int]) -> str:
     return text
 
 
+def at_once(n_jobs: int | str, groups: list[list[TrainConfig]]) -> int:
+    """How many groups train at once: hydra.launcher.n_jobs (-1: one per core), or for auto as many as the
+    cores hold with the threads each group would train with alone (bnlab.engine.thread_count: 1 for the
+    small models, so a 2-core machine trains two of them side by side); never more than there are groups."""
+    cores = usable_cores()
+    if n_jobs == "auto":
+        n_jobs = cores // max(thread_count(group, cores) for group in groups)
+    elif n_jobs < 0:
+        n_jobs = cores
+    return max(1, min(int(n_jobs), len(groups)))
+
+
 def launch_jobs(
     launcher: Launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
 ) -> Sequence[JobReturn]:
@@ -86,32 +100,34 @@ def launch_jobs(
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     Path(str(launcher.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-    n_jobs = launcher.n_jobs if launcher.n_jobs > 0 else os.cpu_count() or 1
-    log.info("Launching %d jobs locally, %d at once", len(job_overrides), n_jobs)
     configs = []
     for idx, overrides in enumerate(job_overrides, initial_job_idx):
         sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = sweep_config.hydra.job.num = idx
         configs.append(sweep_config)
-    cfgs = [job_config(c, n_jobs) for c in configs]
+    cfgs = [job_config(c) for c in configs]
     groups, alone = plan(cfgs)
     if any(fuse_mode(c.trainer) == "auto" for c in cfgs):
         console.print(fusing_line(groups, alone), soft_wrap=True, highlight=False)
+    n_jobs = at_once(launcher.n_jobs, [[cfgs[i] for i in g] for g in groups])
+    log.info("Launching %d jobs locally, %d groups at once", len(job_overrides), n_jobs)
     work = [([configs[i] for i in g], [cfgs[i] for i in g]) for g in groups]
-    if n_jobs == 1 or len(groups) == 1:
+    if n_jobs == 1:
         returns = [run_group(launcher.hydra_context, launcher.task_function, *w) for w in work]
     else:
         # members x steps: the longest first, so that none starts last; the returns in sweep order
         order = sorted(range(len(groups)), key=lambda g: -len(groups[g]) * cfgs[groups[g][0]].trainer.max_steps)
         state = Singleton.get_state()
-        done = in_workers(n_jobs, [(launcher.hydra_context, launcher.task_function, *work[g], state) for g in order])
+        calls = [(launcher.hydra_context, launcher.task_function, *work[g], state) for g in order]
+        done = in_workers(n_jobs, cores_per_job(n_jobs), calls)
         returns = [r for _, r in sorted(zip(order, done))]
     return [ret for group in returns for ret in group]
 
 
-def in_workers(n_jobs: int, calls: list[tuple]) -> list[list[JobReturn]]:
-    """run_group(*call) for each call, in n_jobs worker processes; the returns in the calls' order.
+def in_workers(n_jobs: int, cores: int, calls: list[tuple]) -> list[list[JobReturn]]:
+    """run_group(*call) for each call, in n_jobs worker processes of `cores` cores each; the returns in the
+    calls' order.
 
     The workers have a process group of their own, so that Ctrl-C in a terminal reaches this process only,
     which passes it (and SIGTERM) on to each worker once: their runs stop after the step they are in and
@@ -129,7 +145,7 @@ def in_workers(n_jobs: int, calls: list[tuple]) -> list[list[JobReturn]]:
     results: dict[int, bytes] = {}
     error: BaseException | None = None
     try:
-        with ProcessPoolExecutor(n_jobs, mp_context=context, initializer=os.setpgrp) as pool:
+        with ProcessPoolExecutor(n_jobs, mp_context=context, initializer=_worker_start, initargs=(cores,)) as pool:
             todo = iter(enumerate(calls))
             running = {}
             while True:
@@ -157,6 +173,13 @@ def in_workers(n_jobs: int, calls: list[tuple]) -> list[list[JobReturn]]:
     return [cloudpickle.loads(results[i]) for i in range(len(calls))]
 
 
+def _worker_start(cores: int) -> None:
+    """A worker's own process group (Ctrl-C in a terminal reaches the launcher only) and its share of the cores,
+    which trainer.threads=auto and a lone job's share read (bnlab.threads.usable_cores)."""
+    os.setpgrp()
+    os.environ[CORES_ENV] = str(cores)
+
+
 def _pickled_run_group(call: bytes) -> bytes:
     """run_group in a worker. Hydra's state holds closures (OmegaConf's resolvers), which only cloudpickle
     pickles, as hydra/launcher=joblib's loky does."""
@@ -181,7 +204,7 @@ def run_group(
     else:
         dirs = [job_dir(c) for c in configs]
         log.info("training %d runs as one fused model: %s", len(dirs), ", ".join(d.name for d in dirs))
-        tasks = [_reporter(outcome) for outcome in run_jobs(cfgs, dirs, console)]
+        tasks = [_reporter(outcome) for outcome in run_jobs(cfgs, dirs, console, usable_cores())]
     returns = []
     for config, task in zip(configs, tasks):
         returns.append(

@@ -34,6 +34,7 @@ VALUED_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", 
 INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info [TOPIC]
 SLURM_LAUNCHERS = {"slurm", "submitit_slurm"}
 EXCLUDE_KEYS = "hydra.job.config.override_dirname.exclude_keys"  # keys left out of a run folder's name
+FUSING_LAUNCHER = "hydra_plugins.bnlab_launcher.BnlabLauncher"  # _target_ in conf/hydra/launcher/bnlab.yaml
 SCHEMA = OmegaConf.structured(TrainConfig)
 DEFAULTS = asdict(TrainConfig())
 
@@ -189,6 +190,12 @@ def _kind(key: str) -> str:
 
 
 def _check_launcher(o: Override, multirun: bool) -> None:
+    value = o.value()
+    if o.key_or_group == "hydra.launcher.n_jobs" and value != "auto" and (not isinstance(value, int) or value == 0):
+        raise ConfigError(
+            f"hydra.launcher.n_jobs={value!r} is not accepted; accepted values: auto (as many runs at once as the "
+            "cores hold), a number of runs at once >= 1, or -1 (one per core)."
+        )
     if (
         o.key_or_group == "hydra/launcher"
         and multirun

@@ -65,7 +65,7 @@ def device_name(device: str) -> str:
     return "cpu"
 
 
-def start(folder: Path, args: list[str], device: str, threads: int, launcher: str) -> None:
+def start(folder: Path, args: list[str], device: str, launcher: str) -> None:
     """Write the folder's provenance.json as a run or sweep starts: `args`, those of `bnlab train`."""
     write_json(
         folder / FILE,
@@ -77,7 +77,6 @@ def start(folder: Path, args: list[str], device: str, threads: int, launcher: st
             "torch": torch.__version__,
             "machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}",
             "device": device_name(device),
-            "torch_threads": threads,  # per run (trainer.threads, 0 resolved to the cores each run gets)
             "cpu_kernels": cpu_kernels(),
             "launcher": launcher,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -86,13 +85,15 @@ def start(folder: Path, args: list[str], device: str, threads: int, launcher: st
     )
 
 
-def end(folder: Path, statuses: dict[str, int]) -> dict[str, Any]:
-    """Add to the folder's provenance.json when it ended, its wall time and its runs' statuses."""
+def end(folder: Path, statuses: dict[str, int], threads: list[int]) -> dict[str, Any]:
+    """Add to the folder's provenance.json when it ended, its wall time, its runs' statuses and the torch
+    threads they trained with (one count, or each count that some run had)."""
     record = read_json(folder / FILE)
     record.update(
         ended=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         wall_time_s=round(time.time() - record.pop("start_time"), 1),
         runs=statuses,
+        torch_threads=threads[0] if len(threads) == 1 else threads,  # per run (trainer.threads as resolved)
     )
     write_json(folder / FILE, record)
     return record

@@ -111,7 +111,9 @@ class TrainerConfig:
     max_steps: int = 3000  # optimizer steps (iterations)
     eval_every: int = 100  # steps between test evaluations (the resolution of iterations-to-threshold)
     device: str = "auto"  # auto | cpu | cuda | mps
-    threads: int = bookkeeping(0)  # torch CPU threads; 0: the machine's cores, shared out among a sweep's parallel jobs
+    # torch CPU threads of each run: auto (bnlab/threads.py: 1 for small models, more only where a step has the
+    # work for them, never more than the cores each run gets when several train at once) | a count >= 1
+    threads: int | str = bookkeeping("auto")
     resume: bool = bookkeeping(False)  # skip a run whose summary.json says completed; continue one from its checkpoint
     checkpoint_every: int = 500  # steps between checkpoints (0: only at the end of a run)
     stop_loss: float = member(0.0)  # > 0: end the run as diverged once the training loss stays above this ...

@@ -54,6 +54,14 @@ def fmt_speedup(group: Group, t: float) -> str:
     return f"{prefix}{med:.2f}x" + ("" if lo == hi else f" ({lo:.2f}-{hi:.2f})")
 
 
+def fmt_speed(speeds: tuple[float, float, float] | None) -> str:
+    """Steps/s over a group's runs: '586.7', or '442.7 (23.8-861.5)' where its runs differ."""
+    if speeds is None:
+        return "-"
+    med, lo, hi = speeds
+    return f"{med:.1f}" + ("" if lo == hi else f" ({lo:.1f}-{hi:.1f})")
+
+
 def fmt_mean_std(mean: float | None, std: float | None) -> str:
     return "-" if mean is None else f"{mean:.4f}" + ("" if std is None else f"±{std:.4f}")
 
@@ -75,7 +83,7 @@ def cells(group: Group, thresholds: list[float], metrics: list[str], sep: str) -
     by `sep`), each final metric (mean±std), steps/s."""
     iters = [sep.join(filter(None, (fmt_iters(group.thresholds[t]), fmt_speedup(group, t)))) for t in thresholds]
     accs = [fmt_mean_std(*group.mean_std(m)) for m in metrics]
-    return [str(len(group.runs)), fmt_status(group), *iters, *accs, str(group.steps_per_s or "-")]
+    return [str(len(group.runs)), fmt_status(group), *iters, *accs, fmt_speed(group.steps_per_s)]
 
 
 def _thresholds(groups: list[Group]) -> list[float]:
@@ -141,7 +149,7 @@ def record(group: Group) -> dict[str, Any]:
         },
         "max_steps": group.budget,
         "eval_every": group.runs[0].summary.config.get("trainer", {}).get("eval_every"),
-        "steps_per_s": group.steps_per_s,
+        "steps_per_s": group.steps_per_s and dict(zip(("median", "min", "max"), group.steps_per_s)),
     }
 
 
@@ -158,7 +166,7 @@ def to_csv(groups: list[Group]) -> str:
             row[f"speedup_{t:g}_lower_bound"] = stats.speedup_lower_bound
         for m in finals(groups):
             row[f"final_{m}_mean"], row[f"final_{m}_std"] = g.mean_std(m)
-        row["steps_per_s_mean"] = g.steps_per_s
+        row.update(zip((f"steps_per_s_{s}" for s in ("median", "min", "max")), g.steps_per_s or (None,) * 3))
         rows.append(row)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))

@@ -18,6 +18,7 @@ import copy
 import io
 import logging
 import math
+import os
 import resource
 import signal
 import threading
@@ -39,17 +40,19 @@ from bnlab.console import make_console, shell_path
 from bnlab.data import Dataset, has_accuracy
 from bnlab.diagnostics import precise_bn
 from bnlab.distributed import Replica, processes
-from bnlab.engine import LOCAL, Engine, Group, Single, evaluate_shared, forget_shared_data, prepare
+from bnlab.engine import LOCAL, Engine, Group, Single, evaluate_shared, forget_shared_data, prepare, thread_count
 from bnlab.files import OutputError, owned, write_bytes
 from bnlab.fused import Fused
 from bnlab.hparams import metric_values, session
 from bnlab.metrics import Thresholds
 from bnlab.schema import TrainConfig, flatten
 from bnlab.summary import FILE, Status, Summary
+from bnlab.threads import usable_cores
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"  # in the run directory: model, optimizer, RNG and the run's record so far
+PROGRESS_EVERY_S = 10  # seconds between two progress lines where no progress bar can be drawn
 
 
 def peak_memory_mb(device: str) -> dict[str, float]:
@@ -232,9 +235,13 @@ def train(cfg: TrainConfig, run_dir: Path, console: Console | None = None) -> Su
     return train_runs([cfg], [run_dir], console)[0]
 
 
-def train_runs(cfgs: list[TrainConfig], run_dirs: list[Path], console: Console | None = None) -> list[Summary | None]:
+def train_runs(
+    cfgs: list[TrainConfig], run_dirs: list[Path], console: Console | None = None, cores: int | None = None
+) -> list[Summary | None]:
     """Train these runs, one alone or several as one fused model (`bnlab.fused.can_fuse` must accept
-    them); each writes its TensorBoard events, checkpoint and summary.json into its own directory.
+    them), on `cores` cores (default: all this process may use); each writes its TensorBoard events,
+    checkpoint and summary.json into its own directory. trainer.threads=auto becomes the thread count they
+    train with (bnlab.engine.thread_count), which their summaries record.
 
     Each run folder is owned by one process at a time: a run whose folder another process owns is
     left to it (None in the result). With trainer.resume=true a completed run is skipped and runs with
@@ -255,7 +262,7 @@ def train_runs(cfgs: list[TrainConfig], run_dirs: list[Path], console: Console |
         todo = [i for i in range(len(cfgs)) if i not in summaries]
         if todo:
             console = console or make_console()
-            results = _train_together([cfgs[i] for i in todo], [run_dirs[i] for i in todo], console)
+            results = _train_together([cfgs[i] for i in todo], [run_dirs[i] for i in todo], console, cores)
             summaries.update(zip(todo, results))
     return [summaries[i] for i in range(len(cfgs))]
 
@@ -287,7 +294,9 @@ def _open_runs(cfgs: list[TrainConfig], run_dirs: list[Path], checkpoints: list[
     return runs
 
 
-def _train_together(cfgs: list[TrainConfig], run_dirs: list[Path], console: Console) -> list[Summary]:
+def _train_together(
+    cfgs: list[TrainConfig], run_dirs: list[Path], console: Console, cores: int | None
+) -> list[Summary]:
     checkpoints = _load_checkpoints(cfgs, run_dirs)
     folders = ", ".join(map(str, run_dirs))
     if checkpoints:
@@ -296,7 +305,7 @@ def _train_together(cfgs: list[TrainConfig], run_dirs: list[Path], console: Cons
         log.info("%s: training from the start", folders)
     runs = _open_runs(cfgs, run_dirs, checkpoints)
     try:
-        _fit(runs, console, checkpoints)
+        _fit(runs, console, checkpoints, cores or usable_cores())
     except OutputError as e:
         for run in (r for r in runs if r.status == Status.RUNNING):
             run.status, run.error = Status.FAILED, f"{type(e).__name__}: {e}"
@@ -334,11 +343,15 @@ def _output_error_message(e: OutputError, runs: list[Run]) -> str:
     )
 
 
-def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None) -> None:
-    """Validate, set up the device and data, and train: in this process, or with trainer.devices > 1 as
-    rank 0 of a distributed run whose other processes bnlab.distributed starts (each runs `_replica`)."""
+def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None, cores: int) -> None:
+    """Validate, decide the thread count, set up the device and data, and train: in this process, or with
+    trainer.devices > 1 as rank 0 of a distributed run whose other processes bnlab.distributed starts (each
+    runs `_replica`)."""
     for run in runs:
         validate(run.cfg)
+    threads = thread_count([run.cfg for run in runs], cores)
+    for run in runs:  # what the runs train with, and their summaries record
+        run.cfg.trainer.threads = threads
     cfg, t = runs[0].cfg, runs[0].cfg.trainer
     device, data = prepare(cfg)
     for run in runs:
@@ -391,9 +404,30 @@ def _drive(
 
 
 def _progress(console: Console | None, runs: list[Run]) -> tuple[contextlib.AbstractContextManager, Callable]:
-    """A progress bar on `console` and the function that updates it (without a console: none, a no-op)."""
+    """How the loop shows its progress on `console`, and the function it calls with it: a progress bar in a
+    terminal this process has to itself (the foreground job); else, in a log or in a parallel sweep's worker
+    (whose process group is not the terminal's), a line every PROGRESS_EVERY_S seconds. No console: nothing."""
     if console is None:
         return contextlib.nullcontext(), lambda **fields: None
+    fields = {"completed": runs[0].steps, "loss": math.nan, "acc": math.nan, "test_acc": math.nan}
+    budget = runs[0].cfg.trainer.max_steps
+    if not _in_foreground(console):
+        name = runs[0].run_dir.name + (f" and {len(runs) - 1} fused" if len(runs) > 1 else "")
+        start, last = time.perf_counter(), [time.perf_counter()]
+
+        def line(**update: float) -> None:
+            fields.update(update)
+            now = time.perf_counter()
+            if now - last[0] >= PROGRESS_EVERY_S:
+                last[0], done = now, fields["completed"] - runs[0].steps
+                console.print(
+                    f"{name}: step {fields['completed']} of {budget}, {done / (now - start):.0f} steps/s, "
+                    f"loss {fields['loss']:.3f}, test acc {fields['test_acc']:.4f}",
+                    soft_wrap=True,
+                    highlight=False,
+                )
+
+        return contextlib.nullcontext(), line
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -402,12 +436,19 @@ def _progress(console: Console | None, runs: list[Run]) -> tuple[contextlib.Abst
         TimeRemainingColumn(),
         console=console,
         transient=True,  # gone when the run ends: its table (or its sweep line) says how it went
-        disable=not console.is_terminal,  # a log file gets no bar
     )
     description = "train" if len(runs) == 1 else f"train {len(runs)} fused"
-    fields = {"loss": math.nan, "acc": math.nan, "test_acc": math.nan}
-    task = progress.add_task(description, total=runs[0].cfg.trainer.max_steps, completed=runs[0].steps, **fields)
+    task = progress.add_task(description, total=budget, **fields)
     return progress, lambda **fields: progress.update(task, **fields)
+
+
+def _in_foreground(console: Console) -> bool:
+    """Whether `console` is a terminal and this process its foreground process group (a worker of a parallel
+    sweep has a group of its own: two live bars in one terminal would overwrite each other)."""
+    try:
+        return console.is_terminal and os.tcgetpgrp(console.file.fileno()) == os.getpgrp()
+    except (OSError, ValueError, AttributeError):  # no file descriptor, or not a terminal after all
+        return False
 
 
 class Loop:

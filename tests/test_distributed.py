@@ -16,14 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CLI, TINY, assert_equal_runs, scalars
+from helpers import CLI, TINY, assert_equal_runs, compose_config, scalars
 from hydra import compose, initialize_config_module
 
 from bnlab.data import load_data
 from bnlab.diagnostics import precise_bn
 from bnlab.distributed import DistributedError, processes
-from bnlab.engine import Group, batches, resolve_device
-from bnlab.job import job_config, threads_per_job
+from bnlab.engine import Group, batches, resolve_device, thread_count
 from bnlab.models import build_model
 from bnlab.norms import BatchNorm, GhostBatchNorm, SyncBatchNorm, with_torch_sync_batch_norm
 from bnlab.schema import ConfigError
@@ -332,10 +331,10 @@ def test_a_signal_stops_every_process_leaves_the_run_interrupted_and_resumable(t
 
 
 def test_each_process_gets_its_share_of_the_cores():
-    with initialize_config_module("bnlab.conf", version_base="1.3"):
-        dcfg = compose("train", overrides=["trainer.devices=2"])
-    assert job_config(dcfg).trainer.threads == max(1, threads_per_job(None) // 2)
-    assert job_config(dcfg, parallel_jobs=2).trainer.threads == max(1, threads_per_job(2) // 2)
+    cfg = compose_config(["model=resnet", "model.widths=[64,128,256]", "data.batch_size=128", "trainer.devices=2"])
+    assert thread_count([cfg], cores=8) == 4  # a ResNet's step has the work for every core each process gets
+    cfg.trainer.threads = 3
+    assert thread_count([cfg], cores=8) == 3  # a count is a count
 
 
 def test_several_processes_train_on_cpus_or_one_gpu_each(monkeypatch):

@@ -315,7 +315,7 @@ def test_fused_model_refuses_models_of_different_shapes():
         FusedModel([build_model(cfg, (2, 8, 8), 10), build_model(wide, (2, 8, 8), 10)])
 
 
-# Every key marked MEMBER in bnlab/config.py: the setting it acts in and the values of the three members.
+# Every key marked MEMBER in bnlab/schema.py: the setting it acts in and the values of the three members.
 MEMBER_CASES = {
     "seed": ([], [3, 4, 5]),
     "optim.lr": ([], [0.1, 0.02, 0.3]),

@@ -15,6 +15,7 @@ LAYERS = {
     # files, the console, metric names, the summary contract, the stacked layout, the import of the user's own code
     "bnlab.schema": 0,
     "bnlab.datafiles": 0,
+    "bnlab.threads": 0,
     "bnlab.files": 0,
     "bnlab.console": 0,
     "bnlab.metrics": 0,

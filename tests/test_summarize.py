@@ -15,7 +15,7 @@ from bnlab.console import make_console
 from bnlab.files import write_json
 from bnlab.schema import BOOKKEEPING_KEYS
 from bnlab.summarize import compare, summarize
-from bnlab.summary import Status, Summary
+from bnlab.summary import FILE, Status, Summary
 
 
 def run(
@@ -86,6 +86,21 @@ def test_iterations_are_median_min_max_and_never_reached_runs_are_counted():
     assert (bn.thresholds[0.95].iterations, bn.thresholds[0.95].never) == ((1000, 900, 1100), 1)
     mean, std = bn.final_test_acc
     assert mean == pytest.approx(0.96) and std == pytest.approx(0.01)
+
+
+def test_steps_per_s_is_each_runs_own_as_median_and_range(tmp_path):
+    runs = [json.loads(json.dumps(r)) for r in RUNS[:3]]
+    for r, speed in zip(runs, (23.8, 861.5, 442.7)):  # one seed starved by another process
+        r["steps_per_s"] = speed
+    (bn,) = group_runs(results(runs))
+    assert bn.steps_per_s == (442.7, 23.8, 861.5)
+    for i, r in enumerate(runs):
+        (tmp_path / f"job{i}").mkdir()
+        write_json(tmp_path / f"job{i}" / FILE, r)
+    summarize(tmp_path, make_console())
+    assert "| 442.7 (23.8-861.5) |" in (tmp_path / "summary.md").read_text()
+    row = next(csv.DictReader(io.StringIO((tmp_path / "summary.csv").read_text())))
+    assert (row["steps_per_s_median"], row["steps_per_s_min"], row["steps_per_s_max"]) == ("442.7", "23.8", "861.5")
 
 
 def test_speed_up_over_the_no_norm_twin_is_paired_by_seed():

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from bnlab.callbacks import ComposeOnce
 from bnlab.hparams import columns
-from bnlab.job import threads_per_job
+from bnlab.threads import CORES_ENV, cores_per_job, usable_cores
 
 pytestmark = pytest.mark.slow
 
@@ -59,12 +59,15 @@ def test_parallel_launchers_run_every_job_and_end_with_the_table(tmp_path, launc
     assert "ok/div/fail" in out.stdout
 
 
-def test_threads_are_shared_out_among_parallel_jobs():
-    cores = os.cpu_count()
-    assert threads_per_job(None) == cores  # basic launcher: one job at a time
-    assert threads_per_job(-1) == 1  # joblib's default: one job per core
-    assert threads_per_job(2) == max(1, cores // 2)
-    assert threads_per_job(4 * cores) == 1
+def test_cores_are_shared_out_among_parallel_jobs(monkeypatch):
+    cores = usable_cores()
+    assert cores == len(os.sched_getaffinity(0))  # the CPUs this process may run on, not the machine's
+    assert cores_per_job(None) == cores  # basic launcher: one job at a time
+    assert cores_per_job(-1) == 1  # joblib's default: one job per core
+    assert cores_per_job(2) == max(1, cores // 2)
+    assert cores_per_job(4 * cores) == 1
+    monkeypatch.setenv(CORES_ENV, "1")  # a worker of bnlab's launcher, given one core
+    assert usable_cores() == 1 and cores_per_job(None) == 1
 
 
 def test_the_slurm_launcher_config_composes(tmp_path):

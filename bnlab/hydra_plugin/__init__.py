@@ -15,8 +15,8 @@ class BnlabLauncher(Launcher):
     """`hydra/launcher=bnlab`: the basic launcher, fusing the jobs that ask for it, n_jobs groups at once
     (bnlab.launcher)."""
 
-    def __init__(self, n_jobs: int = 1) -> None:
-        self.n_jobs = n_jobs  # hydra.launcher.n_jobs: groups trained at once (-1: one per core)
+    def __init__(self, n_jobs: int | str = "auto") -> None:
+        self.n_jobs = n_jobs  # hydra.launcher.n_jobs: groups at once (auto: as the cores allow; -1: one per core)
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
