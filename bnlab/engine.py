@@ -67,8 +67,8 @@ def resolve_device(name: str, devices: int = 1, rank: int = 0) -> torch.device:
 def step_flops(cfg: TrainConfig) -> float:
     """FLOPs of one training step of cfg's model at its batch size: 2 per multiply-add of its linear and
     convolution layers (the bulk of the work) in the forward pass, three times that for forward and backward.
-    Counted on a copy built on torch's meta device, which computes shapes only; inf where the model cannot
-    be built there (the user's own model may not)."""
+    Counted on one example in eval mode (the work grows with the batch), on a copy built on the CPU: torch's
+    meta device would import its compiler (a second per process); inf where the model cannot be built."""
     macs = 0
 
     def count(module: nn.Module, inputs: tuple, out: Tensor) -> None:
@@ -80,15 +80,15 @@ def step_flops(cfg: TrainConfig) -> float:
 
     try:
         in_shape, classes = shape(cfg.data)
-        with torch.random.fork_rng(devices=[]), torch.device("meta"):  # building draws no weights from the RNG
-            model = build_model(cfg, in_shape, classes)
-            for m in model.modules():
-                m.register_forward_hook(count)
-            with torch.no_grad():
-                model(torch.empty(cfg.data.batch_size // cfg.trainer.devices, *in_shape))
+        with torch.random.fork_rng(devices=[]):  # building draws weights: keep the RNG as it was
+            model = build_model(cfg, in_shape, classes).eval()
+        for m in model.modules():
+            m.register_forward_hook(count)
+        with torch.no_grad():
+            model(torch.zeros(1, *in_shape))
     except Exception:
         return math.inf
-    return 6.0 * macs
+    return 6.0 * macs * cfg.data.batch_size / cfg.trainer.devices
 
 
 def thread_count(cfgs: list[TrainConfig], cores: int) -> int:

@@ -67,7 +67,7 @@ LANDSCAPE_BANDS = (  # (title, y label, tag of the smallest value over the step 
 )
 BETA = ("effective $\\beta$-smoothness", "max $\\|\\nabla L(\\theta - \\eta g) - g\\|_2 \\,/\\, \\|\\eta g\\|_2$")
 PAPER_STEPS = {1: ("BN-Baseline", 13.3), 5: ("BN-x5", 2.1), 30: ("BN-x30", 2.7)}  # Ioffe & Szegedy, millions of
-INCEPTION_STEPS = 31.0  # steps to 72.2 % (Inception's best), BRIEF.md
+INCEPTION_STEPS = 31.0  # steps to 72.2 % (Inception's best): docs/literature.md, section 3
 ACC_MODES = (
     ("test_acc_train_mode", "train mode\n(batch statistics)"),
     ("test_acc", "eval mode\n(running averages, EMA)"),

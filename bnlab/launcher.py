@@ -81,11 +81,12 @@ def fusing_line(groups: list[list[int]], alone: dict[str, int]) -> str:
 
 def at_once(n_jobs: int | str, groups: list[list[TrainConfig]]) -> int:
     """How many groups train at once: hydra.launcher.n_jobs (-1: one per core), or for auto as many as the
-    cores hold with the threads each group would train with alone (bnlab.engine.thread_count: 1 for the
-    small models, so a 2-core machine trains two of them side by side); never more than there are groups."""
+    cores hold with the fewest threads any group would train with alone (bnlab.engine.thread_count: 1 for
+    the small models, so a 2-core machine trains two of them side by side; a larger group then trains on its
+    share, since runs side by side gain more than threads do); never more than there are groups."""
     cores = usable_cores()
     if n_jobs == "auto":
-        n_jobs = cores // max(thread_count(group, cores) for group in groups)
+        n_jobs = cores // min(thread_count(group, cores) for group in groups)
     elif n_jobs < 0:
         n_jobs = cores
     return max(1, min(int(n_jobs), len(groups)))

@@ -47,7 +47,7 @@ class ModelConfig:
     blocks: int = 1  # resnet: basic residual blocks per stage
     activation: str = "relu"  # relu | sigmoid | tanh | gelu | identity (no nonlinearity: a deep linear network)
     init: str = member("default")  # default: PyTorch's; normal: N(0, init_std) weights; glorot: Glorot; biases 0
-    init_std: float = member(0.05)  # standard deviation of the normal init (BRIEF: 0.05 good, 5 bad)
+    init_std: float = member(0.05)  # std of the normal init (docs/literature.md, section 4: 0.05 good, 5 bad)
     bias: str = "auto"  # auto: drop the bias of a layer that a norm follows | true | false
     residual_init: str = "default"  # resnet: default | skipinit (scalar 0 on each residual branch) | fixup
     weight_standardization: bool = False  # every layer but the classifier scaled-standardized (Brock et al.)
@@ -131,7 +131,7 @@ class TrainerConfig:
     channels_last: bool = False  # conv models: NHWC feature maps (faster convolutions on GPUs with tensor cores)
     compile: bool = False  # torch.compile the model (its first steps compile; CPU needs a C++ compiler)
     # Processes one run trains on, with DistributedDataParallel (cpu: gloo; cuda: nccl, one GPU each); each
-    # takes an equal share of every batch of data.batch_size (README "Several GPUs or processes").
+    # takes an equal share of every batch of data.batch_size (docs/guide.md, "Several GPUs or processes").
     devices: int = 1
     sync_buffers: str = "broadcast"  # devices > 1: running statistics after each step: broadcast (rank 0's) | average
     timeout_s: float = bookkeeping(300.0)  # devices > 1: seconds a process waits for the others before the run fails

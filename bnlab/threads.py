@@ -2,9 +2,9 @@
 among the runs that train at once, and one thread for models too small to gain from more.
 
 On a machine where anything else runs, torch's intra-op threads that wait for a busy core make a small
-model's steps many times slower (the default MLP at 2 threads: 11 steps/s beside one busy process, at 1
-thread 421), and on a quiet machine one thread is faster for it too. scripts/bench_threads.py measures
-where a second thread starts to pay off; docs/performance.md has the numbers behind MIN_FLOPS_PER_THREAD.
+model's steps many times slower, and on a quiet machine one thread is faster for it too.
+scripts/bench_threads.py measures where a second thread starts to pay off; docs/performance.md has the
+numbers behind MIN_FLOPS_PER_THREAD.
 No torch here: the launcher decides how many runs train at once before anything imports it.
 """
 
@@ -13,7 +13,10 @@ from __future__ import annotations
 import os
 
 # FLOPs of one training step (forward and backward, bnlab.engine.step_flops) that each thread must have before
-# the next one is used: below it a thread costs more in waiting than it saves (scripts/bench_threads.py).
+# the next one is used. scripts/bench_threads.py on a 2-core Xeon (2026-12-05): a second thread slows the MNIST
+# MLP (0.02 GFLOP a step) to 0.55x on a quiet machine; from about 0.5 GFLOP it gains 1.2-1.7x there, but beside
+# one busy process it costs 7-50 % up to 30 GFLOP. At 2 GFLOP a thread, the steps that get two (4 GFLOP and up)
+# gain 1.5-1.7x quiet and lose at most 19 % beside busy work; every preset's model stays at one.
 MIN_FLOPS_PER_THREAD = 2e9
 CORES_ENV = "BNLAB_CORES"  # set by bnlab's launcher for each worker process: the cores that worker may use
 

@@ -54,12 +54,12 @@ def config(overrides: list[str]) -> TrainConfig:
 def steps_per_s(engine: Single, threads: int) -> float:
     """Steps per second of the engine's step at `threads` threads, timed over about STEP_SECONDS."""
     torch.set_num_threads(threads)
-    for i in range(3):  # warm-up: allocator, kernels
-        engine.step(i)
+    for step in range(1, 4):  # warm-up: allocator, kernels (steps count from 1)
+        engine.step(step)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < STEP_SECONDS:
-        engine.step(n)
         n += 1
+        engine.step(n)
     return n / (time.perf_counter() - start)
 
 

@@ -30,6 +30,7 @@ TINY = [
     "data.batch_size=16",
     "trainer.device=cpu",
     "trainer.threads=1",  # tests run beside other work: one thread cannot be starved by a busy second core
+    "hydra.launcher.n_jobs=1",  # a sweep's groups in its own process: a worker each would import torch again
     "trainer.max_steps=3",
     "trainer.eval_every=2",
 ]

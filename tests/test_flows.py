@@ -22,6 +22,7 @@ import torch
 from helpers import LONG, MESSAGES, TINY, TRAIN, assert_equal_runs, bnlab, scalars, start, wait_for
 from omegaconf import OmegaConf
 
+import bnlab.train as training
 from bnlab import files
 from bnlab.app import claim_folder
 from bnlab.callbacks import _check_not_a_sweep
@@ -279,11 +280,13 @@ def test_a_full_disk_stops_the_run_and_keeps_what_was_written(tiny_config, tmp_p
     def full_disk(path, data):  # from the first checkpoint of the resumed attempt (step 150) on
         raise OutputError(errno.ENOSPC, f"cannot write {path}: No space left on device")
 
-    monkeypatch.setattr(files, "write_bytes", full_disk)
+    for module in (files, training):  # result files, and checkpoints
+        monkeypatch.setattr(module, "write_bytes", full_disk)
     cfg.trainer.resume = True
     with pytest.raises(OutputError) as e:
         train(cfg, tmp_path)
-    monkeypatch.setattr(files, "write_bytes", write)
+    for module in (files, training):
+        monkeypatch.setattr(module, "write_bytes", write)
     assert "No space left on device" in str(e.value) and "its last checkpoint (step 120)" in str(e.value)
     assert MESSAGES["disk"] in str(e.value)
     assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["step"] == 120  # the interrupted attempt's

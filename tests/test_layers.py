@@ -1,4 +1,4 @@
-"""The import layering of bnlab/ (README, Layout): imports go one way, down the layers, and never round in
+"""The import layering of bnlab/ (docs/guide.md, Layout): imports go one way, down the layers, and never round in
 a circle; the analysis reads only the summary contract; nothing below the Hydra face imports it.
 Function-level imports count; imports under `if TYPE_CHECKING:` (type hints only) do not."""
 

@@ -59,8 +59,10 @@ def test_sigterm_in_a_sweep_starts_no_further_run_and_keeps_the_sweep_table(tmp_
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 130
     runs = [p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith(".")]
-    assert len(runs) == 1 and "seed=0" in runs[0].name
-    assert json.loads((runs[0] / "summary.json").read_text())["status"] == "interrupted"
+    # the runs that had started (one per core at most: n_jobs=auto) stop where they were; seed 2 never starts
+    assert 1 <= len(runs) <= 2 and not any("seed=2" in r.name for r in runs)
+    trained = [r for r in runs if (r / "summary.json").exists()]  # a worker may be stopped before its run trains
+    assert trained and {json.loads((r / "summary.json").read_text())["status"] for r in trained} == {"interrupted"}
     assert "interrupted" in (tmp_path / "sweep" / "summary.csv").read_text().splitlines()[0]
 
 
@@ -108,7 +110,7 @@ BAD_INPUTS = [
     (["model.bias=maybe"], "model.bias", "auto, true, false"),
     (["norm.momentum=1.5"], "norm.momentum", "[0, 1]"),
     (["model.widths=[]"], "model.widths", "non-empty"),
-    (["trainer.threads=-1"], "trainer.threads", ">= 0"),
+    (["trainer.threads=-1"], "trainer.threads", "auto (bnlab decides from the model's size) or an integer >= 1"),
     (["trainer.log_every=0"], "trainer.log_every", "an integer > 0"),
     (["trainer.precision=fp16"], "trainer.precision", "fp32, bf16, fp64"),
     (["diag.percentiles=true", "diag.layers=[7]"], "diag.layers", "-3 to 2"),

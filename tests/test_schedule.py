@@ -63,7 +63,7 @@ def test_lr_factor_at_chosen_steps(cfg, max_steps, expected):
 
 
 def formula(cfg: OptimConfig, step: int) -> float:
-    """The lr of `step` written out from the schedule's definition (README, OptimConfig), not via lr_factor."""
+    """The lr of `step` written out from the schedule's definition (docs/guide.md, the schedule), not via lr_factor."""
     w, lr = cfg.warmup_steps, cfg.lr
     if step <= w:
         return lr * step / w

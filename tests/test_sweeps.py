@@ -9,7 +9,7 @@ import time
 import urllib.request
 
 import pytest
-from helpers import CLI, TINY, bnlab, scalars
+from helpers import CLI, TINY, bnlab, comparable, scalars
 from omegaconf import OmegaConf
 
 from bnlab.callbacks import ComposeOnce
@@ -46,7 +46,7 @@ def test_parallel_launchers_run_every_job_and_end_with_the_table(tmp_path, launc
     out = bnlab(
         "train",
         "-m",
-        *TINY,
+        *(o for o in TINY if not o.startswith("hydra.launcher.")),  # bnlab's launcher's key
         "norm=none,batch",
         f"hydra/launcher={launcher}",
         *extra,
@@ -227,3 +227,17 @@ def test_a_job_copied_from_another_equals_hydras_own_composition(sweep, composed
         copied, hydras = loader.load_sweep_config(master, later), composer.compose(master, later)
         assert OmegaConf.to_container(copied) == OmegaConf.to_container(hydras)
         assert not OmegaConf.is_readonly(copied.hydra)
+
+
+def test_a_run_trains_the_same_alone_and_beside_another_in_a_parallel_sweep(tmp_path):
+    # the defaults: trainer.threads=auto (1 for this MLP) and n_jobs=auto (both runs at once on 2 cores)
+    tiny = [o for o in TINY if not o.startswith("trainer.threads=")] + ["trainer.max_steps=40", "trainer.eval_every=10"]
+    sweep = bnlab("train", "-m", *tiny, "norm=none,batch", "hydra.launcher.n_jobs=2", "hydra.sweep.dir=s", cwd=tmp_path)
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    alone = bnlab("train", *tiny, "norm=batch", "hydra.run.dir=alone", cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    beside = tmp_path / "s" / "norm=batch"
+    assert scalars(beside) == scalars(tmp_path / "alone")  # every curve point, bit for bit
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (beside, tmp_path / "alone"))
+    assert comparable(a) == comparable(b) and a["config"]["trainer"]["threads"] == 1
+    assert json.loads((tmp_path / "s" / "provenance.json").read_text())["torch_threads"] == 1
