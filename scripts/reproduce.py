@@ -100,8 +100,9 @@ def compare(recorded: dict, now: list[Group], console: Console) -> int:
 def same_numerics(args: list[str], provenance: dict, kernels: str | None) -> tuple[list[str], dict[str, str]]:
     """The arguments with the recorded thread count, and the environment with the CPU kernels to use
     (`kernels`, else the recorded ones where this CPU can lower its own to them)."""
-    if not any(a.startswith("trainer.threads=") for a in args):
-        args = [*args, f"trainer.threads={provenance['torch_threads']}"]
+    threads = provenance.get("torch_threads")  # one count for every run, or a list where runs differed
+    if isinstance(threads, int) and not any(a.startswith("trainer.threads=") for a in args):
+        args = [*args, f"trainer.threads={threads}"]
     env = dict(os.environ)
     kernels = kernels or provenance.get("cpu_kernels")
     here = cpu_kernels()
