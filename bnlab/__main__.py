@@ -3,23 +3,15 @@ code 130 at any moment, the start-up's imports included."""
 
 from __future__ import annotations
 
-import signal
 import sys
+
+from bnlab.interrupts import after_imports
 
 
 def main() -> None:
-    # The imports take seconds and Ctrl-C may come during them. A KeyboardInterrupt raised inside a library's
-    # import can be swallowed by its own `except` (the run then went on training), so during the imports
-    # Ctrl-C is only noted, and acted on once they are done.
-    pressed: list[int] = []
-    default = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
     try:
-        from bnlab.cli import main as run
-    finally:
-        signal.signal(signal.SIGINT, default)
-    try:
-        if pressed:
-            raise KeyboardInterrupt
+        with after_imports():
+            from bnlab.cli import main as run
         run()
     except KeyboardInterrupt:
         print("bnlab: interrupted", file=sys.stderr)

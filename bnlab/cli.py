@@ -15,8 +15,9 @@ from rich.table import Table
 
 from bnlab.console import make_console, shell_path
 from bnlab.datafiles import FILES, DataError, fetch, file_report
+from bnlab.interrupts import after_imports
 from bnlab.job import OK, REFUSED
-from bnlab.overrides import EXCLUDE_KEYS, check_overrides, override_args, parse, quote
+from bnlab.overrides import EXCLUDE_KEYS, PRINT_ONLY_FLAGS, check_overrides, override_args, parse, quote
 from bnlab.schema import BOOKKEEPING_KEYS, ConfigError, DataConfig
 from bnlab.summary import FILE, Status, Summary
 
@@ -41,6 +42,9 @@ def train(args: list[str]) -> None:
             raise
         refuse(str(e))
     sys.argv = [f"{Path(sys.argv[0]).name} train", *args]
+    if not PRINT_ONLY_FLAGS.intersection(args):  # --help, --cfg, ... print and exit: no torch for them
+        with after_imports():
+            import bnlab.train  # noqa: F401  torch, once, now that the overrides passed their check
     from hydra.core.plugins import Plugins
     from hydra_plugins.bnlab_launcher import BnlabLauncher
 

@@ -31,6 +31,7 @@ GROUPS = ("model", "norm", "data", "optim", "experiment", "baseline", "setup")
 CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
 # Hydra's own flags that take a value (the next argument), which is no override
 VALUED_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c", "--package", "-p"}
+PRINT_ONLY_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
 INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info [TOPIC]
 SLURM_LAUNCHERS = {"slurm", "submitit_slurm"}
 EXCLUDE_KEYS = "hydra.job.config.override_dirname.exclude_keys"  # keys left out of a run folder's name

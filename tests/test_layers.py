@@ -16,6 +16,7 @@ LAYERS = {
     "bnlab.schema": 0,
     "bnlab.datafiles": 0,
     "bnlab.threads": 0,
+    "bnlab.interrupts": 0,
     "bnlab.files": 0,
     "bnlab.console": 0,
     "bnlab.metrics": 0,
