@@ -224,21 +224,23 @@ def fetch(name: str, root: str | Path, log: Log = print) -> None:
 # ---------------------------------------------------------------- registry
 
 _IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def _idx_md5(*digests: str) -> dict[str, str]:
+    """The MD5 of the four IDX files of an MNIST-style data set, in _IDX_FILES's order."""
+    return dict(zip(_IDX_FILES, digests))
+
+
 _TORCHVISION = ("torchvision's downloader", _fetch_torchvision)
 
 FILES: dict[str, Files] = {
     "mnist": Files(
         folder="MNIST/raw",
-        md5=dict(
-            zip(
-                _IDX_FILES,
-                [
-                    "6bbc9ace898e44ae57da46a324031adb",
-                    "a25bea736e30d166cdddb491f175f624",
-                    "2646ac647ad5339dbf082846283269ea",
-                    "27ae3e4e09519cfbb04c329615203637",
-                ],
-            )
+        md5=_idx_md5(
+            "6bbc9ace898e44ae57da46a324031adb",
+            "a25bea736e30d166cdddb491f175f624",
+            "2646ac647ad5339dbf082846283269ea",
+            "27ae3e4e09519cfbb04c329615203637",
         ),
         in_shape=(1, 28, 28),
         torchvision="MNIST",
@@ -247,16 +249,11 @@ FILES: dict[str, Files] = {
     ),
     "fashion_mnist": Files(
         folder="FashionMNIST/raw",
-        md5=dict(
-            zip(
-                _IDX_FILES,
-                [
-                    "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-                    "9018921c3c673c538a1fc5bad174d6f9",
-                    "8181f5470baa50b63fa0f6fddb340f0a",
-                    "15d484375f8d13e6eb1aabb0c3f46965",
-                ],
-            )
+        md5=_idx_md5(
+            "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+            "9018921c3c673c538a1fc5bad174d6f9",
+            "8181f5470baa50b63fa0f6fddb340f0a",
+            "15d484375f8d13e6eb1aabb0c3f46965",
         ),
         in_shape=(1, 28, 28),
         torchvision="FashionMNIST",
