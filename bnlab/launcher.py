@@ -86,7 +86,12 @@ def at_once(n_jobs: int | str, groups: list[list[TrainConfig]]) -> int:
     share, since runs side by side gain more than threads do); never more than there are groups."""
     cores = usable_cores()
     if n_jobs == "auto":
-        n_jobs = cores // min(thread_count(group, cores) for group in groups)
+        fewest = cores
+        for group in groups:  # each count builds the group's model once: stop at 1, which no group goes below
+            fewest = min(fewest, thread_count(group, cores))
+            if fewest == 1:
+                break
+        n_jobs = cores // fewest
     elif n_jobs < 0:
         n_jobs = cores
     return max(1, min(int(n_jobs), len(groups)))
