@@ -413,13 +413,13 @@ def _progress(console: Console | None, runs: list[Run]) -> tuple[contextlib.Abst
     budget = runs[0].cfg.trainer.max_steps
     if not _in_foreground(console):
         name = runs[0].run_dir.name + (f" and {len(runs) - 1} fused" if len(runs) > 1 else "")
-        start, last = time.perf_counter(), [time.perf_counter()]
+        first, start, last = runs[0].steps, time.perf_counter(), [time.perf_counter()]
 
         def line(**update: float) -> None:
             fields.update(update)
             now = time.perf_counter()
             if now - last[0] >= PROGRESS_EVERY_S:
-                last[0], done = now, fields["completed"] - runs[0].steps
+                last[0], done = now, fields["completed"] - first
                 console.print(
                     f"{name}: step {fields['completed']} of {budget}, {done / (now - start):.0f} steps/s, "
                     f"loss {fields['loss']:.3f}, test acc {fields['test_acc']:.4f}",

@@ -1,11 +1,14 @@
+import io
 import json
 import math
 
 import pytest
 import torch
 from helpers import scalars
+from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import bnlab.train
 from bnlab.data import load_data
 from bnlab.engine import autocast, batches, prepare_model
 from bnlab.models import build_model
@@ -240,3 +243,14 @@ def test_channels_last_and_compile_train_as_the_default_does(tiny_config, tmp_pa
     assert [v for _, v in scalars(tmp_path / "other")["train/loss"]] == pytest.approx(
         [v for _, v in scalars(tmp_path / "default")["train/loss"]], rel=1e-4
     )
+
+
+def test_a_run_without_a_terminal_prints_a_progress_line_every_few_seconds(tiny_config, tmp_path, monkeypatch):
+    # a log file (or a parallel sweep's worker, whose process group is not the terminal's) gets no bar
+    monkeypatch.setattr(bnlab.train, "PROGRESS_EVERY_S", 0.0)  # a line at every update: reads and evaluations
+    log = Console(file=io.StringIO(), width=200)
+    train(tiny_config("trainer.max_steps=40", "trainer.eval_every=10", "trainer.log_every=10"), tmp_path / "r", log)
+    lines = [line for line in log.file.getvalue().splitlines() if line.startswith("r: step ")]
+    steps = [int(line.split()[2]) for line in lines]
+    assert steps == sorted(steps) and {10, 20, 30, 40} <= set(steps) and all(" of 40, " in line for line in lines)
+    assert all(float(line.split(", ")[1].split()[0]) > 0 for line, step in zip(lines, steps) if step)  # steps/s
