@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -18,7 +17,6 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
-from rich.console import Console
 
 from bnlab import provenance
 from bnlab.config import check_targets, validate
@@ -26,22 +24,14 @@ from bnlab.console import make_console, shell_path
 from bnlab.dashboard import write_dashboard
 from bnlab.datafiles import DataError
 from bnlab.engine import resolve_device
-from bnlab.job import FAILED, REFUSED, job_config
-from bnlab.overrides import DEFAULTS, EXCLUDE_KEYS, FUSING_LAUNCHER
+from bnlab.job import FAILED, job_config
+from bnlab.overrides import DEFAULTS, EXCLUDE_KEYS, FUSING_LAUNCHER, refuse
 from bnlab.schema import BOOKKEEPING_KEYS, ConfigError, flatten, fuse_mode
 from bnlab.summarize import summarize
 from bnlab.summary import FILE
 
 log = logging.getLogger("bnlab")
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-
-
-def refuse(error: ConfigError | DataError) -> None:
-    """Print the refusal as one paragraph and exit 2 (the traceback with HYDRA_FULL_ERROR=1)."""
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        raise error
-    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {error}", highlight=False)
-    sys.exit(REFUSED)
 
 
 class Preflight(Callback):

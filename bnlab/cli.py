@@ -10,14 +10,13 @@ from importlib.metadata import version
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from rich.console import Console
 from rich.table import Table
 
 from bnlab.console import make_console, shell_path
 from bnlab.datafiles import FILES, DataError, fetch, file_report
 from bnlab.interrupts import after_imports
-from bnlab.job import OK, REFUSED
-from bnlab.overrides import EXCLUDE_KEYS, PRINT_ONLY_FLAGS, check_overrides, override_args, parse, quote
+from bnlab.job import OK
+from bnlab.overrides import EXCLUDE_KEYS, PRINT_ONLY_FLAGS, check_overrides, override_args, parse, quote, refuse
 from bnlab.schema import BOOKKEEPING_KEYS, ConfigError, DataConfig
 from bnlab.summary import FILE, Status, Summary
 
@@ -26,21 +25,13 @@ console = make_console()
 RUNS, SWEEPS = Path("outputs/runs"), Path("outputs/sweeps")  # conf/train.yaml's folders, below the working directory
 
 
-def refuse(message: str) -> None:
-    """Bad usage: one paragraph on stderr, exit 2."""
-    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {message}", highlight=False)
-    sys.exit(REFUSED)
-
-
 def train(args: list[str]) -> None:
     """`bnlab train ARGS`: the overrides checked, a resume without a folder pointed at its folder, then Hydra."""
     try:
         check_overrides(args)
         args = find_resumed_folder(args)
     except ConfigError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        refuse(str(e))
+        refuse(e)
     sys.argv = [f"{Path(sys.argv[0]).name} train", *args]
     if not PRINT_ONLY_FLAGS.intersection(args):  # --help, --cfg, ... print and exit: no torch for them
         with after_imports():
@@ -187,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             fetch(args.name, data_root(args.root), log=console.print)
         except DataError as e:
-            refuse(str(e))
+            refuse(e)
     elif args.command == "data":
         data_list(data_root(args.root))
     elif args.command == "summarize" and len(args.dirs) == 1:

@@ -8,11 +8,13 @@ Also how bnlab writes a value into an override (quoting)."""
 from __future__ import annotations
 
 import copy
+import os
 import shutil
+import sys
 from dataclasses import asdict
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -20,7 +22,9 @@ from hydra.core.override_parser.types import Glob, Override
 from hydra.errors import OverrideParseException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from rich.console import Console
 
+from bnlab.job import REFUSED
 from bnlab.schema import ConfigError, TrainConfig, check_choice, flatten
 
 if TYPE_CHECKING:
@@ -88,6 +92,15 @@ def help_groups() -> str:
 
 
 OmegaConf.register_new_resolver("bnlab.help_groups", help_groups, replace=True)
+
+
+def refuse(error: Exception | str) -> NoReturn:
+    """Bad input or usage: one paragraph on stderr and exit 2 (README "When things go wrong"); an error's
+    traceback instead with HYDRA_FULL_ERROR=1."""
+    if isinstance(error, Exception) and os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {error}", highlight=False)
+    sys.exit(REFUSED)
 
 
 def quote(value: str) -> str:
