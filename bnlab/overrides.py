@@ -30,8 +30,9 @@ from bnlab.schema import ConfigError, TrainConfig, check_choice, flatten
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
-# the config groups: one folder each under conf/
-GROUPS = ("model", "norm", "data", "optim", "experiment", "baseline", "setup")
+# the config groups: one folder each under conf/, but hydra/ (Hydra's own: the launcher, the job logging)
+_CONF = files("bnlab.conf")
+GROUPS = tuple(sorted(p.name for p in _CONF.iterdir() if p.is_dir() and p.name != "hydra" and p.name[0] not in "_."))
 CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
 # Hydra's own flags that take a value (the next argument), which is no override
 VALUED_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c", "--package", "-p"}
@@ -47,7 +48,7 @@ DEFAULTS = asdict(TrainConfig())
 def group_options(group: str, folders: list[Traversable] | None = None) -> list[str]:
     """The options of a config group: the YAML files in its folder of bnlab's conf/ and of `folders`."""
     options = set()
-    for folder in [files("bnlab.conf"), *(folders or [])]:
+    for folder in [_CONF, *(folders or [])]:
         if folder.joinpath(group).is_dir():
             options |= {
                 p.name.removesuffix(".yaml") for p in folder.joinpath(group).iterdir() if p.name.endswith(".yaml")
