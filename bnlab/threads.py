@@ -38,5 +38,5 @@ def cores_per_job(parallel: int | None) -> int:
 
 def auto_threads(flops_per_step: float, cores: int) -> int:
     """trainer.threads=auto: a thread per MIN_FLOPS_PER_THREAD of the step's work, at least 1 and at most
-    `cores`."""
-    return max(1, min(cores, int(flops_per_step // MIN_FLOPS_PER_THREAD)))
+    `cores` (all of them where the work is unknown: inf)."""
+    return int(max(1, min(cores, flops_per_step // MIN_FLOPS_PER_THREAD)))

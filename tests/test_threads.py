@@ -3,6 +3,8 @@ thread for the small models, more only where a step has the work for them, never
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from helpers import compose_config
 
@@ -22,7 +24,13 @@ def test_the_flops_of_a_step_are_those_of_its_linear_and_conv_layers():
 
 @pytest.mark.parametrize(
     "flops, cores, threads",
-    [(0, 8, 1), (MIN_FLOPS_PER_THREAD - 1, 8, 1), (2 * MIN_FLOPS_PER_THREAD, 8, 2), (100 * MIN_FLOPS_PER_THREAD, 8, 8)],
+    [
+        (0, 8, 1),
+        (MIN_FLOPS_PER_THREAD - 1, 8, 1),
+        (2 * MIN_FLOPS_PER_THREAD, 8, 2),
+        (100 * MIN_FLOPS_PER_THREAD, 8, 8),
+        (math.inf, 8, 8),
+    ],
 )
 def test_auto_gives_a_thread_per_step_of_work_up_to_the_cores(flops, cores, threads):
     assert auto_threads(flops, cores) == threads
