@@ -1,17 +1,17 @@
-"""`bnlab` and `python -m bnlab`: the command of bnlab/cli.py, with Ctrl-C answered by one line and exit
+"""`bnlab` and `python -m bnlab`: the command of bnlab/face/cli.py, with Ctrl-C answered by one line and exit
 code 130 at any moment, the start-up's imports included."""
 
 from __future__ import annotations
 
 import sys
 
-from bnlab.interrupts import after_imports
+from bnlab.face.interrupts import after_imports
 
 
 def main() -> None:
     try:
         with after_imports():
-            from bnlab.cli import main as run
+            from bnlab.face.cli import main as run
         run()
     except KeyboardInterrupt:
         print("bnlab: interrupted", file=sys.stderr)

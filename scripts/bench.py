@@ -37,11 +37,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
-from bnlab.data import load_data
-from bnlab.engine import evaluate
-from bnlab.models import build_model
-from bnlab.schema import TrainConfig
-from bnlab.train import train
+from bnlab.core.data import load_data
+from bnlab.core.models import build_model
+from bnlab.run.engine import evaluate
+from bnlab.run.train import train
+from bnlab.schema.config import TrainConfig
 
 CASES = {  # name -> (overrides of the default config: MNIST MLP 784-100-100-100-10, BN, batch 60; steps / MLP steps)
     "MLP on MNIST": ([], 1.0),

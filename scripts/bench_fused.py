@@ -24,12 +24,12 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from bnlab.data import load_data
-from bnlab.datafiles import file_report
-from bnlab.engine import Single
-from bnlab.fused import Fused, activation_bytes
-from bnlab.schema import TrainConfig
-from bnlab.train import train, train_runs
+from bnlab.core.data import load_data
+from bnlab.core.datafiles import file_report
+from bnlab.run.engine import Single
+from bnlab.run.fused.engine import Fused, activation_bytes
+from bnlab.run.train import train, train_runs
+from bnlab.schema.config import TrainConfig
 
 MODELS = {"mlp (784-100-100-100-10, BN)": ["model=mlp"], "cnn (32-64, BN)": ["model=cnn"]}
 DEFAULT_STEPS = [500, 50]  # per model above: the CNN is about 25x slower per step on CPU

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bnlab.datafiles import file_report
+from bnlab.core.datafiles import file_report
 
 SYNTHETIC = ["data=synthetic", "data.num_train=60000", "data.num_test=10000", "data.image_size=28"]
 

@@ -32,7 +32,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from bnlab.overrides import group_options
+from bnlab.face.overrides import group_options
 
 CONV_MODELS = ("cnn", "resnet")
 

@@ -19,7 +19,7 @@ def wall_time(overrides: list[str]) -> float:
         cmd = [
             sys.executable,
             "-c",
-            "from bnlab.cli import main; main()",
+            "from bnlab.face.cli import main; main()",
             "train",
             "-m",
             *overrides,

@@ -1,6 +1,6 @@
 """Where a second torch thread starts to pay off on this CPU: steps/s of bnlab's training step at 1 and at
-2 threads for models from the MNIST MLP to a ResNet, with each step's FLOPs (bnlab.engine.step_flops), on a
-quiet machine and beside one busy process. bnlab/threads.py's MIN_FLOPS_PER_THREAD comes from this table:
+2 threads for models from the MNIST MLP to a ResNet, with each step's FLOPs (bnlab.run.engine.step_flops), on a
+quiet machine and beside one busy process. bnlab/run/threads.py's MIN_FLOPS_PER_THREAD comes from this table:
 a run gets its second thread only where the step has the work to gain from it on a quiet machine and to
 lose little beside a busy process.
 
@@ -26,8 +26,8 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from bnlab.engine import Single, prepare, step_flops
-from bnlab.schema import TrainConfig
+from bnlab.run.engine import Single, prepare, step_flops
+from bnlab.schema.config import TrainConfig
 
 BASE = ["data=synthetic", "data.num_train=4096", "data.num_test=256", "trainer.device=cpu", "trainer.threads=1"]
 CASES = {  # name -> overrides

@@ -6,9 +6,9 @@ main command."""
 import sys
 from pathlib import Path
 
-from bnlab.analysis import load_runs, load_sweep
-from bnlab.summarize import markdown
-from bnlab.summary import Status
+from bnlab.record.summary import Status
+from bnlab.results.analysis import load_runs, load_sweep
+from bnlab.results.summarize import markdown
 
 
 def main(sweeps: Path) -> int:

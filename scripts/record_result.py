@@ -15,8 +15,8 @@ import re
 import sys
 from pathlib import Path
 
-from bnlab.analysis import Sweep, baseline_speedup, load_sweep, over_training
-from bnlab.summarize import record
+from bnlab.results.analysis import Sweep, baseline_speedup, load_sweep, over_training
+from bnlab.results.summarize import record
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -37,7 +37,7 @@ def provenance_text(section: str, p: dict) -> str:
 
 
 def diagnostics(sweep: Sweep) -> dict:
-    """Per group, every ICS and landscape scalar the runs logged in one number (bnlab.analysis.over_training)."""
+    """Per group, every ICS and landscape scalar the runs logged in one number (analysis.over_training)."""
     tags = sorted({t for r in sweep.runs for t in r.scalars if t.startswith(("ics/", "landscape/"))})
     return {
         g.label: {t: dict(zip(("mean", "std", "min", "max"), v)) for t in tags if (v := over_training(g, t))}
@@ -47,7 +47,7 @@ def diagnostics(sweep: Sweep) -> dict:
 
 
 def speedup(sweep: Sweep) -> dict | None:
-    """Ioffe & Szegedy's comparison (bnlab.analysis.baseline_speedup), where the sweep has one."""
+    """Ioffe & Szegedy's comparison (bnlab.results.analysis.baseline_speedup), where the sweep has one."""
     result = baseline_speedup(sweep)
     if result is None:
         return None

@@ -28,10 +28,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bnlab.analysis import Group, load_sweep
-from bnlab.overrides import quote
-from bnlab.provenance import cpu_kernels
-from bnlab.summarize import record
+from bnlab.face.overrides import quote
+from bnlab.record.provenance import cpu_kernels
+from bnlab.results.analysis import Group, load_sweep
+from bnlab.results.summarize import record
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SET_ANEW = ("hydra.sweep.dir=", "hydra.run.dir=", "trainer.resume=")  # this invocation's own

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import EXAMPLE, LONG, TINY, TRAIN, compose_config
 
-from bnlab.schema import TrainConfig
+from bnlab.schema.config import TrainConfig
 
 torch.set_num_threads(1)
 sys.path.insert(0, str(EXAMPLE))  # the example norm, importable as my_norm (README "Your own norm")

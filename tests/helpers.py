@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bnlab.schema import TrainConfig
+from bnlab.schema.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "my_norm"  # the example package of README "Your own norm" (my_norm.py, conf/)

@@ -14,12 +14,12 @@ import torch
 from helpers import ROOT, TINY, bnlab
 from torch import nn
 
-from bnlab.baselines import Scalar, WSConv2d, WSLinear, gamma, standardize
-from bnlab.config import validate
-from bnlab.models import ACTIVATIONS, BasicBlock, build_model
-from bnlab.optim import build_optimizer, clip_gradients, final_layer
-from bnlab.schema import ConfigError
-from bnlab.train import train
+from bnlab.core.baselines import Scalar, WSConv2d, WSLinear, gamma, standardize
+from bnlab.core.models import ACTIVATIONS, BasicBlock, build_model
+from bnlab.core.optim import build_optimizer, clip_gradients, final_layer
+from bnlab.core.validate import validate
+from bnlab.run.train import train
+from bnlab.schema.config import ConfigError
 
 RESNET = ["model=resnet", "model.widths=[8,16,16]", "model.blocks=2"]
 

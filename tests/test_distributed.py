@@ -1,4 +1,4 @@
-"""One run over several processes (bnlab/distributed.py, trainer.devices): two gloo processes on CPU in
+"""One run over several processes (bnlab/run/distributed.py, trainer.devices): two gloo processes on CPU in
 float64 against single-process runs with the same global batch and batch order, the synchronized
 norm against batch norm over the whole batch, the running statistics under both trainer.sync_buffers,
 and what a dead, hung or signalled process does to the run."""
@@ -19,14 +19,14 @@ import torch
 from helpers import CLI, TINY, assert_equal_runs, compose_config, scalars
 from hydra import compose, initialize_config_module
 
-from bnlab.data import load_data
-from bnlab.diagnostics import precise_bn
-from bnlab.distributed import DistributedError, processes
-from bnlab.engine import Group, batches, resolve_device, thread_count
-from bnlab.models import build_model
-from bnlab.norms import BatchNorm, GhostBatchNorm, SyncBatchNorm, with_torch_sync_batch_norm
-from bnlab.schema import ConfigError
-from bnlab.train import CHECKPOINT, train
+from bnlab.core.data import load_data
+from bnlab.core.models import build_model
+from bnlab.core.norms import BatchNorm, GhostBatchNorm, SyncBatchNorm, with_torch_sync_batch_norm
+from bnlab.run.diagnostics import precise_bn
+from bnlab.run.distributed import DistributedError, processes
+from bnlab.run.engine import Group, batches, resolve_device, thread_count
+from bnlab.run.train import CHECKPOINT, train
+from bnlab.schema.config import ConfigError
 
 # float64, every step logged, momentum in the optimizer state, precise BN at the end
 EXACT = [

@@ -11,11 +11,11 @@ from collections import OrderedDict
 import pytest
 import torch
 
-import bnlab.engine as engine
-from bnlab.engine import Single, evaluate, examples_per_pass, prepare
-from bnlab.fused import Fused, build_fused
-from bnlab.models import build_model
-from bnlab.train import train
+import bnlab.run.engine as engine
+from bnlab.core.models import build_model
+from bnlab.run.engine import Single, evaluate, examples_per_pass, prepare
+from bnlab.run.fused.engine import Fused, build_fused
+from bnlab.run.train import train
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import json
 import pytest
 from helpers import TINY, bnlab, scalars
 
-from bnlab.overrides import group_options
+from bnlab.face.overrides import group_options
 
 pytestmark = pytest.mark.slow
 

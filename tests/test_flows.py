@@ -22,14 +22,14 @@ import torch
 from helpers import LONG, MESSAGES, TINY, TRAIN, assert_equal_runs, bnlab, scalars, start, wait_for
 from omegaconf import OmegaConf
 
-import bnlab.train as training
-from bnlab import files
-from bnlab.app import claim_folder
-from bnlab.callbacks import _check_not_a_sweep
-from bnlab.files import OutputError
-from bnlab.overrides import quote
-from bnlab.schema import ConfigError
-from bnlab.train import CHECKPOINT, Loop, train
+import bnlab.run.train as training
+from bnlab.face.app import claim_folder
+from bnlab.face.callbacks import _check_not_a_sweep
+from bnlab.face.overrides import quote
+from bnlab.record import files
+from bnlab.record.files import OutputError
+from bnlab.run.train import CHECKPOINT, Loop, train
+from bnlab.schema.config import ConfigError
 
 pytestmark = pytest.mark.slow
 

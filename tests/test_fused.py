@@ -1,6 +1,6 @@
 """Fused runs: N runs trained as one stacked model end where their N separate runs end.
 
-Both sides go through bnlab.train: `train` for each separate run, `train_runs` for the fused group (the
+Both sides go through bnlab.run.train: `train` for each separate run, `train_runs` for the fused group (the
 `Fused` engine), and the comparison reads what a user reads: summary.json, the TensorBoard scalars of
 every step (trainer.log_every=1) and the checkpoint's parameters and running statistics. Most cases run
 in float64 (trainer.precision=fp64), where fused and separate runs agree to rounding, so any difference
@@ -20,18 +20,18 @@ import pytest
 import torch
 from helpers import TINY, bnlab, compose_config, scalars, start
 
-from bnlab.data import load_data
-from bnlab.engine import Single
-from bnlab.fused import Fused, FusedModel, activation_bytes, build_fused, can_fuse
-from bnlab.launcher import fusing_line, plan
-from bnlab.models import build_model
-from bnlab.norms import NORMS
-from bnlab.schema import MEMBER_KEYS, ConfigError, TrainConfig
-from bnlab.stacking import Memberwise
-from bnlab.train import CHECKPOINT, train, train_runs
+from bnlab.core.data import load_data
+from bnlab.core.models import build_model
+from bnlab.core.norms import NORMS
+from bnlab.face.launcher import fusing_line, plan
+from bnlab.run.engine import Single
+from bnlab.run.fused.engine import Fused, activation_bytes, build_fused, can_fuse
+from bnlab.run.fused.stacking import FusedModel, Memberwise
+from bnlab.run.train import CHECKPOINT, train, train_runs
+from bnlab.schema.config import MEMBER_KEYS, ConfigError, TrainConfig
 
 # built-in norms with a stacked form (norm=custom fuses when its target declares it: tested on its own below)
-FUSABLE_NORMS = sorted(name for name, norm in NORMS.items() if norm.stack is not None and name != "custom")
+FUSABLE_NORMS = sorted(name for name, norm in NORMS.items() if norm.fuse is not None and name != "custom")
 MEAN_ONLY = ["norm=custom", "norm.target=my_norm.MeanOnlyBatchNorm"]  # examples/my_norm: per_channel = True
 
 STEPS = 20
@@ -315,7 +315,7 @@ def test_fused_model_refuses_models_of_different_shapes():
         FusedModel([build_model(cfg, (2, 8, 8), 10), build_model(wide, (2, 8, 8), 10)])
 
 
-# Every key marked MEMBER in bnlab/schema.py: the setting it acts in and the values of the three members.
+# Every key marked MEMBER in bnlab/schema/config.py: the setting it acts in and the values of the three members.
 MEMBER_CASES = {
     "seed": ([], [3, 4, 5]),
     "optim.lr": ([], [0.1, 0.02, 0.3]),

@@ -22,9 +22,9 @@ from helpers import compose_config, scalars
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from bnlab.data import DATASETS
-from bnlab.overrides import group_options
-from bnlab.train import train
+from bnlab.core.data import DATASETS
+from bnlab.face.overrides import group_options
+from bnlab.run.train import train
 
 GOLDEN = Path(__file__).with_name("golden.json")
 SETTINGS = [

@@ -1,4 +1,4 @@
-from bnlab.metrics import Thresholds, higher_is_better
+from bnlab.schema.metrics import Thresholds, higher_is_better
 
 
 def test_accuracy_thresholds_record_the_first_crossing_only():

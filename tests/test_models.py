@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from bnlab.models import MODELS, Unit, build_model
-from bnlab.norms import NORMS
-from bnlab.schema import PLACEMENTS
-from bnlab.train import train
+from bnlab.core.models import MODELS, Unit, build_model
+from bnlab.core.norms import NORMS
+from bnlab.run.train import train
+from bnlab.schema.config import PLACEMENTS
 
 SMALL = {"mlp": "model.widths=[16,16]", "cnn": "model.widths=[8,16]", "resnet": "model.widths=[8,16]"}
 # model=custom and norm=custom are the user's: tests/test_custom.py

@@ -1,4 +1,4 @@
-"""Tests of bnlab.norms: every registered norm on vectors and maps, and each layer's numbers.
+"""Tests of bnlab.core.norms: every registered norm on vectors and maps, and each layer's numbers.
 
 Numbers are checked in float64, so tolerances are tight. The generic tests are parametrized over the
 registry: a norm added to NORMS gets them too.
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnlab.norms import NORMS, create_norm
-from bnlab.schema import NormConfig
+from bnlab.core.norms import NORMS, create_norm
+from bnlab.schema.config import NormConfig
 
 C = 8  # channels
 SHAPES = [(12, C), (12, C, 3, 3)]  # feature vectors (N, C) and feature maps (N, C, H, W)

@@ -12,10 +12,10 @@ from helpers import LONG, TINY, TRAIN, assert_equal_runs, bnlab, scalars, start,
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bnlab.files import write_json
-from bnlab.norms import NORMS
-from bnlab.schema import ConfigError
-from bnlab.train import train
+from bnlab.core.norms import NORMS
+from bnlab.record.files import write_json
+from bnlab.run.train import train
+from bnlab.schema.config import ConfigError
 
 
 @pytest.mark.slow

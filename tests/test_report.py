@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import math
 import re
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,7 +18,9 @@ from matplotlib.lines import Line2D
 from rich.console import Console
 from torch.utils.tensorboard import SummaryWriter
 
-from bnlab.analysis import (
+from bnlab.record.files import OutputError, write_json
+from bnlab.record.summary import Status, Summary
+from bnlab.results.analysis import (
     Group,
     RunResult,
     baseline_speedup,
@@ -25,12 +29,10 @@ from bnlab.analysis import (
     over_training,
     training_edges,
 )
-from bnlab.figures import FIGURES, norm_colours
-from bnlab.files import OutputError, write_json
-from bnlab.report import write_report
-from bnlab.schema import TrainConfig
-from bnlab.summarize import summarize
-from bnlab.summary import Status, Summary
+from bnlab.results.figures import FIGURES, norm_colours
+from bnlab.results.report import write_report
+from bnlab.results.summarize import summarize
+from bnlab.schema.config import TrainConfig
 
 THRESHOLDS = [0.9, 0.95, 0.97]
 
@@ -60,7 +62,7 @@ def fake_run(
     train_every: int = 1,
     batch_size: int = 60,
 ) -> dict:
-    """One run folder as bnlab.train writes it: summary.json and (unless events=False) TensorBoard events."""
+    """One run folder as bnlab.run.train writes it: summary.json and (unless events=False) TensorBoard events."""
     cfg = asdict(TrainConfig())
     cfg["norm"]["name"], cfg["optim"]["lr"], cfg["seed"] = norm, lr, seed
     cfg["trainer"].update(max_steps=max_steps, eval_every=eval_every)
@@ -398,3 +400,16 @@ def test_a_diagnostic_over_training_is_each_runs_median_then_mean_std_min_max_ov
     group = Group("all runs", {}, runs)
     assert over_training(group, "ics/layer1/l2") == pytest.approx((11 / 3, np.std([2, 3, 6], ddof=1), 2.0, 6.0))
     assert over_training(group, "ics/layer2/l2") is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["summarize", "report"])
+def test_reading_a_sweep_imports_no_torch(command, lr_sweep):
+    """`bnlab summarize` and `bnlab report` read the record alone: torch's import would be most of their time."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "bnlab", command, str(lr_sweep)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "bnlab.results.analysis" in imported and "matplotlib" in imported or command == "summarize"
+    assert not {m for m in imported if m.split(".")[0] == "torch"}

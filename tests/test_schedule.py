@@ -11,12 +11,12 @@ import pytest
 import torch
 from helpers import TINY, assert_equal_runs, compose_config, scalars
 
-from bnlab.data import load_data
-from bnlab.engine import Single
-from bnlab.fused import Fused
-from bnlab.optim import lr_factor
-from bnlab.schema import OptimConfig
-from bnlab.train import train, train_runs
+from bnlab.core.data import load_data
+from bnlab.core.optim import lr_factor
+from bnlab.run.engine import Single
+from bnlab.run.fused.engine import Fused
+from bnlab.run.train import train, train_runs
+from bnlab.schema.config import OptimConfig
 
 STEPS = 40
 SCHEDULED = [

@@ -10,12 +10,12 @@ import pytest
 from helpers import script
 from hydra import compose, initialize_config_module
 
-from bnlab.analysis import Group, RunResult, group_runs, load_runs
-from bnlab.console import make_console
-from bnlab.files import write_json
-from bnlab.schema import BOOKKEEPING_KEYS
-from bnlab.summarize import compare, summarize
-from bnlab.summary import FILE, Status, Summary
+from bnlab.record.console import make_console
+from bnlab.record.files import write_json
+from bnlab.record.summary import FILE, Status, Summary
+from bnlab.results.analysis import Group, RunResult, group_runs, load_runs
+from bnlab.results.summarize import compare, summarize
+from bnlab.schema.config import BOOKKEEPING_KEYS
 
 
 def run(

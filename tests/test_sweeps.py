@@ -12,9 +12,9 @@ import pytest
 from helpers import CLI, TINY, bnlab, comparable, scalars
 from omegaconf import OmegaConf
 
-from bnlab.callbacks import ComposeOnce
-from bnlab.hparams import columns
-from bnlab.threads import CORES_ENV, cores_per_job, usable_cores
+from bnlab.face.callbacks import ComposeOnce
+from bnlab.record.hparams import columns
+from bnlab.run.threads import CORES_ENV, cores_per_job, usable_cores
 
 pytestmark = pytest.mark.slow
 

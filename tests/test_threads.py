@@ -1,4 +1,4 @@
-"""trainer.threads=auto (bnlab/threads.py, bnlab.engine.thread_count) and hydra.launcher.n_jobs=auto: one
+"""trainer.threads=auto (bnlab/run/threads.py, bnlab.run.engine.thread_count) and hydra.launcher.n_jobs=auto: one
 thread for the small models, more only where a step has the work for them, never more than the cores."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import math
 import pytest
 from helpers import compose_config
 
-from bnlab.engine import step_flops, thread_count
-from bnlab.launcher import at_once
-from bnlab.threads import MIN_FLOPS_PER_THREAD, auto_threads, usable_cores
+from bnlab.face.launcher import at_once
+from bnlab.run.engine import step_flops, thread_count
+from bnlab.run.threads import MIN_FLOPS_PER_THREAD, auto_threads, usable_cores
 
 
 def test_the_flops_of_a_step_are_those_of_its_linear_and_conv_layers():

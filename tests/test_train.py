@@ -8,14 +8,14 @@ from helpers import scalars
 from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import bnlab.train
-from bnlab.data import load_data
-from bnlab.engine import autocast, batches, prepare_model
-from bnlab.models import build_model
-from bnlab.norms import BatchNorm
-from bnlab.schema import ConfigError
-from bnlab.summary import Summary
-from bnlab.train import train
+import bnlab.run.train
+from bnlab.core.data import load_data
+from bnlab.core.models import build_model
+from bnlab.core.norms import BatchNorm
+from bnlab.record.summary import Summary
+from bnlab.run.engine import autocast, batches, prepare_model
+from bnlab.run.train import train
+from bnlab.schema.config import ConfigError
 
 
 def test_summary_json_and_tensorboard_scalars(tiny_config, tmp_path):
@@ -247,7 +247,7 @@ def test_channels_last_and_compile_train_as_the_default_does(tiny_config, tmp_pa
 
 def test_a_run_without_a_terminal_prints_a_progress_line_every_few_seconds(tiny_config, tmp_path, monkeypatch):
     # a log file (or a parallel sweep's worker, whose process group is not the terminal's) gets no bar
-    monkeypatch.setattr(bnlab.train, "PROGRESS_EVERY_S", 0.0)  # a line at every update: reads and evaluations
+    monkeypatch.setattr(bnlab.run.train, "PROGRESS_EVERY_S", 0.0)  # a line at every update: reads and evaluations
     log = Console(file=io.StringIO(), width=200)
     train(tiny_config("trainer.max_steps=40", "trainer.eval_every=10", "trainer.log_every=10"), tmp_path / "r", log)
     lines = [line for line in log.file.getvalue().splitlines() if line.startswith("r: step ")]

@@ -1,0 +1,132 @@
+"""`bnlab train` as a Hydra app: the task function that every job runs, and how a job's outcome is
+shown and turned into an exit status (bnlab.run.job holds the policy; this module prints and exits)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from rich.logging import RichHandler
+from rich.syntax import Syntax
+
+from bnlab.face.overrides import FUSING_LAUNCHER
+from bnlab.record.console import make_console, shell_path
+from bnlab.record.summary import Summary
+from bnlab.results.summarize import run_table, summarize
+from bnlab.run.job import Outcome, job_config, run_jobs
+from bnlab.run.threads import cores_per_job
+
+log = logging.getLogger("bnlab")
+console = make_console()
+
+
+def claim_folder(path: str) -> str:
+    """`path`, or else `path_2`, `path_3`, ...: the first that does not exist yet, made now so that no other
+    invocation can take it (two sweeps started in the same second get two folders). conf/train.yaml
+    names run and sweep folders with it, ${bnlab.unique:outputs/sweeps/<time>}."""
+    base, n = Path(path), 1
+    while True:
+        candidate = base if n == 1 else base.with_name(f"{base.name}_{n}")
+        try:
+            candidate.mkdir(parents=True)
+            return str(candidate)
+        except FileExistsError:
+            n += 1
+
+
+OmegaConf.register_new_resolver("bnlab.unique", claim_folder, use_cache=True, replace=True)
+
+
+def train_job(dcfg: DictConfig) -> None:
+    """One job of `bnlab train`: a run, or one run of a sweep."""
+    hc = HydraConfig.get()
+    show_job(dcfg)
+    # Another launcher's n_jobs (joblib's) share the cores; bnlab's own gives each worker its share (BNLAB_CORES).
+    own = hc.launcher.get("_target_") == FUSING_LAUNCHER
+    parallel = hc.launcher.get("n_jobs") if hc.mode == RunMode.MULTIRUN and not own else 1
+    (outcome,) = run_jobs([job_config(dcfg)], [Path(hc.runtime.output_dir)], console, cores_per_job(parallel))
+    report(outcome)
+
+
+def verbose() -> bool:
+    """hydra.verbose (or `bnlab train -v`) asks for every job's whole config and every log line."""
+    return bool(HydraConfig.get().verbose)
+
+
+def console_log_handler() -> logging.Handler:
+    """The console handler of conf/hydra/job_logging/rich.yaml: every INFO line in a single run; in a sweep
+    warnings and errors only (each run prints its one line), unless verbose."""
+    quiet = HydraConfig.get().mode == RunMode.MULTIRUN and not verbose()
+    return RichHandler(console=console, show_path=False, level=logging.WARNING if quiet else logging.INFO)
+
+
+def show_job(dcfg: DictConfig) -> None:
+    """Before a job trains: its whole config when verbose (it is always in the run folder's .hydra/), and for
+    a single run the folder it writes to."""
+    hc = HydraConfig.get()
+    if verbose():
+        console.print(Syntax(OmegaConf.to_yaml(dcfg), "yaml", background_color="default"))
+    if hc.mode == RunMode.RUN:
+        console.print(f"run: {os.path.relpath(hc.runtime.output_dir)}", soft_wrap=True, highlight=False)
+
+
+def one_line(summary: Summary) -> str:
+    """A run of a sweep in one line: its name (what varies), how it ended, its final test accuracy and the
+    iterations it needed to each threshold."""
+    hc = HydraConfig.get()
+    acc = summary.final.get("test_acc")
+    reached = ", ".join(
+        f"{t:g} {'never' if at is None else f'at {at}'}" for t, at in summary.iterations_to_threshold.items()
+    )
+    return (
+        f"run {hc.job.num + 1}: {Path(hc.runtime.output_dir).name}: {summary.status.value} after {summary.steps} steps"
+        f"{'' if acc is None else f', test acc {acc:.4f}'}; {summary.threshold_metric} {reached}"
+    )
+
+
+def report(outcome: Outcome) -> None:
+    """Show how the job ended and exit with its code where it must: a refused or failed single run
+    (2 or 1), any interruption (130; a sweep starts no further run and shows its table first). A failed
+    run of a sweep is logged and the sweep goes on (its table counts it, and the sweep exits 1)."""
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    run_dir = hc.runtime.output_dir
+    if outcome.left_to_another_process:
+        log.info("skipped: another process is training %s", run_dir)
+        return
+    if outcome.interrupted:
+        if multirun:
+            summarize(Path(hc.sweep.dir), console)
+        steps = f" at step {outcome.summary.steps}" if outcome.summary else ""
+        again = (
+            f"the sweep with `bnlab resume {shell_path(hc.sweep.dir)}`"
+            if multirun
+            else f"it with `bnlab resume {shell_path(run_dir)}`"
+        )
+        console.print(
+            f"interrupted{steps}: summary.json, the TensorBoard events and the last checkpoint are in "
+            f"{os.path.relpath(run_dir)}; continue {again}",
+            soft_wrap=True,
+        )
+        sys.exit(outcome.exit_code)
+    if outcome.error is not None:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not (outcome.refused or multirun):
+            raise outcome.error
+        log.error("%s", outcome.error, exc_info=not outcome.refused)
+        if not multirun:
+            sys.exit(outcome.exit_code)
+        return
+    if multirun:
+        console.print(one_line(outcome.summary), soft_wrap=True, highlight=False)
+    else:
+        console.print(run_table(Path(run_dir).name, outcome.summary))
+
+
+# A module-level name, so that parallel launchers (joblib) pickle the job by its module and name.
+train_app = hydra.main(version_base="1.3", config_path="pkg://bnlab.conf", config_name="train")(train_job)

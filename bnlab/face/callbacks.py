@@ -1,0 +1,281 @@
+"""Hydra callbacks of `bnlab train` (conf/train.yaml, hydra.callbacks): `Preflight` checks every job
+before Hydra writes anything, `SweepTable` prints the table at the end of a sweep."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from hydra._internal.config_loader_impl import get_overrides_dirname
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, read_write
+
+from bnlab.core.datafiles import DataError
+from bnlab.core.validate import check_targets, validate
+from bnlab.face.overrides import DEFAULTS, EXCLUDE_KEYS, FUSING_LAUNCHER, refuse
+from bnlab.record import provenance
+from bnlab.record.console import make_console, shell_path
+from bnlab.record.summary import FILE
+from bnlab.results.dashboard import write_dashboard
+from bnlab.results.summarize import summarize
+from bnlab.run.engine import resolve_device
+from bnlab.run.job import FAILED, job_config
+from bnlab.schema.config import BOOKKEEPING_KEYS, ConfigError, flatten, fuse_mode
+
+log = logging.getLogger("bnlab")
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+class Preflight(Callback):
+    """Before the first job starts and before Hydra creates a run folder: each job's config must pass
+    `validate` on this machine, and its own norm, model or data set (norm.target, ...) must import, build
+    and run on a probe batch; a preset that sweeps must be run with -m; and a job that resumes into
+    a folder that already has a config must keep that config (bookkeeping keys aside). A refusal
+    exits 2 and leaves every folder as it was."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            _check_job(config, set())
+            _check_not_a_sweep(config)
+            _warn_of_coarse_counts([config])
+            if config.trainer.resume:
+                _check_resume(Path(config.hydra.run.dir), config)
+        except (ConfigError, DataError) as e:
+            refuse(e)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
+            return  # another sweeper draws its jobs as it goes: each is validated when it starts
+        if fuse_mode(config.trainer) == "true" and config.hydra.launcher.get("_target_") != FUSING_LAUNCHER:
+            log.warning("trainer.fuse=true fuses runs only with hydra/launcher=bnlab (the default): these run alone")
+        loader = GlobalHydra.instance().config_loader()
+        ComposeOnce(loader, config)
+        overrides = sweep_jobs(config)
+        name_runs_by_what_varies(config, overrides)
+        jobs = [loader.load_sweep_config(config, job) for job in overrides]
+        try:
+            errors, tried = [], set()
+            for job in jobs:
+                try:
+                    _check_job(job, tried)
+                except (ConfigError, DataError) as e:
+                    errors.append((" ".join(job.hydra.overrides.task), e))
+            if errors:
+                where, first = errors[0]
+                more = f" ({len(errors) - 1} more of the {len(jobs)} jobs are refused too)" if len(errors) > 1 else ""
+                raise ConfigError(f"the sweep is refused before any run starts: the job `{where}`: {first}{more}")
+            _warn_of_coarse_counts(jobs)
+            if config.trainer.resume:
+                for job in jobs:
+                    _check_resume(Path(config.hydra.sweep.dir) / str(job.hydra.sweep.subdir), job)
+        except (ConfigError, DataError) as e:
+            refuse(e)
+
+
+class ComposeOnce:
+    """Every job's config is loaded three times (here, by Hydra's sweeper to check it, by the launcher to run
+    it), and Hydra composes it anew each time (a tenth of a second or more a job): `loader.load_sweep_config`
+    made to compose each job of this sweep (`config`) once and hand the same config to the later loads (the
+    launcher's, which sets the job's number, is the last). An object, not a closure, so that the loader still
+    pickles (bnlab's launcher hands Hydra's state to its worker processes).
+
+    Most jobs of a sweep differ from another job only in plain values (optim.lr=0.3, seed=2): such a job is
+    not composed but copied from the first job composed with the same config groups and the same value keys,
+    with its values set as Hydra sets them (`OmegaConf.update(..., merge=True)`) and its override lists and
+    folder name made anew (a tenth of the time; tests/test_sweeps.py holds it equal to Hydra's own)."""
+
+    def __init__(self, loader: Any, config: DictConfig) -> None:
+        self.compose = type(loader).load_sweep_config.__get__(loader)
+        self.config = config
+        self.repository = loader.repository
+        self.composed: dict[tuple[str, ...], DictConfig] = {}
+        self.templates: dict[tuple, DictConfig] = {}  # (the other overrides, the value keys) -> a composed job
+        loader.load_sweep_config = self
+
+    def __call__(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        if master_config is not self.config:
+            return self.compose(master_config, sweep_overrides)
+        key = tuple(sweep_overrides)
+        if key not in self.composed:
+            self.composed[key] = self.compose_job(list(sweep_overrides))
+        OmegaConf.copy_cache(master_config, self.composed[key])  # as Hydra does: what was resolved since (the folder)
+        return self.composed[key]
+
+    def compose_job(self, sweep_overrides: list[str]) -> DictConfig:
+        parsed = OverridesParser.create().parse_overrides(sweep_overrides)
+        values = [o for o in parsed if self.is_plain_value(o)]
+        template_key = (
+            tuple(o.input_line for o in parsed if o not in values),
+            tuple(o.key_or_group for o in values),
+        )
+        if template_key not in self.templates:
+            composed = self.compose(self.config, sweep_overrides)
+            # a copy that stays as composed: the job's own config is made read-only when it runs
+            self.templates[template_key] = copy.deepcopy(composed)
+            return composed
+        cfg = copy.deepcopy(self.templates[template_key])
+        for o in values:
+            OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
+        app = [o for o in parsed if not o.is_hydra_override()]
+        cfg.hydra.overrides.task = [o.input_line for o in app]
+        names = cfg.hydra.job.config.override_dirname
+        cfg.hydra.job.override_dirname = get_overrides_dirname(
+            overrides=app, exclude_keys=names.exclude_keys, item_sep=names.item_sep, kv_sep=names.kv_sep
+        )
+        return cfg
+
+    def is_plain_value(self, o: Override) -> bool:
+        """`key=value` of a scalar at a key that is no config group nor Hydra's: a job's only difference from
+        another that the copy takes over exactly."""
+        return (
+            o.type == OverrideType.CHANGE
+            and o.package is None
+            and not o.is_hydra_override()
+            and isinstance(o.value(), (str, int, float, bool, type(None)))
+            and not self.repository.group_exists(o.key_or_group)
+        )
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]]:
+    """Every job's overrides, as Hydra's basic sweeper makes them from the preset's hydra.sweeper.params and
+    the command line (which wins where both name a key)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # Hydra's own expansion, reused
+
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    overrides = parser.parse_overrides([*params, *config.hydra.overrides.task])
+    (jobs,) = BasicSweeper.split_arguments(overrides, None)
+    return jobs
+
+
+def name_runs_by_what_varies(config: DictConfig, jobs: list[list[str]]) -> None:
+    """Run folders (and TensorBoard run names) of a sweep are named by the overrides that vary within it:
+    those that every job shares are added to Hydra's exclude_keys, through the hydra overrides that every
+    job's config is composed with (the sweep's multirun.yaml keeps them all)."""
+    parser = OverridesParser.create()
+    keys = {}  # key -> the set of "key=value" lines it takes
+    for job in jobs:
+        for o in parser.parse_overrides(job):
+            keys.setdefault(o.key_or_group, set()).add(o.input_line)
+    constant = sorted(k for k, lines in keys.items() if len(lines) == 1)
+    already = any(o.startswith(f"{EXCLUDE_KEYS}=") for o in config.hydra.overrides.hydra)
+    if already or len(constant) == len(keys):
+        return  # named by the user, or nothing varies: the names keep every override
+    with read_write(config.hydra.overrides):
+        config.hydra.overrides.hydra.append(f"{EXCLUDE_KEYS}=[{','.join([*BOOKKEEPING_KEYS, *constant])}]")
+
+
+def _check_job(config: DictConfig, tried: set[str]) -> None:
+    """Refuse a job whose config does not validate here, or whose own norm, model or data set (each
+    distinct one tried once: a custom data set is loaded to try it) cannot be used."""
+    cfg = job_config(config)
+    validate(cfg)
+    resolve_device(cfg.trainer.device)
+    key = repr((asdict(cfg.model), asdict(cfg.norm), asdict(cfg.data)))
+    if key not in tried:
+        tried.add(key)
+        check_targets(cfg)
+
+
+def _warn_of_coarse_counts(jobs: list[DictConfig]) -> None:
+    """Once per step budget that trainer.eval_every does not divide: iterations-to-threshold lose resolution."""
+    for max_steps, every in sorted({(j.trainer.max_steps, j.trainer.eval_every) for j in jobs}):
+        if max_steps % every:
+            below = max_steps < every
+            log.warning(
+                "trainer.max_steps=%d is %s trainer.eval_every=%d: the test set is evaluated at %s %d only, so "
+                "iterations-to-threshold have that resolution; choose trainer.eval_every to divide trainer.max_steps",
+                max_steps,
+                "below" if below else "not a multiple of",
+                every,
+                "steps 0 and" if below else f"every {every} steps and at step",
+                max_steps,
+            )
+
+
+def _check_not_a_sweep(config: DictConfig) -> None:
+    """A preset whose hydra.sweeper.params sweep keys the command line does not fix is a sweep: refuse
+    to run it as a single run, giving the -m command."""
+    given = {o.lstrip("+~").split("=")[0] for o in config.hydra.overrides.task}
+    swept = [k for k in config.hydra.sweeper.get("params") or {} if k.lstrip("+~") not in given]
+    if swept:
+        args = " ".join(config.hydra.overrides.task)
+        preset = config.hydra.runtime.choices.get("experiment")
+        raise ConfigError(
+            f"+experiment={preset} is a sweep over {', '.join(swept)}, so it runs with -m: `bnlab train -m {args}`"
+            f" (or fix {', '.join(swept)} on the command line to run one of its runs alone)."
+        )
+
+
+def _check_resume(run_dir: Path, config: DictConfig) -> None:
+    """Refuse to resume `run_dir` with a config other than the one it was started with."""
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.exists():
+        return
+    old = flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
+    task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])  # resolved without the hydra node
+    new, defaults = flatten(OmegaConf.to_container(task, resolve=True)), flatten(DEFAULTS)
+    changed = [
+        k
+        for k in sorted(old.keys() | new.keys())
+        if k not in BOOKKEEPING_KEYS and old.get(k, defaults.get(k)) != new.get(k)
+    ]
+    if changed:
+        shown = ", ".join(f"{k} was {old.get(k)!r}, now {new.get(k)!r}" for k in changed[:4])
+        raise ConfigError(
+            f"trainer.resume=true would continue {run_dir} with another config ({shown}"
+            f"{f', and {len(changed) - 4} more keys' if len(changed) > 4 else ''}); a run resumes with the config "
+            f"it started with, only {', '.join(BOOKKEEPING_KEYS)} may change. Continue it as it was with "
+            f"`bnlab resume {shell_path(run_dir)}`, or train the new config as a new run (without trainer.resume)."
+        )
+
+
+class Provenance(Callback):
+    """provenance.json in the sweep folder (or a single run's folder): what produced its numbers."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._start(Path(config.hydra.run.dir), config, "a single run")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        parallel = config.hydra.launcher.get("n_jobs")
+        launcher = str(config.hydra.launcher.get("_target_", "")).rsplit(".", 1)[-1]
+        self._start(Path(config.hydra.sweep.dir), config, launcher + (f", n_jobs={parallel}" if parallel else ""))
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._end(Path(config.hydra.run.dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._end(Path(config.hydra.sweep.dir))
+
+    @staticmethod
+    def _start(folder: Path, config: DictConfig, launcher: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        provenance.start(folder, sys.argv[1:], config.trainer.device, launcher)
+
+    @staticmethod
+    def _end(folder: Path) -> None:
+        if (folder / provenance.FILE).exists():
+            runs = [json.loads(p.read_text()) for p in folder.rglob(FILE)]
+            statuses = [r.get("status") for r in runs]
+            threads = {r["config"]["trainer"]["threads"] for r in runs if r.get("status") and "config" in r}
+            provenance.end(folder, {s: statuses.count(s) for s in sorted(set(statuses) - {None})}, sorted(threads))
+
+
+class SweepTable(Callback):
+    """At the end of a multirun: the sweep's table, summary files and TensorBoard dashboard; exit 1 if any
+    run failed."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        root = Path(config.hydra.sweep.dir)
+        sweep = summarize(root, make_console())
+        write_dashboard(root)
+        if sweep is not None and sweep.failed:
+            sys.exit(FAILED)

@@ -1,0 +1,204 @@
+"""The `bnlab` command: `train` (the Hydra app of bnlab/face/app.py), `resume`, `data fetch|list`,
+`summarize`, `report` and `tb`. Bad usage exits 2 with one paragraph (README, "When things go wrong")."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from rich.table import Table
+
+from bnlab.core.datafiles import FILES, DataError, fetch, file_report
+from bnlab.face.interrupts import after_imports
+from bnlab.face.overrides import EXCLUDE_KEYS, PRINT_ONLY_FLAGS, check_overrides, override_args, parse, quote, refuse
+from bnlab.record.console import make_console, shell_path
+from bnlab.record.summary import FILE, Status, Summary
+from bnlab.run.job import OK
+from bnlab.schema.config import BOOKKEEPING_KEYS, ConfigError, DataConfig
+
+# Each command imports what it needs when it runs: torch (seconds) only where a model trains.
+console = make_console()
+RUNS, SWEEPS = Path("outputs/runs"), Path("outputs/sweeps")  # conf/train.yaml's folders, below the working directory
+
+
+def train(args: list[str]) -> None:
+    """`bnlab train ARGS`: the overrides checked, a resume without a folder pointed at its folder, then Hydra."""
+    try:
+        check_overrides(args)
+        args = find_resumed_folder(args)
+    except ConfigError as e:
+        refuse(e)
+    sys.argv = [f"{Path(sys.argv[0]).name} train", *args]
+    if not PRINT_ONLY_FLAGS.intersection(args):  # --help, --cfg, ... print and exit: no torch for them
+        with after_imports():
+            import bnlab.run.train  # noqa: F401  torch, once, now that the overrides passed their check
+    from hydra.core.plugins import Plugins
+    from hydra_plugins.bnlab_launcher import BnlabLauncher
+
+    from bnlab.face.app import train_app
+
+    # Hydra finds plugins by walking the hydra_plugins package, which misses those of an editable install
+    # (pip install -e); registering it here finds it either way. Not in the plugin's module: Hydra's walk runs that.
+    Plugins.instance().register(BnlabLauncher)
+    train_app()
+
+
+def _task_overrides(overrides: list[str]) -> list[str]:
+    """Overrides that name what a run trains: not hydra.* ones, not bookkeeping keys, sorted."""
+    keys = [o.split("=")[0].lstrip("+~") for o in overrides]
+    return sorted(o for o, k in zip(overrides, keys) if k not in BOOKKEEPING_KEYS and not k.startswith("hydra"))
+
+
+def find_resumed_folder(args: list[str]) -> list[str]:
+    """With trainer.resume=true and no run or sweep folder named, the newest folder below outputs/ that was
+    started with these overrides, added as hydra.run.dir (or hydra.sweep.dir); the arguments as they
+    are when there is none, so the run starts from the beginning."""
+    overrides = override_args(args)
+    resume = any(o.key_or_group == "trainer.resume" and o.value() is True for o in parse(args))
+    named = any(o.split("=")[0] in ("hydra.run.dir", "hydra.sweep.dir") for o in overrides)
+    if not resume or named:
+        return args
+    multirun = "-m" in args or "--multirun" in args
+    mine = _task_overrides(overrides)
+    if multirun:
+        found = (p.parent for p in sorted(SWEEPS.glob("*/multirun.yaml"), reverse=True) if _started_with(p, mine))
+    else:
+        found = (
+            p.parents[1] for p in sorted(RUNS.glob("*/*/.hydra/overrides.yaml"), reverse=True) if _started_with(p, mine)
+        )
+    folder = next(found, None)
+    if folder is None:
+        console.print(
+            f"trainer.resume=true: no earlier {'sweep' if multirun else 'run'} with these overrides below "
+            f"{SWEEPS if multirun else RUNS}; starting from the beginning",
+            soft_wrap=True,
+        )
+        return args
+    console.print(f"trainer.resume=true: continuing {shell_path(folder)}", soft_wrap=True)
+    return [*args, f"hydra.{'sweep' if multirun else 'run'}.dir={quote(str(folder))}"]
+
+
+def _started_with(path: Path, overrides: list[str]) -> bool:
+    saved = OmegaConf.load(path)
+    task = saved.hydra.overrides.task if path.name == "multirun.yaml" else saved
+    return _task_overrides(list(task)) == overrides
+
+
+def resume(folder: Path) -> None:
+    """`bnlab resume DIR`: continue a run folder, or every run of a sweep folder that has not completed, in
+    place, with the overrides it was started with."""
+    if (folder / "multirun.yaml").is_file():
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        saved = OmegaConf.load(folder / "multirun.yaml")
+        task = [o for o in saved.hydra.overrides.task if not o.startswith("trainer.resume=")]
+        made = ("hydra.sweep.dir", "hydra.mode", EXCLUDE_KEYS)  # set anew by this invocation
+        keep = [o for o in saved.hydra.overrides.hydra if o.split("=")[0] not in made]
+        params = [f"{k}={v}" for k, v in (saved.hydra.sweeper.get("params") or {}).items()]
+        (jobs,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides([*params, *task]), None)
+        done = sum(Summary.load(p).status == Status.COMPLETED for p in folder.glob(f"*/{FILE}"))
+        if done >= len(jobs):
+            console.print(f"nothing to resume: all {len(jobs)} runs of {shell_path(folder)} completed")
+            sys.exit(OK)
+        console.print(f"resuming {shell_path(folder)}: {len(jobs) - done} of its {len(jobs)} runs have not completed")
+        train(["-m", *task, *keep, "trainer.resume=true", f"hydra.sweep.dir={quote(str(folder))}"])
+    elif (folder / ".hydra" / "overrides.yaml").is_file():
+        if (folder / FILE).is_file() and (summary := Summary.load(folder / FILE)).status == Status.COMPLETED:
+            console.print(f"nothing to resume: {shell_path(folder)} completed its {summary.steps} steps")
+            sys.exit(OK)
+        task = [o for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml") if not o.startswith("trainer.resume=")]
+        train([*task, "trainer.resume=true", f"hydra.run.dir={quote(str(folder))}"])
+    else:
+        refuse(
+            f"{folder} is neither a run folder (it would hold .hydra/overrides.yaml) nor a sweep folder "
+            "(multirun.yaml) of `bnlab train`; give the folder that the interrupted run or sweep printed."
+        )
+
+
+def existing_folder(arg: str) -> Path:
+    """An argument that must name an existing folder (argparse refuses it otherwise, exit 2)."""
+    if not Path(arg).is_dir():
+        raise argparse.ArgumentTypeError(f"{arg} is not a folder")
+    return Path(arg)
+
+
+def data_root(arg: str | None) -> Path:
+    return Path(arg or OmegaConf.structured(DataConfig).root).expanduser()
+
+
+def data_list(root: Path) -> None:
+    table = Table(title=f"datasets under {root}")
+    for col in ("dataset", "file", "status"):
+        table.add_column(col, overflow="fold")
+    for name in FILES:
+        for path, status in file_report(name, root):
+            table.add_row(name, str(path.relative_to(root)), status)
+    console.print(table)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bnlab", description="Batch normalization vs no normalization experiments.")
+    p.add_argument("--version", action="version", version=f"bnlab {version('bnlab')}")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train one model, or a sweep with -m (a Hydra app: bnlab train --help)")
+    res = sub.add_parser("resume", help="continue an interrupted run, or the unfinished runs of a sweep, in place")
+    res.add_argument("dir", type=existing_folder, help="the run folder or sweep folder")
+    data = sub.add_parser("data", help="fetch and check the datasets").add_subparsers(dest="action", required=True)
+    fetch_p = data.add_parser("fetch", help="download or copy a dataset into the data root and verify it")
+    fetch_p.add_argument("name", choices=list(FILES))
+    list_p = data.add_parser("list", help="show which dataset files are present and verified")
+    for q in (fetch_p, list_p):
+        q.add_argument("--root", help="data root (default: $BNLAB_DATA or ~/.cache/bnlab/data)")
+    summ = sub.add_parser("summarize", help="the table of the runs below a sweep folder; two folders: side by side")
+    summ.add_argument("dirs", nargs="+", type=existing_folder)
+    report = sub.add_parser("report", help="figures (PNG) and report.md for a sweep or folder of runs, written into it")
+    report.add_argument("dir", type=existing_folder)
+    for q in (summ, report):
+        q.add_argument("--failed", action="store_true", help="show failed runs too (left out by default)")
+    tb = sub.add_parser("tb", help="open TensorBoard on a folder of runs (tensorboard --logdir DIR ...)")
+    tb.add_argument("dir", type=existing_folder)
+    tb.add_argument("tensorboard_args", nargs=argparse.REMAINDER, help="passed on to tensorboard, e.g. --port 6007")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # -v: every job's whole config and every log line (Hydra's own hydra.verbose)
+        train([a if a not in ("-v", "--verbose") else "hydra.verbose=bnlab" for a in argv[1:]])
+        return
+    args = parser().parse_args(argv)
+    if args.command == "resume":
+        resume(args.dir)
+    elif args.command == "data" and args.action == "fetch":
+        try:
+            fetch(args.name, data_root(args.root), log=console.print)
+        except DataError as e:
+            refuse(e)
+    elif args.command == "data":
+        data_list(data_root(args.root))
+    elif args.command == "summarize" and len(args.dirs) == 1:
+        from bnlab.results.summarize import summarize
+
+        if summarize(args.dirs[0], console, include_failed=args.failed) is None:
+            refuse(f"{args.dirs[0]} holds no run (no summary.json of a run below it)")
+    elif args.command == "summarize":
+        from bnlab.results.summarize import compare
+
+        compare(args.dirs, console, include_failed=args.failed)
+    elif args.command == "report":
+        from bnlab.results.report import write_report
+
+        console.print(f"report: {write_report(args.dir, include_failed=args.failed)}")
+    elif args.command == "tb":
+        from bnlab.results.dashboard import write_dashboard
+
+        write_dashboard(args.dir)
+        os.execv(
+            sys.executable,
+            [sys.executable, "-m", "tensorboard.main", "--logdir", str(args.dir), *args.tensorboard_args],
+        )

@@ -1,0 +1,143 @@
+"""TensorBoard's HParams view of runs: which config keys are its columns (the keys that vary across a
+sweep plus a fixed short set, and the run's status), its metrics (finite numbers that every view can
+sort and draw: iterations to a threshold, counted at the step budget when the threshold was never
+reached, beside a reached flag), each run's session (its config and status) and the experiment
+config that opens the dashboard on exactly those columns.
+
+Each run writes its session and its metrics (as scalars under "verdict/", which sort after the curves
+"test/" and "train/"); a sweep's root gets the experiment config (bnlab/results/dashboard.py writes it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tensorboard.compat.proto.summary_pb2 import Summary as SummaryProto
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+from bnlab.record.summary import Status, Summary
+from bnlab.schema.metrics import higher_is_better
+
+# Config keys shown in every dashboard, with their column names and descriptions.
+FIXED = {
+    "model.name": ("model", "the model (model=)"),
+    "norm.name": ("norm", "the normalization (norm=)"),
+    "norm.placement": ("placement", "where the norm sits: before_act (layer-norm-act) or after_act"),
+    "model.activation": ("activation", "the nonlinearity (model.activation)"),
+    "optim.lr": ("lr", "the learning rate (optim.lr)"),
+    "data.batch_size": ("batch size", "examples per step (data.batch_size)"),
+    "seed": ("seed", "the seed of the weights and the batch order"),
+}
+STATUS = "status"  # an hparam column: completed, diverged, failed
+MAX_COLUMNS = 12  # hparams in an experiment config: the fixed set, the status, and the first varying keys
+PREFIX = "verdict/"  # the metrics' scalar group: sorts after test/ and train/, so the curves open first
+SESSION_STATUS = {
+    Status.COMPLETED: api_pb2.STATUS_SUCCESS,
+    Status.DIVERGED: api_pb2.STATUS_FAILURE,
+    Status.FAILED: api_pb2.STATUS_FAILURE,
+}
+
+
+def value_at(config: dict[str, Any], key: str) -> Any:
+    """config["optim"]["lr"] for key "optim.lr" (None if absent)."""
+    for part in key.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return None
+        config = config[part]
+    return config
+
+
+def hparam_value(value: Any) -> int | float | str | bool:
+    """A config value as HParams takes it: numbers and booleans as they are, anything else as a string."""
+    return value if isinstance(value, (bool, int, float)) else str(value)
+
+
+def metric_names(metric: str, thresholds: list[float]) -> dict[str, tuple[str, str]]:
+    """The metrics' scalar tags -> (column name, description)."""
+    sign = "≥" if higher_is_better(metric) else "≤"
+    names = {f"{PREFIX}final_test_acc": ("final test acc", "test accuracy at the last evaluation (eval mode)")}
+    for t in thresholds:
+        names[f"{PREFIX}iters_to_{metric}_{t:g}"] = (
+            f"iters to {metric} {sign} {t:g}",
+            f"iterations until {metric} first reached {t:g}; the step budget (trainer.max_steps) when it never did",
+        )
+    for t in thresholds:
+        names[f"{PREFIX}reached_{metric}_{t:g}"] = (f"reached {t:g}", f"1: {metric} reached {t:g}; 0: never")
+    names[f"{PREFIX}final_test_loss"] = ("final test loss", "test cross-entropy at the last evaluation, nats")
+    return names  # in this order: TensorBoard shows the first five
+
+
+def metric_values(summary: Summary) -> dict[str, float]:
+    """The run's metrics, every one finite: iterations at the step budget where never reached (then
+    reached = 0); final values only where the run recorded finite ones."""
+    values: dict[str, float] = {}
+    for t, at in summary.iterations_to_threshold.items():
+        values[f"{PREFIX}iters_to_{summary.threshold_metric}_{t:g}"] = float(summary.max_steps if at is None else at)
+        values[f"{PREFIX}reached_{summary.threshold_metric}_{t:g}"] = float(at is not None)
+    for name in ("test_acc", "test_loss"):
+        if (value := summary.final.get(name)) is not None and math.isfinite(value):
+            values[f"{PREFIX}final_{name}"] = value
+    return values
+
+
+def _proto(tag: str, data: plugin_data_pb2.HParamsPluginData) -> SummaryProto:
+    return SummaryProto(value=[SummaryProto.Value(tag=tag, metadata=metadata.create_summary_metadata(data))])
+
+
+def session(summary: Summary, flat_config: dict[str, Any]) -> list[SummaryProto]:
+    """The run's session as HParams reads it: its whole config and status as hparams, then how it ended
+    (diverged and failed runs are not a success)."""
+    start = plugin_data_pb2.SessionStartInfo()
+    for key, value in {**flat_config, STATUS: summary.status.value}.items():
+        if value is None:
+            continue
+        v = hparam_value(value)
+        if isinstance(v, bool):
+            start.hparams[key].bool_value = v
+        elif isinstance(v, (int, float)):
+            start.hparams[key].number_value = v
+        else:
+            start.hparams[key].string_value = v
+    end = plugin_data_pb2.SessionEndInfo(status=SESSION_STATUS.get(summary.status, api_pb2.STATUS_UNKNOWN))
+    return [
+        _proto(metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=start)),
+        _proto(metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=end)),
+    ]
+
+
+def columns(varying: list[str]) -> list[str]:
+    """The experiment's hparams, MAX_COLUMNS at most: the keys that vary (norm and lr first, the seed aside),
+    the status, then the rest of the fixed set. TensorBoard shows the first five and offers the others."""
+    first = [k for k in ("norm.name", "optim.lr") if k in varying]
+    rest = [k for k in varying if k not in first and k != "seed"]
+    return list(dict.fromkeys([*first, *rest, STATUS, *FIXED]))[:MAX_COLUMNS]
+
+
+def experiment(keys: list[str], values: dict[str, list[Any]], metrics: dict[str, tuple[str, str]]) -> SummaryProto:
+    """The experiment config: hparams `keys` (with the values each takes in `values`; those that take more
+    than one, the seed aside, marked as differing, which TensorBoard shows first) and the `metrics`."""
+    infos = []
+    for key in keys:
+        shown = sorted({hparam_value(v) for v in values.get(key, []) if v is not None}, key=lambda v: (str(type(v)), v))
+        name, description = FIXED.get(key, (key, f"config key {key}"))
+        if key == STATUS:
+            name, description = STATUS, "how the run ended: completed, diverged (a non-finite loss), failed"
+        differs = len(shown) > 1 and key != "seed"
+        info = api_pb2.HParamInfo(name=key, display_name=name, description=description, differs=differs)
+        if shown and all(isinstance(v, str) for v in shown):
+            info.type = api_pb2.DATA_TYPE_STRING
+            info.domain_discrete.extend(shown)
+        elif shown and all(isinstance(v, bool) for v in shown):
+            info.type = api_pb2.DATA_TYPE_BOOL
+        else:
+            info.type = api_pb2.DATA_TYPE_FLOAT64
+        infos.append(info)
+    metric_infos = [
+        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=name, description=description)
+        for tag, (name, description) in metrics.items()
+    ]
+    data = plugin_data_pb2.HParamsPluginData(
+        experiment=api_pb2.Experiment(hparam_infos=infos, metric_infos=metric_infos)
+    )
+    return _proto(metadata.EXPERIMENT_TAG, data)

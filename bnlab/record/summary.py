@@ -1,0 +1,121 @@
+"""The summary contract: what a run writes to summary.json (`Summary`, schema version 2) and how every
+reader loads it, older files included. docs/summary.md documents each field and its unit.
+
+Thresholds are numbers throughout: in memory a mapping threshold -> iterations, in the file a list of
+{"threshold": 0.9, "iterations": 300} records. Every number is standard JSON: a non-finite value (a
+diverged run's loss) is written as null, and the run's status says why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from bnlab.record.files import write_json
+
+SCHEMA_VERSION = 2  # 1: no schema_version, iterations_to_threshold as {"0.9": 300}, NaN where a value was not finite
+FILE = "summary.json"  # in every run folder
+
+
+class Status(str, Enum):
+    """Where a run stands. Its numbers count in tables and figures when it completed or diverged."""
+
+    RUNNING = "running"  # only while it trains: a file that says so belongs to a run that was killed
+    COMPLETED = "completed"
+    DIVERGED = "diverged"  # the loss turned non-finite (or stayed above trainer.stop_loss): a result, not an error
+    FAILED = "failed"  # an error stopped it (summary.error says which)
+    INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM: its checkpoint lets it resume
+
+    @property
+    def counts(self) -> bool:
+        return self in (Status.COMPLETED, Status.DIVERGED)
+
+
+@dataclass
+class Summary:
+    """One run's summary.json."""
+
+    status: Status
+    config: dict[str, Any]  # the whole resolved config, as .hydra/config.yaml has it
+    threshold_metric: str  # the metric of iterations_to_threshold
+    steps: int = 0  # optimizer steps taken
+    iterations_to_threshold: dict[float, int | None] = field(default_factory=dict)  # None: never reached
+    final: dict[str, float | None] = field(default_factory=dict)  # metrics of the last evaluation
+    error: str | None = None  # why it failed
+    wall_time_s: float | None = None  # seconds from start to end, earlier attempts before a resume included
+    steps_per_s: float | None = None  # training-loop speed, evaluations included
+    device: str = ""
+    fused_members: int = 1  # runs trained together as one stacked model
+    devices: int = 1  # processes the run trained on, each with its share of every batch (trainer.devices)
+    peak_memory_mb: dict[str, float] = field(default_factory=dict)  # "host": resident memory; "gpu": allocated
+    schema_version: int = SCHEMA_VERSION
+
+    # ---------------------------------------------------------------- what the analysis reads of the config
+
+    @property
+    def seed(self) -> int:
+        return self.config.get("seed", 0)
+
+    @property
+    def max_steps(self) -> int:
+        """The step budget (trainer.max_steps), or the steps taken if the config lacks it."""
+        return self.config.get("trainer", {}).get("max_steps") or self.steps
+
+    @property
+    def lr(self) -> float:
+        return float(self.config["optim"]["lr"])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.config["data"]["batch_size"])
+
+    @property
+    def norm(self) -> str:
+        return self.config["norm"]["name"]
+
+    # ---------------------------------------------------------------- the file
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["schema_version"] = SCHEMA_VERSION  # written in the current form, whatever form it was read from
+        out["status"] = self.status.value
+        out["iterations_to_threshold"] = [
+            {"threshold": t, "iterations": i} for t, i in self.iterations_to_threshold.items()
+        ]
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Summary:
+        """A summary from its JSON form, schema version 1 or 2 (unknown keys are ignored)."""
+        known = {f.name for f in fields(cls)}
+        s = cls(**{k: v for k, v in d.items() if k in known})
+        s.status = Status(s.status)
+        reached = d.get("iterations_to_threshold") or []
+        if isinstance(reached, dict):  # schema 1: {"0.9": 300}
+            s.iterations_to_threshold = {float(k): v for k, v in reached.items()}
+        else:
+            s.iterations_to_threshold = {float(r["threshold"]): r["iterations"] for r in reached}
+        s.final = {k: _number(v) for k, v in s.final.items()}
+        s.schema_version = d.get("schema_version", 1)
+        return s
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> Summary:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def _number(v: Any) -> float | None:
+    """A final metric as a finite float, or None (schema 1 files may hold NaN)."""
+    return float(v) if v is not None and math.isfinite(v) else None
+
+
+def is_run_summary(d: Any) -> bool:
+    """Whether a parsed summary.json is a run's (a sweep's table, also summary.json, is not)."""
+    return isinstance(d, dict) and "status" in d and "config" in d

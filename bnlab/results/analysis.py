@@ -1,0 +1,579 @@
+"""Sweep analysis, read from the summary contract alone: the runs below a folder, grouped once by their
+config minus the seed, and per group what the tables and figures show.
+
+Per group: run counts by status; for each threshold the iterations its runs needed (median and min-max
+over the seeds that reached it, and how many never did) and the speed-up over the group's
+no-normalization twin (the same config with norm=none), paired by seed; the final test accuracy (mean
+and std) and steps/s. Across groups: the learning rate that still trains, each group at its best
+learning rate, and which keys a batch-size sweep set with the batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bnlab.record.summary import FILE, Status, Summary, is_run_summary
+from bnlab.schema.config import BOOKKEEPING_KEYS, flatten
+from bnlab.schema.metrics import higher_is_better, reaches
+
+Curve = tuple[np.ndarray, np.ndarray]  # (steps, values), sorted by step
+logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its event reader logs every file it finishes
+
+
+@dataclass(eq=False)
+class RunResult:
+    """One run folder: its summary, its group's label and, read when first asked for, its TensorBoard curves."""
+
+    dir: Path
+    summary: Summary
+    group: str = ""
+
+    @cached_property
+    def flat_config(self) -> dict[str, Any]:
+        return flatten(self.summary.config)
+
+    @cached_property
+    def scalars(self) -> dict[str, Curve]:
+        """Every scalar of the run's TensorBoard events, by tag (the last value where a step repeats)."""
+        if not any(self.dir.glob("events.out.tfevents.*")):
+            return {}
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # slow to import
+
+        events = EventAccumulator(str(self.dir), size_guidance={"scalars": 0, "histograms": 1})
+        events.Reload()
+        out = {}
+        for tag in events.Tags()["scalars"]:
+            by_step = {e.step: e.value for e in events.Scalars(tag)}
+            steps = np.array(sorted(by_step))
+            out[tag] = (steps, np.array([by_step[s] for s in steps], dtype=float))
+        return out
+
+    def curve(self, tag: str, window: int = 0) -> Curve | None:
+        """The tag's curve; with `window`, the mean over each window of steps ending at a multiple of it."""
+        if tag not in self.scalars:
+            return None
+        steps, values = self.scalars[tag]
+        if window:
+            ends = -(-steps // window) * window
+            steps, index = np.unique(ends, return_inverse=True)
+            values = np.bincount(index, values) / np.bincount(index)
+        return steps, values
+
+
+def band(curves: list[Curve]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, median, min, max) over the curves, at each step that at least half of them logged.
+
+    A run that stopped early (diverged) leaves the median where fewer than half the runs go on, and
+    a step only one run logged (its last evaluation before it diverged) makes no point of its own.
+    """
+    steps = np.unique(np.concatenate([c[0] for c in curves]))
+    table = np.full((len(curves), len(steps)), np.nan)
+    present = np.zeros(table.shape, dtype=bool)
+    for i, (s, v) in enumerate(curves):
+        table[i, np.searchsorted(steps, s)] = np.where(np.isfinite(v), v, np.nan)
+        present[i, np.searchsorted(steps, s)] = True
+    keep = 2 * present.sum(0) >= len(curves)
+    table = table[:, keep]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a step where every value is NaN stays NaN
+        return steps[keep], np.nanmedian(table, 0), np.nanmin(table, 0), np.nanmax(table, 0)
+
+
+def load_runs(root: Path) -> list[RunResult]:
+    """Every run below `root`: each summary.json that is a run's (a sweep's table is not)."""
+    runs = []
+    for path in sorted(Path(root).rglob(FILE)):
+        d = json.loads(path.read_text())
+        if is_run_summary(d):
+            runs.append(RunResult(path.parent, Summary.from_json(d)))
+    return runs
+
+
+def varying_keys(flat_configs: Iterable[dict[str, Any]]) -> list[str]:
+    """The config keys (seed and bookkeeping aside) whose values differ between runs: what names a group."""
+    flat_configs = list(flat_configs)
+    keys = sorted({k for f in flat_configs for k in f} - {"seed", *BOOKKEEPING_KEYS})
+    return [k for k in keys if len({repr(f.get(k)) for f in flat_configs}) > 1]
+
+
+def _short(key: str) -> str:
+    """'norm.name' -> 'norm' (the group's option), other keys as they are."""
+    return key.removesuffix(".name")
+
+
+def _spread(values: list[float], digits: int | None = None) -> tuple[float, float, float] | None:
+    """(median, min, max), or None for no values."""
+    if not values:
+        return None
+    return round(statistics.median(values), digits), min(values), max(values)
+
+
+@dataclass
+class ThresholdStats:
+    """One group's runs at one threshold."""
+
+    iterations: tuple[float, float, float] | None  # (median, min, max) over the runs that reached it
+    never: int  # runs that never reached it
+    speedup: tuple[float, float, float] | None  # over the norm=none twin, paired by seed: (median, min, max)
+    speedup_lower_bound: bool  # some twin never reached it: its step budget stood in
+    twin_never: bool = False  # the twin's runs all never reached it: the speed-up is only a lower bound
+
+
+@dataclass
+class Group:
+    """The runs that share their config but the seed."""
+
+    label: str  # "norm=batch, optim.lr=0.1", or "all runs"
+    keys: dict[str, Any]  # the varying keys' values
+    runs: list[RunResult]  # whatever their status
+    thresholds: dict[float, ThresholdStats] = field(default_factory=dict)
+    twin: Group | None = None  # the same config with norm=none, if the sweep has it
+
+    @property
+    def results(self) -> list[RunResult]:
+        """The runs whose numbers count (completed or diverged)."""
+        return [r for r in self.runs if r.summary.status.counts]
+
+    def count(self, status: Status) -> int:
+        return sum(r.summary.status == status for r in self.runs)
+
+    @property
+    def norm(self) -> str:
+        return self.runs[0].summary.norm
+
+    @property
+    def lr(self) -> float:
+        return self.runs[0].summary.lr
+
+    def without(self, key: str) -> str:
+        """Its label with `key` left out: the series it belongs to when `key` varies along an axis."""
+        return ", ".join(f"{_short(k)}={v}" for k, v in self.keys.items() if k != key) or "all runs"
+
+    def final(self, metric: str) -> list[float]:
+        """`metric`'s final value over the runs that count (where it was recorded and finite)."""
+        return [v for r in self.results if (v := r.summary.final.get(metric)) is not None]
+
+    def mean_std(self, metric: str) -> tuple[float | None, float | None]:
+        """(mean, std) over the seeds of `metric`'s final value (None where there is none, or one value)."""
+        values = self.final(metric)
+        mean = round(statistics.fmean(values), 4) if values else None
+        return mean, round(statistics.stdev(values), 4) if len(values) > 1 else None
+
+    @property
+    def final_test_acc(self) -> tuple[float | None, float | None]:
+        return self.mean_std("test_acc")
+
+    @property
+    def budget(self) -> int:
+        """The step budget of its runs (the largest, should they differ)."""
+        return max(r.summary.max_steps for r in self.runs)
+
+    @property
+    def steps_per_s(self) -> tuple[float, float, float] | None:
+        """The runs' own training-loop speeds as median, min and max: one slow seed shows as the min."""
+        return _spread([s for r in self.results if (s := r.summary.steps_per_s)], 1)
+
+
+def _speedups(runs: list[RunResult], twin: list[RunResult], threshold: float) -> tuple[list[float], bool]:
+    """Per seed: twin iterations / this group's iterations to `threshold`.
+
+    A twin run that never reached the threshold counts with its step budget (trainer.max_steps), so
+    the ratio is a lower bound, flagged by the second return value. Seeds where this group never
+    reached it are left out.
+    """
+    twin_by_seed = {r.summary.seed: r.summary for r in twin}
+    ratios, lower_bound = [], False
+    for r in runs:
+        t = twin_by_seed.get(r.summary.seed)
+        ours = r.summary.iterations_to_threshold.get(threshold)
+        if t is None or not ours:
+            continue
+        theirs = t.iterations_to_threshold.get(threshold)
+        lower_bound |= theirs is None
+        ratios.append((theirs or t.max_steps) / ours)
+    return ratios, lower_bound
+
+
+def _sort_key(group: Group) -> list[tuple[str, Any]]:
+    return [(type(v).__name__, v) for v in group.keys.values()]  # numbers in numeric order
+
+
+def group_runs(runs: list[RunResult], keys: list[str] | None = None) -> list[Group]:
+    """The runs grouped by the values of `keys` (default: the keys that vary between them), each group
+    with its statistics; every run's `group` is set to its group's label."""
+    if keys is None:
+        keys = varying_keys(r.flat_config for r in runs)
+    by_values: dict[tuple, list[RunResult]] = {}
+    for r in runs:
+        by_values.setdefault(tuple(r.flat_config.get(k) for k in keys), []).append(r)
+    groups = []
+    for values, members in by_values.items():
+        label = ", ".join(f"{_short(k)}={v}" for k, v in zip(keys, values)) or "all runs"
+        for r in members:
+            r.group = label
+        groups.append(Group(label, dict(zip(keys, values)), members))
+    thresholds = sorted({t for r in runs for t in r.summary.iterations_to_threshold})
+    by_norm = set_with_norm(runs, keys)
+    for g in groups:
+        g.twin = _twin(g, groups, by_norm)
+        twin = g.twin.results if g.twin else []
+        for t in thresholds:
+            reached = [r.summary.iterations_to_threshold.get(t) for r in g.results]
+            ratios, lower = _speedups(g.results, twin, t)
+            spread = _spread([v for v in reached if v is not None])
+            twin_never = bool(twin) and all(r.summary.iterations_to_threshold.get(t) is None for r in twin)
+            g.thresholds[t] = ThresholdStats(
+                spread, sum(v is None for v in reached), _spread(ratios, 2), lower, twin_never
+            )
+    return sorted(groups, key=_sort_key)
+
+
+def set_with_norm(runs: list[RunResult], keys: list[str]) -> set[str]:
+    """Of `keys`, those that go with the norm: the norm's own (norm.*) and those the sweep set with it (a
+    preset's per-norm weight decay, say: runs that share the norm share their value)."""
+    return {k for k in keys if k.startswith("norm.") or follows(runs, k, "norm.name")}
+
+
+def _twin(group: Group, groups: list[Group], by_norm: set[str]) -> Group | None:
+    """The group with the same config but norm=none (not the group itself), if any; the keys that go with the
+    norm (`by_norm`) may differ."""
+    want = {k: v for k, v in group.keys.items() if k not in by_norm}
+    for other in groups:
+        same = all(other.keys[k] == v for k, v in want.items())
+        if other is not group and other.norm == "none" and same:
+            return other
+    return None
+
+
+@dataclass(eq=False)
+class Sweep:
+    """The runs below a folder and their groups."""
+
+    root: Path
+    runs: list[RunResult]  # every run shown, whatever its status
+    groups: list[Group]
+    left_out: list[RunResult] = field(default_factory=list)  # failed runs, unless asked for
+
+    @property
+    def failed(self) -> int:
+        """Failed runs, shown or left out."""
+        return sum(r.summary.status == Status.FAILED for r in [*self.runs, *self.left_out])
+
+    @property
+    def left_out_note(self) -> str:
+        """One line on the failed runs left out of the tables and figures, or ''."""
+        if not self.left_out:
+            return ""
+        n = len(self.left_out)
+        return f"{n} failed run{'s' if n > 1 else ''} left out (--failed shows them; summary.json says why each failed)"
+
+    @cached_property
+    def varying(self) -> list[str]:
+        return varying_keys(r.flat_config for r in self.runs)
+
+    @cached_property
+    def counted(self) -> dict[str, list[RunResult]]:
+        """Group label -> its runs that count (completed or diverged), in table order; groups without any left out."""
+        return {g.label: g.results for g in self.groups if g.results}
+
+    @property
+    def metric(self) -> str:
+        """The threshold metric."""
+        return self.runs[0].summary.threshold_metric if self.runs else "test_acc"
+
+    @property
+    def thresholds(self) -> list[float]:
+        return sorted({t for g in self.groups for t in g.thresholds})
+
+    @cached_property
+    def final_metric(self) -> str:
+        """What ranks the runs at their end: test accuracy, or where no run has one (a regression) the test loss."""
+        has_acc = any(r.summary.final.get("test_acc") is not None for r in self.runs)
+        return "test_acc" if has_acc or not self.runs else "test_loss"
+
+
+def load_sweep(root: Path, keys: list[str] | None = None, include_failed: bool = False) -> Sweep:
+    """Every run below `root`, grouped by `keys` (default: the keys that vary); failed runs (refused late,
+    or stopped by an error) are left out unless `include_failed`, and counted either way."""
+    runs = load_runs(root)
+    failed = [] if include_failed else [r for r in runs if r.summary.status == Status.FAILED]
+    shown = [r for r in runs if r not in failed]
+    return Sweep(Path(root), shown, group_runs(shown, keys), failed)
+
+
+# ---------------------------------------------------------------- a diagnostic over training, in one number per group
+
+
+def over_training(group: Group, tag: str) -> tuple[float, float | None, float, float] | None:
+    """`tag` (a diagnostic's TensorBoard scalar) in one number per run, its median over the steps logged, and
+    those over the group's seeds: (mean, std, min, max); None where no run logged it."""
+    medians = [float(np.nanmedian(c[1])) for r in group.results if (c := r.curve(tag)) is not None and len(c[1])]
+    if not medians:
+        return None
+    std = statistics.stdev(medians) if len(medians) > 1 else None
+    return statistics.fmean(medians), std, min(medians), max(medians)
+
+
+# ---------------------------------------------------------------- the learning rate that still trains
+
+
+def easiest_threshold(metric: str, thresholds: list[float]) -> float | None:
+    """The lowest accuracy threshold, or the highest loss threshold."""
+    if not thresholds:
+        return None
+    return min(thresholds) if higher_is_better(metric) else max(thresholds)
+
+
+def trains(runs: list[Summary], metric: str, threshold: float | None) -> bool:
+    """All seeds completed (none diverged, failed or interrupted) and each ends at the threshold or better."""
+
+    def good(s: Summary) -> bool:
+        value = s.final.get(metric)
+        return threshold is None or (value is not None and reaches(metric, value, threshold))
+
+    return bool(runs) and all(s.status == Status.COMPLETED and good(s) for s in runs)
+
+
+def follows(runs: list[RunResult], key: str, driver: str) -> bool:
+    """Whether `key` is set by `driver`: runs that share the driver's value share the key's (a preset's lr
+    and step budget scaled with the batch size, say)."""
+    seen: dict[str, str] = {}
+    for r in runs:
+        value, by = repr(r.flat_config.get(key)), repr(r.flat_config.get(driver))
+        if seen.setdefault(by, value) != value:
+            return False
+    return True
+
+
+def batch_size_keys(sweep: Sweep) -> list[str]:
+    """The keys a batch-size sweep sets with the batch size (itself first), or [] if the batch size does not vary."""
+    if "data.batch_size" not in sweep.varying:
+        return []
+    driven = [k for k in sweep.varying if k != "data.batch_size" and follows(sweep.runs, k, "data.batch_size")]
+    return ["data.batch_size", *driven]
+
+
+def lr_series(runs: list[RunResult]) -> dict[str, dict[float, list[Summary]]]:
+    """Group (config minus seed and optim.lr) -> lr -> its runs' summaries, lrs ascending, groups by label."""
+    keys = [k for k in varying_keys(r.flat_config for r in runs) if k != "optim.lr"]
+    series: dict[str, dict[float, list[Summary]]] = {}
+    for g in group_runs([RunResult(r.dir, r.summary) for r in runs], keys):
+        for r in g.runs:
+            series.setdefault(g.label, {}).setdefault(r.summary.lr, []).append(r.summary)
+    return {label: dict(sorted(by_lr.items())) for label, by_lr in sorted(series.items())}
+
+
+def largest_lr_that_trains(runs: list[RunResult]) -> dict[str, float | None]:
+    """Per group of runs that differ only in seed and optim.lr (e.g. per norm): the largest lr that trains.
+
+    An lr trains when all its seeds completed (none diverged, failed or interrupted) and each one's
+    final threshold metric reached the easiest threshold (the lowest accuracy threshold, e.g. final
+    test accuracy >= 0.9; for a loss metric the highest loss threshold). None: no lr tried trains.
+    """
+    return {label: edge.lr for label, edge in training_edges(runs).items()}
+
+
+@dataclass
+class Edge:
+    """Where a series stops training as the lr grows, and by how much the deciding runs cleared the cut."""
+
+    lr: float | None  # the largest lr that trains (None: none does)
+    margin: float | None  # there, how far its worst seed's final metric sits on the right side of the cut
+    above: float | None  # the next lr tried, which does not train
+    why: str  # what happened there: seeds that diverged or ended below the cut, and by how much
+
+
+def _margin(runs: list[Summary], metric: str, cut: float) -> float:
+    """How far the worst seed's final metric is on the good side of the cut (negative: the wrong side)."""
+    values = [s.final.get(metric) for s in runs if s.final.get(metric) is not None]
+    sign = 1 if higher_is_better(metric) else -1
+    return min(sign * (v - cut) for v in values) if values else float("-inf")
+
+
+def training_edges(runs: list[RunResult]) -> dict[str, Edge]:
+    """Per series (as largest_lr_that_trains groups them): the largest lr that trains, with its margin and
+    what the next lr up did, so a reader sees whether the conclusion sits on the cut."""
+    if not runs:
+        return {}
+    metric = runs[0].summary.threshold_metric
+    cut = easiest_threshold(metric, sorted({t for r in runs for t in r.summary.iterations_to_threshold}))
+    edges = {}
+    for label, by_lr in lr_series(runs).items():
+        ok = [lr for lr, group in by_lr.items() if trains(group, metric, cut)]
+        lr = max(ok, default=None)
+        above = min((x for x in by_lr if lr is None or x > lr), default=None)
+        margin = _margin(by_lr[lr], metric, cut) if lr is not None and cut is not None else None
+        why = ""
+        if above is not None and cut is not None:
+            seeds = by_lr[above]
+            stopped = sum(s.status != Status.COMPLETED for s in seeds)
+            below = [
+                s for s in seeds if s.status == Status.COMPLETED and not reaches(metric, s.final.get(metric) or 0, cut)
+            ]
+            parts = [f"{stopped} of {len(seeds)} seeds diverged or failed"] if stopped else []
+            if below:
+                worst = -_margin(below, metric, cut)
+                parts.append(f"{len(below)} of {len(seeds)} ended below the cut (the worst by {worst:.4f})")
+            why = "; ".join(parts)
+        edges[label] = Edge(lr, margin, above, why)
+    return edges
+
+
+# ---------------------------------------------------------------- each norm at its best learning rate
+
+
+@dataclass
+class AtBestLr:
+    """A series of groups that differ only in their learning rate (one norm, say), at its best one."""
+
+    label: str  # the groups' label without the lr
+    groups: list[Group]  # one per lr tried, lr ascending
+    by_acc: Group  # the lr whose final test accuracy is highest (a regression: test loss lowest; median over seeds)
+    by_iters: dict[float, Group | None]  # per threshold, the lr that needs the fewest iterations (median) among
+    # those where every seed reached it; None: no lr did
+
+    @property
+    def norm(self) -> str:
+        return self.groups[0].norm
+
+    def edge(self, group: Group) -> str:
+        """'', or why `group`'s lr is only a bound: it is the largest (or smallest) lr tried."""
+        lrs = [g.lr for g in self.groups]
+        if len(lrs) > 1 and group.lr == max(lrs):
+            return "the largest lr tried: a larger one may do better"
+        if len(lrs) > 1 and group.lr == min(lrs):
+            return "the smallest lr tried: a smaller one may do better"
+        return ""
+
+
+def best_lrs(sweep: Sweep) -> list[AtBestLr]:
+    """Per series of groups that differ only in optim.lr, its best lr by final test accuracy and by
+    iterations to each threshold; [] when the lr does not vary."""
+    if "optim.lr" not in sweep.varying:
+        return []
+    series: dict[str, list[Group]] = {}
+    for g in (g for g in sweep.groups if g.results):
+        series.setdefault(g.without("optim.lr"), []).append(g)
+    out = []
+    for label, groups in series.items():
+        groups = sorted(groups, key=lambda g: g.lr)
+        metric, sign = sweep.final_metric, 1 if higher_is_better(sweep.final_metric) else -1
+        accs = {id(g): sign * statistics.median(g.final(metric)) if g.final(metric) else -math.inf for g in groups}
+        by_iters = {}
+        for t in sweep.thresholds:
+            reached = [g for g in groups if g.thresholds[t].iterations is not None and not g.thresholds[t].never]
+            by_iters[t] = min(reached, key=lambda g: g.thresholds[t].iterations[0], default=None)
+        out.append(AtBestLr(label, groups, max(groups, key=lambda g: accs[id(g)]), by_iters))
+    return out
+
+
+def speedup_at_best(best: AtBestLr, everyone: list[AtBestLr], t: float) -> float | None:
+    """Median iterations to `t` of the norm=none series at its own best lr over this series' at its best lr;
+    None without such a twin, or where this series never reached `t`; inf where the twin never did."""
+
+    runs = [r for b in everyone for g in b.groups for r in g.runs]
+    by_norm = set_with_norm(runs, list(best.groups[0].keys))
+
+    def setting(b: AtBestLr) -> dict[str, Any]:
+        return {k: v for k, v in b.groups[0].keys.items() if k not in by_norm and k != "optim.lr"}
+
+    twin = next((b for b in everyone if b.norm == "none" and setting(b) == setting(best)), None)
+    ours = best.by_iters.get(t)
+    if twin is None or twin is best or ours is None:
+        return None
+    theirs = twin.by_iters.get(t)
+    return float("inf") if theirs is None else theirs.thresholds[t].iterations[0] / ours.thresholds[t].iterations[0]
+
+
+# ---------------------------------------------------------------- the speed-up at multiples of the baseline's lr
+
+IOFFE_MULTIPLES = (1, 5, 30)  # BN-Baseline, BN-x5, BN-x30: BN at the baseline's lr times these
+
+
+@dataclass
+class SpeedupRow:
+    """A norm at a multiple of the baseline's lr: the steps it needed to reach the baseline's best accuracy."""
+
+    norm: str
+    multiple: float  # of the baseline's lr
+    lr: float
+    group: Group | None  # None: that lr is not in the sweep's grid
+    steps: tuple[float, float, float] | None = None  # (median, min, max) over the seeds that reached the target
+    never: int = 0  # seeds that never did
+    speedup: tuple[float, float, float] | None = None  # the baseline's steps over these, paired by seed
+    peak: tuple[float | None, float | None] = (None, None)  # best test accuracy over training: mean, std
+
+
+@dataclass
+class BaselineSpeedup:
+    """Ioffe & Szegedy's comparison (their Table 2, Figure 2): no normalization at its best lr (the baseline)
+    against each norm at that lr times 1, 5 and 30, by the steps each needs to reach the baseline's best
+    test accuracy."""
+
+    target: float  # the baseline's best test accuracy: the lowest of its seeds' peaks (every seed reaches it)
+    baseline: SpeedupRow
+    rows: list[SpeedupRow]  # per norm and multiple
+
+
+def first_reaching(run: RunResult, target: float) -> int | None:
+    """The first evaluated step at which the run's test accuracy reached `target` (None: never)."""
+    curve = run.curve("test/acc")
+    if curve is None:
+        return None
+    hits = curve[0][curve[1] >= target]
+    return int(hits[0]) if len(hits) else None
+
+
+def _peak(run: RunResult) -> float | None:
+    curve = run.curve("test/acc")
+    return float(np.nanmax(curve[1])) if curve is not None and len(curve[1]) else None
+
+
+def _row(norm: str, multiple: float, lr: float, group: Group | None, target: float, base: dict) -> SpeedupRow:
+    """The row of `group` (None: not in the grid); `base`: the baseline's steps by seed."""
+    if group is None:
+        return SpeedupRow(norm, multiple, lr, None)
+    steps = {r.summary.seed: first_reaching(r, target) for r in group.results}
+    reached = [s for s in steps.values() if s is not None]
+    ratios = [base[seed] / s for seed, s in steps.items() if s and base.get(seed)]
+    peaks = [p for r in group.results if (p := _peak(r)) is not None]
+    peak = (
+        round(statistics.fmean(peaks), 4) if peaks else None,
+        round(statistics.stdev(peaks), 4) if len(peaks) > 1 else None,
+    )
+    return SpeedupRow(norm, multiple, lr, group, _spread(reached), len(steps) - len(reached), _spread(ratios, 2), peak)
+
+
+def baseline_speedup(sweep: Sweep, multiples: tuple[float, ...] = IOFFE_MULTIPLES) -> BaselineSpeedup | None:
+    """The comparison for a sweep over the lr with norm=none and some other norm whose grid holds the
+    baseline's best lr (by final test accuracy) times 5 or 30; None otherwise, or without test/acc curves."""
+    best = best_lrs(sweep)
+    baseline = next((b for b in best if b.norm == "none"), None)
+    if baseline is None:
+        return None
+    lr = baseline.by_acc.lr
+    others = [b for b in best if b.norm != "none"]
+
+    def at(b: AtBestLr, m: float) -> Group | None:
+        return next((g for g in b.groups if math.isclose(g.lr, m * lr, rel_tol=1e-6)), None)
+
+    if not any(at(b, m) for b in others for m in multiples if m > 1):
+        return None
+    peaks = [p for r in baseline.by_acc.results if (p := _peak(r)) is not None]
+    if not peaks:
+        return None
+    target = min(peaks)
+    base = {r.summary.seed: first_reaching(r, target) for r in baseline.by_acc.results}
+    rows = [_row(b.norm, m, m * lr, at(b, m), target, base) for b in others for m in multiples]
+    return BaselineSpeedup(target, _row("none", 1, lr, baseline.by_acc, target, base), rows)

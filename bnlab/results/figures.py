@@ -1,0 +1,937 @@
+"""The report's figures, each a function of the analysed sweep (bnlab.results.analysis) that returns its `Section`
+(title, caption, the matplotlib figure, markdown after it) or None when no run logged what it needs;
+`FIGURES` names each figure's PNG file once.
+
+Every figure draws a group with the same look (`Looks`): its norm's colour (norm=none dark grey), its
+learning rate's line style (bars: its hatch), and a marker for whatever else varies; every legend
+entry names one group. Medians over seeds, with min-max bands or error bars.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from bnlab.record.summary import Status, Summary
+from bnlab.results import analysis
+from bnlab.results.analysis import (
+    AtBestLr,
+    Curve,
+    Edge,
+    Group,
+    RunResult,
+    Sweep,
+    band,
+    batch_size_keys,
+    best_lrs,
+    easiest_threshold,
+    group_runs,
+    largest_lr_that_trains,
+    lr_series,
+    over_training,
+    speedup_at_best,
+    training_edges,
+)
+from bnlab.schema.metrics import METRICS, higher_is_better
+
+DPI = 120
+BAND_ALPHA = 0.2
+STEPS = "iterations (optimizer steps)"
+NONE_COLOUR = "0.25"  # norm=none, the baseline
+DASHES = ["-", "--", ":", "-."]  # per learning rate, ascending
+HATCHES = ["", "//", "..", "xx", "\\\\"]  # per learning rate, on bars
+MARKERS = ["o", "s", "^", "D", "v", "P", "X"]  # per value of what else varies
+ACT_TAG = re.compile(r"^act/(-?\d+)/unit0/p(15|50|85)$")
+ICS_TAG = re.compile(r"^ics/layer(\d+)/l2$")
+MAX_ICS_LAYERS = 4  # layers shown in the ICS figure, spread evenly from the second to the last
+LANDSCAPE_BANDS = (  # (title, y label, tag of the smallest value over the step sizes, tag of the largest)
+    ("loss landscape", "$L(\\theta - \\eta g)$", "landscape/loss_min", "landscape/loss_max"),
+    (
+        "gradient predictiveness",
+        "$\\|\\nabla L(\\theta - \\eta g) - g\\|_2$",
+        "landscape/grad_change_min",
+        "landscape/grad_change_max",
+    ),
+)
+BETA = ("effective $\\beta$-smoothness", "max $\\|\\nabla L(\\theta - \\eta g) - g\\|_2 \\,/\\, \\|\\eta g\\|_2$")
+PAPER_STEPS = {1: ("BN-Baseline", 13.3), 5: ("BN-x5", 2.1), 30: ("BN-x30", 2.7)}  # Ioffe & Szegedy, millions of
+INCEPTION_STEPS = 31.0  # steps to 72.2 % (Inception's best): docs/literature.md, section 3
+ACC_MODES = (
+    ("test_acc_train_mode", "train mode\n(batch statistics)"),
+    ("test_acc", "eval mode\n(running averages, EMA)"),
+    ("test_acc_precise_bn", "eval mode after\nprecise BN"),
+)
+
+
+@dataclass
+class Section:
+    """A figure of the report with its markdown."""
+
+    title: str
+    caption: str
+    figure: Figure
+    text: str = ""  # markdown after the figure
+
+
+# ---------------------------------------------------------------- one look per group, in every figure
+
+
+@dataclass(frozen=True)
+class Look:
+    colour: Any  # by norm
+    dash: str  # by learning rate
+    hatch: str  # by learning rate, on bars
+    marker: str  # by what else varies (and, for bars that have no marker, the colour's shade)
+
+    def line(self, **kwargs: Any) -> dict[str, Any]:
+        return {"color": self.colour, "ls": self.dash, "marker": self.marker, **kwargs}
+
+
+class Looks:
+    """The look of every group of a sweep: colour by norm, dash and hatch by lr, marker and shade (the norm's
+    colour, lighter for each further value) by the other keys, so that bars too tell those apart."""
+
+    def __init__(self, sweep: Sweep) -> None:
+        norms = sorted({g.norm for g in sweep.groups} - {"none"})
+        tab = colormaps["tab10"].colors
+        self.colours = {"none": NONE_COLOUR, **{n: tab[i % len(tab)] for i, n in enumerate(norms)}}
+        self.lrs = sorted({g.lr for g in sweep.groups})
+        self.rest_keys = [k for k in sweep.varying if k not in ("norm.name", "optim.lr")]
+        self.rests = sorted({self.rest(g) for g in sweep.groups}, key=str)
+
+    def rest(self, group: Group) -> tuple:
+        return tuple(group.keys.get(k) for k in self.rest_keys)
+
+    def of(self, group: Group, vary_lr: bool = True) -> Look:
+        """`group`'s look; with vary_lr=False (a figure whose x axis is the lr) one style for every lr."""
+        i = self.lrs.index(group.lr) if vary_lr else 0
+        rest = self.rest(group)  # a series along an axis (batch size, say) lacks that key: the first marker
+        k = self.rests.index(rest) if rest in self.rests else 0
+        lighter = 0.6 * k / (len(self.rests) - 1) if len(self.rests) > 1 else 0.0  # towards white
+        colour = tuple(c + (1 - c) * lighter for c in to_rgb(self.colours[group.norm]))
+        return Look(colour, DASHES[i % len(DASHES)], HATCHES[i % len(HATCHES)], MARKERS[k % len(MARKERS)])
+
+
+def norm_colours(sweep: Sweep) -> dict[str, Any]:
+    """Norm -> its colour in every figure of the sweep."""
+    return Looks(sweep).colours
+
+
+# ---------------------------------------------------------------- plotting helpers
+
+
+def _figure(
+    nrows: int = 1, ncols: int = 1, width: float = 9.0, height: float = 4.8, **kwargs: Any
+) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(width, height), layout="constrained", dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
+    return fig, axes
+
+
+def _legend(fig: Figure, handles: list[Any], labels: list[str], below: bool = False) -> None:
+    """One legend for the whole figure, outside the axes (never over the data): on the right, or `below` them."""
+    if not handles:
+        return
+    if below:
+        fig.legend(handles, labels, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
+    else:
+        fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
+
+
+def _group_legend(groups: list[Group], looks: Looks, bars: bool = False, vary_lr: bool = True) -> tuple[list, list]:
+    """A legend entry per group (each label once), drawn in the group's look."""
+    handles, labels = [], []
+    for g in groups:
+        look = looks.of(g, vary_lr)
+        if bars:
+            handles.append(Patch(facecolor=look.colour, hatch=look.hatch, edgecolor="white"))
+        else:
+            handles.append(Line2D([], [], **look.line(lw=1.6, ms=5)))
+        labels.append(g.label if vary_lr else g.without("optim.lr"))
+    return handles, labels
+
+
+def _wrap(label: str) -> str:
+    return label.replace(", ", "\n")
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(values), values, np.nan)
+
+
+def _plot_band(ax: Axes, curves: list[Curve], look: Look) -> bool:
+    """The median line (markers every tenth point) and the min-max band; a run with steps outside the band is
+    also drawn on its own, thin (True if any was)."""
+    steps, median, lo, hi = band(curves)
+    ax.plot(steps, median, **look.line(lw=1.6, ms=4, markevery=max(1, len(steps) // 10)))
+    if len(curves) > 1:
+        ax.fill_between(steps, lo, hi, color=look.colour, alpha=BAND_ALPHA, lw=0)
+    apart = [(s, v) for s, v in curves if not np.isin(s, steps).all()]
+    for s, v in apart:
+        ax.plot(s, _finite(v), color=look.colour, ls=look.dash, lw=0.8, alpha=0.7)
+    return bool(apart)
+
+
+def _plot_groups(
+    ax: Axes, sweep: Sweep, looks: Looks, tag: str, window: Callable[[RunResult], int] = lambda run: 0
+) -> tuple[list[Group], bool]:
+    """Per group, the median curve of `tag` over its seeds with a min-max band: (the groups drawn, whether
+    some run was drawn on its own)."""
+    drawn, apart = [], False
+    for g in (g for g in sweep.groups if g.results):
+        curves = [c for r in g.results if (c := r.curve(tag, window(r))) is not None and len(c[0])]
+        if curves:
+            apart |= _plot_band(ax, curves, looks.of(g))
+            drawn.append(g)
+    return drawn, apart
+
+
+def _log_scale_if_wide(ax: Axes) -> None:
+    """Log y when the plotted values are positive and span more than two decades."""
+    values = np.concatenate([line.get_ydata() for line in ax.get_lines()] or [np.array([])]).astype(float)
+    values = values[np.isfinite(values)]
+    if len(values) and values.min() > 0 and values.max() / values.min() > 100:
+        ax.set_yscale("log")
+
+
+def _iterations(summary: Summary, t: float) -> int:
+    """Iterations to threshold t, or the step budget (trainer.max_steps) for a run that never reached it."""
+    reached = summary.iterations_to_threshold.get(t)
+    return reached if reached is not None else summary.max_steps
+
+
+def _threshold_text(sweep: Sweep, t: float) -> str:
+    return f"{sweep.metric} {'≥' if higher_is_better(sweep.metric) else '≤'} {t:g}"
+
+
+def _lr_axis(ax: Axes, lrs: list[float]) -> None:
+    ax.set_xscale("log")
+    ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("learning rate (optim.lr, log scale)")
+
+
+# ---------------------------------------------------------------- the figures
+
+
+def best_lr(sweep: Sweep) -> Section | None:
+    """0. The headline: each norm at its own best learning rate (by final test accuracy, and by iterations to
+    each threshold), the fair comparison when the lr varies."""
+    best = best_lrs(sweep)
+    if not best:
+        return None
+    looks = Looks(sweep)
+    ts = sweep.thresholds
+    metric, name = sweep.final_metric, METRICS[sweep.final_metric].label.split(" (")[0]
+    fig, axes = _figure(1, 1 + len(ts), width=4.0 + 3.2 * (1 + len(ts)), height=5.0)
+    for i, b in enumerate(best):
+        g = b.by_acc
+        accs = g.final(metric)
+        if not accs:
+            continue
+        med = statistics.median(accs)
+        axes[0, 0].bar(i, med, 0.7, color=looks.of(g).colour, hatch=looks.of(g).hatch, edgecolor="white")
+        axes[0, 0].errorbar(i, med, yerr=[[med - min(accs)], [max(accs) - med]], fmt="none", ecolor="black", capsize=3)
+        axes[0, 0].text(
+            i,
+            max(accs) + 0.005,
+            f"{med:.3f}\nlr {g.lr:g}{'*' if b.edge(g) else ''}",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+        for j, t in enumerate(ts, 1):
+            ax, at = axes[0, j], b.by_iters[t]
+            if at is None:
+                ax.bar(i, b.groups[0].budget, 0.7, facecolor="none", edgecolor=looks.of(b.groups[0]).colour, ls="--")
+                ax.text(i, b.groups[0].budget, "never", ha="center", va="bottom", fontsize=7)
+                continue
+            med, lo, hi = at.thresholds[t].iterations
+            ax.bar(i, med, 0.7, color=looks.of(at).colour, hatch=looks.of(at).hatch, edgecolor="white")
+            ax.errorbar(i, med, yerr=[[med - lo], [hi - med]], fmt="none", ecolor="black", capsize=3)
+            ax.text(i, hi, f"{med:g}\nlr {at.lr:g}{'*' if b.edge(at) else ''}", ha="center", va="bottom", fontsize=7)
+    names = [_wrap(b.label) for b in best]
+    accs_seen = [a for b in best for a in b.by_acc.final(metric)] or [0.0]
+    low = max(0.0, min(accs_seen) - 0.05) if higher_is_better(metric) else 0.0
+    axes[0, 0].set_ylim(low, max(accs_seen) + 0.3 * (max(accs_seen) - low))  # room for the labels above the bars
+    axes[0, 0].set(ylabel=f"final {name}", title=f"final {name}\nat each one's best lr")
+    for j, t in enumerate(ts, 1):
+        axes[0, j].set(ylabel=f"{STEPS}", title=f"iterations to {_threshold_text(sweep, t)}\nat each one's best lr")
+        axes[0, j].set_ylim(0, axes[0, j].get_ylim()[1] * 1.15)
+    for ax in axes[0]:
+        ax.set_xticks(range(len(best)), names, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("each norm at its own best learning rate (median over seeds, error bars: min-max)")
+    return Section(
+        "Each norm at its best learning rate",
+        f"Left: final {name} of each norm (and setting) at the learning rate where it is best; right: the "
+        "iterations each needs to reach each threshold at the lr where that is fewest (every seed reaching it). "
+        "The lr is written above each bar; * marks an lr at the edge of the grid tried, so the best may lie "
+        "beyond it; 'never': no lr reached the threshold. Median over seeds, error bars min-max.",
+        fig,
+        best_lr_table(sweep, best),
+    )
+
+
+def best_lr_table(sweep: Sweep, best: list[AtBestLr]) -> str:
+    """The best-lr comparison as a markdown table, with the speed-up over norm=none at its own best lr."""
+    ts = sweep.thresholds
+    metric = sweep.final_metric
+    short = metric.replace("_", " ")  # test acc, test loss
+    head = ["group", f"best lr ({short})", f"final {short}", *(f"iters to {t:g} (lr)" for t in ts)]
+    head += [f"speed-up to {t:g} over none at its best lr" for t in ts]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for b in best:
+        mean, std = b.by_acc.mean_std(metric)
+        final = "-" if mean is None else f"{mean:.4f}±{std or 0:.4f}"
+        row = [b.label, f"{b.by_acc.lr:g}{'*' if b.edge(b.by_acc) else ''}", final]
+        for t in ts:
+            at = b.by_iters[t]
+            row.append(
+                "never" if at is None else f"{at.thresholds[t].iterations[0]:g} ({at.lr:g}{'*' if b.edge(at) else ''})"
+            )
+        for t in ts:
+            ratio = speedup_at_best(b, best, t)
+            row.append("-" if ratio is None else "none never reached it" if ratio == float("inf") else f"{ratio:.2f}x")
+        lines.append("| " + " | ".join(row) + " |")
+    return (
+        "Each norm at its own best learning rate: the fair comparison (at one shared lr the table below favours "
+        "whichever norm that lr suits). * marks an lr at the edge of the grid tried.\n\n" + "\n".join(lines) + "\n"
+    )
+
+
+def _zoom(sweep: Sweep, curves: list[Curve]) -> tuple[float, float] | None:
+    """y limits around the thresholds (accuracies: a little below the lowest to the top; losses: 0 to twice
+    the highest), or None when they would show nearly all of the curves' range anyway."""
+    values = sweep.thresholds
+    plotted = np.concatenate([_finite(v) for _, v in curves]) if curves else np.array([])
+    if not values or not np.isfinite(plotted).any():
+        return None
+    low, high = float(np.nanmin(plotted)), float(np.nanmax(plotted))
+    if higher_is_better(sweep.metric):
+        limits = (min(values) - max(0.05, max(values) - min(values)), max(high, max(values)) + 0.01)
+    else:
+        limits = (0.0, 2 * max(values))
+    shown = min(limits[1], high) - max(limits[0], low)
+    return limits if shown < 0.6 * (high - low) else None
+
+
+def metric_curves(sweep: Sweep) -> Section | None:
+    """1. The threshold metric over training, per group: median over seeds, min-max band, thresholds dotted;
+    a second panel zooms on the thresholds."""
+    tag = METRICS[sweep.metric].tag
+    if tag is None:
+        return None
+
+    def window(run: RunResult) -> int:
+        """Training curves are averaged over each evaluation interval (so they read like the test curves)."""
+        return run.summary.config.get("trainer", {}).get("eval_every", 1) if tag.startswith("train/") else 0
+
+    looks = Looks(sweep)
+    curves = [c for g in sweep.groups for r in g.results if (c := r.curve(tag, window(r))) is not None]
+    zoom = _zoom(sweep, curves)
+    fig, axes = _figure(1, 2 if zoom else 1, width=14.0 if zoom else 9.0, height=5.0)
+    diverged = [
+        (g, c)
+        for g in sweep.groups
+        for r in g.results
+        if r.summary.status == Status.DIVERGED and (c := r.curve(tag, window(r))) is not None and len(c[0])
+    ]
+    for ax in axes[0]:
+        drawn, apart = _plot_groups(ax, sweep, looks, tag, window)
+        if not drawn:
+            return None
+        for g, (steps, values) in diverged:
+            ax.plot(steps[-1], values[-1], "x", color=looks.of(g).colour, ms=9, mew=2)
+        for t in sweep.thresholds:
+            ax.axhline(t, color="0.35", ls=":", lw=1.0)
+        ax.set(xlabel=STEPS, ylabel=METRICS[sweep.metric].label)
+        ax.grid(alpha=0.3)
+    name = METRICS[sweep.metric].label.split(" (")[0]
+    axes[0, 0].set_title(f"{name} vs iterations\n(median over seeds, band: min-max)")
+    if zoom:
+        axes[0, 1].set_ylim(*zoom)
+        axes[0, 1].set_title("the same, zoomed on the thresholds")
+    handles, labels = _group_legend(drawn, looks)
+    extras = [
+        (bool(sweep.thresholds), Line2D([], [], color="0.35", ls=":", lw=1.0), "the thresholds"),
+        (apart, Line2D([], [], color="0.3", lw=0.8, alpha=0.7), "one run, where it leaves\nthe median (stopped early)"),
+        (bool(diverged), Line2D([], [], color="0.2", marker="x", ms=9, mew=2, ls="none"), "a run diverged here"),
+    ]
+    _legend(fig, handles + [h for shown, h, _ in extras if shown], labels + [lab for shown, _, lab in extras if shown])
+    return Section(
+        f"{sweep.metric} over training",
+        f"{sweep.metric} vs iterations per group: median over seeds, shaded min-max (at the steps at least half "
+        "the seeds reached); dotted: the thresholds; x: where a run diverged"
+        + ("; right: zoomed on the thresholds" if zoom else "")
+        + ("; training figures are means over the steps between evaluations." if tag.startswith("train/") else "."),
+        fig,
+    )
+
+
+def iterations_to_threshold(sweep: Sweep) -> Section | None:
+    """2. Iterations to each threshold per group: median bars, min-max error bars, never-reached runs as an
+    empty dashed bar at the budget."""
+    groups = [g for g in sweep.groups if g.results]
+    if not sweep.thresholds or not groups:
+        return None
+    looks = Looks(sweep)
+    fig, ((ax,),) = _figure(width=max(9.0, 2.0 + 0.45 * len(groups) * len(sweep.thresholds)))
+    width = 0.8 / len(groups)
+    top = 0
+    for j, group in enumerate(groups):
+        look = looks.of(group)
+        for i, t in enumerate(sweep.thresholds):
+            x = i - 0.4 + width * (j + 0.5)
+            stats = group.thresholds[t]
+            if stats.never:
+                ax.bar(x, group.budget, width, facecolor="none", edgecolor=look.colour, ls="--", lw=1)
+                ax.text(
+                    x, group.budget, f"{stats.never}/{len(group.results)}\nnever", ha="center", va="bottom", fontsize=7
+                )
+                top = max(top, group.budget)
+            if stats.iterations is not None:
+                median, lo, hi = stats.iterations
+                ax.bar(x, median, width, color=look.colour, hatch=look.hatch, edgecolor="white")
+                ax.errorbar(x, median, yerr=[[median - lo], [hi - median]], fmt="none", ecolor="black", capsize=3, lw=1)
+                top = max(top, hi)
+    ax.set_ylim(0, top * 1.18 or 1)
+    ax.set_xlim(-0.5, len(sweep.thresholds) - 0.5)
+    ax.set_xticks(range(len(sweep.thresholds)), [_threshold_text(sweep, t) for t in sweep.thresholds])
+    ax.set(
+        xlabel="threshold",
+        ylabel=f"{STEPS}\nto reach the threshold",
+        title="iterations to each threshold\n(median over seeds, error bars: min-max)",
+    )
+    ax.grid(axis="y", alpha=0.3)
+    handles, labels = _group_legend(groups, looks, bars=True)
+    if any(g.thresholds[t].never for g in groups for t in sweep.thresholds):
+        handles.append(Patch(facecolor="none", edgecolor="0.3", ls="--"))
+        labels.append("never reached: an empty bar\nat the step budget (trainer.max_steps)")
+    _legend(fig, handles, labels)
+    return Section(
+        "Iterations to each threshold",
+        "Iterations to each threshold per group: bar = median over the seeds that reached it, error bar = min-max; "
+        "an empty dashed bar at the step budget with 'k/n never' = seeds that never reached it.",
+        fig,
+    )
+
+
+def lr_sensitivity(sweep: Sweep) -> Section | None:
+    """3. Final test accuracy and iterations to each threshold vs learning rate, per group minus the lr."""
+    if "optim.lr" not in sweep.varying or batch_size_keys(sweep):
+        return None
+    looks = Looks(sweep)
+    series = lr_series(sweep.runs)
+    first = {g.without("optim.lr"): g for g in reversed(sweep.groups)}  # a group of each series, for its look
+    best = largest_lr_that_trains(sweep.runs)  # its margins: in the text, from training_edges
+    threshold = easiest_threshold(sweep.metric, sweep.thresholds)
+    ts = sweep.thresholds
+    final, name = sweep.final_metric, METRICS[sweep.final_metric].label.split(" (")[0]
+    fig, axes = _figure(1, 1 + len(ts), width=3.0 + 4.0 * (1 + len(ts)), height=5.0)
+    ax_acc = axes[0, 0]
+    all_lrs = sorted({lr for by_lr in series.values() for lr in by_lr})
+    any_diverged = any_open = False
+    for j, (label, by_lr) in enumerate(series.items()):
+        look = looks.of(first[label], vary_lr=False)
+        lrs = np.array(list(by_lr))
+        accs = [
+            [a for s in runs if s.status.counts and (a := s.final.get(final)) is not None] for runs in by_lr.values()
+        ]
+        have = [i for i, a in enumerate(accs) if a]
+        ax_acc.plot(lrs[have], [np.median(accs[i]) for i in have], **look.line(lw=1.6))
+        ax_acc.fill_between(
+            lrs[have],
+            [min(accs[i]) for i in have],
+            [max(accs[i]) for i in have],
+            color=look.colour,
+            alpha=BAND_ALPHA,
+            lw=0,
+        )
+        for lr, runs in by_lr.items():
+            for s in (s for s in runs if s.status == Status.DIVERGED):
+                any_diverged = True
+                if (value := s.final.get(final)) is not None or final == "test_acc":
+                    ax_acc.plot(lr, value or 0.0, "x", color=look.colour, ms=10, mew=2.2)
+        if best.get(label) is not None and accs[i := list(by_lr).index(best[label])]:
+            ax_acc.plot(best[label], np.median(accs[i]), "o", ms=15, mfc="none", mec=look.colour, mew=2)
+        jitter = 1.06 ** (j - (len(series) - 1) / 2)  # keeps the series' error bars apart
+        for ax, t in zip(axes[0, 1:], ts):
+            its = [[_iterations(s, t) for s in runs if s.status.counts] for runs in by_lr.values()]
+            nevers = [
+                any(s.status.counts and s.iterations_to_threshold.get(t) is None for s in runs)
+                for runs in by_lr.values()
+            ]
+            have = [i for i, v in enumerate(its) if v]
+            if not have:
+                continue
+            x = lrs[have] * jitter
+            median = np.array([np.median(its[i]) for i in have])
+            err = [median - [min(its[i]) for i in have], [max(its[i]) for i in have] - median]
+            ax.errorbar(x, median, yerr=err, color=look.colour, ls=look.dash, lw=1.4, capsize=3)
+            opened = [n for n, i in enumerate(have) if nevers[i]]
+            closed = [n for n, i in enumerate(have) if not nevers[i]]
+            any_open |= bool(opened)
+            ax.plot(x[closed], median[closed], look.marker, color=look.colour, ms=6)
+            ax.plot(x[opened], median[opened], look.marker, mfc="white", mec=look.colour, mew=1.6, ms=7)
+    if threshold is not None and sweep.metric == final:
+        ax_acc.axhline(threshold, color="0.35", ls=":", lw=1.0)
+    budget = max((r.summary.max_steps for r in sweep.runs), default=0)
+    for ax, t in zip(axes[0, 1:], ts):
+        ax.axhline(budget, color="0.35", ls=":", lw=1.0)
+        _lr_axis(ax, all_lrs)
+        _log_scale_if_wide(ax)
+        ax.set(
+            ylabel=f"{STEPS}", title=f"iterations to {_threshold_text(sweep, t)}\n(median over seeds, bars: min-max)"
+        )
+    _lr_axis(ax_acc, all_lrs)
+    _log_scale_if_wide(ax_acc)
+    ax_acc.set(ylabel=f"final {name}", title=f"final {name} vs learning rate\n(median over seeds, band: min-max)")
+    handles = [Line2D([], [], **looks.of(first[label], vary_lr=False).line(lw=1.6)) for label in series]
+    labels = list(series)
+    higher = higher_is_better(sweep.metric)
+    easiest = "lowest" if higher else "highest"
+    extras = [
+        (True, Line2D([], [], color="0.3", marker="o", ms=13, mfc="none", mew=2, ls="none"), "largest lr that trains"),
+        (
+            any_diverged,
+            Line2D([], [], color="0.3", marker="x", ms=9, mew=2.2, ls="none"),
+            f"a diverged run\n(its final {name})",
+        ),
+        (
+            any_open,
+            Line2D([], [], color="0.3", marker="o", mfc="white", ls="none"),
+            "some seeds never reached it\n(counted at the step budget)",
+        ),
+        (True, Line2D([], [], color="0.35", ls=":", lw=1.0), f"left: the {easiest} threshold;\nright: the step budget"),
+    ]
+    _legend(fig, handles + [h for shown, h, _ in extras if shown], labels + [lab for shown, _, lab in extras if shown])
+    criterion = (
+        " (no threshold was set)"
+        if threshold is None
+        else f" and each ended with final {sweep.metric} {'≥' if higher else '≤'} {threshold:g} "
+        f"(the {easiest} threshold)"
+    )
+    lines = [
+        "Largest learning rate that still trains, per group: all its seeds completed "
+        f"(none diverged, failed or interrupted){criterion}.",
+        "",
+        *(
+            f"- {label}: {_largest(edge, list(series[label]))} (tried: {', '.join(f'{x:g}' for x in series[label])})"
+            for label, edge in training_edges(sweep.runs).items()
+        ),
+    ]
+    return Section(
+        "Learning-rate sensitivity",
+        f"Left: final {name} vs learning rate (median over seeds, shaded min-max; x: diverged runs; ring: the "
+        "largest lr that trains). Then, one panel per threshold: the iterations to reach it vs learning rate (open "
+        "markers: some seeds never reached it and count at the step budget). Colour: norm.",
+        fig,
+        "\n".join(lines) + "\n",
+    )
+
+
+def _largest(edge: Edge, tried: list[float]) -> str:
+    """The largest lr that trains with its margin, as a bound where the grid ends: '**≥ 10** (the largest lr
+    tried ...)'; and what the next lr up did."""
+    if edge.lr is None:
+        return f"none (not even the smallest lr tried, {min(tried):g}: the edge lies below it; there {edge.why})"
+    margin = "" if edge.margin is None else f"; its worst seed ends {edge.margin:.4f} clear of the cut"
+    if edge.lr == max(tried):
+        return f"**≥ {edge.lr:g}** (the largest lr tried trains: a lower bound{margin})"
+    return f"**{edge.lr:g}** ({margin[2:]}; at {edge.above:g}: {edge.why})"
+
+
+def batch_size_sensitivity(sweep: Sweep) -> Section | None:
+    """4. Final test accuracy vs batch size, per group minus the batch size and what the sweep scaled with it."""
+    driven = batch_size_keys(sweep)
+    if not driven:
+        return None
+    looks = Looks(sweep)
+    keys = [k for k in sweep.varying if k not in driven]
+    fig, ((ax,),) = _figure(1, 1, width=8.0, height=5.0)
+    handles, labels = [], []
+    for group in group_runs([RunResult(r.dir, r.summary) for r in sweep.runs], keys):
+        by_size: dict[int, list[float]] = {}
+        for r in group.results:
+            if (acc := r.summary.final.get("test_acc")) is not None:
+                by_size.setdefault(r.summary.batch_size, []).append(acc)
+        if not by_size:
+            continue
+        look = looks.of(group, vary_lr="optim.lr" not in driven)
+        sizes = sorted(by_size)
+        ax.plot(sizes, [np.median(by_size[b]) for b in sizes], **look.line(lw=1.6))
+        ax.fill_between(
+            sizes,
+            [min(by_size[b]) for b in sizes],
+            [max(by_size[b]) for b in sizes],
+            color=look.colour,
+            alpha=BAND_ALPHA,
+            lw=0,
+        )
+        handles.append(Line2D([], [], **look.line(lw=1.6)))
+        labels.append(group.label)
+    all_sizes = sorted({r.summary.batch_size for r in sweep.runs})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(all_sizes, [str(b) for b in all_sizes])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.set(
+        xlabel="batch size (data.batch_size, log scale)",
+        ylabel="final test accuracy",
+        title="final test accuracy vs batch size\n(median over seeds, band: min-max)",
+    )
+    _legend(fig, handles, labels)
+    scaled = f" The sweep set {', '.join(driven[1:])} with the batch size." if driven[1:] else ""
+    return Section(
+        "Batch-size sensitivity",
+        f"Final test accuracy vs batch size per group (median over seeds, shaded min-max).{scaled}",
+        fig,
+    )
+
+
+def activation_percentiles(sweep: Sweep) -> Section | None:
+    """5. The 15/50/85th percentiles of one tracked unit's nonlinearity input over training (Ioffe & Szegedy
+    Fig. 1b,c)."""
+    groups = [g for g in sweep.groups if g.results]
+    tags = {tag for g in groups for r in g.results for tag in r.scalars}
+    layers = sorted({int(m.group(1)) for tag in tags if (m := ACT_TAG.match(tag))}, key=lambda i: (i < 0, i))
+    if not layers:
+        return None
+    looks = Looks(sweep)
+    fig, axes = _figure(
+        len(layers),
+        len(groups),
+        width=max(6.5, 1.5 + 3.2 * len(groups)),
+        height=1.2 + 2.8 * len(layers),
+        sharex=True,
+        sharey=True,
+    )
+    for row, layer in enumerate(layers):
+        for col, group in enumerate(groups):
+            ax, colour = axes[row, col], looks.of(group).colour
+            name = f"act/{layer}/unit0/p"
+            runs = sorted(
+                (r for r in group.results if all(f"{name}{q}" in r.scalars for q in (15, 50, 85))),
+                key=lambda r: str(r.summary.seed),
+            )
+            if runs:
+                run = runs[0]
+                (steps, p15), (_, p50), (_, p85) = (run.curve(f"{name}{q}") for q in (15, 50, 85))
+                ax.fill_between(steps, p15, p85, color=colour, alpha=BAND_ALPHA, lw=0)
+                ax.plot(steps, p50, color=colour, lw=1.8)
+                ax.plot(steps, p15, color=colour, lw=0.9, ls="--")
+                ax.plot(steps, p85, color=colour, lw=0.9, ls="--")
+                seed = run.summary.seed
+                ax.set_title(f"{_wrap(group.label)}\n(seed {seed})" if row == 0 else f"seed {seed}", fontsize=9)
+            else:
+                ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", color="0.4")
+                ax.set_title(_wrap(group.label) if row == 0 else "", fontsize=9)
+            ax.grid(alpha=0.3)
+            if col == 0:
+                hidden = " (last hidden)" if layer == -1 else ""
+                ax.set_ylabel(f"layer {layer}{hidden}:\ninput to the nonlinearity, unit 0")
+            if row == len(layers) - 1:
+                ax.set_xlabel(STEPS)
+    fig.suptitle(
+        "percentiles of one unit's input to its nonlinearity over training\n"
+        "(on a probe batch of test examples, eval mode)"
+    )
+    _legend(
+        fig,
+        [
+            Line2D([], [], color="0.2", lw=1.8),
+            Line2D([], [], color="0.2", lw=0.9, ls="--"),
+            Patch(color="0.2", alpha=BAND_ALPHA),
+        ],
+        ["50th percentile", "15th and 85th percentiles", "15-85th percentile range"],
+        below=True,
+    )
+    return Section(
+        "Activation percentiles",
+        "15th, 50th and 85th percentiles of unit 0's input to its nonlinearity over training, one panel per group and "
+        "tracked layer (the group's lowest seed), shared axes, colour by norm (Ioffe & Szegedy 2015, Fig. 1b,c).",
+        fig,
+    )
+
+
+def _curves_grid(sweep: Sweep, panels: list[list[tuple[str, str, str]]], title: str) -> Figure | None:
+    """Rows x columns of panels (tag, title, y label), each with every group's median curve and band; None if
+    nothing logged."""
+    looks = Looks(sweep)
+    nrows, ncols = len(panels), max(len(row) for row in panels)
+    fig, axes = _figure(nrows, ncols, width=2.0 + 3.6 * ncols, height=0.8 + 3.0 * nrows, sharex=True)
+    drawn: dict[str, Group] = {}
+    for i, row in enumerate(panels):
+        for j in range(ncols):
+            ax = axes[i, j]
+            if j >= len(row):
+                ax.set_visible(False)
+                continue
+            tag, panel_title, ylabel = row[j]
+            drawn.update((g.label, g) for g in _plot_groups(ax, sweep, looks, tag)[0])
+            _log_scale_if_wide(ax)
+            ax.set_title(panel_title, fontsize=10)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if i == nrows - 1:
+                ax.set_xlabel(STEPS)
+    if not drawn:
+        return None
+    fig.suptitle(title)
+    _legend(fig, *_group_legend(list(drawn.values()), looks))
+    return fig
+
+
+def internal_covariate_shift(sweep: Sweep) -> Section | None:
+    """6a. ICS per layer, ||G - G'||_2 and cos(G, G') over training (Santurkar et al. 2018)."""
+    runs = [r for g in sweep.groups for r in g.results]
+    tags = {tag for r in runs for tag in r.scalars}
+    layers = sorted({int(m.group(1)) for tag in tags if (m := ICS_TAG.match(tag))})
+    # layer 0 has no layer before it, so its G' = G: (0, 1) always; a layer that shows nothing is left out
+    layers = [
+        i for i in layers if any(np.any(r.scalars.get(f"ics/layer{i}/l2", (0, np.zeros(1)))[1] != 0) for r in runs)
+    ]
+    if not layers:
+        return None
+    shown = sorted({layers[round(i)] for i in np.linspace(0, len(layers) - 1, min(len(layers), MAX_ICS_LAYERS))})
+    panels = [
+        [(f"ics/layer{i}/l2", f"layer {i}", "ICS $\\|G - G'\\|_2$") for i in shown],
+        [(f"ics/layer{i}/cos", f"layer {i}", "ICS $\\cos(G, G')$") for i in shown],
+    ]
+    fig = _curves_grid(sweep, panels, "internal covariate shift per layer\n(median over seeds, band: min-max)")
+    if fig is None:
+        return None
+    spread = "" if shown == layers else f" Of the {len(layers)} layers with a shift, {len(shown)} spread evenly."
+    columns = [
+        (f"ics/layer{i}/{m}", f"layer {i} {name}") for i in shown for m, name in (("l2", "‖G - G'‖"), ("cos", "cos"))
+    ]
+    return Section(
+        "Internal covariate shift",
+        "Internal covariate shift per layer over training (Santurkar et al. 2018): top, ||G - G'||_2; bottom, "
+        "cos(G, G') (G: the layer's weight gradient; G': the same after the earlier layers' update); median over "
+        "seeds, shaded min-max. Layers whose shift is always 0 (layer 0) are left out." + spread,
+        fig,
+        _over_training_table(sweep, columns),
+    )
+
+
+def landscape(sweep: Sweep) -> Section | None:
+    """6b. Loss-landscape smoothness along the gradient over training, in Santurkar et al.'s style (their
+    Fig. 4): per lr, the loss and the gradient change over the step sizes tried as a band per norm, and the
+    effective beta-smoothness."""
+    groups = [g for g in sweep.groups if g.results and any("landscape/loss_min" in r.scalars for r in g.results)]
+    if not groups:
+        return None
+    looks = Looks(sweep)
+    lrs = sorted({g.lr for g in groups})
+    fig, axes = _figure(len(lrs), 3, width=13.0, height=0.8 + 3.2 * len(lrs), sharex=True)
+    for row, lr in enumerate(lrs):
+        for g in (g for g in groups if g.lr == lr):
+            look = looks.of(g)
+            for col, (_, _, low_tag, high_tag) in enumerate(LANDSCAPE_BANDS):
+                steps, low, _, _ = band([c for r in g.results if (c := r.curve(low_tag)) is not None])
+                _, high, _, _ = band([c for r in g.results if (c := r.curve(high_tag)) is not None])
+                axes[row, col].fill_between(steps, low, high, color=look.colour, alpha=0.35, lw=0)
+                for edge in (low, high):
+                    axes[row, col].plot(steps, edge, color=look.colour, ls=look.dash, lw=0.8)
+            _plot_band(axes[row, 2], [c for r in g.results if (c := r.curve("landscape/beta_smoothness"))], look)
+        for col, (title, ylabel) in enumerate([(t, y) for t, y, _, _ in LANDSCAPE_BANDS] + [BETA]):
+            ax = axes[row, col]
+            _log_scale_if_wide(ax)
+            ax.set_title(f"{title}, lr {lr:g}", fontsize=10)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if row == len(lrs) - 1:
+                ax.set_xlabel(STEPS)
+    low_x, high_x = groups[0].runs[0].summary.config.get("diag", {}).get("landscape_steps", [0.5, 4.0])
+    fig.suptitle(
+        f"along the gradient g, step sizes eta = {low_x:g} to {high_x:g} x lr\n"
+        "(bands: the range over the step sizes; right: median and min-max over seeds)"
+    )
+    _legend(fig, *_group_legend(groups, looks))
+    return Section(
+        "Loss-landscape smoothness",
+        f"Santurkar et al.'s Fig. 4 for this sweep, one row per lr: at each diag.every-th step, the loss at theta - "
+        f"eta g (left) and the change of the gradient ||grad L(theta - eta g) - g|| (middle) for step sizes eta from "
+        f"{low_x:g} to {high_x:g} times the lr, drawn as a band from the smallest to the largest value (median over "
+        "seeds of each end): a narrow band is a smooth landscape (its width is the loss variation and the gradient "
+        "predictiveness); right: the effective beta-smoothness, max ||grad L(theta - eta g) - g|| / ||eta g|| "
+        "(median over seeds, shaded min-max). Smaller is smoother.",
+        fig,
+        _over_training_table(
+            sweep,
+            [
+                ("landscape/loss_variation", "loss variation"),
+                ("landscape/grad_predictiveness", "gradient predictiveness"),
+                ("landscape/beta_smoothness", "effective β-smoothness"),
+            ],
+        ),
+    )
+
+
+def _over_training_table(sweep: Sweep, columns: list[tuple[str, str]]) -> str:
+    """Per group, each (tag, name) of `columns` in one number: per run its median over training, then the mean ±
+    std (min-max) over the seeds."""
+    lines = ["| group | " + " | ".join(name for _, name in columns) + " |", "|---|" + "---|" * len(columns)]
+    for g in (g for g in sweep.groups if g.results):
+        cells = []
+        for tag, _ in columns:
+            value = over_training(g, tag)
+            cells.append(
+                "-" if value is None else f"{value[0]:.4g}±{value[1] or 0:.2g} ({value[2]:.4g}-{value[3]:.4g})"
+            )
+        lines.append(f"| {g.label} | " + " | ".join(cells) + " |")
+    return (
+        "Each number: per run, the median over the steps logged; then the mean ± std (min-max) over the seeds.\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
+def baseline_speedup(sweep: Sweep) -> Section | None:
+    """8. Ioffe & Szegedy's speed-up (their Table 2, Figure 2): no normalization at its best lr against each
+    norm at that lr times 1, 5 and 30, by the steps each needs to reach the baseline's best test accuracy."""
+    result = analysis.baseline_speedup(sweep)
+    if result is None:
+        return None
+    looks = Looks(sweep)
+    rows = [result.baseline, *(r for r in result.rows if r.group is not None)]
+    fig, ((ax,),) = _figure(width=10.0, height=5.2)
+    handles, labels = [], []
+    tops = []
+    for row in rows:
+        look = looks.of(row.group)
+        curves = [c for r in row.group.results if (c := r.curve("test/acc")) is not None and len(c[0])]
+        _plot_band(ax, curves, look)
+        tops += [float(np.nanmax(v)) for _, v in curves]
+        if row.steps is not None:
+            ax.plot(row.steps[0], result.target, "o", mfc="white", mec=look.colour, mew=2, ms=8)
+        handles.append(Line2D([], [], **look.line(lw=1.6)))
+        labels.append(_speedup_label(row))
+    ax.axhline(result.target, color="0.35", ls=":", lw=1.0)
+    ax.set_ylim(max(0.0, result.target - 0.1), max(tops) + 0.01)
+    ax.set(xlabel=STEPS, ylabel="test accuracy", title="test accuracy vs iterations (median over seeds, band: min-max)")
+    ax.grid(alpha=0.3)
+    handles += [Line2D([], [], color="0.35", ls=":"), Line2D([], [], color="0.3", marker="o", mfc="white", ls="none")]
+    labels += [f"the baseline's best accuracy, {result.target:.4f}", "where it is reached\n(median over seeds)"]
+    _legend(fig, handles, labels)
+    return Section(
+        "Speed-up at multiples of the baseline's learning rate",
+        "Ioffe & Szegedy's comparison (their Table 2 and Figure 2): no normalization at its best lr (by final test "
+        "accuracy) against each norm at that lr times 1, 5 and 30, each curve the median over seeds with a min-max "
+        "band; dotted: the baseline's best accuracy (the lowest of its seeds' peaks, so every baseline seed reaches "
+        "it); rings: the median step at which each reaches it.",
+        fig,
+        speedup_table(result),
+    )
+
+
+def _speedup_label(row: analysis.SpeedupRow) -> str:
+    if row.norm == "none":
+        return f"none at its best lr, {row.lr:g} (the baseline)"
+    return f"{row.norm}, lr {row.lr:g} ({row.multiple:g} x the baseline's)"
+
+
+def speedup_table(result: analysis.BaselineSpeedup) -> str:
+    """The comparison as a markdown table, beside Ioffe & Szegedy's Inception numbers."""
+    head = "| run | lr | steps to the target (median, min-max) | speed-up over the baseline (paired by seed) "
+    head += "| best test acc | paper (millions of steps to 72.2 %) | paper speed-up |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for row in [result.baseline, *result.rows]:
+        name = "none (baseline)" if row.norm == "none" else f"{row.norm} x{row.multiple:g}"
+        paper, steps = ("Inception", INCEPTION_STEPS) if row.norm == "none" else PAPER_STEPS.get(row.multiple, ("", 0))
+        paper_cells = [f"{paper} {steps:g}", f"{INCEPTION_STEPS / steps:.1f}x"] if steps else ["", ""]
+        if row.group is None:
+            lines.append(f"| {name} | {row.lr:g} | not in the grid | | | {' | '.join(paper_cells)} |")
+            continue
+        reached = "never" if row.steps is None else _spread_text(row.steps)
+        if row.never and row.steps is not None:
+            reached += f", {row.never} never"
+        ratio = "1x" if row.norm == "none" else "-" if row.speedup is None else _spread_text(row.speedup, "x")
+        mean, std = row.peak
+        best = "-" if mean is None else f"{mean:.4f}" + ("" if std is None else f"±{std:.4f}")
+        lines.append(f"| {name} | {row.lr:g} | {reached} | {ratio} | {best} | {' | '.join(paper_cells)} |")
+    return (
+        f"Target: the baseline's best test accuracy, {result.target:.4f} (the lowest of its seeds' peaks). The "
+        "paper's target was Inception's best, 72.2 %, and its BN runs also had the other changes it lists (faster lr "
+        "decay, less L2, no dropout).\n\n" + "\n".join(lines) + "\n"
+    )
+
+
+def _spread_text(spread: tuple[float, float, float], unit: str = "") -> str:
+    """'2600 (2400-2900)' steps, or '2.36x (2.18-2.42)' with unit 'x'."""
+    med, lo, hi = spread
+    number = "{:.2f}" if unit else "{:g}"
+    text = number.format(med) + unit
+    return text if lo == hi else f"{text} ({number.format(lo)}-{number.format(hi)})"
+
+
+def train_eval_precise_bn(sweep: Sweep) -> Section | None:
+    """7. Test accuracy in train mode, in eval mode (running averages) and after precise BN, per group."""
+    groups = [g for g in sweep.groups if g.final("test_acc_train_mode") or g.final("test_acc_precise_bn")]
+    if not groups:
+        return None
+    looks = Looks(sweep)
+    fig, ((ax,),) = _figure(width=max(9.0, 2.5 + 0.5 * len(groups) * len(ACC_MODES)))
+    width = 0.8 / len(groups)
+    for j, group in enumerate(groups):
+        look = looks.of(group)
+        for i, (key, _) in enumerate(ACC_MODES):
+            x = i - 0.4 + width * (j + 0.5)
+            values = group.final(key)
+            if not values:
+                ax.text(x, 0.01, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color="0.4")
+                continue
+            mean = float(np.mean(values))
+            ax.bar(x, mean, width, color=look.colour, hatch=look.hatch, edgecolor="white")
+            ax.errorbar(
+                x, mean, yerr=[[mean - min(values)], [max(values) - mean]], fmt="none", ecolor="black", capsize=3, lw=1
+            )
+            rotation = 90 if len(groups) > 3 else 0
+            ax.text(x, max(values) + 0.01, f"{mean:.3f}", ha="center", va="bottom", fontsize=7, rotation=rotation)
+    ax.set_ylim(0, 1.12)
+    ax.set_xlim(-0.5, len(ACC_MODES) - 0.5)
+    ax.set_xticks(range(len(ACC_MODES)), [label for _, label in ACC_MODES])
+    ax.set(
+        ylabel="test accuracy",
+        title="test accuracy by where the norm layers take their statistics from\n"
+        "(mean over seeds, error bars: min-max)",
+    )
+    ax.grid(axis="y", alpha=0.3)
+    _legend(fig, *_group_legend(groups, looks, bars=True))
+    return Section(
+        "Train mode, eval mode and precise BN",
+        "Final test accuracy in train mode (batch statistics: the forgotten model.eval()), in eval mode with the "
+        "running averages (EMA) and in eval mode after precise BN; mean over seeds, error bars min-max; n/a: not "
+        "measured.",
+        fig,
+    )
+
+
+FIGURES: dict[str, Callable[[Sweep], Section | None]] = {  # PNG file name -> the figure, in report order
+    "best_lr.png": best_lr,
+    "metric_curves.png": metric_curves,
+    "iterations_to_threshold.png": iterations_to_threshold,
+    "lr_sensitivity.png": lr_sensitivity,
+    "batch_size.png": batch_size_sensitivity,
+    "activation_percentiles.png": activation_percentiles,
+    "ics.png": internal_covariate_shift,
+    "landscape.png": landscape,
+    "precise_bn.png": train_eval_precise_bn,
+    "speedup.png": baseline_speedup,
+}

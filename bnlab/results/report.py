@@ -1,0 +1,76 @@
+"""`bnlab report DIR`: report.md and the figures (bnlab.results.figures) of the runs below a folder, written
+into it: the sweep table, then each figure whose data some run logged, with its caption and text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bnlab.record.files import write_text
+from bnlab.record.summary import Status
+from bnlab.results.analysis import load_sweep
+from bnlab.results.figures import DPI, FIGURES, Section
+from bnlab.results.summarize import markdown
+
+REPORT = "report.md"
+HEADLINES = ("best_lr.png",)  # figures before the sweep table
+NOTATION = """## Notation
+
+- Every figure and table is over seeds: median with (min-max) or a min-max band or error bars; accuracies
+  in tables are mean±std.
+- A group is a config minus its seed. In every figure its colour is its norm (norm=none dark grey), its line
+  style (on bars, its hatch) its learning rate, and its marker what else varies.
+- Iterations to a threshold: the first evaluated step at which the metric reached it; `never`: not within
+  the step budget (`k never`: k seeds did not).
+- Speed-up: the norm=none twin's iterations over this group's, paired by seed; `>=` where some twin seeds
+  never reached the threshold (their budget stands in); `none: never in N (a %)` where no twin seed did (N:
+  its step budget, a: its final test accuracy).
+- ok/div/fail: completed, diverged and failed runs.
+"""
+
+
+def write_report(root: Path, include_failed: bool = False) -> Path:
+    """Read every run below `root` (failed runs only with `include_failed`), write the figures that have
+    data and report.md into `root`; return report.md's path. Figures of an earlier report that have no
+    data now are removed, so report.md and the folder agree."""
+    root = Path(root)
+    sweep = load_sweep(root, include_failed=include_failed)
+    path = root / REPORT
+    if not sweep.runs:
+        note = f" ({sweep.left_out_note})" if sweep.left_out else ""
+        write_text(path, f"# bnlab report: {root}\n\nNo runs to show below {root}{note}.\n")
+        return path
+    statuses = [r.summary.status for r in sweep.runs]
+    counts = ", ".join(f"{n} {s.value}" for s in Status if (n := statuses.count(s)))
+    parts = [
+        f"# bnlab report: {root}\n",
+        f"{len(sweep.runs)} runs ({counts}) in {len(sweep.groups)} groups (config minus the seed); threshold "
+        f"metric: {sweep.metric}." + (f" {sweep.left_out_note}." if sweep.left_out else "") + "\n",
+        NOTATION,
+    ]
+    sections = {name: make(sweep) for name, make in FIGURES.items()}
+    for name in HEADLINES:
+        parts += _section(root, name, sections.pop(name))
+    parts += [
+        "## Sweep table: every group at its own settings\n",
+        f"Iterations to reach each {sweep.metric} threshold, median (min-max) over seeds, with the speed-up over the "
+        "norm=none twin at the same settings; final metrics mean±std.\n",
+        markdown(sweep.groups, sweep.metric),
+    ]
+    for name, section in sections.items():
+        parts += _section(root, name, section)
+    write_text(path, "\n".join(parts))
+    return path
+
+
+def _section(root: Path, name: str, section: Section | None) -> list[str]:
+    """A figure's markdown, its PNG written beside report.md (or an earlier one removed: no data now)."""
+    if section is None:
+        (root / name).unlink(missing_ok=True)
+        return []
+    section.figure.savefig(root / name, dpi=DPI)
+    return [
+        f"## {section.title}\n",
+        f"![{section.title}]({name})\n",
+        f"*{section.caption}*\n",
+        *filter(None, [section.text]),
+    ]

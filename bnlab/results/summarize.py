@@ -1,0 +1,221 @@
+"""Sweep tables: the groups of bnlab.results.analysis as a rich table on the console, summary.md, summary.csv
+and the sweep's summary.json; printed at the end of every `bnlab train -m` sweep and by `bnlab
+summarize`. Also the short table at the end of a single run."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from bnlab.record.files import write_json, write_text
+from bnlab.record.summary import Status, Summary
+from bnlab.results.analysis import Group, Sweep, ThresholdStats, group_runs, load_sweep, varying_keys
+
+COUNTED = (Status.COMPLETED, Status.DIVERGED, Status.FAILED)  # the ok/div/fail column
+FINAL_NAMES = {  # final metrics -> their column
+    "test_acc": "final test acc",
+    "test_loss": "final test loss",  # the column of a regression, which has no accuracy
+    "test_acc_train_mode": "test acc, train mode",
+    "test_acc_precise_bn": "test acc, precise BN",
+}
+FINALS = ("test_acc_train_mode", "test_acc_precise_bn")  # shown when some run recorded them (trainer.precise_bn)
+
+
+def fmt_threshold(t: float) -> str:
+    return f"{t:g}"
+
+
+def fmt_iters(stats: ThresholdStats) -> str:
+    """'900 (800-1000)', with ', 1 never' when some runs never reached the threshold; 'never' if none did."""
+    if stats.iterations is None:
+        return "never" if stats.never else "-"
+    med, lo, hi = stats.iterations
+    text = f"{med:g}" if lo == hi else f"{med:g} ({lo}-{hi})"
+    return f"{text}, {stats.never} never" if stats.never else text
+
+
+def fmt_speedup(group: Group, t: float) -> str:
+    """The speed-up over the norm=none twin: '3.20x (2.90-3.50)', paired by seed ('>=' where some twin seeds
+    never reached the threshold). Where none of them did, what is known, in words: 'none: never in 3000
+    (88.3 %)' (its step budget and final test accuracy); the lower bound stays in the CSV and JSON."""
+    stats = group.thresholds[t]
+    if stats.speedup is None:
+        return ""
+    if stats.twin_never:
+        acc, _ = group.twin.final_test_acc
+        return f"none: never in {group.twin.budget}" + ("" if acc is None else f" ({100 * acc:.1f} %)")
+    med, lo, hi = stats.speedup
+    prefix = ">=" if stats.speedup_lower_bound else ""
+    return f"{prefix}{med:.2f}x" + ("" if lo == hi else f" ({lo:.2f}-{hi:.2f})")
+
+
+def fmt_speed(speeds: tuple[float, float, float] | None) -> str:
+    """Steps/s over a group's runs: '586.7', or '442.7 (23.8-861.5)' where its runs differ."""
+    if speeds is None:
+        return "-"
+    med, lo, hi = speeds
+    return f"{med:.1f}" + ("" if lo == hi else f" ({lo:.1f}-{hi:.1f})")
+
+
+def fmt_mean_std(mean: float | None, std: float | None) -> str:
+    return "-" if mean is None else f"{mean:.4f}" + ("" if std is None else f"±{std:.4f}")
+
+
+def fmt_status(group: Group) -> str:
+    interrupted = group.count(Status.INTERRUPTED)
+    return "/".join(str(group.count(s)) for s in COUNTED) + (f" +{interrupted} int." if interrupted else "")
+
+
+def finals(groups: list[Group]) -> list[str]:
+    """The final metrics shown: test accuracy (where no run has one, a regression's: test loss), and those that
+    some run recorded beside it (train mode, precise BN)."""
+    regression = any(g.final("test_loss") for g in groups) and not any(g.final("test_acc") for g in groups)
+    return ["test_loss" if regression else "test_acc", *(m for m in FINALS if any(g.final(m) for g in groups))]
+
+
+def cells(group: Group, thresholds: list[float], metrics: list[str], sep: str) -> list[str]:
+    """A group's table cells after its label: runs, statuses, per threshold iterations and speed-up (joined
+    by `sep`), each final metric (mean±std), steps/s."""
+    iters = [sep.join(filter(None, (fmt_iters(group.thresholds[t]), fmt_speedup(group, t)))) for t in thresholds]
+    accs = [fmt_mean_std(*group.mean_std(m)) for m in metrics]
+    return [str(len(group.runs)), fmt_status(group), *iters, *accs, fmt_speed(group.steps_per_s)]
+
+
+def _thresholds(groups: list[Group]) -> list[float]:
+    return sorted({t for g in groups for t in g.thresholds})
+
+
+def rich_table(title: str, groups: list[Group], metric: str, sweeps: list[str] | None = None) -> Table:
+    """The console table; with `sweeps`, a first column names each group's sweep."""
+    table = Table(
+        title=f"{title}\niterations to each {metric} threshold, median (min-max) over seeds;\n"
+        "below: speed-up over the norm=none twin"
+    )
+    if sweeps:
+        table.add_column("sweep", overflow="fold")
+    longest = max((len(line) for g in groups for line in g.label.split(", ")), default=5)
+    table.add_column("group", overflow="fold", min_width=min(longest, 32))
+    table.add_column("runs", justify="right")
+    table.add_column("ok/div/fail", justify="right", no_wrap=True)
+    thresholds = _thresholds(groups)
+    for t in thresholds:
+        table.add_column(fmt_threshold(t), justify="right")
+    metrics = finals(groups)
+    for m in metrics:
+        table.add_column(FINAL_NAMES[m], justify="right")
+    table.add_column("steps/s", justify="right")
+    for i, g in enumerate(groups):
+        label = g.label.replace(", ", "\n")
+        table.add_row(*([sweeps[i]] if sweeps else []), label, *cells(g, thresholds, metrics, "\n"))
+    return table
+
+
+def markdown(groups: list[Group], metric: str) -> str:
+    thresholds, metrics = _thresholds(groups), finals(groups)
+    head = ["group", "runs", "ok/div/fail", *(f"iters to {metric} {t:g}" for t in thresholds)]
+    head += [*(FINAL_NAMES[m] for m in metrics), "steps/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        lines.append("| " + " | ".join([g.label, *cells(g, thresholds, metrics, "; ")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def record(group: Group) -> dict[str, Any]:
+    """A group as one JSON record (the sweep's summary.json), thresholds as numbers."""
+    return {
+        "group": group.label,
+        "keys": group.keys,
+        "runs": len(group.runs),
+        "statuses": {s.value: group.count(s) for s in Status if s != Status.RUNNING},
+        "thresholds": [
+            {
+                "threshold": t,
+                "iterations": stats.iterations and dict(zip(("median", "min", "max"), stats.iterations)),
+                "never": stats.never,
+                "speedup": stats.speedup and dict(zip(("median", "min", "max"), stats.speedup)),
+                "speedup_lower_bound": stats.speedup_lower_bound,
+            }
+            for t, stats in group.thresholds.items()
+        ],
+        "final": {
+            m: {**dict(zip(("mean", "std"), group.mean_std(m))), "min": min(v), "max": max(v)}
+            for m in FINAL_NAMES
+            if (v := group.final(m))
+        },
+        "max_steps": group.budget,
+        "eval_every": group.runs[0].summary.config.get("trainer", {}).get("eval_every"),
+        "steps_per_s": group.steps_per_s and dict(zip(("median", "min", "max"), group.steps_per_s)),
+    }
+
+
+def to_csv(groups: list[Group]) -> str:
+    """One row per group, every figure in its own column (`iters_to_0.9_median`, `speedup_0.9_min`, ...)."""
+    rows = []
+    for g in groups:
+        row: dict[str, Any] = {"group": g.label, **g.keys, "runs": len(g.runs)}
+        row.update({s.value: g.count(s) for s in Status if s != Status.RUNNING})
+        for t, stats in g.thresholds.items():
+            for name, spread in (("iters_to", stats.iterations), ("speedup", stats.speedup)):
+                row.update(zip((f"{name}_{t:g}_{s}" for s in ("median", "min", "max")), spread or (None,) * 3))
+            row[f"iters_to_{t:g}_never"] = stats.never
+            row[f"speedup_{t:g}_lower_bound"] = stats.speedup_lower_bound
+        for m in finals(groups):
+            row[f"final_{m}_mean"], row[f"final_{m}_std"] = g.mean_std(m)
+        row.update(zip((f"steps_per_s_{s}" for s in ("median", "min", "max")), g.steps_per_s or (None,) * 3))
+        rows.append(row)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def summarize(root: Path, console: Console, include_failed: bool = False) -> Sweep | None:
+    """Print the table of the runs below `root` and write summary.csv, summary.md and summary.json there;
+    None if there are no runs to show."""
+    sweep = load_sweep(root, include_failed=include_failed)
+    if not sweep.runs:
+        console.print(f"no runs to show below {root}" + (f"; {sweep.left_out_note}" if sweep.left_out else ""))
+        return None if not sweep.left_out else sweep
+    metric = sweep.metric
+    console.print(rich_table(str(root), sweep.groups, metric))
+    if sweep.left_out:
+        console.print(sweep.left_out_note)
+    write_text(root / "summary.csv", to_csv(sweep.groups))
+    intro = f"# {root}\n\nIterations to reach each {metric} threshold.\n\n"
+    write_text(root / "summary.md", intro + markdown(sweep.groups, metric))
+    groups = [record(g) for g in sweep.groups]
+    write_json(
+        root / "summary.json", {"threshold_metric": metric, "groups": groups, "failed_left_out": len(sweep.left_out)}
+    )
+    return sweep
+
+
+def compare(roots: list[Path], console: Console, include_failed: bool = False) -> list[tuple[str, Group]]:
+    """Several sweeps side by side: the same groups (named by the keys that vary over all of them) next to each
+    other; failed runs only with `include_failed`."""
+    runs = {root: load_sweep(root, include_failed=include_failed).runs for root in roots}
+    keys = varying_keys(r.flat_config for rs in runs.values() for r in rs)
+    rows = [(str(root), g) for root, rs in runs.items() for g in group_runs(rs, keys)]
+    rows.sort(key=lambda row: [(type(v).__name__, v) for v in row[1].keys.values()])
+    metric = next((r.summary.threshold_metric for rs in runs.values() for r in rs), "test_acc")
+    title = " vs ".join(map(str, roots))
+    console.print(rich_table(title, [g for _, g in rows], metric, sweeps=[s for s, _ in rows]))
+    return rows
+
+
+def run_table(name: str, summary: Summary) -> Table:
+    """The short table printed at the end of a run."""
+    table = Table(title=f"{name}: {summary.status.value} after {summary.steps} steps ({summary.steps_per_s} steps/s)")
+    table.add_column(f"{summary.threshold_metric} threshold")
+    table.add_column("iterations to reach it", justify="right")
+    for t, v in summary.iterations_to_threshold.items():
+        table.add_row(fmt_threshold(t), "never" if v is None else str(v))
+    for k, v in summary.final.items():
+        table.add_row(f"final {k}", "-" if v is None else f"{v:.4f}")
+    return table

@@ -1,0 +1,42 @@
+"""How many CPU threads a run trains with (trainer.threads=auto): the cores this process may use, shared
+among the runs that train at once, and one thread for models too small to gain from more.
+
+On a machine where anything else runs, torch's intra-op threads that wait for a busy core make a small
+model's steps many times slower, and on a quiet machine one thread is faster for it too.
+scripts/bench_threads.py measures where a second thread starts to pay off; docs/performance.md has the
+numbers behind MIN_FLOPS_PER_THREAD.
+No torch here: the launcher decides how many runs train at once before anything imports it.
+"""
+
+from __future__ import annotations
+
+import os
+
+# FLOPs of one training step (forward and backward, bnlab.run.engine.step_flops) that each thread must have before
+# the next one is used. scripts/bench_threads.py on a 2-core Xeon (2026-12-05): a second thread slows the MNIST
+# MLP (0.02 GFLOP a step) to 0.55x on a quiet machine; from about 0.5 GFLOP it gains 1.2-1.7x there, but beside
+# one busy process it costs 7-50 % up to 30 GFLOP. At 2 GFLOP a thread, the steps that get two (4 GFLOP and up)
+# gain 1.5-1.7x quiet and lose at most 19 % beside busy work; every preset's model stays at one.
+MIN_FLOPS_PER_THREAD = 2e9
+CORES_ENV = "BNLAB_CORES"  # set by bnlab's launcher for each worker process: the cores that worker may use
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or a scheduler's limit), or fewer
+    when bnlab's launcher gave this worker a share of them (BNLAB_CORES)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = os.environ.get(CORES_ENV, "")
+    return max(1, min(cores, int(share))) if share.isdigit() else cores
+
+
+def cores_per_job(parallel: int | None) -> int:
+    """Each job's share of the usable cores when `parallel` jobs run at once (-1: one job per core)."""
+    cores = usable_cores()
+    jobs = cores if parallel is not None and parallel < 0 else parallel or 1
+    return max(1, cores // jobs)
+
+
+def auto_threads(flops_per_step: float, cores: int) -> int:
+    """trainer.threads=auto: a thread per MIN_FLOPS_PER_THREAD of the step's work, at least 1 and at most
+    `cores` (all of them where the work is unknown: inf)."""
+    return int(max(1, min(cores, flops_per_step // MIN_FLOPS_PER_THREAD)))
