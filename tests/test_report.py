@@ -164,7 +164,7 @@ def basic(tmp_path_factory) -> Path:
     for norm in ("none", "batch"):
         for seed in range(3):
             fake_run(root, norm, seed, train_every=5)
-    summarize(root, Console(file=io.StringIO()))  # the sweep's summary.json at the top is not a run
+    summarize(root, Console(file=io.StringIO()))  # the sweep's own table files at the top
     (root / "ics.png").write_bytes(b"stale")  # left by an earlier report of other runs
     return root
 

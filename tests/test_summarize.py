@@ -144,11 +144,13 @@ def test_summarize_writes_csv_md_and_json_with_one_row_per_group(tmp_path):
     assert row + "none: never in 3000 (90.0 %) |" in md  # what is known, where the twin never got there
     csv_bn = next(r for r in rows if r["group"] == "norm=batch, optim.lr=0.01")
     assert float(csv_bn["speedup_0.95_min"]) == pytest.approx(3000 / 1100, abs=0.01)  # the bound stays in the CSV
-    assert len(json.loads((tmp_path / "summary.json").read_text())["groups"]) == 4
-    assert len(load_runs(tmp_path)) == 8  # the sweep's own summary.json is not a run
+    assert len(json.loads((tmp_path / "sweep.json").read_text())["groups"]) == 4
+    assert len(load_runs(tmp_path)) == 8
+    (tmp_path / "summary.json").write_text((tmp_path / "sweep.json").read_text())  # where bnlab 0.1 wrote it
+    assert len(load_runs(tmp_path)) == 8  # a sweep's table is not a run
     sweep = summarize(tmp_path, make_console())  # by default the failed run is left out, and counted
     assert len(sweep.groups) == 3 and sweep.failed == 1 and len(sweep.left_out) == 1
-    assert json.loads((tmp_path / "summary.json").read_text())["failed_left_out"] == 1
+    assert json.loads((tmp_path / "sweep.json").read_text())["failed_left_out"] == 1
 
 
 def test_two_sweeps_side_by_side(tmp_path, capsys):

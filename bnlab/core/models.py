@@ -20,9 +20,10 @@ from torch import Tensor, nn
 from bnlab.core.baselines import Scalar, gamma, standardize_weights
 from bnlab.core.norms import create_norm
 from bnlab.core.targets import locate
+from bnlab.schema.config import NO_NORM
 
 if TYPE_CHECKING:
-    from bnlab.schema.config import TrainConfig
+    from bnlab.schema.config import ModelConfig, NormConfig, TrainConfig
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -69,20 +70,20 @@ class Unit(nn.Module):
         return x if self.norm_before_act else self.norm(x)
 
 
-def use_bias(cfg: TrainConfig, norm_follows: bool) -> bool:
+def use_bias(model: ModelConfig, norm: NormConfig, norm_follows: bool) -> bool:
     """model.bias=auto drops the bias of a layer whose output goes straight into a norm (beta absorbs it)."""
-    choice = cfg.model.bias.lower()
+    choice = model.bias.lower()
     if choice == "auto":
-        return not (norm_follows and cfg.norm.name != "none")
+        return not (norm_follows and norm.name != NO_NORM)
     return choice == "true"
 
 
-def unit(make_layer: Callable[[bool], nn.Module], channels: int, cfg: TrainConfig) -> Unit:
+def unit(make_layer: Callable[[bool], nn.Module], channels: int, model: ModelConfig, norm: NormConfig) -> Unit:
     """A Unit whose layer is `make_layer(bias)` with `channels` outputs."""
-    before = cfg.norm.placement == "before_act"
-    layer = make_layer(use_bias(cfg, norm_follows=before))
-    fixup = cfg.model.residual_init == "fixup"
-    return Unit(layer, create_norm(channels, cfg.norm), ACTIVATIONS[cfg.model.activation](), before, fixup)
+    before = norm.placement == "before_act"
+    layer = make_layer(use_bias(model, norm, norm_follows=before))
+    fixup = model.residual_init == "fixup"
+    return Unit(layer, create_norm(channels, norm), ACTIVATIONS[model.activation](), before, fixup)
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1) -> Callable[[bool], nn.Conv2d]:
@@ -94,9 +95,10 @@ class MLP(nn.Sequential):
 
     With model.activation=identity it is a deep linear network: len(widths) + 1 linear layers."""
 
-    def __init__(self, in_shape: tuple[int, ...], num_classes: int, cfg: TrainConfig) -> None:
-        widths = [prod(in_shape), *cfg.model.widths]
-        hidden = [unit(lambda b, i=i, o=o: nn.Linear(i, o, bias=b), o, cfg) for i, o in zip(widths, widths[1:])]
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, model: ModelConfig, norm: NormConfig) -> None:
+        widths = [prod(in_shape), *model.widths]
+        linear = [lambda b, i=i, o=o: nn.Linear(i, o, bias=b) for i, o in zip(widths, widths[1:])]
+        hidden = [unit(make, o, model, norm) for make, o in zip(linear, widths[1:])]
         super().__init__(nn.Flatten(), *hidden, nn.Linear(widths[-1], num_classes))
 
 
@@ -106,9 +108,11 @@ class CNN(nn.Sequential):
     Works on any input size of at least 2**len(widths) pixels (28x28 MNIST, 32x32 CIFAR-10).
     """
 
-    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, cfg: TrainConfig) -> None:
-        channels = [in_shape[0], *cfg.model.widths]
-        stages = [nn.Sequential(unit(conv3x3(i, o), o, cfg), nn.MaxPool2d(2)) for i, o in zip(channels, channels[1:])]
+    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, model: ModelConfig, norm: NormConfig) -> None:
+        channels = [in_shape[0], *model.widths]
+        stages = [
+            nn.Sequential(unit(conv3x3(i, o), o, model, norm), nn.MaxPool2d(2)) for i, o in zip(channels, channels[1:])
+        ]
         super().__init__(*stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels[-1], num_classes))
 
 
@@ -125,16 +129,16 @@ class BasicBlock(nn.Module):
       Fixup is the units' scalar biases, one before the shortcut conv and `fixup_init`.
     """
 
-    def __init__(self, c_in: int, c_out: int, stride: int, cfg: TrainConfig) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int, model: ModelConfig, norm: NormConfig) -> None:
         super().__init__()
-        residual_init = cfg.model.residual_init
-        self.first = unit(conv3x3(c_in, c_out, stride), c_out, cfg)
-        self.second = unit(conv3x3(c_out, c_out), c_out, cfg)
+        residual_init = model.residual_init
+        self.first = unit(conv3x3(c_in, c_out, stride), c_out, model, norm)
+        self.second = unit(conv3x3(c_out, c_out), c_out, model, norm)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
-            conv = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=use_bias(cfg, norm_follows=True))
+            conv = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=use_bias(model, norm, norm_follows=True))
             bias = [Scalar(0.0, multiply=False)] if residual_init == "fixup" else []
-            self.shortcut = nn.Sequential(*bias, conv, create_norm(c_out, cfg.norm))
+            self.shortcut = nn.Sequential(*bias, conv, create_norm(c_out, norm))
         start = {"skipinit": 0.0, "fixup": 1.0}.get(residual_init)  # SkipInit's alpha, Fixup's multiplier
         self.branch = None if start is None else Scalar(start, multiply=True)
 
@@ -146,30 +150,31 @@ class ResNet(nn.Sequential):
     """CIFAR-style ResNet: a 3x3 conv stem, `blocks` BasicBlocks per width (stride 2 from the second
     stage on), global average pooling and a Linear head."""
 
-    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, cfg: TrainConfig) -> None:
-        widths = cfg.model.widths
-        layers: list[nn.Module] = [unit(conv3x3(in_shape[0], widths[0]), widths[0], cfg)]
+    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, model: ModelConfig, norm: NormConfig) -> None:
+        widths = model.widths
+        layers: list[nn.Module] = [unit(conv3x3(in_shape[0], widths[0]), widths[0], model, norm)]
         c_in = widths[0]
         for stage, c_out in enumerate(widths):
-            for b in range(cfg.model.blocks):
-                layers.append(BasicBlock(c_in, c_out, 2 if stage > 0 and b == 0 else 1, cfg))
+            for b in range(model.blocks):
+                layers.append(BasicBlock(c_in, c_out, 2 if stage > 0 and b == 0 else 1, model, norm))
                 c_in = c_out
         head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]
-        if cfg.model.residual_init == "fixup":
+        if model.residual_init == "fixup":
             head.insert(2, Scalar(0.0, multiply=False))  # Fixup's scalar bias before the classifier
         super().__init__(*layers, *head)
 
 
-def custom_model(in_shape: tuple[int, int, int], num_classes: int, cfg: TrainConfig) -> nn.Module:
+def custom_model(in_shape: tuple[int, int, int], num_classes: int, model: ModelConfig, norm: NormConfig) -> nn.Module:
     """model=custom: the user's model `target(in_shape, num_classes, **kwargs)` (model.target, model.kwargs),
     in_shape (channels, height, width); it maps examples (B, *in_shape) to logits (B, num_classes)."""
-    model = locate(cfg.model.target)(in_shape, num_classes, **(cfg.model.kwargs or {}))
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"it returned a {type(model).__name__}, not an nn.Module")
-    return model
+    net = locate(model.target)(in_shape, num_classes, **(model.kwargs or {}))
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"it returned a {type(net).__name__}, not an nn.Module")
+    return net
 
 
-MODELS: dict[str, Callable[[tuple[int, ...], int, TrainConfig], nn.Module]] = {
+# name -> the model from (input shape, classes, its model.* section, its norm.* section)
+MODELS: dict[str, Callable[[tuple[int, ...], int, ModelConfig, NormConfig], nn.Module]] = {
     "mlp": MLP,
     "cnn": CNN,
     "resnet": ResNet,
@@ -177,32 +182,32 @@ MODELS: dict[str, Callable[[tuple[int, ...], int, TrainConfig], nn.Module]] = {
 }
 
 
-def init_weights(model: nn.Module, cfg: TrainConfig) -> None:
+def init_weights(net: nn.Module, cfg: ModelConfig) -> None:
     """model.init=normal: every Linear and Conv weight ~ N(0, init_std); glorot: ~ U(-a, a) with
     a = sqrt(6 / (fan_in + fan_out)) (Glorot & Bengio 2010); biases 0 either way; norms untouched."""
-    if cfg.model.init == "default":
+    if cfg.init == "default":
         return
-    for m in model.modules():
+    for m in net.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            if cfg.model.init == "glorot":
+            if cfg.init == "glorot":
                 nn.init.xavier_uniform_(m.weight)
             else:
-                nn.init.normal_(m.weight, 0.0, cfg.model.init_std)
+                nn.init.normal_(m.weight, 0.0, cfg.init_std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
 
-def _standard_init(weight: Tensor, cfg: TrainConfig) -> None:
+def _standard_init(weight: Tensor, cfg: ModelConfig) -> None:
     """Fixup's "standard" init of a conv kernel: N(0, init_std) with model.init=normal, else He et al.'s
     N(0, 2 / fan_out) as the Fixup code has it."""
-    if cfg.model.init == "normal":
-        nn.init.normal_(weight, 0.0, cfg.model.init_std)
+    if cfg.init == "normal":
+        nn.init.normal_(weight, 0.0, cfg.init_std)
     else:
         nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
 
 
 @torch.no_grad()
-def fixup_init(model: ResNet, cfg: TrainConfig) -> None:
+def fixup_init(model: ResNet, cfg: ModelConfig) -> None:
     """Fixup (Zhang, Dauphin & Ma 2019, arXiv 1901.09321, Sec. 3): for L residual branches of m weight
     layers each (here m = 2, L = the number of BasicBlocks), initialise the classifier and the last layer of
     every branch to 0 (weights and biases), the other layers in the branches by a standard init
@@ -222,10 +227,11 @@ def fixup_init(model: ResNet, cfg: TrainConfig) -> None:
 
 
 def build_model(cfg: TrainConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    model = MODELS[cfg.model.name](in_shape, num_classes, cfg)
-    init_weights(model, cfg)
+    """The run's model from its model.* and norm.* sections, initialised (the caller seeds torch first)."""
+    model = MODELS[cfg.model.name](in_shape, num_classes, cfg.model, cfg.norm)
+    init_weights(model, cfg.model)
     if cfg.model.residual_init == "fixup":
-        fixup_init(model, cfg)
+        fixup_init(model, cfg.model)
     if cfg.model.weight_standardization:
         standardize_weights(model, gamma(ACTIVATIONS[cfg.model.activation]()))
     return model

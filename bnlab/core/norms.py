@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnlab.core.targets import locate
+from bnlab.schema.config import NO_NORM
 
 if TYPE_CHECKING:
     from bnlab.schema.config import NormConfig
@@ -396,7 +397,7 @@ _BN = ("eps", "momentum", "affine")
 _GROUPS = ("num_groups", "num_channels")
 _RENORM = (*_BN, "r_max", "d_max", "renorm_warmup", "r_max_steps", "d_max_steps")
 NORMS: dict[str, Norm] = {
-    "none": Norm(nn.Identity, fuse=()),
+    NO_NORM: Norm(nn.Identity, fuse=()),
     "batch": Norm(BatchNorm, _BN, batch_stats=True, running_stats=True, fuse=("num_features",)),
     "layer": Norm(LayerNorm, ("eps", "affine"), fuse=_GROUPS),
     "group": Norm(GroupNorm, ("groups", "eps", "affine"), fuse=_GROUPS),

@@ -29,7 +29,7 @@ from bnlab.schema.config import (
     check_choice,
     fuse_mode,
 )
-from bnlab.schema.metrics import THRESHOLD_METRICS, higher_is_better
+from bnlab.schema.metrics import THRESHOLD_METRICS, higher_is_better, measured
 
 
 def _require(ok: bool, key: str, value, accepted: str) -> None:
@@ -125,7 +125,7 @@ def validate(cfg: TrainConfig) -> None:
     steps_ok = len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1]
     _require(steps_ok, "diag.landscape_steps", lo_hi, "[low, high] with 0 < low <= high (multiples of the lr)")
     _require(cfg.diag.landscape_points >= 2, "diag.landscape_points", cfg.diag.landscape_points, "an integer >= 2")
-    metrics = [k for k in THRESHOLD_METRICS if classes or not k.endswith("_acc")]
+    metrics = measured(THRESHOLD_METRICS, accuracy=classes)
     check_choice("threshold.metric", cfg.threshold.metric, metrics, f"values with data={d.name}")
     if higher_is_better(cfg.threshold.metric):
         bad = [v for v in cfg.threshold.values if not 0 <= v <= 1]

@@ -15,7 +15,6 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-
 from bnlab.record.files import read_json, write_json
 
 FILE = "provenance.json"

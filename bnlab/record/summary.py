@@ -19,6 +19,7 @@ from bnlab.record.files import write_json
 
 SCHEMA_VERSION = 2  # 1: no schema_version, iterations_to_threshold as {"0.9": 300}, NaN where a value was not finite
 FILE = "summary.json"  # in every run folder
+SWEEP_FILE = "sweep.json"  # at a sweep's root: its table (bnlab.results.summarize), not a run's summary
 
 
 class Status(str, Enum):
@@ -117,5 +118,5 @@ def _number(v: Any) -> float | None:
 
 
 def is_run_summary(d: Any) -> bool:
-    """Whether a parsed summary.json is a run's (a sweep's table, also summary.json, is not)."""
+    """Whether a parsed summary.json is a run's (a sweep summarized by an earlier bnlab kept its table there too)."""
     return isinstance(d, dict) and "status" in d and "config" in d

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from bnlab.record.summary import FILE, Status, Summary, is_run_summary
-from bnlab.schema.config import BOOKKEEPING_KEYS, flatten
+from bnlab.schema import tags
+from bnlab.schema.config import BOOKKEEPING_KEYS, NO_NORM, flatten
 from bnlab.schema.metrics import higher_is_better, reaches
 
 Curve = tuple[np.ndarray, np.ndarray]  # (steps, values), sorted by step
@@ -251,7 +252,7 @@ def _twin(group: Group, groups: list[Group], by_norm: set[str]) -> Group | None:
     want = {k: v for k, v in group.keys.items() if k not in by_norm}
     for other in groups:
         same = all(other.keys[k] == v for k, v in want.items())
-        if other is not group and other.norm == "none" and same:
+        if other is not group and other.norm == NO_NORM and same:
             return other
     return None
 
@@ -488,7 +489,7 @@ def speedup_at_best(best: AtBestLr, everyone: list[AtBestLr], t: float) -> float
     def setting(b: AtBestLr) -> dict[str, Any]:
         return {k: v for k, v in b.groups[0].keys.items() if k not in by_norm and k != "optim.lr"}
 
-    twin = next((b for b in everyone if b.norm == "none" and setting(b) == setting(best)), None)
+    twin = next((b for b in everyone if b.norm == NO_NORM and setting(b) == setting(best)), None)
     ours = best.by_iters.get(t)
     if twin is None or twin is best or ours is None:
         return None
@@ -528,7 +529,7 @@ class BaselineSpeedup:
 
 def first_reaching(run: RunResult, target: float) -> int | None:
     """The first evaluated step at which the run's test accuracy reached `target` (None: never)."""
-    curve = run.curve("test/acc")
+    curve = run.curve(tags.TEST_ACC)
     if curve is None:
         return None
     hits = curve[0][curve[1] >= target]
@@ -536,7 +537,7 @@ def first_reaching(run: RunResult, target: float) -> int | None:
 
 
 def _peak(run: RunResult) -> float | None:
-    curve = run.curve("test/acc")
+    curve = run.curve(tags.TEST_ACC)
     return float(np.nanmax(curve[1])) if curve is not None and len(curve[1]) else None
 
 
@@ -559,11 +560,11 @@ def baseline_speedup(sweep: Sweep, multiples: tuple[float, ...] = IOFFE_MULTIPLE
     """The comparison for a sweep over the lr with norm=none and some other norm whose grid holds the
     baseline's best lr (by final test accuracy) times 5 or 30; None otherwise, or without test/acc curves."""
     best = best_lrs(sweep)
-    baseline = next((b for b in best if b.norm == "none"), None)
+    baseline = next((b for b in best if b.norm == NO_NORM), None)
     if baseline is None:
         return None
     lr = baseline.by_acc.lr
-    others = [b for b in best if b.norm != "none"]
+    others = [b for b in best if b.norm != NO_NORM]
 
     def at(b: AtBestLr, m: float) -> Group | None:
         return next((g for g in b.groups if math.isclose(g.lr, m * lr, rel_tol=1e-6)), None)
@@ -576,4 +577,4 @@ def baseline_speedup(sweep: Sweep, multiples: tuple[float, ...] = IOFFE_MULTIPLE
     target = min(peaks)
     base = {r.summary.seed: first_reaching(r, target) for r in baseline.by_acc.results}
     rows = [_row(b.norm, m, m * lr, at(b, m), target, base) for b in others for m in multiples]
-    return BaselineSpeedup(target, _row("none", 1, lr, baseline.by_acc, target, base), rows)
+    return BaselineSpeedup(target, _row(NO_NORM, 1, lr, baseline.by_acc, target, base), rows)

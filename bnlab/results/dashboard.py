@@ -24,15 +24,16 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from bnlab.record.hparams import STATUS, columns, experiment, metric_names, value_at
 from bnlab.results.analysis import Group, Sweep, band, load_sweep
+from bnlab.schema import tags
 from bnlab.schema.config import run_name
 
 SUFFIX = ".bnlab_dashboard"  # the root's own event files, rewritten each time
 COMPARE = "compare"  # the groups' median runs
 CURVES = {
-    "test/acc": "test accuracy",
-    "test/loss": "test loss",
-    "train/acc": "train accuracy",
-    "train/loss": "train loss",
+    tags.TEST_ACC: "test accuracy",
+    tags.TEST_LOSS: "test loss",
+    tags.TRAIN_ACC: "train accuracy",
+    tags.TRAIN_LOSS: "train loss",
 }
 COMPARED = {"norm.name": "norm", "optim.lr": "lr"}  # a key that varies -> charts that compare its values
 

@@ -9,7 +9,6 @@ entry names one group. Medians over seeds, with min-max bands or error bars.
 
 from __future__ import annotations
 
-import re
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +43,8 @@ from bnlab.results.analysis import (
     speedup_at_best,
     training_edges,
 )
+from bnlab.schema import tags
+from bnlab.schema.config import LANDSCAPE_STEPS, NO_NORM
 from bnlab.schema.metrics import METRICS, higher_is_better
 
 DPI = 120
@@ -53,16 +54,14 @@ NONE_COLOUR = "0.25"  # norm=none, the baseline
 DASHES = ["-", "--", ":", "-."]  # per learning rate, ascending
 HATCHES = ["", "//", "..", "xx", "\\\\"]  # per learning rate, on bars
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]  # per value of what else varies
-ACT_TAG = re.compile(r"^act/(-?\d+)/unit0/p(15|50|85)$")
-ICS_TAG = re.compile(r"^ics/layer(\d+)/l2$")
 MAX_ICS_LAYERS = 4  # layers shown in the ICS figure, spread evenly from the second to the last
 LANDSCAPE_BANDS = (  # (title, y label, tag of the smallest value over the step sizes, tag of the largest)
-    ("loss landscape", "$L(\\theta - \\eta g)$", "landscape/loss_min", "landscape/loss_max"),
+    ("loss landscape", "$L(\\theta - \\eta g)$", tags.landscape("loss_min"), tags.landscape("loss_max")),
     (
         "gradient predictiveness",
         "$\\|\\nabla L(\\theta - \\eta g) - g\\|_2$",
-        "landscape/grad_change_min",
-        "landscape/grad_change_max",
+        tags.landscape("grad_change_min"),
+        tags.landscape("grad_change_max"),
     ),
 )
 BETA = ("effective $\\beta$-smoothness", "max $\\|\\nabla L(\\theta - \\eta g) - g\\|_2 \\,/\\, \\|\\eta g\\|_2$")
@@ -104,9 +103,9 @@ class Looks:
     colour, lighter for each further value) by the other keys, so that bars too tell those apart."""
 
     def __init__(self, sweep: Sweep) -> None:
-        norms = sorted({g.norm for g in sweep.groups} - {"none"})
+        norms = sorted({g.norm for g in sweep.groups} - {NO_NORM})
         tab = colormaps["tab10"].colors
-        self.colours = {"none": NONE_COLOUR, **{n: tab[i % len(tab)] for i, n in enumerate(norms)}}
+        self.colours = {NO_NORM: NONE_COLOUR, **{n: tab[i % len(tab)] for i, n in enumerate(norms)}}
         self.lrs = sorted({g.lr for g in sweep.groups})
         self.rest_keys = [k for k in sweep.varying if k not in ("norm.name", "optim.lr")]
         self.rests = sorted({self.rest(g) for g in sweep.groups}, key=str)
@@ -339,7 +338,7 @@ def metric_curves(sweep: Sweep) -> Section | None:
 
     def window(run: RunResult) -> int:
         """Training curves are averaged over each evaluation interval (so they read like the test curves)."""
-        return run.summary.config.get("trainer", {}).get("eval_every", 1) if tag.startswith("train/") else 0
+        return run.summary.config.get("trainer", {}).get("eval_every", 1) if tag.startswith(tags.TRAINING) else 0
 
     looks = Looks(sweep)
     curves = [c for g in sweep.groups for r in g.results if (c := r.curve(tag, window(r))) is not None]
@@ -378,7 +377,9 @@ def metric_curves(sweep: Sweep) -> Section | None:
         f"{sweep.metric} vs iterations per group: median over seeds, shaded min-max (at the steps at least half "
         "the seeds reached); dotted: the thresholds; x: where a run diverged"
         + ("; right: zoomed on the thresholds" if zoom else "")
-        + ("; training figures are means over the steps between evaluations." if tag.startswith("train/") else "."),
+        + (
+            "; training figures are means over the steps between evaluations." if tag.startswith(tags.TRAINING) else "."
+        ),
         fig,
     )
 
@@ -608,8 +609,8 @@ def activation_percentiles(sweep: Sweep) -> Section | None:
     """5. The 15/50/85th percentiles of one tracked unit's nonlinearity input over training (Ioffe & Szegedy
     Fig. 1b,c)."""
     groups = [g for g in sweep.groups if g.results]
-    tags = {tag for g in groups for r in g.results for tag in r.scalars}
-    layers = sorted({int(m.group(1)) for tag in tags if (m := ACT_TAG.match(tag))}, key=lambda i: (i < 0, i))
+    logged = {tag for g in groups for r in g.results for tag in r.scalars}
+    layers = sorted({int(m.group(1)) for tag in logged if (m := tags.UNIT0.match(tag))}, key=lambda i: (i < 0, i))
     if not layers:
         return None
     looks = Looks(sweep)
@@ -624,14 +625,14 @@ def activation_percentiles(sweep: Sweep) -> Section | None:
     for row, layer in enumerate(layers):
         for col, group in enumerate(groups):
             ax, colour = axes[row, col], looks.of(group).colour
-            name = f"act/{layer}/unit0/p"
+            name = tags.activation(layer, unit0=True) + "/p"
             runs = sorted(
-                (r for r in group.results if all(f"{name}{q}" in r.scalars for q in (15, 50, 85))),
+                (r for r in group.results if all(f"{name}{q}" in r.scalars for q in tags.PERCENTILES)),
                 key=lambda r: str(r.summary.seed),
             )
             if runs:
                 run = runs[0]
-                (steps, p15), (_, p50), (_, p85) = (run.curve(f"{name}{q}") for q in (15, 50, 85))
+                (steps, p15), (_, p50), (_, p85) = (run.curve(f"{name}{q}") for q in tags.PERCENTILES)
                 ax.fill_between(steps, p15, p85, color=colour, alpha=BAND_ALPHA, lw=0)
                 ax.plot(steps, p50, color=colour, lw=1.8)
                 ax.plot(steps, p15, color=colour, lw=0.9, ls="--")
@@ -700,26 +701,24 @@ def _curves_grid(sweep: Sweep, panels: list[list[tuple[str, str, str]]], title: 
 def internal_covariate_shift(sweep: Sweep) -> Section | None:
     """6a. ICS per layer, ||G - G'||_2 and cos(G, G') over training (Santurkar et al. 2018)."""
     runs = [r for g in sweep.groups for r in g.results]
-    tags = {tag for r in runs for tag in r.scalars}
-    layers = sorted({int(m.group(1)) for tag in tags if (m := ICS_TAG.match(tag))})
+    logged = {tag for r in runs for tag in r.scalars}
+    layers = sorted({int(m.group(1)) for tag in logged if (m := tags.ICS_L2.match(tag))})
     # layer 0 has no layer before it, so its G' = G: (0, 1) always; a layer that shows nothing is left out
     layers = [
-        i for i in layers if any(np.any(r.scalars.get(f"ics/layer{i}/l2", (0, np.zeros(1)))[1] != 0) for r in runs)
+        i for i in layers if any(np.any(r.scalars.get(tags.ics(i, "l2"), (0, np.zeros(1)))[1] != 0) for r in runs)
     ]
     if not layers:
         return None
     shown = sorted({layers[round(i)] for i in np.linspace(0, len(layers) - 1, min(len(layers), MAX_ICS_LAYERS))})
     panels = [
-        [(f"ics/layer{i}/l2", f"layer {i}", "ICS $\\|G - G'\\|_2$") for i in shown],
-        [(f"ics/layer{i}/cos", f"layer {i}", "ICS $\\cos(G, G')$") for i in shown],
+        [(tags.ics(i, "l2"), f"layer {i}", "ICS $\\|G - G'\\|_2$") for i in shown],
+        [(tags.ics(i, "cos"), f"layer {i}", "ICS $\\cos(G, G')$") for i in shown],
     ]
     fig = _curves_grid(sweep, panels, "internal covariate shift per layer\n(median over seeds, band: min-max)")
     if fig is None:
         return None
     spread = "" if shown == layers else f" Of the {len(layers)} layers with a shift, {len(shown)} spread evenly."
-    columns = [
-        (f"ics/layer{i}/{m}", f"layer {i} {name}") for i in shown for m, name in (("l2", "‖G - G'‖"), ("cos", "cos"))
-    ]
+    columns = [(tags.ics(i, m), f"layer {i} {name}") for i in shown for m, name in (("l2", "‖G - G'‖"), ("cos", "cos"))]
     return Section(
         "Internal covariate shift",
         "Internal covariate shift per layer over training (Santurkar et al. 2018): top, ||G - G'||_2; bottom, "
@@ -734,7 +733,7 @@ def landscape(sweep: Sweep) -> Section | None:
     """6b. Loss-landscape smoothness along the gradient over training, in Santurkar et al.'s style (their
     Fig. 4): per lr, the loss and the gradient change over the step sizes tried as a band per norm, and the
     effective beta-smoothness."""
-    groups = [g for g in sweep.groups if g.results and any("landscape/loss_min" in r.scalars for r in g.results)]
+    groups = [g for g in sweep.groups if g.results and any(tags.landscape("loss_min") in r.scalars for r in g.results)]
     if not groups:
         return None
     looks = Looks(sweep)
@@ -749,7 +748,7 @@ def landscape(sweep: Sweep) -> Section | None:
                 axes[row, col].fill_between(steps, low, high, color=look.colour, alpha=0.35, lw=0)
                 for edge in (low, high):
                     axes[row, col].plot(steps, edge, color=look.colour, ls=look.dash, lw=0.8)
-            _plot_band(axes[row, 2], [c for r in g.results if (c := r.curve("landscape/beta_smoothness"))], look)
+            _plot_band(axes[row, 2], [c for r in g.results if (c := r.curve(tags.landscape("beta_smoothness")))], look)
         for col, (title, ylabel) in enumerate([(t, y) for t, y, _, _ in LANDSCAPE_BANDS] + [BETA]):
             ax = axes[row, col]
             _log_scale_if_wide(ax)
@@ -758,7 +757,7 @@ def landscape(sweep: Sweep) -> Section | None:
             ax.grid(alpha=0.3)
             if row == len(lrs) - 1:
                 ax.set_xlabel(STEPS)
-    low_x, high_x = groups[0].runs[0].summary.config.get("diag", {}).get("landscape_steps", [0.5, 4.0])
+    low_x, high_x = groups[0].runs[0].summary.config.get("diag", {}).get("landscape_steps", LANDSCAPE_STEPS)
     fig.suptitle(
         f"along the gradient g, step sizes eta = {low_x:g} to {high_x:g} x lr\n"
         "(bands: the range over the step sizes; right: median and min-max over seeds)"
@@ -776,9 +775,9 @@ def landscape(sweep: Sweep) -> Section | None:
         _over_training_table(
             sweep,
             [
-                ("landscape/loss_variation", "loss variation"),
-                ("landscape/grad_predictiveness", "gradient predictiveness"),
-                ("landscape/beta_smoothness", "effective β-smoothness"),
+                (tags.landscape("loss_variation"), "loss variation"),
+                (tags.landscape("grad_predictiveness"), "gradient predictiveness"),
+                (tags.landscape("beta_smoothness"), "effective β-smoothness"),
             ],
         ),
     )
@@ -816,7 +815,7 @@ def baseline_speedup(sweep: Sweep) -> Section | None:
     tops = []
     for row in rows:
         look = looks.of(row.group)
-        curves = [c for r in row.group.results if (c := r.curve("test/acc")) is not None and len(c[0])]
+        curves = [c for r in row.group.results if (c := r.curve(tags.TEST_ACC)) is not None and len(c[0])]
         _plot_band(ax, curves, look)
         tops += [float(np.nanmax(v)) for _, v in curves]
         if row.steps is not None:
@@ -842,7 +841,7 @@ def baseline_speedup(sweep: Sweep) -> Section | None:
 
 
 def _speedup_label(row: analysis.SpeedupRow) -> str:
-    if row.norm == "none":
+    if row.norm == NO_NORM:
         return f"none at its best lr, {row.lr:g} (the baseline)"
     return f"{row.norm}, lr {row.lr:g} ({row.multiple:g} x the baseline's)"
 
@@ -853,8 +852,8 @@ def speedup_table(result: analysis.BaselineSpeedup) -> str:
     head += "| best test acc | paper (millions of steps to 72.2 %) | paper speed-up |"
     lines = [head, "|---|---|---|---|---|---|---|"]
     for row in [result.baseline, *result.rows]:
-        name = "none (baseline)" if row.norm == "none" else f"{row.norm} x{row.multiple:g}"
-        paper, steps = ("Inception", INCEPTION_STEPS) if row.norm == "none" else PAPER_STEPS.get(row.multiple, ("", 0))
+        name = f"{NO_NORM} (baseline)" if row.norm == NO_NORM else f"{row.norm} x{row.multiple:g}"
+        paper, steps = ("Inception", INCEPTION_STEPS) if row.norm == NO_NORM else PAPER_STEPS.get(row.multiple, ("", 0))
         paper_cells = [f"{paper} {steps:g}", f"{INCEPTION_STEPS / steps:.1f}x"] if steps else ["", ""]
         if row.group is None:
             lines.append(f"| {name} | {row.lr:g} | not in the grid | | | {' | '.join(paper_cells)} |")
@@ -862,7 +861,7 @@ def speedup_table(result: analysis.BaselineSpeedup) -> str:
         reached = "never" if row.steps is None else _spread_text(row.steps)
         if row.never and row.steps is not None:
             reached += f", {row.never} never"
-        ratio = "1x" if row.norm == "none" else "-" if row.speedup is None else _spread_text(row.speedup, "x")
+        ratio = "1x" if row.norm == NO_NORM else "-" if row.speedup is None else _spread_text(row.speedup, "x")
         mean, std = row.peak
         best = "-" if mean is None else f"{mean:.4f}" + ("" if std is None else f"±{std:.4f}")
         lines.append(f"| {name} | {row.lr:g} | {reached} | {ratio} | {best} | {' | '.join(paper_cells)} |")

@@ -1,5 +1,5 @@
 """Sweep tables: the groups of bnlab.results.analysis as a rich table on the console, summary.md, summary.csv
-and the sweep's summary.json; printed at the end of every `bnlab train -m` sweep and by `bnlab
+and the sweep's sweep.json; printed at the end of every `bnlab train -m` sweep and by `bnlab
 summarize`. Also the short table at the end of a single run."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bnlab.record.files import write_json, write_text
-from bnlab.record.summary import Status, Summary
+from bnlab.record.summary import SWEEP_FILE, Status, Summary
 from bnlab.results.analysis import Group, Sweep, ThresholdStats, group_runs, load_sweep, varying_keys
 
 COUNTED = (Status.COMPLETED, Status.DIVERGED, Status.FAILED)  # the ok/div/fail column
@@ -126,7 +126,7 @@ def markdown(groups: list[Group], metric: str) -> str:
 
 
 def record(group: Group) -> dict[str, Any]:
-    """A group as one JSON record (the sweep's summary.json), thresholds as numbers."""
+    """A group as one JSON record (the sweep's sweep.json), thresholds as numbers."""
     return {
         "group": group.label,
         "keys": group.keys,
@@ -176,7 +176,7 @@ def to_csv(groups: list[Group]) -> str:
 
 
 def summarize(root: Path, console: Console, include_failed: bool = False) -> Sweep | None:
-    """Print the table of the runs below `root` and write summary.csv, summary.md and summary.json there;
+    """Print the table of the runs below `root` and write summary.csv, summary.md and sweep.json there;
     None if there are no runs to show."""
     sweep = load_sweep(root, include_failed=include_failed)
     if not sweep.runs:
@@ -191,7 +191,7 @@ def summarize(root: Path, console: Console, include_failed: bool = False) -> Swe
     write_text(root / "summary.md", intro + markdown(sweep.groups, metric))
     groups = [record(g) for g in sweep.groups]
     write_json(
-        root / "summary.json", {"threshold_metric": metric, "groups": groups, "failed_left_out": len(sweep.left_out)}
+        root / SWEEP_FILE, {"threshold_metric": metric, "groups": groups, "failed_left_out": len(sweep.left_out)}
     )
     return sweep
 

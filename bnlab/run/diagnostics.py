@@ -21,7 +21,8 @@ from torch.func import functional_call
 
 from bnlab.core.data import TASKS, Task
 from bnlab.core.models import Unit
-from bnlab.schema.config import ConfigError
+from bnlab.schema import tags
+from bnlab.schema.config import LANDSCAPE_STEPS, ConfigError
 
 if TYPE_CHECKING:
     from bnlab.run.engine import Group
@@ -115,7 +116,7 @@ def landscape(
     y: Tensor,
     lr: float,
     num: int = 8,
-    steps: tuple[float, float] = (0.5, 4.0),
+    steps: tuple[float, float] = LANDSCAPE_STEPS,
     task: Task = CLASSIFICATION,
 ) -> dict[str, float]:
     """Loss-landscape smoothness along the gradient g of all parameters on (x, y) (Santurkar et al.).
@@ -308,9 +309,11 @@ class DiagnosticLog:
         if self.cfg.landscape:
             c = self.cfg
             steps = tuple(c.landscape_steps)
-            self._log("landscape", landscape(self.model, x, y, self.lr(), c.landscape_points, steps, self.task), step)
+            self._log(
+                tags.LANDSCAPE, landscape(self.model, x, y, self.lr(), c.landscape_points, steps, self.task), step
+            )
         if self.cfg.grad_norms:
-            self._log("grad_norm", grad_norms(self.model), step)
+            self._log(tags.GRAD_NORM, grad_norms(self.model), step)
         if self.cfg.ics:
             self.before = snapshot(self.model)
 
@@ -319,14 +322,15 @@ class DiagnosticLog:
         if self.cfg.ics:
             shift = internal_covariate_shift(self.model, x, y, deltas(self.model, self.before), self.task)
             for i, (l2, cos) in enumerate(shift):
-                self._log(f"ics/layer{i}", {"l2": l2, "cos": cos}, step)
+                self._log(tags.ics(i), {"l2": l2, "cos": cos}, step)
         if self.cfg.percentiles:
-            q = (15, 50, 85)
+            names = [f"p{q}" for q in tags.PERCENTILES]
             for layer, a in activations(self.model, self.probe, list(self.cfg.layers)).items():
-                self._log(f"act/{layer}", dict(zip(("p15", "p50", "p85"), _percentiles(a, q))), step)
-                self._log(f"act/{layer}/unit0", dict(zip(("p15", "p50", "p85"), _percentiles(a[:, 0], q))), step)
-                self.writer.add_histogram(f"act/{layer}", a, step)
+                self._log(tags.activation(layer), dict(zip(names, _percentiles(a, tags.PERCENTILES))), step)
+                unit0 = _percentiles(a[:, 0], tags.PERCENTILES)
+                self._log(tags.activation(layer, unit0=True), dict(zip(names, unit0)), step)
+                self.writer.add_histogram(tags.activation(layer), a, step)
         if self.cfg.stat_drift:
             now = running_stats(self.model)
-            self._log("stat_drift", drift(self.stats, now), step)
+            self._log(tags.STAT_DRIFT, drift(self.stats, now), step)
             self.stats = now

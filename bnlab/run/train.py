@@ -46,8 +46,9 @@ from bnlab.run.distributed import Replica, processes
 from bnlab.run.engine import LOCAL, Engine, Group, Single, evaluate_shared, forget_shared_data, prepare, thread_count
 from bnlab.run.fused.engine import Fused
 from bnlab.run.threads import usable_cores
+from bnlab.schema import tags
 from bnlab.schema.config import TrainConfig, flatten
-from bnlab.schema.metrics import Thresholds
+from bnlab.schema.metrics import Thresholds, measured
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class Run:
             self.pending.add(loss, acc)
         if (write or stopped) and self.pending.steps:
             loss, acc = self.pending.means()
-            points = {"train/loss": loss, "train/acc": acc} if self.accuracy else {"train/loss": loss}
+            points = {tags.TRAIN_LOSS: loss, tags.TRAIN_ACC: acc} if self.accuracy else {tags.TRAIN_LOSS: loss}
             self.points.append((self.steps, time.time(), points))
             self.pending = Sums()
         return stopped
@@ -161,9 +162,8 @@ class Run:
         if self.window.steps:
             metrics["train_loss"], metrics["train_acc"] = self.window.means()
             self.window = Sums()
-        if not self.accuracy:
-            metrics = {k: v for k, v in metrics.items() if not k.endswith("_acc")}
-        values = {"test/loss": test_loss, "test/acc": metrics.get("test_acc"), "train/lr": lr}
+        metrics = {k: metrics[k] for k in measured(metrics, self.accuracy)}
+        values = {tags.TEST_LOSS: test_loss, tags.TEST_ACC: metrics.get("test_acc"), tags.LR: lr}
         # a diverged model's NaN loss would break TensorBoard's charts
         finite = {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
         self.points.append((step, time.time(), finite))

@@ -55,6 +55,10 @@ class ModelConfig:
     kwargs: Any = None  # custom: keyword arguments of model.target (a dict)
 
 
+LANDSCAPE_STEPS = (0.5, 4.0)  # diag.landscape_steps: Santurkar et al.'s range for VGG
+NO_NORM = "none"  # the baseline every norm is compared with: no normalization layer (conf/norm/none.yaml)
+
+
 @dataclass
 class NormConfig:
     name: str = "batch"  # a key of bnlab.core.norms.NORMS (custom: the user's own, norm.target)
@@ -100,9 +104,7 @@ class OptimConfig:
     betas: list[float] = member([0.9, 0.999])  # adam: moving-average decays
     eps: float = member(1e-8)  # adam: added to the root of the second moment
     agc: float = member(0.0)  # > 0: adaptive gradient clipping at this lambda, e.g. 0.01 (Brock et al.; not the head)
-    schedule: str = member(
-        "none"
-    )  # none | step | cosine: how the lr falls after the warm-up (core/optim.py lr_factor)
+    schedule: str = member("none")  # none | step | cosine: how the lr falls after the warm-up (core/optim.py lr_factor)
     warmup_steps: int = member(0)  # steps: the lr rises linearly from lr / warmup_steps to lr over this many steps
     decay_every: int = member(1000)  # step schedule: steps between two decays of the lr
     decay_factor: float = member(0.1)  # step schedule: the lr is multiplied by this (a fraction) at each decay
@@ -155,9 +157,8 @@ class DiagConfig:
     percentiles: bool = False  # 15/50/85th percentiles and histograms of the inputs to the nonlinearity
     ics: bool = False  # internal covariate shift per layer, ||G - G'|| and cos(G, G') (Santurkar et al.)
     landscape: bool = False  # loss variation, gradient predictiveness, effective beta-smoothness along the gradient
-    landscape_steps: list[float] = field(
-        default_factory=lambda: [0.5, 4.0]
-    )  # landscape: smallest and largest step along the gradient, in multiples of the lr (Santurkar et al.'s VGG)
+    # landscape: smallest and largest step along the gradient, in multiples of the lr
+    landscape_steps: list[float] = field(default_factory=lambda: list(LANDSCAPE_STEPS))
     landscape_points: int = 8  # landscape: step sizes tried, spaced evenly over landscape_steps
     grad_norms: bool = False  # L2 norm of each layer's weight gradient
     stat_drift: bool = False  # change of the norm layers' running statistics since the last diagnostic
@@ -229,7 +230,7 @@ OmegaConf.register_new_resolver("bnlab.div", lambda a, b: int(a) // int(b), repl
 OmegaConf.register_new_resolver("bnlab.scale", lambda x, b, ref: float(x) * float(b) / float(ref), replace=True)
 OmegaConf.register_new_resolver("bnlab.part", lambda n, d: max(1, int(n) // int(d)), replace=True)
 OmegaConf.register_new_resolver(
-    "bnlab.if_none", lambda norm, plain, normed: plain if norm == "none" else normed, replace=True
+    "bnlab.if_none", lambda norm, plain, normed: plain if norm == NO_NORM else normed, replace=True
 )
 
 BIAS_CHOICES = ("auto", "true", "false")

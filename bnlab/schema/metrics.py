@@ -6,23 +6,31 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from bnlab.schema import tags
+
 
 @dataclass(frozen=True)
 class Metric:
     label: str  # for axes and tables
     higher_is_better: bool  # accuracies: True; losses: False
     tag: str | None = None  # its curve in TensorBoard, if it has one
+    accuracy: bool = False  # an accuracy, which a regression task does not measure
 
 
 METRICS: dict[str, Metric] = {
-    "test_acc": Metric("test accuracy", True, "test/acc"),
-    "train_acc": Metric("training accuracy", True, "train/acc"),
-    "test_loss": Metric("test loss (cross-entropy in nats; regression: MSE)", False, "test/loss"),
-    "train_loss": Metric("training loss (cross-entropy in nats; regression: MSE)", False, "train/loss"),
-    "test_acc_train_mode": Metric("test accuracy in train mode (batch statistics)", True),
-    "test_acc_precise_bn": Metric("test accuracy after precise BN", True),
+    "test_acc": Metric("test accuracy", True, tags.TEST_ACC, accuracy=True),
+    "train_acc": Metric("training accuracy", True, tags.TRAIN_ACC, accuracy=True),
+    "test_loss": Metric("test loss (cross-entropy in nats; regression: MSE)", False, tags.TEST_LOSS),
+    "train_loss": Metric("training loss (cross-entropy in nats; regression: MSE)", False, tags.TRAIN_LOSS),
+    "test_acc_train_mode": Metric("test accuracy in train mode (batch statistics)", True, accuracy=True),
+    "test_acc_precise_bn": Metric("test accuracy after precise BN", True, accuracy=True),
 }
 THRESHOLD_METRICS = tuple(name for name, m in METRICS.items() if m.tag)  # those measured during training
+
+
+def measured(metrics: Iterable[str], accuracy: bool) -> list[str]:
+    """Those of `metrics` that a task measures: all with accuracy (classification), else the losses."""
+    return [m for m in metrics if accuracy or not METRICS[m].accuracy]
 
 
 def higher_is_better(metric: str) -> bool:
