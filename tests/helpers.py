@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import bnlab.face.hydra_setup  # noqa: F401  what conf/ needs to compose
 from bnlab.schema.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,8 +23,8 @@ from helpers import LONG, MESSAGES, TINY, TRAIN, assert_equal_runs, bnlab, scala
 from omegaconf import OmegaConf
 
 import bnlab.run.train as training
-from bnlab.face.app import claim_folder
 from bnlab.face.callbacks import _check_not_a_sweep
+from bnlab.face.hydra_setup import claim_folder
 from bnlab.face.overrides import quote
 from bnlab.record import files
 from bnlab.record.files import OutputError

@@ -110,3 +110,12 @@ def test_torch_free_floors_import_no_torch_at_module_level():
         if folder(m) in TORCH_FREE and any(i.split(".")[0] == "torch" for i in imports(tree, True))
     }
     assert not torch_users
+
+
+def test_only_one_module_uses_hydras_private_api():
+    private = {
+        m
+        for m, tree in TREES.items()
+        if any(i.startswith(("hydra._internal", "hydra.core.singleton")) for i in imports(tree))
+    }
+    assert private == {"bnlab.face.hydra_private"}

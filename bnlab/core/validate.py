@@ -25,7 +25,13 @@ from bnlab.schema.config import (
     PRECISIONS,
     SYNC_BUFFERS,
     ConfigError,
+    DataConfig,
+    DiagConfig,
+    ModelConfig,
+    NormConfig,
+    OptimConfig,
     TrainConfig,
+    TrainerConfig,
     check_choice,
     fuse_mode,
 )
@@ -37,9 +43,27 @@ def _require(ok: bool, key: str, value, accepted: str) -> None:
         raise ConfigError(f"{key}={value!r} is not accepted; accepted values: {accepted}.")
 
 
+# The configs that passed, by content: a sweep's job is checked once, by the preflight before anything is
+# written, and not again when it trains (the check is of the config and this machine, both the same then).
+_passed: set[str] = set()
+
+
 def validate(cfg: TrainConfig) -> None:
     """Refuse a config that cannot train, before any data is loaded or any run directory written."""
-    m, n, d, o, t = cfg.model, cfg.norm, cfg.data, cfg.optim, cfg.trainer
+    key = repr(cfg)
+    if key in _passed:
+        return
+    _check_model(cfg.model, cfg.norm, cfg.data)
+    _check_norm(cfg.norm, cfg.model)
+    _check_data(cfg)
+    _check_optim(cfg.optim)
+    _check_trainer(cfg.trainer, cfg.diag)
+    _check_diag_and_thresholds(cfg)
+    _passed.add(key)
+
+
+def _check_model(m: ModelConfig, n: NormConfig, d: DataConfig) -> None:
+    """model.*, and the target and kwargs of every group that can be custom."""
     check_choice("model.name", m.name, MODELS)
     check_choice("model.activation", m.activation, ACTIVATIONS)
     check_choice("model.init", m.init, INIT_CHOICES)
@@ -56,6 +80,10 @@ def validate(cfg: TrainConfig) -> None:
     _require(widths_ok, "model.widths", m.widths, "a non-empty list of positive integers")
     _require(m.blocks >= 1, "model.blocks", m.blocks, "an integer >= 1")
     _require(m.init_std > 0, "model.init_std", m.init_std, "a number > 0")
+
+
+def _check_norm(n: NormConfig, m: ModelConfig) -> None:
+    """norm.*, against the model's widths where the norm divides them into groups."""
     check_choice("norm.name", n.name, NORMS)
     check_choice("norm.placement", n.placement, PLACEMENTS)
     _require(n.eps > 0, "norm.eps", n.eps, "a number > 0")
@@ -68,6 +96,11 @@ def validate(cfg: TrainConfig) -> None:
     _require(n.virtual_batch_size >= 2, "norm.virtual_batch_size", n.virtual_batch_size, "an integer >= 2")
     _require(n.r_max >= 1, "norm.r_max", n.r_max, "a number >= 1")
     _require(n.d_max >= 0, "norm.d_max", n.d_max, "a number >= 0")
+
+
+def _check_data(cfg: TrainConfig) -> None:
+    """data.*: the data set, what its task allows, and a batch that every process can normalize over."""
+    m, n, d, t = cfg.model, cfg.norm, cfg.data, cfg.trainer
     check_choice("data.name", d.name, DATASETS)
     _require(t.devices >= 1, "trainer.devices", t.devices, "an integer >= 1")
     classes = has_accuracy(d.name)
@@ -84,6 +117,10 @@ def validate(cfg: TrainConfig) -> None:
     _require(d.batch_size >= min_batch, "data.batch_size", d.batch_size, accepted)
     accepted = f"a multiple of trainer.devices={t.devices} (each process takes an equal share of every batch)"
     _require(d.batch_size % t.devices == 0, "data.batch_size", d.batch_size, accepted)
+
+
+def _check_optim(o: OptimConfig) -> None:
+    """optim.*."""
     check_choice("optim.name", o.name, OPTIMIZERS)
     _require(o.lr > 0, "optim.lr", o.lr, "a number > 0")
     _require(o.momentum >= 0, "optim.momentum", o.momentum, "a number >= 0")
@@ -96,6 +133,10 @@ def validate(cfg: TrainConfig) -> None:
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "an integer >= 0 (steps)")
     _require(o.decay_every >= 1, "optim.decay_every", o.decay_every, "an integer >= 1 (steps)")
     _require(0 < o.decay_factor <= 1, "optim.decay_factor", o.decay_factor, "a number in (0, 1]")
+
+
+def _check_trainer(t: TrainerConfig, diag: DiagConfig) -> None:
+    """trainer.*, and the diagnostics that need a single process."""
     _require(t.max_steps > 0, "trainer.max_steps", t.max_steps, "an integer > 0")
     _require(t.eval_every > 0, "trainer.eval_every", t.eval_every, "an integer > 0")
     check_choice("trainer.device", t.device, DEVICES)
@@ -116,17 +157,21 @@ def validate(cfg: TrainConfig) -> None:
             f"false (a run over trainer.devices={t.devices} processes trains alone; fused runs need trainer.devices=1)"
         )
         _require(fuse_mode(t) != "true", "trainer.fuse", t.fuse, alone + " or auto")
-        for switch in cfg.diag.switched_on():
+        for switch in diag.switched_on():
             accepted = f"false with trainer.devices={t.devices} (the diagnostics run in single-process runs only)"
             _require(False, f"diag.{switch}", True, accepted)
+
+
+def _check_diag_and_thresholds(cfg: TrainConfig) -> None:
+    """diag.* and threshold.*: the metric must be one the data set's task measures."""
     _require(cfg.diag.every > 0, "diag.every", cfg.diag.every, "an integer > 0")
     _require(cfg.diag.probe > 0, "diag.probe", cfg.diag.probe, "an integer > 0")
     lo_hi = list(cfg.diag.landscape_steps)
     steps_ok = len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1]
     _require(steps_ok, "diag.landscape_steps", lo_hi, "[low, high] with 0 < low <= high (multiples of the lr)")
     _require(cfg.diag.landscape_points >= 2, "diag.landscape_points", cfg.diag.landscape_points, "an integer >= 2")
-    metrics = measured(THRESHOLD_METRICS, accuracy=classes)
-    check_choice("threshold.metric", cfg.threshold.metric, metrics, f"values with data={d.name}")
+    metrics = measured(THRESHOLD_METRICS, accuracy=has_accuracy(cfg.data.name))
+    check_choice("threshold.metric", cfg.threshold.metric, metrics, f"values with data={cfg.data.name}")
     if higher_is_better(cfg.threshold.metric):
         bad = [v for v in cfg.threshold.values if not 0 <= v <= 1]
         _require(not bad, "threshold.values", list(cfg.threshold.values), "accuracies in [0, 1]")

@@ -15,42 +15,29 @@ from omegaconf import DictConfig, OmegaConf
 from rich.logging import RichHandler
 from rich.syntax import Syntax
 
+import bnlab.face.hydra_setup  # noqa: F401  the structured config and the resolvers, before Hydra composes
 from bnlab.face.overrides import FUSING_LAUNCHER
 from bnlab.record.console import make_console, shell_path
 from bnlab.record.summary import Summary
 from bnlab.results.summarize import run_table, summarize
 from bnlab.run.job import Outcome, job_config, run_jobs
 from bnlab.run.threads import cores_per_job
+from bnlab.schema.config import TrainConfig
 
 log = logging.getLogger("bnlab")
 console = make_console()
 
 
-def claim_folder(path: str) -> str:
-    """`path`, or else `path_2`, `path_3`, ...: the first that does not exist yet, made now so that no other
-    invocation can take it (two sweeps started in the same second get two folders). conf/train.yaml
-    names run and sweep folders with it, ${bnlab.unique:outputs/sweeps/<time>}."""
-    base, n = Path(path), 1
-    while True:
-        candidate = base if n == 1 else base.with_name(f"{base.name}_{n}")
-        try:
-            candidate.mkdir(parents=True)
-            return str(candidate)
-        except FileExistsError:
-            n += 1
-
-
-OmegaConf.register_new_resolver("bnlab.unique", claim_folder, use_cache=True, replace=True)
-
-
-def train_job(dcfg: DictConfig) -> None:
-    """One job of `bnlab train`: a run, or one run of a sweep."""
+def train_job(dcfg: DictConfig, cfg: TrainConfig | None = None) -> None:
+    """One job of `bnlab train`: a run, or one run of a sweep; `cfg`: its TrainConfig where the launcher has
+    it already (the job's own config is a copy that Hydra makes for the task)."""
     hc = HydraConfig.get()
     show_job(dcfg)
     # Another launcher's n_jobs (joblib's) share the cores; bnlab's own gives each worker its share (BNLAB_CORES).
     own = hc.launcher.get("_target_") == FUSING_LAUNCHER
     parallel = hc.launcher.get("n_jobs") if hc.mode == RunMode.MULTIRUN and not own else 1
-    (outcome,) = run_jobs([job_config(dcfg)], [Path(hc.runtime.output_dir)], console, cores_per_job(parallel))
+    cfg = cfg or job_config(dcfg)
+    (outcome,) = run_jobs([cfg], [Path(hc.runtime.output_dir)], console, cores_per_job(parallel))
     report(outcome)
 
 

@@ -3,7 +3,6 @@ before Hydra writes anything, `SweepTable` prints the table at the end of a swee
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import sys
@@ -11,15 +10,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.config_loader_impl import get_overrides_dirname
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override, OverrideType
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from bnlab.core.datafiles import DataError
-from bnlab.core.validate import check_targets, validate
+from bnlab.core.validate import check_targets
+from bnlab.face.hydra_private import BASIC_SWEEPER, ComposeOnce, expand_sweep
 from bnlab.face.overrides import DEFAULTS, EXCLUDE_KEYS, FUSING_LAUNCHER, refuse
 from bnlab.record import provenance
 from bnlab.record.console import make_console, shell_path
@@ -31,7 +29,6 @@ from bnlab.run.job import FAILED, job_config
 from bnlab.schema.config import BOOKKEEPING_KEYS, ConfigError, flatten, fuse_mode
 
 log = logging.getLogger("bnlab")
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
 class Preflight(Callback):
@@ -58,7 +55,8 @@ class Preflight(Callback):
             log.warning("trainer.fuse=true fuses runs only with hydra/launcher=bnlab (the default): these run alone")
         loader = GlobalHydra.instance().config_loader()
         ComposeOnce(loader, config)
-        overrides = sweep_jobs(config)
+        params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+        overrides = expand_sweep([*params, *config.hydra.overrides.task], loader)  # the command line wins
         name_runs_by_what_varies(config, overrides)
         jobs = [loader.load_sweep_config(config, job) for job in overrides]
         try:
@@ -78,82 +76,6 @@ class Preflight(Callback):
                     _check_resume(Path(config.hydra.sweep.dir) / str(job.hydra.sweep.subdir), job)
         except (ConfigError, DataError) as e:
             refuse(e)
-
-
-class ComposeOnce:
-    """Every job's config is loaded three times (here, by Hydra's sweeper to check it, by the launcher to run
-    it), and Hydra composes it anew each time (a tenth of a second or more a job): `loader.load_sweep_config`
-    made to compose each job of this sweep (`config`) once and hand the same config to the later loads (the
-    launcher's, which sets the job's number, is the last). An object, not a closure, so that the loader still
-    pickles (bnlab's launcher hands Hydra's state to its worker processes).
-
-    Most jobs of a sweep differ from another job only in plain values (optim.lr=0.3, seed=2): such a job is
-    not composed but copied from the first job composed with the same config groups and the same value keys,
-    with its values set as Hydra sets them (`OmegaConf.update(..., merge=True)`) and its override lists and
-    folder name made anew (a tenth of the time; tests/test_sweeps.py holds it equal to Hydra's own)."""
-
-    def __init__(self, loader: Any, config: DictConfig) -> None:
-        self.compose = type(loader).load_sweep_config.__get__(loader)
-        self.config = config
-        self.repository = loader.repository
-        self.composed: dict[tuple[str, ...], DictConfig] = {}
-        self.templates: dict[tuple, DictConfig] = {}  # (the other overrides, the value keys) -> a composed job
-        loader.load_sweep_config = self
-
-    def __call__(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
-        if master_config is not self.config:
-            return self.compose(master_config, sweep_overrides)
-        key = tuple(sweep_overrides)
-        if key not in self.composed:
-            self.composed[key] = self.compose_job(list(sweep_overrides))
-        OmegaConf.copy_cache(master_config, self.composed[key])  # as Hydra does: what was resolved since (the folder)
-        return self.composed[key]
-
-    def compose_job(self, sweep_overrides: list[str]) -> DictConfig:
-        parsed = OverridesParser.create().parse_overrides(sweep_overrides)
-        values = [o for o in parsed if self.is_plain_value(o)]
-        template_key = (
-            tuple(o.input_line for o in parsed if o not in values),
-            tuple(o.key_or_group for o in values),
-        )
-        if template_key not in self.templates:
-            composed = self.compose(self.config, sweep_overrides)
-            # a copy that stays as composed: the job's own config is made read-only when it runs
-            self.templates[template_key] = copy.deepcopy(composed)
-            return composed
-        cfg = copy.deepcopy(self.templates[template_key])
-        for o in values:
-            OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
-        app = [o for o in parsed if not o.is_hydra_override()]
-        cfg.hydra.overrides.task = [o.input_line for o in app]
-        names = cfg.hydra.job.config.override_dirname
-        cfg.hydra.job.override_dirname = get_overrides_dirname(
-            overrides=app, exclude_keys=names.exclude_keys, item_sep=names.item_sep, kv_sep=names.kv_sep
-        )
-        return cfg
-
-    def is_plain_value(self, o: Override) -> bool:
-        """`key=value` of a scalar at a key that is no config group nor Hydra's: a job's only difference from
-        another that the copy takes over exactly."""
-        return (
-            o.type == OverrideType.CHANGE
-            and o.package is None
-            and not o.is_hydra_override()
-            and isinstance(o.value(), (str, int, float, bool, type(None)))
-            and not self.repository.group_exists(o.key_or_group)
-        )
-
-
-def sweep_jobs(config: DictConfig) -> list[list[str]]:
-    """Every job's overrides, as Hydra's basic sweeper makes them from the preset's hydra.sweeper.params and
-    the command line (which wins where both name a key)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # Hydra's own expansion, reused
-
-    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
-    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-    overrides = parser.parse_overrides([*params, *config.hydra.overrides.task])
-    (jobs,) = BasicSweeper.split_arguments(overrides, None)
-    return jobs
 
 
 def name_runs_by_what_varies(config: DictConfig, jobs: list[list[str]]) -> None:
@@ -176,8 +98,7 @@ def name_runs_by_what_varies(config: DictConfig, jobs: list[list[str]]) -> None:
 def _check_job(config: DictConfig, tried: set[str]) -> None:
     """Refuse a job whose config does not validate here, or whose own norm, model or data set (each
     distinct one tried once: a custom data set is loaded to try it) cannot be used."""
-    cfg = job_config(config)
-    validate(cfg)
+    cfg = job_config(config)  # validated
     resolve_device(cfg.trainer.device)
     key = repr((asdict(cfg.model), asdict(cfg.norm), asdict(cfg.data)))
     if key not in tried:

@@ -14,7 +14,17 @@ from rich.table import Table
 
 from bnlab.core.datafiles import FILES, DataError, fetch, file_report
 from bnlab.face.interrupts import after_imports
-from bnlab.face.overrides import EXCLUDE_KEYS, PRINT_ONLY_FLAGS, check_overrides, override_args, parse, quote, refuse
+from bnlab.face.overrides import (
+    EXCLUDE_KEYS,
+    PRINT_ONLY_FLAGS,
+    RUNS,
+    SWEEPS,
+    check_overrides,
+    override_args,
+    parse,
+    quote,
+    refuse,
+)
 from bnlab.record.console import make_console, shell_path
 from bnlab.record.summary import FILE, Status, Summary
 from bnlab.run.job import OK
@@ -22,7 +32,6 @@ from bnlab.schema.config import BOOKKEEPING_KEYS, ConfigError, DataConfig
 
 # Each command imports what it needs when it runs: torch (seconds) only where a model trains.
 console = make_console()
-RUNS, SWEEPS = Path("outputs/runs"), Path("outputs/sweeps")  # conf/train.yaml's folders, below the working directory
 
 
 def train(args: list[str]) -> None:
@@ -92,15 +101,14 @@ def resume(folder: Path) -> None:
     """`bnlab resume DIR`: continue a run folder, or every run of a sweep folder that has not completed, in
     place, with the overrides it was started with."""
     if (folder / "multirun.yaml").is_file():
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from bnlab.face.hydra_private import expand_sweep
 
         saved = OmegaConf.load(folder / "multirun.yaml")
         task = [o for o in saved.hydra.overrides.task if not o.startswith("trainer.resume=")]
         made = ("hydra.sweep.dir", "hydra.mode", EXCLUDE_KEYS)  # set anew by this invocation
         keep = [o for o in saved.hydra.overrides.hydra if o.split("=")[0] not in made]
         params = [f"{k}={v}" for k, v in (saved.hydra.sweeper.get("params") or {}).items()]
-        (jobs,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides([*params, *task]), None)
+        jobs = expand_sweep([*params, *task])
         done = sum(Summary.load(p).status == Status.COMPLETED for p in folder.glob(f"*/{FILE}"))
         if done >= len(jobs):
             console.print(f"nothing to resume: all {len(jobs)} runs of {shell_path(folder)} completed")

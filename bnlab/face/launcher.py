@@ -8,6 +8,7 @@ package: bnlab/hydra_plugin is installed there and hands `launch` to `launch_job
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import multiprocessing
@@ -21,13 +22,13 @@ from typing import Any
 
 import cloudpickle
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, configure_log, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
-from bnlab.face.app import console, report, show_job
+from bnlab.face.app import console, report, show_job, train_job
+from bnlab.face.hydra_private import hydra_state, restore_hydra_state
 from bnlab.run.engine import thread_count
 from bnlab.run.fused.engine import can_fuse, shared_config
 from bnlab.run.job import job_config, run_jobs
@@ -124,7 +125,7 @@ def launch_jobs(
     else:
         # members x steps: the longest first, so that none starts last; the returns in sweep order
         order = sorted(range(len(groups)), key=lambda g: -len(groups[g]) * cfgs[groups[g][0]].trainer.max_steps)
-        state = Singleton.get_state()
+        state = hydra_state()
         calls = [(launcher.hydra_context, launcher.task_function, *work[g], state) for g in order]
         done = in_workers(n_jobs, cores_per_job(n_jobs), calls)
         returns = [r for _, r in sorted(zip(order, done))]
@@ -202,11 +203,10 @@ def run_group(
     """Run one job alone, or train a fused group and hand each member's outcome to the job that reports it;
     in this process or, given Hydra's state (`singleton_state`), in a worker."""
     if singleton_state is not None:
-        setup_globals()
-        Singleton.set_state(singleton_state)
+        restore_hydra_state(singleton_state)
     logging_cfg = configs[0].hydra.hydra_logging, configs[0].hydra.verbose
     if len(configs) == 1:
-        tasks = [task_function]
+        tasks = [functools.partial(train_job, cfg=cfgs[0])]  # Hydra's task function, with the config it has
     else:
         dirs = [job_dir(c) for c in configs]
         log.info("training %d runs as one fused model: %s", len(dirs), ", ".join(d.name for d in dirs))

@@ -16,6 +16,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob, Override
@@ -30,9 +31,23 @@ from bnlab.schema.config import ConfigError, TrainConfig, check_choice, flatten
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
-# the config groups: one folder each under conf/, but hydra/ (Hydra's own: the launcher, the job logging)
 _CONF = files("bnlab.conf")
+
+
+def _conf(*path: str) -> dict[str, Any]:
+    """A YAML file of conf/ as written, its interpolations unresolved."""
+    return yaml.safe_load(_CONF.joinpath(*path).read_text())
+
+
+def _unique_folder(entry: str) -> Path:
+    """The folder conf/train.yaml's hydra.run.dir or hydra.sweep.dir claims its time-stamped folders in:
+    ${bnlab.unique:outputs/runs/${now:...}}/... -> outputs/runs."""
+    return Path(_conf("train.yaml")["hydra"][entry]["dir"].split(":", 1)[1].split("/${now:")[0])
+
+
+# the config groups: one folder each under conf/, but hydra/ (Hydra's own: the launcher, the job logging)
 GROUPS = tuple(sorted(p.name for p in _CONF.iterdir() if p.is_dir() and p.name != "hydra" and p.name[0] not in "_."))
+RUNS, SWEEPS = _unique_folder("run"), _unique_folder("sweep")  # below the working directory
 CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
 # Hydra's own flags that take a value (the next argument), which is no override
 VALUED_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c", "--package", "-p"}
@@ -40,7 +55,7 @@ PRINT_ONLY_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i
 INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info [TOPIC]
 SLURM_LAUNCHERS = {"slurm", "submitit_slurm"}
 EXCLUDE_KEYS = "hydra.job.config.override_dirname.exclude_keys"  # keys left out of a run folder's name
-FUSING_LAUNCHER = "hydra_plugins.bnlab_launcher.BnlabLauncher"  # _target_ in conf/hydra/launcher/bnlab.yaml
+FUSING_LAUNCHER = _conf("hydra", "launcher", "bnlab.yaml")["_target_"]  # bnlab's own launcher
 SCHEMA = OmegaConf.structured(TrainConfig)
 DEFAULTS = asdict(TrainConfig())
 
@@ -90,9 +105,6 @@ def help_groups() -> str:
     sources = [s for s in HydraConfig.get().runtime.config_sources if s.provider not in builtin]
     folders = [f for f in (_folder(f"{s.schema}://{s.path}") for s in sources) if f is not None]
     return "\n".join(f"{group}: {', '.join(group_options(group, folders))}" for group in sorted(GROUPS))
-
-
-OmegaConf.register_new_resolver("bnlab.help_groups", help_groups, replace=True)
 
 
 def refuse(error: Exception | str) -> NoReturn:

@@ -19,11 +19,24 @@ from bnlab.schema.config import ConfigError, TrainConfig
 OK, FAILED, REFUSED, INTERRUPTED = 0, 1, 2, 130
 
 
+# Composed configs already converted, by identity: a sweep's preflight and its launcher load the same object.
+_converted: dict[int, tuple[DictConfig, TrainConfig]] = {}
+
+
 def job_config(dcfg: DictConfig) -> TrainConfig:
-    """The job's TrainConfig from its composed config (the hydra node, if any, left out)."""
+    """The job's TrainConfig from its composed config (the hydra node, if any, left out), validated; once per
+    composed config."""
+    from bnlab.core.validate import validate  # the registries, and torch: not for the commands that only read
+
+    known = _converted.get(id(dcfg))
+    if known is not None and known[0] is dcfg:
+        return known[1]
     # Key by key, leaving the hydra node out (a copy of the whole config would cost several times more).
     values = {f.name: dcfg[f.name] for f in fields(TrainConfig)}
-    return TrainConfig(**{k: OmegaConf.to_object(v) if isinstance(v, DictConfig) else v for k, v in values.items()})
+    cfg = TrainConfig(**{k: OmegaConf.to_object(v) if isinstance(v, DictConfig) else v for k, v in values.items()})
+    validate(cfg)
+    _converted[id(dcfg)] = (dcfg, cfg)
+    return cfg
 
 
 @dataclass

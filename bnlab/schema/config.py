@@ -13,9 +13,6 @@ import hashlib
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
-
 # What a key is to a sweep, in its field's metadata; every other key must be equal in a fused group:
 MEMBER = {"fuse": "member"}  # each member of a fused group (bnlab/run/fused/engine.py) trains with its own value
 BOOKKEEPING = {"fuse": "bookkeeping"}  # leaves the trajectory alone: names no run folder or sweep group
@@ -191,9 +188,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-
-
 def keys_marked(marker: dict[str, str], node: type = TrainConfig, prefix: str = "") -> tuple[str, ...]:
     """The dotted keys whose fields carry `marker` (MEMBER or BOOKKEEPING) in their metadata."""
     keys: list[str] = []
@@ -210,12 +204,6 @@ BOOKKEEPING_KEYS = keys_marked(BOOKKEEPING)  # the data's location, threads, the
 MEMBER_KEYS = keys_marked(MEMBER)  # seed, lr, init, norm and optimizer constants, thresholds, ...
 
 
-# Resolvers for conf/: a run directory is named by its overrides (`norm=batch,optim.lr=0.1`, or `default`),
-# the bookkeeping keys left out (${bnlab.bookkeeping:} in train.yaml); presets scale with the batch size:
-# ${bnlab.div:60000,${data.batch_size}} steps is one MNIST epoch,
-# ${bnlab.scale:0.05,${data.batch_size},32} is lr 0.05 at batch 32, linearly scaled (Goyal et al. 2017);
-# ${bnlab.part:N,10} is a tenth of N steps, at least 1 (presets made small: scripts/bench_suite.py).
-# ${bnlab.if_none:${norm.name},A,B} is A without a norm and B with one (a preset's per-norm training changes).
 def run_name(overrides: str, limit: int = 200) -> str:
     """A run directory's name: its overrides, `default` when none, cut to `limit` characters with a hash of
     the whole kept at the end (file systems refuse names over 255 bytes)."""
@@ -223,15 +211,6 @@ def run_name(overrides: str, limit: int = 200) -> str:
         return overrides or "default"
     return f"{overrides[: limit - 9]}-{hashlib.md5(overrides.encode()).hexdigest()[:8]}"
 
-
-OmegaConf.register_new_resolver("bnlab.run_name", run_name, replace=True)
-OmegaConf.register_new_resolver("bnlab.bookkeeping", lambda: list(BOOKKEEPING_KEYS), replace=True)
-OmegaConf.register_new_resolver("bnlab.div", lambda a, b: int(a) // int(b), replace=True)
-OmegaConf.register_new_resolver("bnlab.scale", lambda x, b, ref: float(x) * float(b) / float(ref), replace=True)
-OmegaConf.register_new_resolver("bnlab.part", lambda n, d: max(1, int(n) // int(d)), replace=True)
-OmegaConf.register_new_resolver(
-    "bnlab.if_none", lambda norm, plain, normed: plain if norm == NO_NORM else normed, replace=True
-)
 
 BIAS_CHOICES = ("auto", "true", "false")
 INIT_CHOICES = ("default", "normal", "glorot")
