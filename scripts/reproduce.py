@@ -30,7 +30,7 @@ from rich.table import Table
 
 from bnlab.face.overrides import quote
 from bnlab.record.provenance import cpu_kernels
-from bnlab.results.analysis import Group, load_sweep
+from bnlab.results.analysis import RunGroup, load_sweep
 from bnlab.results.summarize import record
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -69,7 +69,7 @@ def outside(now: dict | None, then: dict | None) -> bool:
     return not then["min"] - 1e-12 <= middle <= then["max"] + 1e-12
 
 
-def compare(recorded: dict, now: list[Group], console: Console) -> int:
+def compare(recorded: dict, now: list[RunGroup], console: Console) -> int:
     """Print recorded and reproduced numbers side by side; return how many are outside the spread."""
     mine = {g.label: record(g) for g in now}
     table = Table(title=f"{recorded['section']}: recorded vs now (! = outside the recorded spread over seeds)")

@@ -185,7 +185,7 @@ def test_the_example_norm_in_a_sweep_with_its_table_and_report(tmp_path):
         "hydra.sweep.dir=sweep", cwd=tmp_path, env=TARGETS_ENV,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    groups = json.loads((tmp_path / "sweep" / "summary.json").read_text())["groups"]
+    groups = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["groups"]
     mean_only = [g for g in groups if "norm.target=my_norm.MeanOnlyBatchNorm" in g["group"]]
     assert len(mean_only) == 2 and all(g["runs"] == 2 for g in mean_only)
     assert "MeanOnlyBatchNorm" in out.stdout

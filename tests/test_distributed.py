@@ -24,7 +24,7 @@ from bnlab.core.models import build_model
 from bnlab.core.norms import BatchNorm, GhostBatchNorm, SyncBatchNorm, with_torch_sync_batch_norm
 from bnlab.run.diagnostics import precise_bn
 from bnlab.run.distributed import DistributedError, processes
-from bnlab.run.engine import Group, batches, resolve_device, thread_count
+from bnlab.run.engine import Processes, batches, resolve_device, thread_count
 from bnlab.run.train import CHECKPOINT, train
 from bnlab.schema.config import ConfigError
 
@@ -140,7 +140,7 @@ def test_the_running_statistics_are_rank_0s_or_the_average_of_the_processes(tiny
 SIZES = (5, 7)  # rank 0 and rank 1 hold different numbers of examples
 
 
-def _sync_bn_matches_batch_norm(group: Group, shape: tuple[int, ...]) -> None:
+def _sync_bn_matches_batch_norm(group: Processes, shape: tuple[int, ...]) -> None:
     """On every process: SyncBatchNorm on this process's rows equals BatchNorm on all rows, in its output,
     the input's gradient, the running statistics and (summed over the processes) the gradients of gamma
     and beta; the loss is sum(y * w), each process's part of it computed where its rows are."""
@@ -176,7 +176,7 @@ def test_cpu_sync_batch_norm_equals_batch_norm_over_all_processes_rows(shape):
         _sync_bn_matches_batch_norm(group, shape)
 
 
-def _precise_bn_matches_ghost_batch_norm(group: Group) -> None:
+def _precise_bn_matches_ghost_batch_norm(group: Processes) -> None:
     """Precise BN of per-process BN, each process with its half of every batch and the statistics averaged,
     equals precise BN of ghost BN with virtual batches of half the batch in one process."""
     x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -214,7 +214,7 @@ def test_on_cuda_the_sync_norm_becomes_torchs_with_the_same_tensors():
     torch.testing.assert_close(converted(x), expected, rtol=0, atol=0)
 
 
-def _fails_on_rank_1(group: Group) -> None:
+def _fails_on_rank_1(group: Processes) -> None:
     if group.rank == 1:
         raise ValueError("rank 1 cannot go on")
     group.sum(torch.ones(1))

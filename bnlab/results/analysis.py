@@ -132,14 +132,14 @@ class ThresholdStats:
 
 
 @dataclass
-class Group:
+class RunGroup:
     """The runs that share their config but the seed."""
 
     label: str  # "norm=batch, optim.lr=0.1", or "all runs"
     keys: dict[str, Any]  # the varying keys' values
     runs: list[RunResult]  # whatever their status
     thresholds: dict[float, ThresholdStats] = field(default_factory=dict)
-    twin: Group | None = None  # the same config with norm=none, if the sweep has it
+    twin: RunGroup | None = None  # the same config with norm=none, if the sweep has it
 
     @property
     def results(self) -> list[RunResult]:
@@ -206,11 +206,11 @@ def _speedups(runs: list[RunResult], twin: list[RunResult], threshold: float) ->
     return ratios, lower_bound
 
 
-def _sort_key(group: Group) -> list[tuple[str, Any]]:
+def _sort_key(group: RunGroup) -> list[tuple[str, Any]]:
     return [(type(v).__name__, v) for v in group.keys.values()]  # numbers in numeric order
 
 
-def group_runs(runs: list[RunResult], keys: list[str] | None = None) -> list[Group]:
+def group_runs(runs: list[RunResult], keys: list[str] | None = None) -> list[RunGroup]:
     """The runs grouped by the values of `keys` (default: the keys that vary between them), each group
     with its statistics; every run's `group` is set to its group's label."""
     if keys is None:
@@ -223,7 +223,7 @@ def group_runs(runs: list[RunResult], keys: list[str] | None = None) -> list[Gro
         label = ", ".join(f"{_short(k)}={v}" for k, v in zip(keys, values)) or "all runs"
         for r in members:
             r.group = label
-        groups.append(Group(label, dict(zip(keys, values)), members))
+        groups.append(RunGroup(label, dict(zip(keys, values)), members))
     thresholds = sorted({t for r in runs for t in r.summary.iterations_to_threshold})
     by_norm = set_with_norm(runs, keys)
     for g in groups:
@@ -246,7 +246,7 @@ def set_with_norm(runs: list[RunResult], keys: list[str]) -> set[str]:
     return {k for k in keys if k.startswith("norm.") or follows(runs, k, "norm.name")}
 
 
-def _twin(group: Group, groups: list[Group], by_norm: set[str]) -> Group | None:
+def _twin(group: RunGroup, groups: list[RunGroup], by_norm: set[str]) -> RunGroup | None:
     """The group with the same config but norm=none (not the group itself), if any; the keys that go with the
     norm (`by_norm`) may differ."""
     want = {k: v for k, v in group.keys.items() if k not in by_norm}
@@ -263,7 +263,7 @@ class Sweep:
 
     root: Path
     runs: list[RunResult]  # every run shown, whatever its status
-    groups: list[Group]
+    groups: list[RunGroup]
     left_out: list[RunResult] = field(default_factory=list)  # failed runs, unless asked for
 
     @property
@@ -316,7 +316,7 @@ def load_sweep(root: Path, keys: list[str] | None = None, include_failed: bool =
 # ---------------------------------------------------------------- a diagnostic over training, in one number per group
 
 
-def over_training(group: Group, tag: str) -> tuple[float, float | None, float, float] | None:
+def over_training(group: RunGroup, tag: str) -> tuple[float, float | None, float, float] | None:
     """`tag` (a diagnostic's TensorBoard scalar) in one number per run, its median over the steps logged, and
     those over the group's seeds: (mean, std, min, max); None where no run logged it."""
     medians = [float(np.nanmedian(c[1])) for r in group.results if (c := r.curve(tag)) is not None and len(c[1])]
@@ -439,16 +439,16 @@ class AtBestLr:
     """A series of groups that differ only in their learning rate (one norm, say), at its best one."""
 
     label: str  # the groups' label without the lr
-    groups: list[Group]  # one per lr tried, lr ascending
-    by_acc: Group  # the lr whose final test accuracy is highest (a regression: test loss lowest; median over seeds)
-    by_iters: dict[float, Group | None]  # per threshold, the lr that needs the fewest iterations (median) among
+    groups: list[RunGroup]  # one per lr tried, lr ascending
+    by_acc: RunGroup  # the lr whose final test accuracy is highest (a regression: test loss lowest; median over seeds)
+    by_iters: dict[float, RunGroup | None]  # per threshold, the lr that needs the fewest iterations (median) among
     # those where every seed reached it; None: no lr did
 
     @property
     def norm(self) -> str:
         return self.groups[0].norm
 
-    def edge(self, group: Group) -> str:
+    def edge(self, group: RunGroup) -> str:
         """'', or why `group`'s lr is only a bound: it is the largest (or smallest) lr tried."""
         lrs = [g.lr for g in self.groups]
         if len(lrs) > 1 and group.lr == max(lrs):
@@ -463,7 +463,7 @@ def best_lrs(sweep: Sweep) -> list[AtBestLr]:
     iterations to each threshold; [] when the lr does not vary."""
     if "optim.lr" not in sweep.varying:
         return []
-    series: dict[str, list[Group]] = {}
+    series: dict[str, list[RunGroup]] = {}
     for g in (g for g in sweep.groups if g.results):
         series.setdefault(g.without("optim.lr"), []).append(g)
     out = []
@@ -509,7 +509,7 @@ class SpeedupRow:
     norm: str
     multiple: float  # of the baseline's lr
     lr: float
-    group: Group | None  # None: that lr is not in the sweep's grid
+    group: RunGroup | None  # None: that lr is not in the sweep's grid
     steps: tuple[float, float, float] | None = None  # (median, min, max) over the seeds that reached the target
     never: int = 0  # seeds that never did
     speedup: tuple[float, float, float] | None = None  # the baseline's steps over these, paired by seed
@@ -541,7 +541,7 @@ def _peak(run: RunResult) -> float | None:
     return float(np.nanmax(curve[1])) if curve is not None and len(curve[1]) else None
 
 
-def _row(norm: str, multiple: float, lr: float, group: Group | None, target: float, base: dict) -> SpeedupRow:
+def _row(norm: str, multiple: float, lr: float, group: RunGroup | None, target: float, base: dict) -> SpeedupRow:
     """The row of `group` (None: not in the grid); `base`: the baseline's steps by seed."""
     if group is None:
         return SpeedupRow(norm, multiple, lr, None)
@@ -566,7 +566,7 @@ def baseline_speedup(sweep: Sweep, multiples: tuple[float, ...] = IOFFE_MULTIPLE
     lr = baseline.by_acc.lr
     others = [b for b in best if b.norm != NO_NORM]
 
-    def at(b: AtBestLr, m: float) -> Group | None:
+    def at(b: AtBestLr, m: float) -> RunGroup | None:
         return next((g for g in b.groups if math.isclose(g.lr, m * lr, rel_tol=1e-6)), None)
 
     if not any(at(b, m) for b in others for m in multiples if m > 1):

@@ -23,7 +23,7 @@ from tensorboard.plugins.custom_scalar import metadata as custom_scalars
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from bnlab.record.hparams import STATUS, columns, experiment, metric_names, value_at
-from bnlab.results.analysis import Group, Sweep, band, load_sweep
+from bnlab.results.analysis import Sweep, band, load_sweep
 from bnlab.schema import tags
 from bnlab.schema.config import run_name
 
@@ -36,11 +36,6 @@ CURVES = {
     tags.TRAIN_LOSS: "train loss",
 }
 COMPARED = {"norm.name": "norm", "optim.lr": "lr"}  # a key that varies -> charts that compare its values
-
-
-def _context(group: Group, key: str) -> str:
-    """The group's label without `key`: what its comparison chart holds fixed."""
-    return ", ".join(f"{k.removesuffix('.name')}={v}" for k, v in group.keys.items() if k != key) or "all runs"
 
 
 class Events:
@@ -105,7 +100,7 @@ def write_dashboard(root: Path) -> Sweep | None:
         if key not in sweep.varying:
             continue
         for group in (g for g in sweep.groups if g.results):
-            context = _context(group, key)
+            context = group.without(key)
             if group.label not in writers:
                 writers[group.label] = Events(root / COMPARE / run_name(group.label.replace(", ", ",")))
             for tag, name in CURVES.items():

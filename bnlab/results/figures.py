@@ -10,7 +10,7 @@ entry names one group. Medians over seeds, with min-max bands or error bars.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from bnlab.results.analysis import (
     AtBestLr,
     Curve,
     Edge,
-    Group,
+    RunGroup,
     RunResult,
     Sweep,
     band,
@@ -43,6 +43,7 @@ from bnlab.results.analysis import (
     speedup_at_best,
     training_edges,
 )
+from bnlab.results.summarize import fmt_mean_std, fmt_spread
 from bnlab.schema import tags
 from bnlab.schema.config import LANDSCAPE_STEPS, NO_NORM
 from bnlab.schema.metrics import METRICS, higher_is_better
@@ -110,10 +111,10 @@ class Looks:
         self.rest_keys = [k for k in sweep.varying if k not in ("norm.name", "optim.lr")]
         self.rests = sorted({self.rest(g) for g in sweep.groups}, key=str)
 
-    def rest(self, group: Group) -> tuple:
+    def rest(self, group: RunGroup) -> tuple:
         return tuple(group.keys.get(k) for k in self.rest_keys)
 
-    def of(self, group: Group, vary_lr: bool = True) -> Look:
+    def of(self, group: RunGroup, vary_lr: bool = True) -> Look:
         """`group`'s look; with vary_lr=False (a figure whose x axis is the lr) one style for every lr."""
         i = self.lrs.index(group.lr) if vary_lr else 0
         rest = self.rest(group)  # a series along an axis (batch size, say) lacks that key: the first marker
@@ -150,7 +151,7 @@ def _legend(fig: Figure, handles: list[Any], labels: list[str], below: bool = Fa
         fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
 
 
-def _group_legend(groups: list[Group], looks: Looks, bars: bool = False, vary_lr: bool = True) -> tuple[list, list]:
+def _group_legend(groups: list[RunGroup], looks: Looks, bars: bool = False, vary_lr: bool = True) -> tuple[list, list]:
     """A legend entry per group (each label once), drawn in the group's look."""
     handles, labels = [], []
     for g in groups:
@@ -186,7 +187,7 @@ def _plot_band(ax: Axes, curves: list[Curve], look: Look) -> bool:
 
 def _plot_groups(
     ax: Axes, sweep: Sweep, looks: Looks, tag: str, window: Callable[[RunResult], int] = lambda run: 0
-) -> tuple[list[Group], bool]:
+) -> tuple[list[RunGroup], bool]:
     """Per group, the median curve of `tag` over its seeds with a min-max band: (the groups drawn, whether
     some run was drawn on its own)."""
     drawn, apart = [], False
@@ -445,52 +446,15 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
     final, name = sweep.final_metric, METRICS[sweep.final_metric].label.split(" (")[0]
     fig, axes = _figure(1, 1 + len(ts), width=3.0 + 4.0 * (1 + len(ts)), height=5.0)
     ax_acc = axes[0, 0]
-    all_lrs = sorted({lr for by_lr in series.values() for lr in by_lr})
     any_diverged = any_open = False
     for j, (label, by_lr) in enumerate(series.items()):
         look = looks.of(first[label], vary_lr=False)
-        lrs = np.array(list(by_lr))
-        accs = [
-            [a for s in runs if s.status.counts and (a := s.final.get(final)) is not None] for runs in by_lr.values()
-        ]
-        have = [i for i, a in enumerate(accs) if a]
-        ax_acc.plot(lrs[have], [np.median(accs[i]) for i in have], **look.line(lw=1.6))
-        ax_acc.fill_between(
-            lrs[have],
-            [min(accs[i]) for i in have],
-            [max(accs[i]) for i in have],
-            color=look.colour,
-            alpha=BAND_ALPHA,
-            lw=0,
-        )
-        for lr, runs in by_lr.items():
-            for s in (s for s in runs if s.status == Status.DIVERGED):
-                any_diverged = True
-                if (value := s.final.get(final)) is not None or final == "test_acc":
-                    ax_acc.plot(lr, value or 0.0, "x", color=look.colour, ms=10, mew=2.2)
-        if best.get(label) is not None and accs[i := list(by_lr).index(best[label])]:
-            ax_acc.plot(best[label], np.median(accs[i]), "o", ms=15, mfc="none", mec=look.colour, mew=2)
+        any_diverged |= _final_vs_lr(ax_acc, by_lr, final, best.get(label), look)
         jitter = 1.06 ** (j - (len(series) - 1) / 2)  # keeps the series' error bars apart
-        for ax, t in zip(axes[0, 1:], ts):
-            its = [[_iterations(s, t) for s in runs if s.status.counts] for runs in by_lr.values()]
-            nevers = [
-                any(s.status.counts and s.iterations_to_threshold.get(t) is None for s in runs)
-                for runs in by_lr.values()
-            ]
-            have = [i for i, v in enumerate(its) if v]
-            if not have:
-                continue
-            x = lrs[have] * jitter
-            median = np.array([np.median(its[i]) for i in have])
-            err = [median - [min(its[i]) for i in have], [max(its[i]) for i in have] - median]
-            ax.errorbar(x, median, yerr=err, color=look.colour, ls=look.dash, lw=1.4, capsize=3)
-            opened = [n for n, i in enumerate(have) if nevers[i]]
-            closed = [n for n, i in enumerate(have) if not nevers[i]]
-            any_open |= bool(opened)
-            ax.plot(x[closed], median[closed], look.marker, color=look.colour, ms=6)
-            ax.plot(x[opened], median[opened], look.marker, mfc="white", mec=look.colour, mew=1.6, ms=7)
+        any_open |= _iterations_vs_lr(axes[0, 1:], ts, by_lr, look, jitter)
     if threshold is not None and sweep.metric == final:
         ax_acc.axhline(threshold, color="0.35", ls=":", lw=1.0)
+    all_lrs = sorted({lr for by_lr in series.values() for lr in by_lr})
     budget = max((r.summary.max_steps for r in sweep.runs), default=0)
     for ax, t in zip(axes[0, 1:], ts):
         ax.axhline(budget, color="0.35", ls=":", lw=1.0)
@@ -503,7 +467,6 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
     _log_scale_if_wide(ax_acc)
     ax_acc.set(ylabel=f"final {name}", title=f"final {name} vs learning rate\n(median over seeds, band: min-max)")
     handles = [Line2D([], [], **looks.of(first[label], vary_lr=False).line(lw=1.6)) for label in series]
-    labels = list(series)
     higher = higher_is_better(sweep.metric)
     easiest = "lowest" if higher else "highest"
     extras = [
@@ -520,12 +483,71 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
         ),
         (True, Line2D([], [], color="0.35", ls=":", lw=1.0), f"left: the {easiest} threshold;\nright: the step budget"),
     ]
-    _legend(fig, handles + [h for shown, h, _ in extras if shown], labels + [lab for shown, _, lab in extras if shown])
+    _legend(fig, handles + [h for shown, h, _ in extras if shown], list(series) + [lab for s, _, lab in extras if s])
+    return Section(
+        "Learning-rate sensitivity",
+        f"Left: final {name} vs learning rate (median over seeds, shaded min-max; x: diverged runs; ring: the "
+        "largest lr that trains). Then, one panel per threshold: the iterations to reach it vs learning rate (open "
+        "markers: some seeds never reached it and count at the step budget). Colour: norm.",
+        fig,
+        _largest_lr_text(sweep, series, threshold),
+    )
+
+
+def _final_vs_lr(ax: Axes, by_lr: dict[float, list[Summary]], final: str, best: float | None, look: Look) -> bool:
+    """One series' final metric vs lr: median and min-max band over seeds, an x per diverged run, a ring at the
+    largest lr that trains; whether any run diverged."""
+    lrs = np.array(list(by_lr))
+    accs = [[a for s in runs if s.status.counts and (a := s.final.get(final)) is not None] for runs in by_lr.values()]
+    have = [i for i, a in enumerate(accs) if a]
+    ax.plot(lrs[have], [np.median(accs[i]) for i in have], **look.line(lw=1.6))
+    lows, highs = [min(accs[i]) for i in have], [max(accs[i]) for i in have]
+    ax.fill_between(lrs[have], lows, highs, color=look.colour, alpha=BAND_ALPHA, lw=0)
+    diverged = False
+    for lr, runs in by_lr.items():
+        for s in (s for s in runs if s.status == Status.DIVERGED):
+            diverged = True
+            if (value := s.final.get(final)) is not None or final == "test_acc":
+                ax.plot(lr, value or 0.0, "x", color=look.colour, ms=10, mew=2.2)
+    if best is not None and accs[i := list(by_lr).index(best)]:
+        ax.plot(best, np.median(accs[i]), "o", ms=15, mfc="none", mec=look.colour, mew=2)
+    return diverged
+
+
+def _iterations_vs_lr(
+    axes: Sequence[Axes], ts: list[float], by_lr: dict[float, list[Summary]], look: Look, jitter: float
+) -> bool:
+    """One series' iterations to each threshold vs lr, a panel per threshold: median and min-max bars over
+    seeds, open markers where some seeds never reached it; whether any did not."""
+    lrs, any_open = np.array(list(by_lr)), False
+    for ax, t in zip(axes, ts):
+        its = [[_iterations(s, t) for s in runs if s.status.counts] for runs in by_lr.values()]
+        nevers = [
+            any(s.status.counts and s.iterations_to_threshold.get(t) is None for s in runs) for runs in by_lr.values()
+        ]
+        have = [i for i, v in enumerate(its) if v]
+        if not have:
+            continue
+        x = lrs[have] * jitter
+        median = np.array([np.median(its[i]) for i in have])
+        err = [median - [min(its[i]) for i in have], [max(its[i]) for i in have] - median]
+        ax.errorbar(x, median, yerr=err, color=look.colour, ls=look.dash, lw=1.4, capsize=3)
+        opened = [n for n, i in enumerate(have) if nevers[i]]
+        closed = [n for n, i in enumerate(have) if not nevers[i]]
+        any_open |= bool(opened)
+        ax.plot(x[closed], median[closed], look.marker, color=look.colour, ms=6)
+        ax.plot(x[opened], median[opened], look.marker, mfc="white", mec=look.colour, mew=1.6, ms=7)
+    return any_open
+
+
+def _largest_lr_text(sweep: Sweep, series: dict[str, dict[float, list[Summary]]], threshold: float | None) -> str:
+    """The largest lr that still trains per series, with the criterion it meets."""
+    higher = higher_is_better(sweep.metric)
     criterion = (
         " (no threshold was set)"
         if threshold is None
         else f" and each ended with final {sweep.metric} {'≥' if higher else '≤'} {threshold:g} "
-        f"(the {easiest} threshold)"
+        f"(the {'lowest' if higher else 'highest'} threshold)"
     )
     lines = [
         "Largest learning rate that still trains, per group: all its seeds completed "
@@ -536,14 +558,7 @@ def lr_sensitivity(sweep: Sweep) -> Section | None:
             for label, edge in training_edges(sweep.runs).items()
         ),
     ]
-    return Section(
-        "Learning-rate sensitivity",
-        f"Left: final {name} vs learning rate (median over seeds, shaded min-max; x: diverged runs; ring: the "
-        "largest lr that trains). Then, one panel per threshold: the iterations to reach it vs learning rate (open "
-        "markers: some seeds never reached it and count at the step budget). Colour: norm.",
-        fig,
-        "\n".join(lines) + "\n",
-    )
+    return "\n".join(lines) + "\n"
 
 
 def _largest(edge: Edge, tried: list[float]) -> str:
@@ -605,6 +620,27 @@ def batch_size_sensitivity(sweep: Sweep) -> Section | None:
     )
 
 
+def _unit0_percentiles(ax: Axes, group: RunGroup, layer: int, colour: Any, title: bool) -> None:
+    """One panel: the group's lowest seed's percentiles of unit 0's nonlinearity input at `layer` over training."""
+    name = tags.activation(layer, unit0=True) + "/p"
+    runs = sorted(
+        (r for r in group.results if all(f"{name}{q}" in r.scalars for q in tags.PERCENTILES)),
+        key=lambda r: str(r.summary.seed),
+    )
+    if not runs:
+        ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", color="0.4")
+        ax.set_title(_wrap(group.label) if title else "", fontsize=9)
+        return
+    run = runs[0]
+    (steps, p15), (_, p50), (_, p85) = (run.curve(f"{name}{q}") for q in tags.PERCENTILES)
+    ax.fill_between(steps, p15, p85, color=colour, alpha=BAND_ALPHA, lw=0)
+    ax.plot(steps, p50, color=colour, lw=1.8)
+    ax.plot(steps, p15, color=colour, lw=0.9, ls="--")
+    ax.plot(steps, p85, color=colour, lw=0.9, ls="--")
+    seed = run.summary.seed
+    ax.set_title(f"{_wrap(group.label)}\n(seed {seed})" if title else f"seed {seed}", fontsize=9)
+
+
 def activation_percentiles(sweep: Sweep) -> Section | None:
     """5. The 15/50/85th percentiles of one tracked unit's nonlinearity input over training (Ioffe & Szegedy
     Fig. 1b,c)."""
@@ -624,24 +660,8 @@ def activation_percentiles(sweep: Sweep) -> Section | None:
     )
     for row, layer in enumerate(layers):
         for col, group in enumerate(groups):
-            ax, colour = axes[row, col], looks.of(group).colour
-            name = tags.activation(layer, unit0=True) + "/p"
-            runs = sorted(
-                (r for r in group.results if all(f"{name}{q}" in r.scalars for q in tags.PERCENTILES)),
-                key=lambda r: str(r.summary.seed),
-            )
-            if runs:
-                run = runs[0]
-                (steps, p15), (_, p50), (_, p85) = (run.curve(f"{name}{q}") for q in tags.PERCENTILES)
-                ax.fill_between(steps, p15, p85, color=colour, alpha=BAND_ALPHA, lw=0)
-                ax.plot(steps, p50, color=colour, lw=1.8)
-                ax.plot(steps, p15, color=colour, lw=0.9, ls="--")
-                ax.plot(steps, p85, color=colour, lw=0.9, ls="--")
-                seed = run.summary.seed
-                ax.set_title(f"{_wrap(group.label)}\n(seed {seed})" if row == 0 else f"seed {seed}", fontsize=9)
-            else:
-                ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", color="0.4")
-                ax.set_title(_wrap(group.label) if row == 0 else "", fontsize=9)
+            ax = axes[row, col]
+            _unit0_percentiles(ax, group, layer, looks.of(group).colour, title=row == 0)
             ax.grid(alpha=0.3)
             if col == 0:
                 hidden = " (last hidden)" if layer == -1 else ""
@@ -676,7 +696,7 @@ def _curves_grid(sweep: Sweep, panels: list[list[tuple[str, str, str]]], title: 
     looks = Looks(sweep)
     nrows, ncols = len(panels), max(len(row) for row in panels)
     fig, axes = _figure(nrows, ncols, width=2.0 + 3.6 * ncols, height=0.8 + 3.0 * nrows, sharex=True)
-    drawn: dict[str, Group] = {}
+    drawn: dict[str, RunGroup] = {}
     for i, row in enumerate(panels):
         for j in range(ncols):
             ax = axes[i, j]
@@ -858,26 +878,18 @@ def speedup_table(result: analysis.BaselineSpeedup) -> str:
         if row.group is None:
             lines.append(f"| {name} | {row.lr:g} | not in the grid | | | {' | '.join(paper_cells)} |")
             continue
-        reached = "never" if row.steps is None else _spread_text(row.steps)
+        reached = "never" if row.steps is None else fmt_spread(row.steps)
         if row.never and row.steps is not None:
             reached += f", {row.never} never"
-        ratio = "1x" if row.norm == NO_NORM else "-" if row.speedup is None else _spread_text(row.speedup, "x")
-        mean, std = row.peak
-        best = "-" if mean is None else f"{mean:.4f}" + ("" if std is None else f"±{std:.4f}")
-        lines.append(f"| {name} | {row.lr:g} | {reached} | {ratio} | {best} | {' | '.join(paper_cells)} |")
+        ratio = "1x" if row.norm == NO_NORM else "-" if row.speedup is None else fmt_spread(row.speedup, "{:.2f}", "x")
+        lines.append(
+            f"| {name} | {row.lr:g} | {reached} | {ratio} | {fmt_mean_std(*row.peak)} | {' | '.join(paper_cells)} |"
+        )
     return (
         f"Target: the baseline's best test accuracy, {result.target:.4f} (the lowest of its seeds' peaks). The "
         "paper's target was Inception's best, 72.2 %, and its BN runs also had the other changes it lists (faster lr "
         "decay, less L2, no dropout).\n\n" + "\n".join(lines) + "\n"
     )
-
-
-def _spread_text(spread: tuple[float, float, float], unit: str = "") -> str:
-    """'2600 (2400-2900)' steps, or '2.36x (2.18-2.42)' with unit 'x'."""
-    med, lo, hi = spread
-    number = "{:.2f}" if unit else "{:g}"
-    text = number.format(med) + unit
-    return text if lo == hi else f"{text} ({number.format(lo)}-{number.format(hi)})"
 
 
 def train_eval_precise_bn(sweep: Sweep) -> Section | None:

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from bnlab.record.files import write_json, write_text
 from bnlab.record.summary import SWEEP_FILE, Status, Summary
-from bnlab.results.analysis import Group, Sweep, ThresholdStats, group_runs, load_sweep, varying_keys
+from bnlab.results.analysis import RunGroup, Sweep, ThresholdStats, group_runs, load_sweep, varying_keys
 
 COUNTED = (Status.COMPLETED, Status.DIVERGED, Status.FAILED)  # the ok/div/fail column
 FINAL_NAMES = {  # final metrics -> their column
@@ -30,16 +30,23 @@ def fmt_threshold(t: float) -> str:
     return f"{t:g}"
 
 
+def fmt_spread(spread: tuple[float, float, float], number: str = "{:g}", unit: str = "") -> str:
+    """A median and its range over seeds: '900 (800-1000)', or '3.20x (2.90-3.50)' with number '{:.2f}' and
+    unit 'x'; the median alone where the range is one value."""
+    med, lo, hi = spread
+    text = number.format(med) + unit
+    return text if lo == hi else f"{text} ({number.format(lo)}-{number.format(hi)})"
+
+
 def fmt_iters(stats: ThresholdStats) -> str:
     """'900 (800-1000)', with ', 1 never' when some runs never reached the threshold; 'never' if none did."""
     if stats.iterations is None:
         return "never" if stats.never else "-"
-    med, lo, hi = stats.iterations
-    text = f"{med:g}" if lo == hi else f"{med:g} ({lo}-{hi})"
+    text = fmt_spread(stats.iterations)
     return f"{text}, {stats.never} never" if stats.never else text
 
 
-def fmt_speedup(group: Group, t: float) -> str:
+def fmt_speedup(group: RunGroup, t: float) -> str:
     """The speed-up over the norm=none twin: '3.20x (2.90-3.50)', paired by seed ('>=' where some twin seeds
     never reached the threshold). Where none of them did, what is known, in words: 'none: never in 3000
     (88.3 %)' (its step budget and final test accuracy); the lower bound stays in the CSV and JSON."""
@@ -49,36 +56,31 @@ def fmt_speedup(group: Group, t: float) -> str:
     if stats.twin_never:
         acc, _ = group.twin.final_test_acc
         return f"none: never in {group.twin.budget}" + ("" if acc is None else f" ({100 * acc:.1f} %)")
-    med, lo, hi = stats.speedup
-    prefix = ">=" if stats.speedup_lower_bound else ""
-    return f"{prefix}{med:.2f}x" + ("" if lo == hi else f" ({lo:.2f}-{hi:.2f})")
+    return (">=" if stats.speedup_lower_bound else "") + fmt_spread(stats.speedup, "{:.2f}", "x")
 
 
 def fmt_speed(speeds: tuple[float, float, float] | None) -> str:
     """Steps/s over a group's runs: '586.7', or '442.7 (23.8-861.5)' where its runs differ."""
-    if speeds is None:
-        return "-"
-    med, lo, hi = speeds
-    return f"{med:.1f}" + ("" if lo == hi else f" ({lo:.1f}-{hi:.1f})")
+    return "-" if speeds is None else fmt_spread(speeds, "{:.1f}")
 
 
 def fmt_mean_std(mean: float | None, std: float | None) -> str:
     return "-" if mean is None else f"{mean:.4f}" + ("" if std is None else f"±{std:.4f}")
 
 
-def fmt_status(group: Group) -> str:
+def fmt_status(group: RunGroup) -> str:
     interrupted = group.count(Status.INTERRUPTED)
     return "/".join(str(group.count(s)) for s in COUNTED) + (f" +{interrupted} int." if interrupted else "")
 
 
-def finals(groups: list[Group]) -> list[str]:
+def finals(groups: list[RunGroup]) -> list[str]:
     """The final metrics shown: test accuracy (where no run has one, a regression's: test loss), and those that
     some run recorded beside it (train mode, precise BN)."""
     regression = any(g.final("test_loss") for g in groups) and not any(g.final("test_acc") for g in groups)
     return ["test_loss" if regression else "test_acc", *(m for m in FINALS if any(g.final(m) for g in groups))]
 
 
-def cells(group: Group, thresholds: list[float], metrics: list[str], sep: str) -> list[str]:
+def cells(group: RunGroup, thresholds: list[float], metrics: list[str], sep: str) -> list[str]:
     """A group's table cells after its label: runs, statuses, per threshold iterations and speed-up (joined
     by `sep`), each final metric (mean±std), steps/s."""
     iters = [sep.join(filter(None, (fmt_iters(group.thresholds[t]), fmt_speedup(group, t)))) for t in thresholds]
@@ -86,11 +88,11 @@ def cells(group: Group, thresholds: list[float], metrics: list[str], sep: str) -
     return [str(len(group.runs)), fmt_status(group), *iters, *accs, fmt_speed(group.steps_per_s)]
 
 
-def _thresholds(groups: list[Group]) -> list[float]:
+def _thresholds(groups: list[RunGroup]) -> list[float]:
     return sorted({t for g in groups for t in g.thresholds})
 
 
-def rich_table(title: str, groups: list[Group], metric: str, sweeps: list[str] | None = None) -> Table:
+def rich_table(title: str, groups: list[RunGroup], metric: str, sweeps: list[str] | None = None) -> Table:
     """The console table; with `sweeps`, a first column names each group's sweep."""
     table = Table(
         title=f"{title}\niterations to each {metric} threshold, median (min-max) over seeds;\n"
@@ -115,7 +117,7 @@ def rich_table(title: str, groups: list[Group], metric: str, sweeps: list[str] |
     return table
 
 
-def markdown(groups: list[Group], metric: str) -> str:
+def markdown(groups: list[RunGroup], metric: str) -> str:
     thresholds, metrics = _thresholds(groups), finals(groups)
     head = ["group", "runs", "ok/div/fail", *(f"iters to {metric} {t:g}" for t in thresholds)]
     head += [*(FINAL_NAMES[m] for m in metrics), "steps/s"]
@@ -125,7 +127,7 @@ def markdown(groups: list[Group], metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def record(group: Group) -> dict[str, Any]:
+def record(group: RunGroup) -> dict[str, Any]:
     """A group as one JSON record (the sweep's sweep.json), thresholds as numbers."""
     return {
         "group": group.label,
@@ -153,7 +155,7 @@ def record(group: Group) -> dict[str, Any]:
     }
 
 
-def to_csv(groups: list[Group]) -> str:
+def to_csv(groups: list[RunGroup]) -> str:
     """One row per group, every figure in its own column (`iters_to_0.9_median`, `speedup_0.9_min`, ...)."""
     rows = []
     for g in groups:
@@ -196,7 +198,7 @@ def summarize(root: Path, console: Console, include_failed: bool = False) -> Swe
     return sweep
 
 
-def compare(roots: list[Path], console: Console, include_failed: bool = False) -> list[tuple[str, Group]]:
+def compare(roots: list[Path], console: Console, include_failed: bool = False) -> list[tuple[str, RunGroup]]:
     """Several sweeps side by side: the same groups (named by the keys that vary over all of them) next to each
     other; failed runs only with `include_failed`."""
     runs = {root: load_sweep(root, include_failed=include_failed).runs for root in roots}

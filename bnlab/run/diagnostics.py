@@ -25,7 +25,7 @@ from bnlab.schema import tags
 from bnlab.schema.config import LANDSCAPE_STEPS, ConfigError
 
 if TYPE_CHECKING:
-    from bnlab.run.engine import Group
+    from bnlab.run.engine import Processes
 
 RUNNING_STATS = ("running_mean", "running_var", "running_std")  # the buffers a norm estimates the population with
 NOISE_SEED = 0  # every forward pass of one diagnostic draws the same noise (noisy_batch), so noise is no signal
@@ -225,7 +225,7 @@ def precise_bn(
     batch_size: int,
     num_batches: int = 200,
     generator: torch.Generator | None = None,
-    group: Group | None = None,
+    group: Processes | None = None,
 ) -> None:
     """Precise BN (fvcore, pycls): set every norm layer's running statistics to the plain average, over
     `num_batches` training batches of `batch_size`, of the per-batch statistics the layer itself stores.

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bnlab.core.data import Dataset
 from bnlab.core.norms import with_torch_sync_batch_norm
-from bnlab.run.engine import Group, Single, resolve_device
+from bnlab.run.engine import Processes, Single, resolve_device
 from bnlab.schema.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class DistributedError(RuntimeError):
     """The processes of a distributed run lost each other: one died, failed or stopped answering."""
 
 
-class ProcessGroup(Group):
+class ProcessGroup(Processes):
     """The processes of a distributed run, with torch.distributed collectives over them. The stop flag
     goes over gloo (on CUDA a second, CPU group), so that agreeing on it never waits for a GPU."""
 

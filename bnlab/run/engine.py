@@ -4,7 +4,7 @@ format, the batch order, the step itself and the test evaluation.
 An engine trains one or more runs that share every step: `Single` one model; `bnlab.run.fused.engine.Fused` N
 runs stacked into one model; `bnlab.run.distributed.Replica` one model on each process of a distributed
 run. They hand back per-member device tensors that nobody has read yet, so the loop in bnlab/run/train.py
-decides when to synchronise with the device. An engine's `Group` is the processes it trains on: one
+decides when to synchronise with the device. An engine's `Processes` is the processes it trains on: one
 (`LOCAL`) or several (bnlab.run.distributed), each taking its share of every batch.
 """
 
@@ -261,7 +261,7 @@ def evaluate(
     return sums / len(x)
 
 
-class Group:
+class Processes:
     """The processes that train one run together: this one alone (`LOCAL`), or those of a distributed run
     (bnlab.run.distributed.ProcessGroup, whose methods are collectives). Rank 0 is the one that writes."""
 
@@ -283,11 +283,11 @@ class Group:
         return requested
 
 
-LOCAL = Group()
+LOCAL = Processes()
 
 
 def evaluate_shared(
-    group: Group,
+    group: Processes,
     model: nn.Module,
     x: Tensor,
     y: Tensor,
@@ -320,7 +320,7 @@ class Engine(Protocol):
 
     members: int
     model: nn.Module
-    group: Group  # the processes it trains on
+    group: Processes  # the processes it trains on
 
     def step(self, step: int) -> tuple[Tensor, Tensor]:
         """Train one step; each member's loss and count of correct predictions (N,), on the device, unread."""

@@ -43,7 +43,16 @@ from bnlab.record.hparams import metric_values, session
 from bnlab.record.summary import FILE, Status, Summary
 from bnlab.run.diagnostics import precise_bn
 from bnlab.run.distributed import Replica, processes
-from bnlab.run.engine import LOCAL, Engine, Group, Single, evaluate_shared, forget_shared_data, prepare, thread_count
+from bnlab.run.engine import (
+    LOCAL,
+    Engine,
+    Processes,
+    Single,
+    evaluate_shared,
+    forget_shared_data,
+    prepare,
+    thread_count,
+)
 from bnlab.run.fused.engine import Fused
 from bnlab.run.threads import usable_cores
 from bnlab.schema import tags
@@ -367,7 +376,7 @@ def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None, core
         raise
 
 
-def _replica(group: Group, cfg: TrainConfig, run_dir: Path, resumed: bool) -> None:
+def _replica(group: Processes, cfg: TrainConfig, run_dir: Path, resumed: bool) -> None:
     """Rank group.rank > 0 of a distributed run, in a process of its own: rank 0's loop on its share of
     every batch, from rank 0's checkpoint when it resumes, writing nothing."""
     checkpoint = torch.load(run_dir / CHECKPOINT, weights_only=False) if resumed else None
@@ -384,7 +393,7 @@ def _drive(
     data: Dataset,
     device: torch.device,
     checkpoints: list[dict] | None,
-    group: Group,
+    group: Processes,
     console: Console | None = None,
 ) -> None:
     """Build the engine and run the loop, with a progress bar on `console` if there is one."""
@@ -556,7 +565,7 @@ class Loop:
             self.save_checkpoint(n, finished=run.status != Status.INTERRUPTED)
 
 
-def eval_modes(model: nn.Module, data: Dataset, cfg: TrainConfig, group: Group = LOCAL) -> dict[str, float]:
+def eval_modes(model: nn.Module, data: Dataset, cfg: TrainConfig, group: Processes = LOCAL) -> dict[str, float]:
     """Test accuracy of a trained model in train mode (batch statistics of test batches of data.batch_size:
     the forgotten model.eval()) and in eval mode after precise BN over trainer.precise_bn batches; on a
     copy, so the model keeps its own running statistics. In a distributed run every process takes part,

@@ -104,32 +104,11 @@ class Fused:
         with torch.random.fork_rng(devices=[]):  # building draws initial weights: keep the RNG as it was
             models = [build_model(c, data.in_shape, data.num_classes) for c in cfgs]
         self.templates = [prepare_model(m, replace(c.trainer, compile=False), device) for m, c in zip(models, cfgs)]
-        writers = writers or [None] * self.members
-        self.diagnostics = (
-            [  # each member's, on a copy of its model at each call, as its separate run has them
-                DiagnosticLog(
-                    c.diag,
-                    self.member_model(n),
-                    writers[n],
-                    data.test_x[: c.diag.probe],
-                    lambda n=n: self.lrs()[n],
-                    data.task,
-                )
-                for n, c in enumerate(cfgs)
-            ]
-            if cfgs[0].diag.switched_on()
-            else []
-        )
+        self.diagnostics = self._diagnostics(writers or [None] * self.members) if cfgs[0].diag.switched_on() else []
         if checkpoints:
             self.model.load_member_state_dicts([c["model"] for c in checkpoints])
         self.optimizer = build_stacked_optimizer(self.model, [c.optim for c in cfgs])
-        # Members of one seed draw the same batches: where the group is K equal blocks of one seed each (the
-        # launcher sorts it by seed), K batches are drawn and fed to the model once each, not N.
-        seeds = [c.seed for c in cfgs]
-        k = len(set(seeds))
-        self.inputs = (
-            k if seeds == [s for s in dict.fromkeys(seeds) for _ in range(self.members // k)] else self.members
-        )
+        self.inputs = self._distinct_inputs()
         self.orders = [
             batches(len(data.train_y), c.data.batch_size, torch.Generator(device=device).manual_seed(c.seed))
             for c in cfgs[:: self.members // self.inputs]
@@ -146,6 +125,28 @@ class Fused:
             self.optimizer.load_member_states([c["optimizer"] for c in checkpoints])
             for order in self.orders:
                 skip(order, checkpoints[0]["step"])
+
+    def _diagnostics(self, writers: Sequence) -> list[DiagnosticLog]:
+        """Each member's diagnostics, on a copy of its model at each call, as its separate run has them."""
+        data = self.data
+        return [
+            DiagnosticLog(
+                c.diag,
+                self.member_model(n),
+                writers[n],
+                data.test_x[: c.diag.probe],
+                lambda n=n: self.lrs()[n],
+                data.task,
+            )
+            for n, c in enumerate(self.cfgs)
+        ]
+
+    def _distinct_inputs(self) -> int:
+        """Members of one seed draw the same batches: where the group is K equal blocks of one seed each (the
+        launcher sorts it by seed), K batches are drawn and fed to the model once each, not N."""
+        seeds = [c.seed for c in self.cfgs]
+        k = len(set(seeds))
+        return k if seeds == [s for s in dict.fromkeys(seeds) for _ in range(self.members // k)] else self.members
 
     def step(self, step: int) -> tuple[Tensor, Tensor]:
         k, per = self.inputs, self.members // self.inputs
