@@ -1,14 +1,10 @@
-"""Fused training: N runs that differ only in keys marked MEMBER in bnlab/schema/config.py (seed, lr, init, norm
-and optimizer constants, thresholds, ...; `can_fuse`) trained as one stacked model, each member following
-its separate run to float rounding. `FusedModel` walks the members' ordinary models and swaps each layer
-for its stacked counterpart on activations laid out as bnlab.run.fused.stacking describes: a Linear becomes a
-batched matmul, a Conv2d a grouped conv, and a norm whatever its registry entry says (the same norm
-over N*C channels, so no statistic crosses members), or, where the members' norm settings differ,
-each member's own layer on its channels. Every stacked tensor is the members' tensors concatenated
-along dim 0, which `member_state_dict` splits back. The optimizer is the registry's stacked form (each
-member's optim.* values), the loss is the sum of the members' mean losses, and `Fused` is the engine
-that bnlab.run.train's loop drives for a fused group (bnlab.face.launcher forms the groups of a sweep); each
-member's diagnostics run on a copy of its model, as an ordinary model."""
+"""The engine of fused training: N runs that differ only in keys marked MEMBER in bnlab/schema/config.py
+(seed, lr, init, norm and optimizer constants, thresholds, ...; `can_fuse`) trained as one stacked model
+(bnlab.run.fused.stacking's FusedModel) with the stacked optimizer (bnlab.run.fused.optim, each member's
+optim.* values), each member following its separate run to float rounding. The loss is the sum of the
+members' mean losses; `Fused` is the engine that bnlab.run.train's loop drives for a fused group
+(bnlab.face.launcher forms the groups of a sweep); each member's diagnostics run on a copy of its model,
+as an ordinary model."""
 
 from __future__ import annotations
 

@@ -4,8 +4,11 @@ trains it).
 The stacked layout: activations are (B, N*C, ...), member n owning channels n*C to (n+1)*C - 1, and
 every stacked parameter or buffer is the members' tensors concatenated along dim 0. A per-channel
 layer (a norm over each channel's values, a grouped convolution) then stacks by multiplying its
-channel and group counts by N, so no statistic or weight crosses members. Layers whose settings differ
-between the members (a norm's eps, say) stack as `Memberwise`: one call per member on its channels.
+channel and group counts by N, so no statistic or weight crosses members: a Linear becomes a batched
+matmul, a Conv2d a grouped conv, a norm the counts its registry entry declares (`Norm.fuse`) multiplied.
+Layers whose settings differ between the members (a norm's eps, say) stack as `Memberwise`: one call per
+member on its channels. `FusedModel` swaps each layer of the members' ordinary models for its stacked
+counterpart; `member_state_dict` splits the stacked tensors back.
 """
 
 from __future__ import annotations
