@@ -309,7 +309,7 @@ def test_each_norm_has_one_colour_in_every_figure_and_the_best_lr_comes_first(lr
     text = write_report(lr_sweep).read_text()
     assert text.index("## Each norm at its best learning rate") < text.index("## Sweep table")
     assert "| norm=batch | 1* | " in text  # best by accuracy: the largest lr tried, marked as the grid's edge
-    assert "speed-up to 0.9 over none at its best lr" in text and "## Notation" in text
+    assert "speed-up to 0.9 over none, each at its best lr" in text and "## Notation" in text
     assert image_ok(lr_sweep / "best_lr.png")
 
 

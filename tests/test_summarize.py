@@ -80,10 +80,14 @@ def test_bookkeeping_keys_name_no_group_and_no_run_directory():
     assert set(cfg.hydra.job.config.override_dirname.exclude_keys) == set(BOOKKEEPING_KEYS)
 
 
-def test_iterations_are_median_min_max_and_never_reached_runs_are_counted():
+def test_iterations_are_the_kaplan_meier_median_and_never_reached_runs_are_censored():
     bn = by_group(RUNS)["norm=batch, optim.lr=0.01"]
-    assert (bn.thresholds[0.9].iterations, bn.thresholds[0.9].never) == ((300, 200, 400), 0)
-    assert (bn.thresholds[0.95].iterations, bn.thresholds[0.95].never) == ((1000, 900, 1100), 1)
+    m = bn.thresholds[0.9].median  # 200, 300, 400: the median and 3 of 3 reached
+    assert (m.steps, m.exact, m.reached, m.seeds, bn.thresholds[0.9].never) == (300, True, 3, 3, 0)
+    assert m.ci_low == 200  # with 3 seeds the interval reaches past the last step seen on the other side
+    m = bn.thresholds[0.95].median  # 900, 1100 and seed 2 censored at its last step, 3000
+    assert (m.steps, m.exact, m.reached, m.seen, bn.thresholds[0.95].never) == (1100, True, 2, 3000, 1)
+    assert RUNS[2]["iterations_to_threshold"]["0.95"] is None  # never counted as reaching it at 3000
     mean, std = bn.final_test_acc
     assert mean == pytest.approx(0.96) and std == pytest.approx(0.01)
 
@@ -103,15 +107,14 @@ def test_steps_per_s_is_each_runs_own_as_median_and_range(tmp_path):
     assert (row["steps_per_s_median"], row["steps_per_s_min"], row["steps_per_s_max"]) == ("442.7", "23.8", "861.5")
 
 
-def test_speed_up_over_the_no_norm_twin_is_paired_by_seed():
+def test_speed_up_over_the_no_norm_twin_is_the_ratio_of_medians_with_a_paired_interval():
     bn = by_group(RUNS)["norm=batch, optim.lr=0.01"]
-    # seeds 0, 1, 2: 1200/300, 800/400, 1000/200
-    assert bn.thresholds[0.9].speedup == (4.0, 2.0, 5.0)
-    assert bn.thresholds[0.9].speedup_lower_bound is False
-    # no BN never reached 0.95 in its 3000 steps: 3000/900, 3000/1100 are lower bounds (seed 2: BN never reached it)
-    _, lo, hi = bn.thresholds[0.95].speedup
-    assert lo == pytest.approx(3000 / 1100, abs=0.01) and hi == pytest.approx(3000 / 900, abs=0.01)
-    assert bn.thresholds[0.95].speedup_lower_bound is True
+    c = bn.thresholds[0.9].speedup  # medians: none 1000 (800, 1000, 1200), batch 300 (200, 300, 400)
+    assert (c.speedup, c.bound, c.faster_seeds, c.seeds_arm) == pytest.approx((1000 / 300, "exact", 3, 3))
+    assert 800 / 400 <= c.ci_low <= c.speedup <= c.ci_high <= 1200 / 200
+    # no BN never reached 0.95 in its 3000 steps: its steps are known only from below, so is the speed-up
+    c = bn.thresholds[0.95].speedup
+    assert (c.speedup, c.bound, c.ci_high) == (pytest.approx(3000 / 1100), "lower", None)
     assert by_group(RUNS)["norm=none, optim.lr=0.01"].thresholds[0.9].speedup is None
 
 
@@ -140,10 +143,11 @@ def test_summarize_writes_csv_md_and_json_with_one_row_per_group(tmp_path):
         ("none", "0.1"),
     }
     md = (tmp_path / "summary.md").read_text()
-    row = "| norm=batch, optim.lr=0.01 | 3 | 3/0/0 | 300 (200-400); 4.00x (2.00-5.00) | 1000 (900-1100), 1 never; "
-    assert row + "none: never in 3000 (90.0 %) |" in md  # what is known, where the twin never got there
+    row = "| norm=batch, optim.lr=0.01 | 3 | 3/0/0 | 300 [200, >400]; vs none 3.33x [2.00, 5.00] | "
+    assert row + "1100 [900, >3000], 1 never; vs none >=2.73x [>=1.00] |" in md  # the twin never got there: a bound
     csv_bn = next(r for r in rows if r["group"] == "norm=batch, optim.lr=0.01")
-    assert float(csv_bn["speedup_0.95_min"]) == pytest.approx(3000 / 1100, abs=0.01)  # the bound stays in the CSV
+    assert float(csv_bn["speedup_0.95_ratio"]) == pytest.approx(3000 / 1100) and csv_bn["speedup_0.95_bound"] == "lower"
+    assert (csv_bn["iters_to_0.95_median"], csv_bn["iters_to_0.95_reached"]) == ("1100.0", "2")
     assert len(json.loads((tmp_path / "sweep.json").read_text())["groups"]) == 4
     assert len(load_runs(tmp_path)) == 8
     (tmp_path / "summary.json").write_text((tmp_path / "sweep.json").read_text())  # where an earlier bnlab wrote it
@@ -229,7 +233,9 @@ def test_a_regression_table_shows_the_final_test_loss_and_its_speed_ups(tmp_path
     summarize(tmp_path, make_console())
     md = (tmp_path / "summary.md").read_text()
     assert "| iters to test_loss 2.5 | final test loss | steps/s |" in md and "final test acc" not in md
-    assert "| norm=batch, optim.weight_decay=0.0001 | 2 | 2/0/0 | 1000; 3.00x | 0.7500±0.0707 |" in md
+    batch = "| norm=batch, optim.weight_decay=0.0001 | 2 | 2/0/0 | 1000 [1000, >1000]; vs none 3.00x [3.00, 3.00] |"
+    assert batch + " 0.7500±0.0707 |" in md
+    assert md.count("vs none 3.00x") == 1 and "in 3.00x [3.00, 3.00] fewer steps" in md  # the verdict: the same ratio
 
 
 def test_threshold_defaults_belong_to_the_data_set():

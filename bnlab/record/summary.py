@@ -19,7 +19,8 @@ from bnlab.record.files import write_json
 
 SCHEMA_VERSION = 2  # 1: no schema_version, iterations_to_threshold as {"0.9": 300}, NaN where a value was not finite
 FILE = "summary.json"  # in every run folder
-SWEEP_FILE = "sweep.json"  # at a sweep's root: its table (bnlab.results.summarize), not a run's summary
+SWEEP_FILE = "sweep.json"  # at a sweep's root: its table and verdicts (bnlab.results.summarize), not a run's
+SWEEP_SCHEMA_VERSION = 3  # sweep.json: per group and threshold the median steps with its interval; the verdicts
 
 
 class Status(str, Enum):

@@ -16,7 +16,7 @@ import math
 import statistics
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from bnlab.record.summary import FILE, Status, Summary, is_run_summary
+from bnlab.results.verdict import Comparison, MedianSteps, Times, compare, median_steps
 from bnlab.schema import tags
 from bnlab.schema.config import BOOKKEEPING_KEYS, NO_NORM, flatten
 from bnlab.schema.metrics import higher_is_better, reaches
@@ -122,13 +123,15 @@ def _spread(values: list[float], digits: int | None = None) -> tuple[float, floa
 
 @dataclass
 class ThresholdStats:
-    """One group's runs at one threshold."""
+    """One group's runs at one threshold (bnlab.results.verdict)."""
 
-    iterations: tuple[float, float, float] | None  # (median, min, max) over the runs that reached it
-    never: int  # runs that never reached it
-    speedup: tuple[float, float, float] | None  # over the norm=none twin, paired by seed: (median, min, max)
-    speedup_lower_bound: bool  # some twin never reached it: its step budget stood in
-    twin_never: bool = False  # the twin's runs all never reached it: the speed-up is only a lower bound
+    median: MedianSteps  # steps to it over the seeds, those that never reached it censored
+    speedup: Comparison | None  # over the norm=none twin, the same config at the same lr; None: no twin
+
+    @property
+    def never(self) -> int:
+        """Seeds that never reached it."""
+        return self.median.seeds - self.median.reached
 
 
 @dataclass
@@ -186,24 +189,16 @@ class RunGroup:
         return _spread([s for r in self.results if (s := r.summary.steps_per_s)], 1)
 
 
-def _speedups(runs: list[RunResult], twin: list[RunResult], threshold: float) -> tuple[list[float], bool]:
-    """Per seed: twin iterations / this group's iterations to `threshold`.
-
-    A twin run that never reached the threshold counts with its step budget (trainer.max_steps), so
-    the ratio is a lower bound, flagged by the second return value. Seeds where this group never
-    reached it are left out.
-    """
-    twin_by_seed = {r.summary.seed: r.summary for r in twin}
-    ratios, lower_bound = [], False
+def times_to(runs: list[RunResult], threshold: float) -> Times:
+    """Each run's steps to `threshold`; where it never reached it, censored where it was last seen: a completed
+    run at its last step, a diverged one at its step budget (it would not have reached it later)."""
+    steps, reached = [], []
     for r in runs:
-        t = twin_by_seed.get(r.summary.seed)
-        ours = r.summary.iterations_to_threshold.get(threshold)
-        if t is None or not ours:
-            continue
-        theirs = t.iterations_to_threshold.get(threshold)
-        lower_bound |= theirs is None
-        ratios.append((theirs or t.max_steps) / ours)
-    return ratios, lower_bound
+        at = r.summary.iterations_to_threshold.get(threshold)
+        last = r.summary.steps if r.summary.status == Status.COMPLETED else r.summary.max_steps
+        steps.append(last if at is None else at)
+        reached.append(at is not None)
+    return Times.of([r.summary.seed for r in runs], steps, reached)
 
 
 def _sort_key(group: RunGroup) -> list[tuple[str, Any]]:
@@ -228,15 +223,12 @@ def group_runs(runs: list[RunResult], keys: list[str] | None = None) -> list[Run
     by_norm = set_with_norm(runs, keys)
     for g in groups:
         g.twin = _twin(g, groups, by_norm)
-        twin = g.twin.results if g.twin else []
+        if not g.results:
+            continue
         for t in thresholds:
-            reached = [r.summary.iterations_to_threshold.get(t) for r in g.results]
-            ratios, lower = _speedups(g.results, twin, t)
-            spread = _spread([v for v in reached if v is not None])
-            twin_never = bool(twin) and all(r.summary.iterations_to_threshold.get(t) is None for r in twin)
-            g.thresholds[t] = ThresholdStats(
-                spread, sum(v is None for v in reached), _spread(ratios, 2), lower, twin_never
-            )
+            ours = times_to(g.results, t)
+            twin = compare(ours, times_to(g.twin.results, t)) if g.twin and g.twin.results else None
+            g.thresholds[t] = ThresholdStats(median_steps(ours), twin)
     return sorted(groups, key=_sort_key)
 
 
@@ -282,6 +274,10 @@ class Sweep:
     @cached_property
     def varying(self) -> list[str]:
         return varying_keys(r.flat_config for r in self.runs)
+
+    @cached_property
+    def verdicts(self) -> list[Verdict]:
+        return verdicts(self)
 
     @cached_property
     def counted(self) -> dict[str, list[RunResult]]:
@@ -473,28 +469,78 @@ def best_lrs(sweep: Sweep) -> list[AtBestLr]:
         accs = {id(g): sign * statistics.median(g.final(metric)) if g.final(metric) else -math.inf for g in groups}
         by_iters = {}
         for t in sweep.thresholds:
-            reached = [g for g in groups if g.thresholds[t].iterations is not None and not g.thresholds[t].never]
-            by_iters[t] = min(reached, key=lambda g: g.thresholds[t].iterations[0], default=None)
+            reached = [g for g in groups if not g.thresholds[t].never]
+            by_iters[t] = min(reached, key=lambda g: g.thresholds[t].median.steps, default=None)
         out.append(AtBestLr(label, groups, max(groups, key=lambda g: accs[id(g)]), by_iters))
     return out
 
 
-def speedup_at_best(best: AtBestLr, everyone: list[AtBestLr], t: float) -> float | None:
-    """Median iterations to `t` of the norm=none series at its own best lr over this series' at its best lr;
-    None without such a twin, or where this series never reached `t`; inf where the twin never did."""
+# ---------------------------------------------------------------- the verdict: each norm at its best lr vs none at its
 
-    runs = [r for b in everyone for g in b.groups for r in g.runs]
-    by_norm = set_with_norm(runs, list(best.groups[0].keys))
 
-    def setting(b: AtBestLr) -> dict[str, Any]:
-        return {k: v for k, v in b.groups[0].keys.items() if k not in by_norm and k != "optim.lr"}
+@dataclass(frozen=True)
+class Verdict:
+    """One norm against no normalization, each at its own best lr, at one threshold (sweep.json's `verdicts`)."""
 
-    twin = next((b for b in everyone if b.norm == NO_NORM and setting(b) == setting(best)), None)
-    ours = best.by_iters.get(t)
-    if twin is None or twin is best or ours is None:
-        return None
-    theirs = twin.by_iters.get(t)
-    return float("inf") if theirs is None else theirs.thresholds[t].iterations[0] / ours.thresholds[t].iterations[0]
+    arm: str  # the arm's group label without the lr, "norm=batch"
+    baseline: str  # "norm=none"
+    metric: str
+    threshold: float
+    arm_lr: float
+    baseline_lr: float
+    speedup: float  # the baseline's median steps to the threshold / the arm's (bnlab.results.verdict.compare)
+    ci_low: float | None  # 95 %; None: unbounded on that side (a lower bound has no upper end)
+    ci_high: float | None
+    bound: str  # exact, lower or upper
+    seeds_arm: int
+    seeds_baseline: int
+    faster_seeds: int | None  # seeds in which the arm got there sooner (paired by seed; else None)
+
+
+def best_lr(groups: list[RunGroup], thresholds: list[float], metric: str) -> RunGroup:
+    """A series' best lr, by one rule: the fewest median steps to the highest threshold that at least half the
+    seeds reach at some lr; where none is reached so, or on a tie, the best median final `metric`."""
+    sign = 1 if higher_is_better(metric) else -1
+
+    def final(g: RunGroup) -> float:
+        values = g.final(metric)
+        return sign * statistics.median(values) if values else -math.inf
+
+    counted = [g for g in groups if g.results]
+    for t in sorted(thresholds, key=lambda t: sign * t, reverse=True):  # the hardest first
+        exact = [g for g in counted if g.thresholds[t].median.exact]
+        if exact:
+            return min(exact, key=lambda g: (g.thresholds[t].median.steps, -final(g)))
+    return max(counted, key=final)
+
+
+def verdicts(sweep: Sweep) -> list[Verdict]:
+    """Each norm's series (its groups minus the lr) at its best lr against the norm=none series of the same
+    other settings at its own best lr, at every threshold where either median is known."""
+    series: dict[str, list[RunGroup]] = {}
+    for g in (g for g in sweep.groups if g.results):
+        series.setdefault(g.without("optim.lr"), []).append(g)
+    best = {label: best_lr(groups, sweep.thresholds, sweep.final_metric) for label, groups in series.items()}
+    by_norm = set_with_norm(sweep.runs, sweep.varying)
+    out = []
+    for label, arm in best.items():
+        setting = {k: v for k, v in arm.keys.items() if k not in by_norm and k != "optim.lr"}
+        baseline = next(
+            (
+                (other, b)
+                for other, b in best.items()
+                if b.norm == NO_NORM and {k: v for k, v in b.keys.items() if k in setting} == setting
+            ),
+            None,
+        )
+        if arm.norm == NO_NORM or baseline is None:
+            continue
+        base_label, base = baseline
+        for t in sweep.thresholds:
+            c = compare(times_to(arm.results, t), times_to(base.results, t))
+            if c is not None:
+                out.append(Verdict(label, base_label, sweep.metric, t, arm.lr, base.lr, **asdict(c)))
+    return out
 
 
 # ---------------------------------------------------------------- the speed-up at multiples of the baseline's lr

@@ -40,10 +40,9 @@ from bnlab.results.analysis import (
     largest_lr_that_trains,
     lr_series,
     over_training,
-    speedup_at_best,
     training_edges,
 )
-from bnlab.results.summarize import fmt_mean_std, fmt_spread
+from bnlab.results.summarize import fmt_mean_std, fmt_ratio, fmt_spread
 from bnlab.schema import tags
 from bnlab.schema.config import LANDSCAPE_STEPS, NO_NORM
 from bnlab.schema.metrics import METRICS, higher_is_better
@@ -260,7 +259,8 @@ def best_lr(sweep: Sweep) -> Section | None:
                 ax.bar(i, b.groups[0].budget, 0.7, facecolor="none", edgecolor=looks.of(b.groups[0]).colour, ls="--")
                 ax.text(i, b.groups[0].budget, "never", ha="center", va="bottom", fontsize=7)
                 continue
-            med, lo, hi = at.thresholds[t].iterations
+            m = at.thresholds[t].median
+            med, lo, hi = m.steps, m.ci_low or m.steps, m.ci_high or m.seen
             ax.bar(i, med, 0.7, color=looks.of(at).colour, hatch=looks.of(at).hatch, edgecolor="white")
             ax.errorbar(i, med, yerr=[[med - lo], [hi - med]], fmt="none", ecolor="black", capsize=3)
             ax.text(i, hi, f"{med:g}\nlr {at.lr:g}{'*' if b.edge(at) else ''}", ha="center", va="bottom", fontsize=7)
@@ -293,7 +293,7 @@ def best_lr_table(sweep: Sweep, best: list[AtBestLr]) -> str:
     metric = sweep.final_metric
     short = metric.replace("_", " ")  # test acc, test loss
     head = ["group", f"best lr ({short})", f"final {short}", *(f"iters to {t:g} (lr)" for t in ts)]
-    head += [f"speed-up to {t:g} over none at its best lr" for t in ts]
+    head += [f"speed-up to {t:g} over none, each at its best lr (lrs)" for t in ts]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for b in best:
         mean, std = b.by_acc.mean_std(metric)
@@ -302,11 +302,11 @@ def best_lr_table(sweep: Sweep, best: list[AtBestLr]) -> str:
         for t in ts:
             at = b.by_iters[t]
             row.append(
-                "never" if at is None else f"{at.thresholds[t].iterations[0]:g} ({at.lr:g}{'*' if b.edge(at) else ''})"
+                "never" if at is None else f"{at.thresholds[t].median.steps:g} ({at.lr:g}{'*' if b.edge(at) else ''})"
             )
         for t in ts:
-            ratio = speedup_at_best(b, best, t)
-            row.append("-" if ratio is None else "none never reached it" if ratio == float("inf") else f"{ratio:.2f}x")
+            v = next((v for v in sweep.verdicts if v.arm == b.label and v.threshold == t), None)
+            row.append("-" if v is None else f"{fmt_ratio(v)} ({v.arm_lr:g} vs {v.baseline_lr:g})")
         lines.append("| " + " | ".join(row) + " |")
     return (
         "Each norm at its own best learning rate: the fair comparison (at one shared lr the table below favours "
@@ -386,8 +386,8 @@ def metric_curves(sweep: Sweep) -> Section | None:
 
 
 def iterations_to_threshold(sweep: Sweep) -> Section | None:
-    """2. Iterations to each threshold per group: median bars, min-max error bars, never-reached runs as an
-    empty dashed bar at the budget."""
+    """2. Iterations to each threshold per group: median bars with their 95 % interval, a censored median as an
+    arrow beyond the last step seen."""
     groups = [g for g in sweep.groups if g.results]
     if not sweep.thresholds or not groups:
         return None
@@ -399,36 +399,34 @@ def iterations_to_threshold(sweep: Sweep) -> Section | None:
         look = looks.of(group)
         for i, t in enumerate(sweep.thresholds):
             x = i - 0.4 + width * (j + 0.5)
-            stats = group.thresholds[t]
-            if stats.never:
-                ax.bar(x, group.budget, width, facecolor="none", edgecolor=look.colour, ls="--", lw=1)
-                ax.text(
-                    x, group.budget, f"{stats.never}/{len(group.results)}\nnever", ha="center", va="bottom", fontsize=7
-                )
-                top = max(top, group.budget)
-            if stats.iterations is not None:
-                median, lo, hi = stats.iterations
-                ax.bar(x, median, width, color=look.colour, hatch=look.hatch, edgecolor="white")
-                ax.errorbar(x, median, yerr=[[median - lo], [hi - median]], fmt="none", ecolor="black", capsize=3, lw=1)
+            m = group.thresholds[t].median
+            if m.exact:  # the Kaplan-Meier median and its 95 % interval (its open end: up to the last step seen)
+                lo, hi = m.ci_low or m.steps, m.ci_high or m.seen
+                ax.bar(x, m.steps, width, color=look.colour, hatch=look.hatch, edgecolor="white")
+                ax.errorbar(x, m.steps, yerr=[[m.steps - lo], [hi - m.steps]], fmt="none", ecolor="black", capsize=3)
                 top = max(top, hi)
+            else:  # censored: known only to lie beyond the last step seen, drawn as an arrow from there
+                ax.annotate("", (x, m.seen * 1.12), (x, m.seen), arrowprops={"arrowstyle": "->", "color": look.colour})
+                ax.text(x, m.seen * 1.12, f"{m.reached}/{m.seeds}\nreached", ha="center", va="bottom", fontsize=7)
+                top = max(top, m.seen * 1.25)
+            if m.exact and group.thresholds[t].never:
+                ax.text(x, hi, f"{group.thresholds[t].never} never", ha="center", va="bottom", fontsize=7)
     ax.set_ylim(0, top * 1.18 or 1)
     ax.set_xlim(-0.5, len(sweep.thresholds) - 0.5)
     ax.set_xticks(range(len(sweep.thresholds)), [_threshold_text(sweep, t) for t in sweep.thresholds])
     ax.set(
         xlabel="threshold",
         ylabel=f"{STEPS}\nto reach the threshold",
-        title="iterations to each threshold\n(median over seeds, error bars: min-max)",
+        title="iterations to each threshold\n(median over seeds, error bars: its 95 % interval)",
     )
     ax.grid(axis="y", alpha=0.3)
     handles, labels = _group_legend(groups, looks, bars=True)
-    if any(g.thresholds[t].never for g in groups for t in sweep.thresholds):
-        handles.append(Patch(facecolor="none", edgecolor="0.3", ls="--"))
-        labels.append("never reached: an empty bar\nat the step budget (trainer.max_steps)")
     _legend(fig, handles, labels)
     return Section(
         "Iterations to each threshold",
-        "Iterations to each threshold per group: bar = median over the seeds that reached it, error bar = min-max; "
-        "an empty dashed bar at the step budget with 'k/n never' = seeds that never reached it.",
+        "Iterations to each threshold per group: bar = the median over the seeds (Kaplan-Meier, seeds that never "
+        "reached it counted as censored at the last step they were seen at), error bar = its 95 % interval; where "
+        "fewer than half the seeds reached it, an arrow from the last step seen: the median lies beyond it.",
         fig,
     )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,10 @@ from rich.console import Console
 from rich.table import Table
 
 from bnlab.record.files import write_json, write_text
-from bnlab.record.summary import SWEEP_FILE, Status, Summary
-from bnlab.results.analysis import RunGroup, Sweep, ThresholdStats, group_runs, load_sweep, varying_keys
+from bnlab.record.summary import SWEEP_FILE, SWEEP_SCHEMA_VERSION, Status, Summary
+from bnlab.results.analysis import RunGroup, Sweep, ThresholdStats, Verdict, group_runs, load_sweep, varying_keys
+from bnlab.results.verdict import LOWER, UPPER, Comparison
+from bnlab.schema.metrics import higher_is_better
 
 COUNTED = (Status.COMPLETED, Status.DIVERGED, Status.FAILED)  # the ok/div/fail column
 FINAL_NAMES = {  # final metrics -> their column
@@ -38,25 +41,74 @@ def fmt_spread(spread: tuple[float, float, float], number: str = "{:g}", unit: s
     return text if lo == hi else f"{text} ({number.format(lo)}-{number.format(hi)})"
 
 
-def fmt_iters(stats: ThresholdStats) -> str:
-    """'900 (800-1000)', with ', 1 never' when some runs never reached the threshold; 'never' if none did."""
-    if stats.iterations is None:
-        return "never" if stats.never else "-"
-    text = fmt_spread(stats.iterations)
+def _steps(x: float | None, seen: float) -> str:
+    return f">{seen:g}" if x is None else f"{x:g}"
+
+
+def fmt_iters(stats: ThresholdStats | None) -> str:
+    """The median steps with its 95 % interval, '900 [700, 1100]' ('>3000' where it lies beyond the last step
+    seen), and ', 1 never' when some seeds never reached the threshold; '>3000' alone where fewer than half did."""
+    if stats is None:
+        return "-"
+    m = stats.median
+    if not m.exact:
+        return f">{m.seen:g} ({m.reached}/{m.seeds} reached)" if m.reached else "never"
+    text = f"{m.steps:g}" if m.seeds < 2 else f"{m.steps:g} [{_steps(m.ci_low, m.seen)}, {_steps(m.ci_high, m.seen)}]"
     return f"{text}, {stats.never} never" if stats.never else text
 
 
+def fmt_ratio(c: Comparison | Verdict) -> str:
+    """A speed-up and its 95 % interval: '3.20x [2.90, 3.50]', '>=3.00x [>=2.50]' for a lower bound (the
+    baseline's steps censored), '<=0.50x [<=0.80]' for an upper bound."""
+    sign = {LOWER: ">=", UPPER: "<="}.get(c.bound, "")
+    end = c.ci_low if c.bound == LOWER else c.ci_high if c.bound == UPPER else None
+    if c.ci_low is None and c.ci_high is None:
+        return f"{sign}{c.speedup:.2f}x"
+    interval = f"{sign}{end:.2f}" if sign else f"{c.ci_low:.2f}, {c.ci_high:.2f}"
+    return f"{sign}{c.speedup:.2f}x [{interval}]"
+
+
 def fmt_speedup(group: RunGroup, t: float) -> str:
-    """The speed-up over the norm=none twin: '3.20x (2.90-3.50)', paired by seed ('>=' where some twin seeds
-    never reached the threshold). Where none of them did, what is known, in words: 'none: never in 3000
-    (88.3 %)' (its step budget and final test accuracy); the lower bound stays in the CSV and JSON."""
-    stats = group.thresholds[t]
-    if stats.speedup is None:
-        return ""
-    if stats.twin_never:
-        acc, _ = group.twin.final_test_acc
-        return f"none: never in {group.twin.budget}" + ("" if acc is None else f" ({100 * acc:.1f} %)")
-    return (">=" if stats.speedup_lower_bound else "") + fmt_spread(stats.speedup, "{:.2f}", "x")
+    """The speed-up over the norm=none twin at the same lr, with its interval (bnlab.results.verdict.compare)."""
+    stats = group.thresholds.get(t)
+    return "" if stats is None or stats.speedup is None else "vs none " + fmt_ratio(stats.speedup)
+
+
+def fmt_verdict(v: Verdict, lrs: dict[str, list[float]]) -> str:
+    """The sweep's answer for one norm, in one line: at the highest threshold it has a verdict for."""
+    arm, base = v.arm.removeprefix("norm="), v.baseline.removeprefix("norm=")
+    sooner = v.speedup >= 1 or v.bound == LOWER
+    ratio = fmt_ratio(v) if sooner else fmt_ratio(_inverse(v))
+    faster = "" if v.faster_seeds is None else f", faster in {v.faster_seeds}/{v.seeds_arm} seeds"
+    edges = [
+        f"{n}'s best lr {lr:g} is the {'largest' if lr == max(lrs[label]) else 'smallest'} tried"
+        for n, lr, label in ((arm, v.arm_lr, v.arm), (base, v.baseline_lr, v.baseline))
+        if len(lrs.get(label, [])) > 1 and lr in (min(lrs[label]), max(lrs[label]))
+    ]
+    return (
+        f"{arm} vs {base}, each at its best lr ({v.arm_lr:g} vs {v.baseline_lr:g}): {fmt_threshold(v.threshold)} "
+        f"{v.metric} in {ratio} {'fewer' if sooner else 'more'} steps{faster}"
+        + (f" ({'; '.join(edges)})" if edges else "")
+    )
+
+
+def _inverse(v: Verdict) -> Comparison:
+    """The arm's steps over the baseline's: how many times more steps a slower arm needs."""
+    flip = {LOWER: UPPER, UPPER: LOWER}.get(v.bound, v.bound)
+    inv = [None if x is None else 1 / x for x in (v.ci_high, v.ci_low)]
+    return Comparison(1 / v.speedup, inv[0], inv[1], flip, v.faster_seeds, v.seeds_arm, v.seeds_baseline)
+
+
+def verdict_lines(sweep: Sweep) -> list[str]:
+    """One line per norm: its verdict at the hardest threshold that has one."""
+    lrs: dict[str, list[float]] = {}
+    for g in sweep.groups:
+        lrs.setdefault(g.without("optim.lr"), []).append(g.lr)
+    last: dict[str, Verdict] = {}
+    for v in sweep.verdicts:  # thresholds ascending: accuracies get harder, losses easier
+        if v.arm not in last or higher_is_better(v.metric):
+            last[v.arm] = v
+    return [fmt_verdict(v, lrs) for v in last.values()]
 
 
 def fmt_speed(speeds: tuple[float, float, float] | None) -> str:
@@ -83,7 +135,7 @@ def finals(groups: list[RunGroup]) -> list[str]:
 def cells(group: RunGroup, thresholds: list[float], metrics: list[str], sep: str) -> list[str]:
     """A group's table cells after its label: runs, statuses, per threshold iterations and speed-up (joined
     by `sep`), each final metric (mean±std), steps/s."""
-    iters = [sep.join(filter(None, (fmt_iters(group.thresholds[t]), fmt_speedup(group, t)))) for t in thresholds]
+    iters = [sep.join(filter(None, (fmt_iters(group.thresholds.get(t)), fmt_speedup(group, t)))) for t in thresholds]
     accs = [fmt_mean_std(*group.mean_std(m)) for m in metrics]
     return [str(len(group.runs)), fmt_status(group), *iters, *accs, fmt_speed(group.steps_per_s)]
 
@@ -95,8 +147,8 @@ def _thresholds(groups: list[RunGroup]) -> list[float]:
 def rich_table(title: str, groups: list[RunGroup], metric: str, sweeps: list[str] | None = None) -> Table:
     """The console table; with `sweeps`, a first column names each group's sweep."""
     table = Table(
-        title=f"{title}\niterations to each {metric} threshold, median (min-max) over seeds;\n"
-        "below: speed-up over the norm=none twin"
+        title=f"{title}\niterations to each {metric} threshold, median [95 % interval] over seeds;\n"
+        "below: speed-up over the norm=none twin at the same lr [95 % interval]"
     )
     if sweeps:
         table.add_column("sweep", overflow="fold")
@@ -137,10 +189,13 @@ def record(group: RunGroup) -> dict[str, Any]:
         "thresholds": [
             {
                 "threshold": t,
-                "iterations": stats.iterations and dict(zip(("median", "min", "max"), stats.iterations)),
-                "never": stats.never,
-                "speedup": stats.speedup and dict(zip(("median", "min", "max"), stats.speedup)),
-                "speedup_lower_bound": stats.speedup_lower_bound,
+                "median_steps": stats.median.steps,
+                "median_ci_low": stats.median.ci_low,
+                "median_ci_high": stats.median.ci_high,
+                "median_exact": stats.median.exact,
+                "reached": stats.median.reached,
+                "seeds": stats.median.seeds,
+                "speedup": stats.speedup and asdict(stats.speedup),
             }
             for t, stats in group.thresholds.items()
         ],
@@ -162,10 +217,16 @@ def to_csv(groups: list[RunGroup]) -> str:
         row: dict[str, Any] = {"group": g.label, **g.keys, "runs": len(g.runs)}
         row.update({s.value: g.count(s) for s in Status if s != Status.RUNNING})
         for t, stats in g.thresholds.items():
-            for name, spread in (("iters_to", stats.iterations), ("speedup", stats.speedup)):
-                row.update(zip((f"{name}_{t:g}_{s}" for s in ("median", "min", "max")), spread or (None,) * 3))
-            row[f"iters_to_{t:g}_never"] = stats.never
-            row[f"speedup_{t:g}_lower_bound"] = stats.speedup_lower_bound
+            m, c = stats.median, stats.speedup
+            values = (m.steps, m.ci_low, m.ci_high, m.exact, m.reached, m.seeds)
+            row.update(
+                zip(
+                    (f"iters_to_{t:g}_{s}" for s in ("median", "ci_low", "ci_high", "exact", "reached", "seeds")),
+                    values,
+                )
+            )
+            c_values = (c.speedup, c.ci_low, c.ci_high, c.bound) if c else (None,) * 4
+            row.update(zip((f"speedup_{t:g}_{s}" for s in ("ratio", "ci_low", "ci_high", "bound")), c_values))
         for m in finals(groups):
             row[f"final_{m}_mean"], row[f"final_{m}_std"] = g.mean_std(m)
         row.update(zip((f"steps_per_s_{s}" for s in ("median", "min", "max")), g.steps_per_s or (None,) * 3))
@@ -188,14 +249,28 @@ def summarize(root: Path, console: Console, include_failed: bool = False) -> Swe
     console.print(rich_table(str(root), sweep.groups, metric))
     if sweep.left_out:
         console.print(sweep.left_out_note)
+    for line in verdict_lines(sweep):
+        console.print(line, soft_wrap=True, highlight=False)
     write_text(root / "summary.csv", to_csv(sweep.groups))
-    intro = f"# {root}\n\nIterations to reach each {metric} threshold.\n\n"
+    intro = f"# {root}\n\n{verdict_markdown(sweep)}Iterations to reach each {metric} threshold.\n\n"
     write_text(root / "summary.md", intro + markdown(sweep.groups, metric))
-    groups = [record(g) for g in sweep.groups]
     write_json(
-        root / SWEEP_FILE, {"threshold_metric": metric, "groups": groups, "failed_left_out": len(sweep.left_out)}
+        root / SWEEP_FILE,
+        {
+            "schema_version": SWEEP_SCHEMA_VERSION,
+            "threshold_metric": metric,
+            "groups": [record(g) for g in sweep.groups],
+            "verdicts": [asdict(v) for v in sweep.verdicts],
+            "failed_left_out": len(sweep.left_out),
+        },
     )
     return sweep
+
+
+def verdict_markdown(sweep: Sweep) -> str:
+    """The verdict lines as a markdown list, first in summary.md and report.md."""
+    lines = verdict_lines(sweep)
+    return "".join(f"- {line}\n" for line in lines) + "\n" if lines else ""
 
 
 def compare(roots: list[Path], console: Console, include_failed: bool = False) -> list[tuple[str, RunGroup]]:
