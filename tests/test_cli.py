@@ -90,7 +90,7 @@ def test_a_sweep_with_one_run_that_fails_late_runs_the_rest_and_counts_the_failu
     assert statuses == ["completed", "failed"]
     assert "1 failed run left out" in " ".join(out.stdout.split())
     shown = bnlab("summarize", "sweep", "--failed", cwd=tmp_path)
-    assert shown.returncode == 0 and "0/0/1" in shown.stdout  # ok/div/fail of the failed group
+    assert shown.returncode == 0 and "0/0/0/1" in shown.stdout  # ok/stall/div/fail of the failed group
 
 
 def test_data_list_reports_missing_files(tmp_path):

@@ -40,7 +40,7 @@ def test_mean_only_batch_norm_centres_each_channel_on_the_batch_and_in_eval_on_i
 def test_the_example_norm_trains_in_every_model_and_placement(tiny_config, tmp_path, model, placement):
     cfg = tiny_config(f"model={model}", SMALL[model], *MEAN_ONLY, f"norm.placement={placement}", "optim.lr=0.1")
     summary = train(cfg, tmp_path)
-    assert summary.status == "completed" and summary.steps == 3
+    assert summary.status.done and summary.steps == 3
     assert summary.config["norm"]["target"] == "my_norm.MeanOnlyBatchNorm"
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
     means = [k for k in state if k.endswith("norm.layer.running_mean")]
@@ -58,7 +58,7 @@ def test_a_user_norm_yaml_from_the_search_path_composes_with_its_kwargs():
 
 def test_diagnostics_run_with_the_example_norm(tiny_config, tmp_path):
     cfg = tiny_config(*MEAN_ONLY, "diag.ics=true", "diag.percentiles=true", "diag.stat_drift=true", "diag.every=1")
-    assert train(cfg, tmp_path).status == "completed"
+    assert train(cfg, tmp_path).status.done
     tags = scalars(tmp_path)
     assert all(f"ics/layer{i}/l2" in tags for i in range(2))  # the tiny MLP's two hidden layers
     assert "act/-1/p50" in tags and any(t.startswith("stat_drift/") and "running_mean" in t for t in tags)

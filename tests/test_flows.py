@@ -152,9 +152,9 @@ def test_a_failed_run_is_left_out_of_the_report_unless_asked_for(tmp_path):
     assert out.returncode == 1
     assert bnlab("report", "sweep", cwd=tmp_path).returncode == 0
     text = (tmp_path / "sweep" / "report.md").read_text()
-    assert "1 failed run left out" in text and "| all runs | 1 | 1/0/0 |" in text
+    assert "1 failed run left out" in text and "| all runs | 1 | 1/0/0/0 |" in text
     assert bnlab("report", "sweep", "--failed", cwd=tmp_path).returncode == 0
-    assert "| data.batch_size=100 | 1 | 0/0/1 |" in (tmp_path / "sweep" / "report.md").read_text()
+    assert "| data.batch_size=100 | 1 | 0/0/0/1 |" in (tmp_path / "sweep" / "report.md").read_text()
 
 
 # 5. One exit-code policy: 0 done (diverged included), 1 some runs of a sweep failed, 2 refused, 130 interrupted.

@@ -18,7 +18,7 @@ BUILT_IN_MODELS, BUILT_IN_NORMS = sorted(set(MODELS) - {"custom"}), sorted(set(N
 def test_every_model_norm_and_placement_trains(tiny_config, tmp_path, model, norm, placement):
     cfg = tiny_config(f"model={model}", SMALL[model], f"norm={norm}", f"norm.placement={placement}", "norm.groups=2")
     summary = train(cfg, tmp_path)
-    assert summary.status == "completed"
+    assert summary.status.done  # ran to its last step (a 3-step run on noise may end at chance: stalled)
     assert summary.steps == 3
     assert 0.0 <= summary.final["test_acc"] <= 1.0
     assert torch.isfinite(torch.tensor(summary.final["train_loss"]))

@@ -190,8 +190,8 @@ def test_basic_sweep_gets_curves_bars_and_the_table_only(basic):
         assert image_ok(basic / name)
     for name in set(FIGURES) - embedded(text):
         assert not (basic / name).exists(), name  # skipped figures leave no file, stale ones are removed
-    assert "| group | runs | ok/div/fail | iters to test_acc 0.9 |" in text
-    assert "| norm=batch | 3 | 3/0/0 |" in text and "| norm=none | 3 | 3/0/0 |" in text
+    assert "| group | runs | ok/stall/div/fail | iters to test_acc 0.9 |" in text
+    assert "| norm=batch | 3 | 3/0/0/0 |" in text and "| norm=none | 3 | 3/0/0/0 |" in text
     assert "Largest learning rate" not in text
 
 
@@ -199,7 +199,7 @@ def test_lr_sweep_finds_the_largest_lr_that_trains(lr_sweep):
     text = write_report(lr_sweep).read_text()
     assert {"lr_sensitivity.png", "metric_curves.png", "iterations_to_threshold.png"} <= embedded(text)
     assert image_ok(lr_sweep / "lr_sensitivity.png")
-    assert "| norm=none, optim.lr=1.0 | 3 | 2/1/0 |" in text
+    assert "| norm=none, optim.lr=1.0 | 3 | 2/0/1/0 |" in text
     assert "- norm=batch: **≥ 1** (the largest lr tried trains: a lower bound;" in text  # the top of the grid
     # lr 1 had a diverged seed; the margin: how far the deciding runs sit from the cut
     assert "- norm=none: **0.1** (its worst seed ends 0.0452 clear of the cut; at 1: 1 of 3 seeds diverged" in text
@@ -270,10 +270,10 @@ def test_never_reached_runs_are_shown_and_failed_runs_counted(tmp_path):
     fake_run(tmp_path, "batch", 0, lr=0.001)
     fake_run(tmp_path, "batch", 1, lr=0.001, status="failed", events=False)
     text = write_report(tmp_path).read_text()
-    assert "| norm=none | 1 | 1/0/0 | never |" in text
-    assert "| norm=batch | 1 | 1/0/0 |" in text and "1 failed run left out" in text  # failed: left out, counted
+    assert "| norm=none | 1 | 1/0/0/0 | never |" in text
+    assert "| norm=batch | 1 | 1/0/0/0 |" in text and "1 failed run left out" in text  # failed: left out, counted
     text = write_report(tmp_path, include_failed=True).read_text()
-    assert "| norm=batch | 2 | 1/0/1 |" in text
+    assert "| norm=batch | 2 | 1/0/0/1 |" in text
     assert image_ok(tmp_path / "iterations_to_threshold.png")
 
 

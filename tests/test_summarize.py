@@ -143,7 +143,7 @@ def test_summarize_writes_csv_md_and_json_with_one_row_per_group(tmp_path):
         ("none", "0.1"),
     }
     md = (tmp_path / "summary.md").read_text()
-    row = "| norm=batch, optim.lr=0.01 | 3 | 3/0/0 | 300 [200, >400]; vs none 3.33x [2.00, 5.00] | "
+    row = "| norm=batch, optim.lr=0.01 | 3 | 3/0/0/0 | 300 [200, >400]; vs none 3.33x [2.00, 5.00] | "
     assert row + "1100 [900, >3000], 1 never; vs none >=2.73x [>=1.00] |" in md  # the twin never got there: a bound
     csv_bn = next(r for r in rows if r["group"] == "norm=batch, optim.lr=0.01")
     assert float(csv_bn["speedup_0.95_ratio"]) == pytest.approx(3000 / 1100) and csv_bn["speedup_0.95_bound"] == "lower"
@@ -176,7 +176,7 @@ def test_summary_json_round_trips_through_the_dataclass_as_standard_json(tmp_pat
     text = (tmp_path / "summary.json").read_text()
     assert "NaN" not in text and json.loads(text)["final"]["test_loss"] is None
     on_disk = json.loads(text)
-    assert on_disk["schema_version"] == 2
+    assert on_disk["schema_version"] == 3
     assert on_disk["iterations_to_threshold"] == [
         {"threshold": 0.9, "iterations": 300},
         {"threshold": 0.95, "iterations": 900},
@@ -233,7 +233,7 @@ def test_a_regression_table_shows_the_final_test_loss_and_its_speed_ups(tmp_path
     summarize(tmp_path, make_console())
     md = (tmp_path / "summary.md").read_text()
     assert "| iters to test_loss 2.5 | final test loss | steps/s |" in md and "final test acc" not in md
-    batch = "| norm=batch, optim.weight_decay=0.0001 | 2 | 2/0/0 | 1000 [1000, >1000]; vs none 3.00x [3.00, 3.00] |"
+    batch = "| norm=batch, optim.weight_decay=0.0001 | 2 | 2/0/0/0 | 1000 [1000, >1000]; vs none 3.00x [3.00, 3.00] |"
     assert batch + " 0.7500±0.0707 |" in md
     assert md.count("vs none 3.00x") == 1 and "in 3.00x [3.00, 3.00] fewer steps" in md  # the verdict: the same ratio
 

@@ -56,7 +56,7 @@ def test_parallel_launchers_run_every_job_and_end_with_the_table(tmp_path, launc
     assert out.returncode == 0, out.stderr
     assert sorted(statuses(tmp_path / "sweep").values()) == ["completed", "completed"]
     assert (tmp_path / "sweep" / "summary.csv").exists()
-    assert "ok/div/fail" in out.stdout
+    assert "ok/stall/div/fail" in out.stdout
 
 
 def test_cores_are_shared_out_among_parallel_jobs(monkeypatch):

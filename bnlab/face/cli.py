@@ -26,7 +26,7 @@ from bnlab.face.overrides import (
     refuse,
 )
 from bnlab.record.console import make_console, shell_path
-from bnlab.record.summary import FILE, Status, Summary
+from bnlab.record.summary import FILE, Summary
 from bnlab.run.job import OK
 from bnlab.schema.config import BOOKKEEPING_KEYS, ConfigError, DataConfig
 
@@ -109,14 +109,14 @@ def resume(folder: Path) -> None:
         keep = [o for o in saved.hydra.overrides.hydra if o.split("=")[0] not in made]
         params = [f"{k}={v}" for k, v in (saved.hydra.sweeper.get("params") or {}).items()]
         jobs = expand_sweep([*params, *task])
-        done = sum(Summary.load(p).status == Status.COMPLETED for p in folder.glob(f"*/{FILE}"))
+        done = sum(Summary.load(p).status.done for p in folder.glob(f"*/{FILE}"))
         if done >= len(jobs):
             console.print(f"nothing to resume: all {len(jobs)} runs of {shell_path(folder)} completed")
             sys.exit(OK)
         console.print(f"resuming {shell_path(folder)}: {len(jobs) - done} of its {len(jobs)} runs have not completed")
         train(["-m", *task, *keep, "trainer.resume=true", f"hydra.sweep.dir={quote(str(folder))}"])
     elif (folder / ".hydra" / "overrides.yaml").is_file():
-        if (folder / FILE).is_file() and (summary := Summary.load(folder / FILE)).status == Status.COMPLETED:
+        if (folder / FILE).is_file() and (summary := Summary.load(folder / FILE)).status.done:
             console.print(f"nothing to resume: {shell_path(folder)} completed its {summary.steps} steps")
             sys.exit(OK)
         task = [o for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml") if not o.startswith("trainer.resume=")]

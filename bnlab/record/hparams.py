@@ -34,6 +34,7 @@ MAX_COLUMNS = 12  # hparams in an experiment config: the fixed set, the status, 
 PREFIX = "verdict/"  # the metrics' scalar group: sorts after test/ and train/, so the curves open first
 SESSION_STATUS = {
     Status.COMPLETED: api_pb2.STATUS_SUCCESS,
+    Status.STALLED: api_pb2.STATUS_FAILURE,
     Status.DIVERGED: api_pb2.STATUS_FAILURE,
     Status.FAILED: api_pb2.STATUS_FAILURE,
 }

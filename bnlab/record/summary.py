@@ -17,24 +17,42 @@ from typing import Any
 
 from bnlab.record.files import write_json
 
-SCHEMA_VERSION = 2  # 1: no schema_version, iterations_to_threshold as {"0.9": 300}, NaN where a value was not finite
+# 1: no schema_version, iterations_to_threshold as {"0.9": 300}, NaN where a value was not finite; 2: no status
+# stalled (such a run said completed)
+SCHEMA_VERSION = 3
 FILE = "summary.json"  # in every run folder
 SWEEP_FILE = "sweep.json"  # at a sweep's root: its table and verdicts (bnlab.results.summarize), not a run's
 SWEEP_SCHEMA_VERSION = 3  # sweep.json: per group and threshold the median steps with its interval; the verdicts
 
 
 class Status(str, Enum):
-    """Where a run stands. Its numbers count in tables and figures when it completed or diverged."""
+    """Where a run stands. Its numbers count in tables and figures when it completed, stalled or diverged."""
 
     RUNNING = "running"  # only while it trains: a file that says so belongs to a run that was killed
     COMPLETED = "completed"
+    # completed, but ended no better than chance: a final test accuracy within CHANCE_MARGIN of 1 / classes
+    # (a regression: a final test loss not below its first); a result that failed to train, like a divergence
+    STALLED = "stalled"
     DIVERGED = "diverged"  # the loss turned non-finite (or stayed above trainer.stop_loss): a result, not an error
     FAILED = "failed"  # an error stopped it (summary.error says which)
     INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM: its checkpoint lets it resume
 
     @property
     def counts(self) -> bool:
-        return self in (Status.COMPLETED, Status.DIVERGED)
+        return self in (Status.COMPLETED, Status.STALLED, Status.DIVERGED)
+
+    @property
+    def done(self) -> bool:
+        """Trained to its last step (completed or stalled): a resume leaves it as it is."""
+        return self in (Status.COMPLETED, Status.STALLED)
+
+    @property
+    def failed_to_train(self) -> bool:
+        """Diverged or stalled: figures and the dashboard mark such runs alike."""
+        return self in (Status.DIVERGED, Status.STALLED)
+
+
+CHANCE_MARGIN = 0.02  # a completed run whose final test accuracy is within this of 1 / classes has stalled
 
 
 @dataclass

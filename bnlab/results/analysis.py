@@ -195,7 +195,7 @@ def times_to(runs: list[RunResult], threshold: float) -> Times:
     steps, reached = [], []
     for r in runs:
         at = r.summary.iterations_to_threshold.get(threshold)
-        last = r.summary.steps if r.summary.status == Status.COMPLETED else r.summary.max_steps
+        last = r.summary.steps if r.summary.status.done else r.summary.max_steps
         steps.append(last if at is None else at)
         reached.append(at is not None)
     return Times.of([r.summary.seed for r in runs], steps, reached)

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from bnlab.record.summary import Status, Summary
+from bnlab.record.summary import Summary
 from bnlab.results import analysis
 from bnlab.results.analysis import (
     AtBestLr,
@@ -349,7 +349,7 @@ def metric_curves(sweep: Sweep) -> Section | None:
         (g, c)
         for g in sweep.groups
         for r in g.results
-        if r.summary.status == Status.DIVERGED and (c := r.curve(tag, window(r))) is not None and len(c[0])
+        if r.summary.status.failed_to_train and (c := r.curve(tag, window(r))) is not None and len(c[0])
     ]
     for ax in axes[0]:
         drawn, apart = _plot_groups(ax, sweep, looks, tag, window)
@@ -503,7 +503,7 @@ def _final_vs_lr(ax: Axes, by_lr: dict[float, list[Summary]], final: str, best: 
     ax.fill_between(lrs[have], lows, highs, color=look.colour, alpha=BAND_ALPHA, lw=0)
     diverged = False
     for lr, runs in by_lr.items():
-        for s in (s for s in runs if s.status == Status.DIVERGED):
+        for s in (s for s in runs if s.status.failed_to_train):
             diverged = True
             if (value := s.final.get(final)) is not None or final == "test_acc":
                 ax.plot(lr, value or 0.0, "x", color=look.colour, ms=10, mew=2.2)

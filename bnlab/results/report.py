@@ -24,7 +24,7 @@ NOTATION = """## Notation
 - Speed-up: the norm=none twin's iterations over this group's, paired by seed; `>=` where some twin seeds
   never reached the threshold (their budget stands in); `none: never in N (a %)` where no twin seed did (N:
   its step budget, a: its final test accuracy).
-- ok/div/fail: completed, diverged and failed runs.
+- ok/stall/div/fail: runs completed, stalled (completed no better than chance), diverged and failed.
 """
 
 

@@ -19,7 +19,8 @@ from bnlab.results.analysis import RunGroup, Sweep, ThresholdStats, Verdict, gro
 from bnlab.results.verdict import LOWER, UPPER, Comparison
 from bnlab.schema.metrics import higher_is_better
 
-COUNTED = (Status.COMPLETED, Status.DIVERGED, Status.FAILED)  # the ok/div/fail column
+COUNTED = (Status.COMPLETED, Status.STALLED, Status.DIVERGED, Status.FAILED)  # the ok/stall/div/fail column
+STATUS_COLUMN = "ok/stall/div/fail"
 FINAL_NAMES = {  # final metrics -> their column
     "test_acc": "final test acc",
     "test_loss": "final test loss",  # the column of a regression, which has no accuracy
@@ -155,7 +156,7 @@ def rich_table(title: str, groups: list[RunGroup], metric: str, sweeps: list[str
     longest = max((len(line) for g in groups for line in g.label.split(", ")), default=5)
     table.add_column("group", overflow="fold", min_width=min(longest, 32))
     table.add_column("runs", justify="right")
-    table.add_column("ok/div/fail", justify="right", no_wrap=True)
+    table.add_column(STATUS_COLUMN, justify="right", no_wrap=True)
     thresholds = _thresholds(groups)
     for t in thresholds:
         table.add_column(fmt_threshold(t), justify="right")
@@ -171,7 +172,7 @@ def rich_table(title: str, groups: list[RunGroup], metric: str, sweeps: list[str
 
 def markdown(groups: list[RunGroup], metric: str) -> str:
     thresholds, metrics = _thresholds(groups), finals(groups)
-    head = ["group", "runs", "ok/div/fail", *(f"iters to {metric} {t:g}" for t in thresholds)]
+    head = ["group", "runs", STATUS_COLUMN, *(f"iters to {metric} {t:g}" for t in thresholds)]
     head += [*(FINAL_NAMES[m] for m in metrics), "steps/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:

@@ -40,7 +40,7 @@ from bnlab.core.validate import validate
 from bnlab.record.console import make_console, shell_path
 from bnlab.record.files import OutputError, owned, write_bytes
 from bnlab.record.hparams import metric_values, session
-from bnlab.record.summary import FILE, Status, Summary
+from bnlab.record.summary import CHANCE_MARGIN, FILE, Status, Summary
 from bnlab.run.diagnostics import precise_bn
 from bnlab.run.distributed import Replica, processes
 from bnlab.run.engine import (
@@ -92,7 +92,13 @@ class Run:
     """One run's record: its directory, TensorBoard writer, threshold crossings, the training metrics since
     the last evaluation and since the last TensorBoard point, and what becomes summary.json at the end."""
 
-    RESUMED = ("window", "pending", "last_eval", "high_loss_steps")  # attributes a checkpoint carries as they are
+    RESUMED = (
+        "window",
+        "pending",
+        "last_eval",
+        "high_loss_steps",
+        "first_test_loss",
+    )  # attributes a checkpoint carries as they are
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, members: int = 1) -> None:
         self.cfg, self.run_dir = cfg, run_dir
@@ -103,6 +109,7 @@ class Run:
         self.error: str | None = None
         self.device = ""
         self.final: dict[str, float] = {}  # metrics of the last evaluation
+        self.first_test_loss: float | None = None  # at the first evaluation, before any step
         self.thresholds = Thresholds(cfg.threshold.metric, cfg.threshold.values)
         self.accuracy = has_accuracy(cfg.data.name)  # regression: losses only
         self.start = time.perf_counter()
@@ -178,10 +185,22 @@ class Run:
         self.points.append((step, time.time(), finite))
         self.write_points()
         self.final, self.last_eval = metrics, step
+        if self.first_test_loss is None:
+            self.first_test_loss = test_loss
         log.debug("%sstep %d: %s", self.label, step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if self.thresholds.metric in metrics:
             for v in self.thresholds.update(step, metrics[self.thresholds.metric]):
                 log.info("%sstep %d: %s reached %g", self.label, step, self.thresholds.metric, v)
+
+    def end_status(self, classes: int) -> Status:
+        """COMPLETED, or STALLED where the run ended no better than chance: a final test accuracy within
+        CHANCE_MARGIN of 1 / classes, or for a regression a final test loss not below its first."""
+        acc, loss = self.final.get("test_acc"), self.final.get("test_loss")
+        if self.accuracy:
+            chance = acc is not None and acc <= 1 / classes + CHANCE_MARGIN
+        else:
+            chance = loss is not None and self.first_test_loss is not None and loss >= self.first_test_loss
+        return Status.STALLED if chance else Status.COMPLETED
 
     def summary(self) -> Summary:
         return Summary(
@@ -265,7 +284,7 @@ def train_runs(
             if not stack.enter_context(owned(run_dir)):
                 log.warning("%s: another process is training this run; it is left to that process", run_dir)
                 summaries[i] = None
-            elif cfg.trainer.resume and path.exists() and (done := Summary.load(path)).status == Status.COMPLETED:
+            elif cfg.trainer.resume and path.exists() and (done := Summary.load(path)).status.done:
                 log.info("%s: already completed, skipped (trainer.resume=true)", run_dir)
                 summaries[i] = done
         todo = [i for i in range(len(cfgs)) if i not in summaries]
@@ -499,7 +518,7 @@ class Loop:
         for run in self.runs:
             run.loop_time += time.perf_counter() - self.start
             if run.status == Status.RUNNING:
-                run.status = Status.COMPLETED
+                run.status = run.end_status(self.data.num_classes)
 
     def read(self, step: int, write: bool) -> None:
         """Read the unread steps up to `step` and record them; runs that stop there leave `active`."""
