@@ -12,13 +12,26 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
-from bnlab.results.analysis import Sweep, baseline_speedup, load_sweep, over_training
+from bnlab.results.analysis import RunGroup, Sweep, baseline_speedup, load_sweep, over_training
 from bnlab.results.summarize import record
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def spreads(group: RunGroup) -> list[dict]:
+    """Per threshold the steps of the seeds that reached it (median, min, max) and how many never did: what
+    scripts/reproduce.py holds a re-run to."""
+    out = []
+    for t in group.thresholds:
+        reached = [r.summary.iterations_to_threshold.get(t) for r in group.results]
+        steps = sorted(s for s in reached if s is not None)
+        spread = {"median": statistics.median(steps), "min": steps[0], "max": steps[-1]} if steps else None
+        out.append({"threshold": t, "iterations": spread, "never": reached.count(None)})
+    return out
 
 
 def provenance_text(section: str, p: dict) -> str:
@@ -63,7 +76,7 @@ def main(section: str, sweep_dir: Path) -> int:
         "section": section,
         "provenance": provenance,
         "threshold_metric": sweep.metric,
-        "groups": [record(g) for g in sweep.groups],
+        "groups": [{**record(g), "spreads": spreads(g)} for g in sweep.groups],
     }
     if diag := diagnostics(sweep):
         result["diagnostics"] = diag

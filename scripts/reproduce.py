@@ -33,6 +33,9 @@ from bnlab.record.provenance import cpu_kernels
 from bnlab.results.analysis import RunGroup, load_sweep
 from bnlab.results.summarize import record
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling script, imported as a module
+from record_result import spreads  # noqa: E402
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SET_ANEW = ("hydra.sweep.dir=", "hydra.run.dir=", "trainer.resume=")  # this invocation's own
 
@@ -71,7 +74,7 @@ def outside(now: dict | None, then: dict | None) -> bool:
 
 def compare(recorded: dict, now: list[RunGroup], console: Console) -> int:
     """Print recorded and reproduced numbers side by side; return how many are outside the spread."""
-    mine = {g.label: record(g) for g in now}
+    mine = {g.label: {**record(g), "spreads": spreads(g)} for g in now}
     table = Table(title=f"{recorded['section']}: recorded vs now (! = outside the recorded spread over seeds)")
     for column in ("group", "number", "recorded", "now", ""):
         table.add_column(column, overflow="fold")
@@ -84,7 +87,8 @@ def compare(recorded: dict, now: list[RunGroup], console: Console) -> int:
             continue
         acc_then, acc_now = then["final"].get("test_acc"), current["final"].get("test_acc")
         rows = [("final test acc", acc_then, acc_now, 0, 0)]
-        for t_then, t_now in zip(then["thresholds"], current["thresholds"]):
+        # records made before sweep.json's schema 3 kept these spreads in their thresholds
+        for t_then, t_now in zip(then.get("spreads", then["thresholds"]), current["spreads"]):
             name = f"iters to {recorded['threshold_metric']} {t_then['threshold']:g}"
             rows.append((name, t_then["iterations"], t_now["iterations"], t_then["never"], t_now["never"]))
         for i, (name, a, b, never_a, never_b) in enumerate(rows):

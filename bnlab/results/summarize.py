@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 
@@ -17,10 +18,12 @@ from bnlab.record.files import write_json, write_text
 from bnlab.record.summary import SWEEP_FILE, SWEEP_SCHEMA_VERSION, Status, Summary
 from bnlab.results.analysis import RunGroup, Sweep, ThresholdStats, Verdict, group_runs, load_sweep, varying_keys
 from bnlab.results.verdict import LOWER, UPPER, Comparison
-from bnlab.schema.metrics import higher_is_better
+from bnlab.schema.metrics import METRICS, higher_is_better
 
 COUNTED = (Status.COMPLETED, Status.STALLED, Status.DIVERGED, Status.FAILED)  # the ok/stall/div/fail column
 STATUS_COLUMN = "ok/stall/div/fail"
+RUNS, STEPS_PER_S, SPEEDUPS = "runs", "steps/s", "the same-lr speed-ups"
+LEFT_OUT_TO_FIT = (STEPS_PER_S, SPEEDUPS, RUNS)  # what a narrow console's table leaves out, in this order
 FINAL_NAMES = {  # final metrics -> their column
     "test_acc": "final test acc",
     "test_loss": "final test loss",  # the column of a regression, which has no accuracy
@@ -76,21 +79,28 @@ def fmt_speedup(group: RunGroup, t: float) -> str:
 
 
 def fmt_verdict(v: Verdict, lrs: dict[str, list[float]]) -> str:
-    """The sweep's answer for one norm, in one line: at the highest threshold it has a verdict for."""
+    """The sweep's answer for one norm, in one line: at the hardest threshold it has a verdict for; a best lr at
+    either end of the grid tried is named, since a better one may lie beyond it."""
     arm, base = v.arm.removeprefix("norm="), v.baseline.removeprefix("norm=")
     sooner = v.speedup >= 1 or v.bound == LOWER
     ratio = fmt_ratio(v) if sooner else fmt_ratio(_inverse(v))
     faster = "" if v.faster_seeds is None else f", faster in {v.faster_seeds}/{v.seeds_arm} seeds"
     edges = [
-        f"{n}'s best lr {lr:g} is the {'largest' if lr == max(lrs[label]) else 'smallest'} tried"
-        for n, lr, label in ((arm, v.arm_lr, v.arm), (base, v.baseline_lr, v.baseline))
+        f"{name} {lr:g} ({'largest' if lr == max(lrs[label]) else 'smallest'})"
+        for name, lr, label in ((arm, v.arm_lr, v.arm), (base, v.baseline_lr, v.baseline))
         if len(lrs.get(label, [])) > 1 and lr in (min(lrs[label]), max(lrs[label]))
     ]
     return (
-        f"{arm} vs {base}, each at its best lr ({v.arm_lr:g} vs {v.baseline_lr:g}): {fmt_threshold(v.threshold)} "
-        f"{v.metric} in {ratio} {'fewer' if sooner else 'more'} steps{faster}"
-        + (f" ({'; '.join(edges)})" if edges else "")
+        f"{arm} vs {base}, each at its best lr ({v.arm_lr:g} vs {v.baseline_lr:g}): {fmt_level(v.metric, v.threshold)}"
+        f" in {ratio} {'fewer' if sooner else 'more'} steps{faster}"
+        + (f"; best lr at the edge of the grid tried: {', '.join(edges)}" if edges else "")
     )
+
+
+def fmt_level(metric: str, t: float) -> str:
+    """A threshold in words: '97 % test accuracy', 'test loss 0.3'."""
+    label = METRICS[metric].label.split(" (")[0]
+    return f"{100 * t:g} % {label}" if METRICS[metric].accuracy else f"{label} {t:g}"
 
 
 def _inverse(v: Verdict) -> Comparison:
@@ -133,40 +143,71 @@ def finals(groups: list[RunGroup]) -> list[str]:
     return ["test_loss" if regression else "test_acc", *(m for m in FINALS if any(g.final(m) for g in groups))]
 
 
-def cells(group: RunGroup, thresholds: list[float], metrics: list[str], sep: str) -> list[str]:
+def cells(group: RunGroup, thresholds: list[float], metrics: list[str], sep: str, left_out: tuple = ()) -> list[str]:
     """A group's table cells after its label: runs, statuses, per threshold iterations and speed-up (joined
-    by `sep`), each final metric (mean±std), steps/s."""
-    iters = [sep.join(filter(None, (fmt_iters(group.thresholds.get(t)), fmt_speedup(group, t)))) for t in thresholds]
-    accs = [fmt_mean_std(*group.mean_std(m)) for m in metrics]
-    return [str(len(group.runs)), fmt_status(group), *iters, *accs, fmt_speed(group.steps_per_s)]
+    by `sep`), each final metric (mean±std), steps/s; but the columns or lines named in `left_out`."""
+    speedups = [fmt_speedup(group, t) if SPEEDUPS not in left_out else "" for t in thresholds]
+    iters = [sep.join(filter(None, (fmt_iters(group.thresholds.get(t)), s))) for t, s in zip(thresholds, speedups)]
+    accs = [fmt_mean_std(*group.mean_std(m)).replace("±", "\n±" if sep == "\n" else "±") for m in metrics]
+    row = {RUNS: str(len(group.runs)), STATUS_COLUMN: fmt_status(group), STEPS_PER_S: fmt_speed(group.steps_per_s)}
+    return [*(row[RUNS],) * (RUNS not in left_out), row[STATUS_COLUMN], *iters, *accs] + (
+        [] if STEPS_PER_S in left_out else [row[STEPS_PER_S]]
+    )
 
 
 def _thresholds(groups: list[RunGroup]) -> list[float]:
     return sorted({t for g in groups for t in g.thresholds})
 
 
-def rich_table(title: str, groups: list[RunGroup], metric: str, sweeps: list[str] | None = None) -> Table:
-    """The console table; with `sweeps`, a first column names each group's sweep."""
-    table = Table(
-        title=f"{title}\niterations to each {metric} threshold, median [95 % interval] over seeds;\n"
-        "below: speed-up over the norm=none twin at the same lr [95 % interval]"
-    )
+def rich_table(
+    title: str, groups: list[RunGroup], metric: str, sweeps: list[str] | None = None, left_out: tuple = ()
+) -> Table:
+    """The console table; with `sweeps`, a first column names each group's sweep; without the columns or
+    lines named in `left_out` (LEFT_OUT_TO_FIT)."""
+    below = "" if SPEEDUPS in left_out else ";\nbelow: speed-up over the norm=none twin at the same lr [95 % interval]"
+    table = Table(title=f"{title}\niterations to each {metric} threshold, median [95 % interval] over seeds{below}")
     if sweeps:
         table.add_column("sweep", overflow="fold")
     longest = max((len(line) for g in groups for line in g.label.split(", ")), default=5)
     table.add_column("group", overflow="fold", min_width=min(longest, 32))
-    table.add_column("runs", justify="right")
-    table.add_column(STATUS_COLUMN, justify="right", no_wrap=True)
+    if RUNS not in left_out:
+        table.add_column(RUNS, justify="right")
+    table.add_column(STATUS_COLUMN.replace("/div", "/\ndiv"), justify="right")  # in two lines where narrow
     thresholds = _thresholds(groups)
     for t in thresholds:
         table.add_column(fmt_threshold(t), justify="right")
     metrics = finals(groups)
     for m in metrics:
         table.add_column(FINAL_NAMES[m], justify="right")
-    table.add_column("steps/s", justify="right")
+    if STEPS_PER_S not in left_out:
+        table.add_column(STEPS_PER_S, justify="right")
     for i, g in enumerate(groups):
         label = g.label.replace(", ", "\n")
-        table.add_row(*([sweeps[i]] if sweeps else []), label, *cells(g, thresholds, metrics, "\n"))
+        table.add_row(*([sweeps[i]] if sweeps else []), label, *cells(g, thresholds, metrics, "\n", left_out))
+    return table
+
+
+def _fits(table: Table, width: int) -> bool:
+    """Whether the table renders within `width` columns, no line cropped."""
+    trial = Console(width=width, file=io.StringIO())
+    trial.print(table, crop=False)
+    return max(map(cell_len, trial.file.getvalue().splitlines()), default=0) <= width
+
+
+def fitted_table(console: Console, *args: Any, **kwargs: Any) -> Table:
+    """rich_table, leaving out the columns and lines of LEFT_OUT_TO_FIT in that order until it fits the
+    console's width uncropped; its caption says what was left out and where it is."""
+    for n in range(len(LEFT_OUT_TO_FIT) + 1):
+        table = rich_table(*args, **kwargs, left_out=LEFT_OUT_TO_FIT[:n])
+        if _fits(table, console.width):
+            break
+    else:  # rich shares the width out unevenly: each column at most its longest word, every cell wrapped
+        for column in table.columns:
+            words = (w for cell in [column.header, *column.cells] for w in str(cell).split())
+            column.max_width = max(map(cell_len, words), default=1)
+    if n:
+        left_out = ", ".join(LEFT_OUT_TO_FIT[:n])
+        table.caption = f"left out to fit {console.width} columns: {left_out} (summary.md has them)"
     return table
 
 
@@ -247,7 +288,7 @@ def summarize(root: Path, console: Console, include_failed: bool = False) -> Swe
         console.print(f"no runs to show below {root}" + (f"; {sweep.left_out_note}" if sweep.left_out else ""))
         return None if not sweep.left_out else sweep
     metric = sweep.metric
-    console.print(rich_table(str(root), sweep.groups, metric))
+    console.print(fitted_table(console, str(root), sweep.groups, metric))
     if sweep.left_out:
         console.print(sweep.left_out_note)
     for line in verdict_lines(sweep):
@@ -283,7 +324,7 @@ def compare(roots: list[Path], console: Console, include_failed: bool = False) -
     rows.sort(key=lambda row: [(type(v).__name__, v) for v in row[1].keys.values()])
     metric = next((r.summary.threshold_metric for rs in runs.values() for r in rs), "test_acc")
     title = " vs ".join(map(str, roots))
-    console.print(rich_table(title, [g for _, g in rows], metric, sweeps=[s for s, _ in rows]))
+    console.print(fitted_table(console, title, [g for _, g in rows], metric, sweeps=[s for s, _ in rows]))
     return rows
 
 
