@@ -23,6 +23,7 @@ EXAMPLE = ROOT / "examples" / "my_norm"  # the example package of README "Your o
 TARGETS_ENV = {"PYTHONPATH": f"{EXAMPLE}:{ROOT / 'tests'}"}
 
 # A tiny synthetic task: enough for every model to take a few steps in well under a second.
+DONE = ("completed", "stalled")  # ran to its last step: a few steps on noise end at chance (stalled)
 TINY = [
     "data=synthetic",
     "data.num_train=64",

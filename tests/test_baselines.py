@@ -200,7 +200,7 @@ def test_the_readmes_fair_baselines_commands_run(tmp_path):
         json.loads(p.read_text()) for p in tmp_path.glob("**/summary.json") if "config" in json.loads(p.read_text())
     ]
     assert len(runs) == 1 + 5 * 2 * 2 + 5
-    assert all(r["status"] in ("completed", "diverged") for r in runs)
+    assert all(r["status"] in ("completed", "stalled", "diverged") for r in runs)
     report = bnlab("report", "sweep1", cwd=tmp_path)
     assert (
         report.returncode == 0

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import test_summarize
-from helpers import TINY, bnlab
+from helpers import DONE, TINY, bnlab
 
 from bnlab.record.files import write_json
 from bnlab.record.summary import FILE
@@ -38,7 +38,7 @@ def test_single_run_writes_under_outputs_runs_named_by_its_overrides(tmp_path):
     assert out.returncode == 0, out.stderr
     (summary,) = (tmp_path / "outputs" / "runs").glob("*/*/summary.json")
     assert "norm=layer" in summary.parent.name
-    assert json.loads(summary.read_text())["status"] == "completed"
+    assert json.loads(summary.read_text())["status"] in DONE
     assert (summary.parent / "train.log").read_text().count("step 2:") == 1
     assert (summary.parent / ".hydra" / "config.yaml").exists()
     assert "iterations to reach it" in out.stdout
@@ -87,7 +87,7 @@ def test_a_sweep_with_one_run_that_fails_late_runs_the_rest_and_counts_the_failu
     out = bnlab("train", "-m", *TINY, "data.batch_size=16,100", "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert out.returncode == 1
     statuses = sorted(json.loads(p.read_text())["status"] for p in (tmp_path / "sweep").glob("*/summary.json"))
-    assert statuses == ["completed", "failed"]
+    assert statuses[0] == "failed" and statuses[1] in DONE
     assert "1 failed run left out" in " ".join(out.stdout.split())
     shown = bnlab("summarize", "sweep", "--failed", cwd=tmp_path)
     assert shown.returncode == 0 and "0/0/0/1" in shown.stdout  # ok/stall/div/fail of the failed group

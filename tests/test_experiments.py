@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from helpers import TINY, bnlab, scalars
+from helpers import DONE, TINY, bnlab, scalars
 
 from bnlab.face.overrides import group_options
 
@@ -51,7 +51,7 @@ def test_preset_runs_end_to_end(tmp_path, name):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     summaries = {p.parent: json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/summary.json")}
-    assert summaries and all(s["status"] in ("completed", "diverged") for s in summaries.values())
+    assert summaries and all(s["status"] in (*DONE, "diverged") for s in summaries.values())
     assert (tmp_path / "sweep" / "summary.csv").exists()
     if name in ("ioffe_mnist", "noisy_bn"):
         assert all("act/-1/unit0/p50" in scalars(run) for run in summaries)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, bnlab, compose_config, scalars, start
+from helpers import DONE, TINY, bnlab, compose_config, scalars, start
 
 from bnlab.core.data import load_data
 from bnlab.core.models import build_model
@@ -493,7 +493,7 @@ def test_a_fused_sweep_writes_every_run_as_an_unfused_sweep_does(tmp_path):
             "fuse: false", "fuse: true"
         )
         a, b = json.loads((fused / "summary.json").read_text()), json.loads((alone / "summary.json").read_text())
-        assert (a["status"], a["fused_members"], b["fused_members"]) == ("completed", 4, 1)
+        assert a["status"] == b["status"] in DONE and (a["fused_members"], b["fused_members"]) == (4, 1)
         assert a["iterations_to_threshold"] == b["iterations_to_threshold"]
         assert a["final"] == pytest.approx(b["final"], rel=1e-5)
         assert scalars(fused).keys() == scalars(alone).keys()
@@ -523,7 +523,7 @@ def test_n_jobs_trains_groups_and_lone_jobs_at_once_to_the_same_runs(tmp_path):
     assert outs[2].stdout.count("completed after 6 steps") == 6
     for name in sorted(p.parent.name for p in (tmp_path / "jobs1").glob("*/summary.json")):
         a, b = (json.loads((tmp_path / d / name / "summary.json").read_text()) for d in ("jobs2", "jobs1"))
-        assert (a["status"], a["fused_members"]) == ("completed", 1 if "noisy" in name else 2), name
+        assert a["status"] in DONE and a["fused_members"] == (1 if "noisy" in name else 2), name
         assert a["final"] == b["final"], name
         if "noisy" in name:  # a lone job's log, written in its worker
             assert "training from the start" in (tmp_path / "jobs2" / name / "train.log").read_text()

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, TINY, bnlab, script
+from helpers import DONE, ROOT, TINY, bnlab, script
 
 
 @pytest.mark.slow
@@ -20,7 +20,7 @@ def test_a_sweep_records_its_command_threads_and_cpu_kernels(kernels, tmp_path):
     assert p["command"].startswith("bnlab train -m data=synthetic") and p["command"].endswith(
         "norm=none,batch hydra.sweep.dir=s"
     )
-    assert p["torch_threads"] == 1 and p["runs"] == {"completed": 2}
+    assert p["torch_threads"] == 1 and sum(p["runs"].values()) == 2 and set(p["runs"]) <= set(DONE)
     if kernels:
         assert p["cpu_kernels"] == "DEFAULT"  # ATEN_CPU_CAPABILITY lowered them
     else:

@@ -235,4 +235,4 @@ def test_random_configs_train_or_are_refused_never_crash(
     except ConfigError as e:
         assert "accepted" in str(e) and "\n" not in str(e)
         return
-    assert summary.status in ("completed", "diverged")
+    assert summary.status in ("completed", "stalled", "diverged")

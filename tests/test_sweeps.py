@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import time
@@ -143,7 +144,7 @@ def test_tensorboard_opens_on_the_comparison_with_finite_metrics_and_honest_stat
         for name, session in sessions.items():
             values = [m["value"] for m in session["metricValues"]]
             assert len(values) >= 7 and all(math.isfinite(v) for v in values), name  # no NaN: every view draws them
-            assert session["status"] == ("STATUS_FAILURE" if statuses[name] == "diverged" else "STATUS_SUCCESS"), name
+            assert session["status"] == ("STATUS_SUCCESS" if statuses[name] == "completed" else "STATUS_FAILURE"), name
         layout = get_json(f"{base}/data/plugin/custom_scalars/layout")
         titles = [c["title"] for c in layout["category"]]
         assert "norm compared: optim.lr=0.05" in titles and "lr compared: norm=batch" in titles
@@ -158,7 +159,7 @@ def test_a_sweep_prints_one_line_per_run_and_its_table(tmp_path):
     before_table = out.stdout.split("outputs/sweeps/")[0].strip().splitlines()
     runs = [line for line in before_table if line.startswith("run ")]
     assert len(runs) == 20 and len(before_table) <= 21  # and Hydra's "Launching 20 jobs"
-    assert "run 1: norm=none,seed=0: completed after 4 steps" in runs[0]  # named by what varies
+    assert re.search(r"run 1: norm=none,seed=0: (completed|stalled) after 4 steps", runs[0])  # named by what varies
 
 
 def test_each_job_of_a_sweep_is_composed_once():

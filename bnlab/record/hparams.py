@@ -1,7 +1,7 @@
 """TensorBoard's HParams view of runs: which config keys are its columns (the keys that vary across a
 sweep plus a fixed short set, and the run's status), its metrics (finite numbers that every view can
-sort and draw: iterations to a threshold, counted at the step budget when the threshold was never
-reached, beside a reached flag), each run's session (its config and status) and the experiment
+sort and draw: iterations to a threshold where it was reached, beside a reached flag; a run that never
+reached it has no iterations there, since it is censored, not done at its budget), each run's session (its config and status) and the experiment
 config that opens the dashboard on exactly those columns.
 
 Each run writes its session and its metrics (as scalars under "verdict/", which sort after the curves
@@ -61,7 +61,7 @@ def metric_names(metric: str, thresholds: list[float]) -> dict[str, tuple[str, s
     for t in thresholds:
         names[f"{PREFIX}iters_to_{metric}_{t:g}"] = (
             f"iters to {metric} {sign} {t:g}",
-            f"iterations until {metric} first reached {t:g}; the step budget (trainer.max_steps) when it never did",
+            f"iterations until {metric} first reached {t:g}; no value where it never did (censored: see reached)",
         )
     for t in thresholds:
         names[f"{PREFIX}reached_{metric}_{t:g}"] = (f"reached {t:g}", f"1: {metric} reached {t:g}; 0: never")
@@ -70,11 +70,12 @@ def metric_names(metric: str, thresholds: list[float]) -> dict[str, tuple[str, s
 
 
 def metric_values(summary: Summary) -> dict[str, float]:
-    """The run's metrics, every one finite: iterations at the step budget where never reached (then
-    reached = 0); final values only where the run recorded finite ones."""
+    """The run's metrics, every one finite: iterations only where the threshold was reached (a run that never
+    did is censored, not at its budget: reached = 0 says so); final values where the run recorded finite ones."""
     values: dict[str, float] = {}
     for t, at in summary.iterations_to_threshold.items():
-        values[f"{PREFIX}iters_to_{summary.threshold_metric}_{t:g}"] = float(summary.max_steps if at is None else at)
+        if at is not None:
+            values[f"{PREFIX}iters_to_{summary.threshold_metric}_{t:g}"] = float(at)
         values[f"{PREFIX}reached_{summary.threshold_metric}_{t:g}"] = float(at is not None)
     for name in ("test_acc", "test_loss"):
         if (value := summary.final.get(name)) is not None and math.isfinite(value):

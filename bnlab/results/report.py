@@ -9,21 +9,22 @@ from bnlab.record.files import write_text
 from bnlab.record.summary import Status
 from bnlab.results.analysis import load_sweep
 from bnlab.results.figures import DPI, FIGURES, Section
-from bnlab.results.summarize import markdown
+from bnlab.results.summarize import markdown, verdict_markdown
 
 REPORT = "report.md"
 HEADLINES = ("best_lr.png",)  # figures before the sweep table
 NOTATION = """## Notation
 
-- Every figure and table is over seeds: median with (min-max) or a min-max band or error bars; accuracies
-  in tables are mean±std.
+- Every figure and table is over seeds: iterations as the median with its 95 % interval, curves as the
+  median with a min-max band; accuracies in tables are mean±std.
 - A group is a config minus its seed. In every figure its colour is its norm (norm=none dark grey), its line
   style (on bars, its hatch) its learning rate, and its marker what else varies.
-- Iterations to a threshold: the first evaluated step at which the metric reached it; `never`: not within
-  the step budget (`k never`: k seeds did not).
-- Speed-up: the norm=none twin's iterations over this group's, paired by seed; `>=` where some twin seeds
-  never reached the threshold (their budget stands in); `none: never in N (a %)` where no twin seed did (N:
-  its step budget, a: its final test accuracy).
+- Iterations to a threshold: the first evaluated step at which the metric reached it. A seed that never
+  did is censored at the last step it was seen at, never counted as reaching it there; the median is the
+  Kaplan-Meier median (`>N`: beyond the last step seen, N; `k never`: k seeds did not reach it).
+- Speed-up: the norm=none twin's median iterations over this group's, with a 95 % bootstrap interval
+  (paired by seed); `>=` a lower bound (some no-norm seeds never got there), `<=` an upper bound. The
+  verdict compares each norm at its best lr with no normalization at its own, by the same rule.
 - ok/stall/div/fail: runs completed, stalled (completed no better than chance), diverged and failed.
 """
 
@@ -45,6 +46,7 @@ def write_report(root: Path, include_failed: bool = False) -> Path:
         f"# bnlab report: {root}\n",
         f"{len(sweep.runs)} runs ({counts}) in {len(sweep.groups)} groups (config minus the seed); threshold "
         f"metric: {sweep.metric}." + (f" {sweep.left_out_note}." if sweep.left_out else "") + "\n",
+        *(["## The verdict\n", verdict_markdown(sweep)] if sweep.verdicts else []),
         NOTATION,
     ]
     sections = {name: make(sweep) for name, make in FIGURES.items()}
@@ -52,8 +54,8 @@ def write_report(root: Path, include_failed: bool = False) -> Path:
         parts += _section(root, name, sections.pop(name))
     parts += [
         "## Sweep table: every group at its own settings\n",
-        f"Iterations to reach each {sweep.metric} threshold, median (min-max) over seeds, with the speed-up over the "
-        "norm=none twin at the same settings; final metrics mean±std.\n",
+        f"Iterations to reach each {sweep.metric} threshold, median [95 % interval] over seeds, with the speed-up "
+        "over the norm=none twin at the same settings [95 % interval]; final metrics mean±std.\n",
         markdown(sweep.groups, sweep.metric),
     ]
     for name, section in sections.items():
