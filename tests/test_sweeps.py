@@ -10,7 +10,7 @@ import time
 import urllib.request
 
 import pytest
-from helpers import CLI, TINY, bnlab, comparable, scalars
+from helpers import CLI, DONE, TINY, bnlab, comparable, scalars
 from omegaconf import OmegaConf
 
 from bnlab.face.callbacks import ComposeOnce
@@ -34,7 +34,7 @@ def test_resume_runs_only_what_is_missing(tmp_path):
 
     out = bnlab(*args, "trainer.resume=true", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert statuses(sweep) == {done.parent.name: "completed", broken.parent.name: "completed"}
+    assert set(statuses(sweep)) == {done.parent.name, broken.parent.name} and set(statuses(sweep).values()) <= set(DONE)
     assert done.stat().st_mtime_ns == before  # skipped, not run again
     assert "already completed, skipped" in (done.parent / "train.log").read_text()
     for tag, points in scalars(broken.parent).items():  # resumed from its checkpoint: no step logged twice
@@ -55,7 +55,7 @@ def test_parallel_launchers_run_every_job_and_end_with_the_table(tmp_path, launc
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
-    assert sorted(statuses(tmp_path / "sweep").values()) == ["completed", "completed"]
+    assert len(statuses(tmp_path / "sweep")) == 2 and set(statuses(tmp_path / "sweep").values()) <= set(DONE)
     assert (tmp_path / "sweep" / "summary.csv").exists()
     assert "ok/stall/div/fail" in out.stdout
 
@@ -124,7 +124,7 @@ def test_tensorboard_opens_on_the_comparison_with_finite_metrics_and_honest_stat
             time.sleep(1)
         tags = get_json(f"{base}/data/plugin/scalars/tags")
         for run in statuses:  # run names: what varies in the sweep, not the constant overrides
-            assert {"train/loss", "test/acc", "verdict/iters_to_test_acc_0.9"} <= set(tags[run])
+            assert {"train/loss", "test/acc", "verdict/reached_test_acc_0.9"} <= set(tags[run])
         experiment = get_json(f"{base}/data/plugin/hparams/experiment", json.dumps({"experimentName": ""}).encode())
         hparams = [h["name"] for h in experiment["hparamInfos"]]
         assert set(hparams) == set(columns(["norm.name", "optim.lr"])) and len(hparams) <= 12

@@ -381,6 +381,9 @@ class Norm:
     keys: tuple[str, ...] = ()  # the norm.* config keys it takes, by the same names
     batch_stats: bool = False  # normalizes over the batch: needs 2+ examples, train and eval mode differ
     running_stats: bool = False  # keeps running estimates for eval mode (what precise BN re-estimates)
+    # normalizes each example over its features in groups (norm.groups, else 1): an MLP's feature vectors need
+    # 2 or more features in every group, or there is nothing to normalize over
+    example_groups: bool = False
     # Its batch statistics span every process of a distributed run (trainer.devices > 1); a batch_stats
     # norm without it normalizes over each process's share of the batch.
     synced: bool = False
@@ -399,9 +402,9 @@ _RENORM = (*_BN, "r_max", "d_max", "renorm_warmup", "r_max_steps", "d_max_steps"
 NORMS: dict[str, Norm] = {
     NO_NORM: Norm(nn.Identity, fuse=()),
     "batch": Norm(BatchNorm, _BN, batch_stats=True, running_stats=True, fuse=("num_features",)),
-    "layer": Norm(LayerNorm, ("eps", "affine"), fuse=_GROUPS),
-    "group": Norm(GroupNorm, ("groups", "eps", "affine"), fuse=_GROUPS),
-    "instance": Norm(InstanceNorm, ("eps", "affine"), fuse=(*_GROUPS, "members")),
+    "layer": Norm(LayerNorm, ("eps", "affine"), example_groups=True, fuse=_GROUPS),
+    "group": Norm(GroupNorm, ("groups", "eps", "affine"), example_groups=True, fuse=_GROUPS),
+    "instance": Norm(InstanceNorm, ("eps", "affine"), example_groups=True, fuse=(*_GROUPS, "members")),
     "batch_renorm": Norm(BatchRenorm, _RENORM, batch_stats=True, running_stats=True, fuse=()),
     # its chunks split the batch dim, the same for every member
     "ghost_batch": Norm(

@@ -93,6 +93,10 @@ def _check_norm(n: NormConfig, m: ModelConfig) -> None:
         bad = [w for w in m.widths if w % n.groups]
         accepted = f"a divisor of every width in model.widths={m.widths} (not of {bad})"
         _require(not bad, "norm.groups", n.groups, accepted)
+    if NORMS[n.name].example_groups and m.name == "mlp":  # feature vectors: no positions to normalize over
+        groups = n.groups if "groups" in NORMS[n.name].keys else 1
+        accepted = f"widths of at least {2 * groups} with norm={n.name}: each example's group of features needs 2+"
+        _require(all(w >= 2 * groups for w in m.widths), "model.widths", m.widths, accepted)
     _require(n.virtual_batch_size >= 2, "norm.virtual_batch_size", n.virtual_batch_size, "an integer >= 2")
     _require(n.r_max >= 1, "norm.r_max", n.r_max, "a number >= 1")
     _require(n.d_max >= 0, "norm.d_max", n.d_max, "a number >= 0")

@@ -1,8 +1,8 @@
 """TensorBoard's HParams view of runs: which config keys are its columns (the keys that vary across a
 sweep plus a fixed short set, and the run's status), its metrics (finite numbers that every view can
 sort and draw: iterations to a threshold where it was reached, beside a reached flag; a run that never
-reached it has no iterations there, since it is censored, not done at its budget), each run's session (its config and status) and the experiment
-config that opens the dashboard on exactly those columns.
+reached it has no iterations there, since it is censored, not done at its budget), each run's session
+(its config and status) and the experiment config that opens the dashboard on exactly those columns.
 
 Each run writes its session and its metrics (as scalars under "verdict/", which sort after the curves
 "test/" and "train/"); a sweep's root gets the experiment config (bnlab/results/dashboard.py writes it).
