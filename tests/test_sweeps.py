@@ -143,7 +143,9 @@ def test_tensorboard_opens_on_the_comparison_with_finite_metrics_and_honest_stat
         assert set(sessions) == set(statuses)
         for name, session in sessions.items():
             values = [m["value"] for m in session["metricValues"]]
-            assert len(values) >= 7 and all(math.isfinite(v) for v in values), name  # no NaN: every view draws them
+            # final acc (and loss where finite), 3 reached flags, the iterations of each threshold reached; no NaN:
+            # every view draws them, and no budget standing in for a threshold never reached
+            assert len(values) >= 4 and all(math.isfinite(v) for v in values), name
             assert session["status"] == ("STATUS_SUCCESS" if statuses[name] == "completed" else "STATUS_FAILURE"), name
         layout = get_json(f"{base}/data/plugin/custom_scalars/layout")
         titles = [c["title"] for c in layout["category"]]

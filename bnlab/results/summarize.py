@@ -172,7 +172,7 @@ def rich_table(
     table.add_column("group", overflow="fold", min_width=min(longest, 32))
     if RUNS not in left_out:
         table.add_column(RUNS, justify="right")
-    table.add_column(STATUS_COLUMN.replace("/div", "/\ndiv"), justify="right")  # in two lines where narrow
+    table.add_column(STATUS_COLUMN.replace("/div", "/\ndiv") if left_out else STATUS_COLUMN, justify="right")
     thresholds = _thresholds(groups)
     for t in thresholds:
         table.add_column(fmt_threshold(t), justify="right")
