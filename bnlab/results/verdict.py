@@ -19,7 +19,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 CONFIDENCE = 0.95
 RESAMPLES = 4999
@@ -59,6 +58,8 @@ class MedianSteps:
 
 def median_steps(times: Times) -> MedianSteps:
     """The Kaplan-Meier median steps to the threshold, with its 95 % interval."""
+    from scipy import stats  # 1.4 s to import: only where a sweep's numbers are read, not in every run
+
     reached, n, seen = int(times.reached.sum()), len(times.steps), float(times.steps.max())
     if reached == 0:
         return MedianSteps(seen, None, None, False, 0, n, seen)
@@ -119,6 +120,8 @@ def compare(arm: Times, baseline: Times) -> Comparison | None:
     paired = arm.seeds == baseline.seeds
     low = high = None
     if min(len(arm.steps), len(baseline.steps)) > 1:
+        from scipy import stats
+
         with warnings.catch_warnings():  # identical resamples: a degenerate, zero-width interval
             warnings.simplefilter("ignore")
             result = stats.bootstrap(
