@@ -256,8 +256,12 @@ def best_lr(sweep: Sweep) -> Section | None:
         for j, t in enumerate(ts, 1):
             ax, at = axes[0, j], b.by_iters[t]
             if at is None:
-                ax.bar(i, b.groups[0].budget, 0.7, facecolor="none", edgecolor=looks.of(b.groups[0]).colour, ls="--")
-                ax.text(i, b.groups[0].budget, "never", ha="center", va="bottom", fontsize=7)
+                # no lr got every seed there: censored, an arrow beyond the last step seen, never a bar there
+                seen, colour = b.groups[0].budget, looks.of(b.groups[0]).colour
+                ax.annotate("", (i, seen * 1.12), (i, seen), arrowprops={"arrowstyle": "->", "color": colour})
+                ax.text(i, seen * 1.12, "not reached", ha="center", va="bottom", fontsize=7)
+                ax.update_datalim([(i, seen * 1.25)])  # the axis holds the arrow and its label
+                ax.autoscale_view()
                 continue
             m = at.thresholds[t].median
             med, lo, hi = m.steps, m.ci_low or m.steps, m.ci_high or m.seen
@@ -275,13 +279,17 @@ def best_lr(sweep: Sweep) -> Section | None:
     for ax in axes[0]:
         ax.set_xticks(range(len(best)), names, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("each norm at its own best learning rate (median over seeds, error bars: min-max)")
+    fig.suptitle(
+        "each norm at its own best learning rate (median over seeds; error bars: min-max of the accuracy, "
+        "the 95 % interval of the iterations)"
+    )
     return Section(
         "Each norm at its best learning rate",
         f"Left: final {name} of each norm (and setting) at the learning rate where it is best; right: the "
         "iterations each needs to reach each threshold at the lr where that is fewest (every seed reaching it). "
         "The lr is written above each bar; * marks an lr at the edge of the grid tried, so the best may lie "
-        "beyond it; 'never': no lr reached the threshold. Median over seeds, error bars min-max.",
+        "beyond it; an arrow from the step budget: no lr got every seed there. Median over seeds; error bars: the "
+        "accuracy's min-max, the iterations' 95 % interval.",
         fig,
         best_lr_table(sweep, best),
     )
@@ -407,7 +415,7 @@ def iterations_to_threshold(sweep: Sweep) -> Section | None:
                 top = max(top, hi)
             else:  # censored: known only to lie beyond the last step seen, drawn as an arrow from there
                 ax.annotate("", (x, m.seen * 1.12), (x, m.seen), arrowprops={"arrowstyle": "->", "color": look.colour})
-                ax.text(x, m.seen * 1.12, f"{m.reached}/{m.seeds}\nreached", ha="center", va="bottom", fontsize=7)
+                ax.text(x, m.seen * 1.12, f"{m.reached}/{m.seeds}", ha="center", va="bottom", fontsize=7)
                 top = max(top, m.seen * 1.25)
             if m.exact and group.thresholds[t].never:
                 ax.text(x, hi, f"{group.thresholds[t].never} never", ha="center", va="bottom", fontsize=7)
@@ -426,7 +434,8 @@ def iterations_to_threshold(sweep: Sweep) -> Section | None:
         "Iterations to each threshold",
         "Iterations to each threshold per group: bar = the median over the seeds (Kaplan-Meier, seeds that never "
         "reached it counted as censored at the last step they were seen at), error bar = its 95 % interval; where "
-        "fewer than half the seeds reached it, an arrow from the last step seen: the median lies beyond it.",
+        "fewer than half the seeds reached it, an arrow from the last step seen (k/n: seeds that reached it): the "
+        "median lies beyond it.",
         fig,
     )
 
