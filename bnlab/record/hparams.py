@@ -29,7 +29,7 @@ FIXED = {
     "data.batch_size": ("batch size", "examples per step (data.batch_size)"),
     "seed": ("seed", "the seed of the weights and the batch order"),
 }
-STATUS = "status"  # an hparam column: completed, diverged, failed
+STATUS = "status"  # an hparam column: completed, stalled, diverged, failed
 MAX_COLUMNS = 12  # hparams in an experiment config: the fixed set, the status, and the first varying keys
 PREFIX = "verdict/"  # the metrics' scalar group: sorts after test/ and train/, so the curves open first
 SESSION_STATUS = {
@@ -124,7 +124,7 @@ def experiment(keys: list[str], values: dict[str, list[Any]], metrics: dict[str,
         shown = sorted({hparam_value(v) for v in values.get(key, []) if v is not None}, key=lambda v: (str(type(v)), v))
         name, description = FIXED.get(key, (key, f"config key {key}"))
         if key == STATUS:
-            name, description = STATUS, "how the run ended: completed, diverged (a non-finite loss), failed"
+            name, description = STATUS, "how the run ended: completed, stalled (no better than chance), diverged, failed"
         differs = len(shown) > 1 and key != "seed"
         info = api_pb2.HParamInfo(name=key, display_name=name, description=description, differs=differs)
         if shown and all(isinstance(v, str) for v in shown):
