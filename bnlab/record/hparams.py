@@ -124,7 +124,10 @@ def experiment(keys: list[str], values: dict[str, list[Any]], metrics: dict[str,
         shown = sorted({hparam_value(v) for v in values.get(key, []) if v is not None}, key=lambda v: (str(type(v)), v))
         name, description = FIXED.get(key, (key, f"config key {key}"))
         if key == STATUS:
-            name, description = STATUS, "how the run ended: completed, stalled (no better than chance), diverged, failed"
+            name, description = (
+                STATUS,
+                "how the run ended: completed, stalled (no better than chance), diverged, failed",
+            )
         differs = len(shown) > 1 and key != "seed"
         info = api_pb2.HParamInfo(name=key, display_name=name, description=description, differs=differs)
         if shown and all(isinstance(v, str) for v in shown):
