@@ -497,7 +497,7 @@ class Verdict:
     faster_seeds: int | None  # seeds in which the arm got there sooner (paired by seed; else None)
 
 
-def best_lr(groups: list[RunGroup], thresholds: list[float], metric: str) -> RunGroup:
+def pick_best_lr(groups: list[RunGroup], thresholds: list[float], metric: str) -> RunGroup:
     """A series' best lr, by one rule: the fewest median steps to the highest threshold that at least half the
     seeds reach at some lr; where none is reached so, or on a tie, the best median final `metric`."""
     sign = 1 if higher_is_better(metric) else -1
@@ -520,7 +520,7 @@ def verdicts(sweep: Sweep) -> list[Verdict]:
     series: dict[str, list[RunGroup]] = {}
     for g in (g for g in sweep.groups if g.results):
         series.setdefault(g.without("optim.lr"), []).append(g)
-    best = {label: best_lr(groups, sweep.thresholds, sweep.final_metric) for label, groups in series.items()}
+    best = {label: pick_best_lr(groups, sweep.thresholds, sweep.final_metric) for label, groups in series.items()}
     by_norm = set_with_norm(sweep.runs, sweep.varying)
     out = []
     for label, arm in best.items():

@@ -145,14 +145,20 @@ def finals(groups: list[RunGroup]) -> list[str]:
 
 def cells(group: RunGroup, thresholds: list[float], metrics: list[str], sep: str, left_out: tuple = ()) -> list[str]:
     """A group's table cells after its label: runs, statuses, per threshold iterations and speed-up (joined
-    by `sep`), each final metric (mean±std), steps/s; but the columns or lines named in `left_out`."""
-    speedups = [fmt_speedup(group, t) if SPEEDUPS not in left_out else "" for t in thresholds]
-    iters = [sep.join(filter(None, (fmt_iters(group.thresholds.get(t)), s))) for t, s in zip(thresholds, speedups)]
-    accs = [fmt_mean_std(*group.mean_std(m)).replace("±", "\n±" if sep == "\n" else "±") for m in metrics]
-    row = {RUNS: str(len(group.runs)), STATUS_COLUMN: fmt_status(group), STEPS_PER_S: fmt_speed(group.steps_per_s)}
-    return [*(row[RUNS],) * (RUNS not in left_out), row[STATUS_COLUMN], *iters, *accs] + (
-        [] if STEPS_PER_S in left_out else [row[STEPS_PER_S]]
-    )
+    by `sep`), each final metric (mean±std, its spread on a line of its own where `sep` breaks lines), steps/s;
+    but the columns or lines named in `left_out`."""
+    iters = [
+        sep.join(
+            filter(None, (fmt_iters(group.thresholds.get(t)), "" if SPEEDUPS in left_out else fmt_speedup(group, t)))
+        )
+        for t in thresholds
+    ]
+    accs = [fmt_mean_std(*group.mean_std(m)) for m in metrics]
+    if sep == "\n":
+        accs = [a.replace("±", "\n±") for a in accs]
+    runs = [] if RUNS in left_out else [str(len(group.runs))]
+    speed = [] if STEPS_PER_S in left_out else [fmt_speed(group.steps_per_s)]
+    return [*runs, fmt_status(group), *iters, *accs, *speed]
 
 
 def _thresholds(groups: list[RunGroup]) -> list[float]:
