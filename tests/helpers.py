@@ -106,6 +106,7 @@ def wait_for(path: Path, timeout: float = 120) -> None:
 def comparable(summary: dict) -> dict:
     """A summary without what differs between a resumed and an unbroken run: timings, memory, the resume switch."""
     s = {k: v for k, v in summary.items() if k not in ("wall_time_s", "steps_per_s", "peak_memory_mb")}
+    s["iterations_to_threshold"] = [{**r, "seconds": None} for r in s["iterations_to_threshold"]]
     s["config"] = {**s["config"], "trainer": {k: v for k, v in s["config"]["trainer"].items() if k != "resume"}}
     return s
 

@@ -176,10 +176,10 @@ def test_summary_json_round_trips_through_the_dataclass_as_standard_json(tmp_pat
     text = (tmp_path / "summary.json").read_text()
     assert "NaN" not in text and json.loads(text)["final"]["test_loss"] is None
     on_disk = json.loads(text)
-    assert on_disk["schema_version"] == 3
-    assert on_disk["iterations_to_threshold"] == [
-        {"threshold": 0.9, "iterations": 300},
-        {"threshold": 0.95, "iterations": 900},
+    assert on_disk["schema_version"] == 4
+    assert on_disk["iterations_to_threshold"] == [  # RUNS are version 3: no seconds
+        {"threshold": 0.9, "iterations": 300, "seconds": None},
+        {"threshold": 0.95, "iterations": 900, "seconds": None},
     ]
     loaded = Summary.load(tmp_path / "summary.json")
     assert loaded == Summary.from_json(on_disk)

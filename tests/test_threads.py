@@ -13,13 +13,16 @@ from bnlab.run.engine import step_flops, thread_count
 from bnlab.run.threads import MIN_FLOPS_PER_THREAD, auto_threads, usable_cores
 
 
-def test_the_flops_of_a_step_are_those_of_its_linear_and_conv_layers():
+def test_the_flops_of_a_step_are_torch_s_count_of_its_matrix_products_and_convolutions():
+    # 2 FLOPs a multiply-add: forward, then backward the weights' gradients and the inputs' but the first layer's
     mlp = compose_config([])  # the MNIST MLP 784-100-100-100-10 at batch 60
-    multiply_adds = 60 * (784 * 100 + 100 * 100 + 100 * 100 + 100 * 10)
-    assert step_flops(mlp) == 6 * multiply_adds  # 2 FLOPs a multiply-add, forward and twice that backward
+    layers = [784 * 100, 100 * 100, 100 * 100, 100 * 10]
+    assert step_flops(mlp) == 60 * 2 * (sum(layers) + sum(layers) + sum(layers[1:]))
+    assert step_flops(compose_config(["norm=batch"])) == step_flops(mlp)  # a norm's elementwise work is not counted
     cnn = compose_config(["model=cnn", "model.widths=[8]", "data.batch_size=2"])
-    conv = 2 * 8 * 28 * 28 * 1 * 3 * 3  # one 3x3 conv, 1 -> 8 channels, same padding on 28x28
-    assert step_flops(cnn) == 6 * (conv + 2 * 8 * 10)  # and the classifier on the pooled 8 channels
+    conv, head = 8 * 28 * 28 * 1 * 3 * 3, 8 * 10  # one 3x3 conv, 1 -> 8 channels, same padding; the classifier
+    assert step_flops(cnn) == 2 * 2 * (conv + head + conv + 2 * head)
+    assert step_flops(compose_config(["trainer.devices=2"])) == step_flops(mlp) / 2  # each process's share
 
 
 @pytest.mark.parametrize(

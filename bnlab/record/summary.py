@@ -1,8 +1,8 @@
-"""The summary contract: what a run writes to summary.json (`Summary`, schema version 2) and how every
+"""The summary contract: what a run writes to summary.json (`Summary`, schema version 4) and how every
 reader loads it, older files included. docs/summary.md documents each field and its unit.
 
 Thresholds are numbers throughout: in memory a mapping threshold -> iterations, in the file a list of
-{"threshold": 0.9, "iterations": 300} records. Every number is standard JSON: a non-finite value (a
+{"threshold": 0.9, "iterations": 300, "seconds": 1.9} records. Every number is standard JSON: a non-finite value (a
 diverged run's loss) is written as null, and the run's status says why.
 """
 
@@ -18,11 +18,12 @@ from typing import Any
 from bnlab.record.files import write_json
 
 # 1: no schema_version, iterations_to_threshold as {"0.9": 300}, NaN where a value was not finite; 2: no status
-# stalled (such a run said completed)
-SCHEMA_VERSION = 3
+# stalled (such a run said completed); 3: no seconds to a threshold, no flops_per_step
+SCHEMA_VERSION = 4
 FILE = "summary.json"  # in every run folder
 SWEEP_FILE = "sweep.json"  # at a sweep's root: its table and verdicts (bnlab.results.summarize), not a run's
-SWEEP_SCHEMA_VERSION = 3  # sweep.json: per group and threshold the median steps with its interval; the verdicts
+# sweep.json: per group and threshold the median steps with its interval, 4: and seconds and FLOPs; the verdicts
+SWEEP_SCHEMA_VERSION = 4
 
 
 class Status(str, Enum):
@@ -64,12 +65,16 @@ class Summary:
     threshold_metric: str  # the metric of iterations_to_threshold
     steps: int = 0  # optimizer steps taken
     iterations_to_threshold: dict[float, int | None] = field(default_factory=dict)  # None: never reached
+    # seconds into the training loop (evaluations included) at the evaluation that reached it; None: never, or
+    # not recorded (schema < 4)
+    seconds_to_threshold: dict[float, float | None] = field(default_factory=dict)
     final: dict[str, float | None] = field(default_factory=dict)  # metrics of the last evaluation
     error: str | None = None  # why it failed
     wall_time_s: float | None = None  # seconds from start to end, earlier attempts before a resume included
     steps_per_s: float | None = None  # training-loop speed, evaluations included
     device: str = ""
     fused_members: int = 1  # runs trained together as one stacked model
+    flops_per_step: float | None = None  # forward and backward at the batch size (bnlab.run.engine.step_flops)
     devices: int = 1  # processes the run trained on, each with its share of every batch (trainer.devices)
     peak_memory_mb: dict[str, float] = field(default_factory=dict)  # "host": resident memory; "gpu": allocated
     schema_version: int = SCHEMA_VERSION
@@ -104,13 +109,15 @@ class Summary:
         out["schema_version"] = SCHEMA_VERSION  # written in the current form, whatever form it was read from
         out["status"] = self.status.value
         out["iterations_to_threshold"] = [
-            {"threshold": t, "iterations": i} for t, i in self.iterations_to_threshold.items()
+            {"threshold": t, "iterations": i, "seconds": self.seconds_to_threshold.get(t)}
+            for t, i in self.iterations_to_threshold.items()
         ]
+        del out["seconds_to_threshold"]
         return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Summary:
-        """A summary from its JSON form, schema version 1 or 2 (unknown keys are ignored)."""
+        """A summary from its JSON form, schema version 1 to 4 (unknown keys are ignored)."""
         known = {f.name for f in fields(cls)}
         s = cls(**{k: v for k, v in d.items() if k in known})
         s.status = Status(s.status)
@@ -119,6 +126,7 @@ class Summary:
             s.iterations_to_threshold = {float(k): v for k, v in reached.items()}
         else:
             s.iterations_to_threshold = {float(r["threshold"]): r["iterations"] for r in reached}
+            s.seconds_to_threshold = {float(r["threshold"]): r.get("seconds") for r in reached}
         s.final = {k: _number(v) for k, v in s.final.items()}
         s.schema_version = d.get("schema_version", 1)
         return s

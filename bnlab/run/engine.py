@@ -64,31 +64,29 @@ def resolve_device(name: str, devices: int = 1, rank: int = 0) -> torch.device:
     return torch.device("cuda", rank)
 
 
+_FLOPS: dict[str, float] = {}  # step_flops by model, norm and data: counted once per process
+
+
 def step_flops(cfg: TrainConfig) -> float:
-    """FLOPs of one training step of cfg's model at its batch size: 2 per multiply-add of its linear and
-    convolution layers (the bulk of the work) in the forward pass, three times that for forward and backward.
-    Counted on one example in eval mode (the work grows with the batch), on a copy built on the CPU: torch's
-    meta device would import its compiler (a second per process); inf where the model cannot be built."""
-    macs = 0
+    """FLOPs of one training step of cfg's model at its batch size (each process's share in a distributed
+    run), forward and backward, as torch.utils.flop_counter counts them: matrix products, convolutions and
+    attention, not the elementwise work of norms and activations. Counted on two examples (batch norm needs
+    more than one) of a copy built on the CPU in train mode; inf where the model cannot be built. The
+    counter imports torch's compiler (1.5 s), once per process."""
+    key = repr((cfg.model, cfg.norm, cfg.data, cfg.trainer.devices))
+    if key not in _FLOPS:
+        from torch.utils.flop_counter import FlopCounterMode
 
-    def count(module: nn.Module, inputs: tuple, out: Tensor) -> None:
-        nonlocal macs
-        if isinstance(module, nn.Linear):
-            macs += out.numel() * module.in_features
-        elif isinstance(module, nn.Conv2d):
-            macs += out.numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-
-    try:
-        in_shape, classes = shape(cfg.data)
-        with torch.random.fork_rng(devices=[]):  # building draws weights: keep the RNG as it was
-            model = build_model(cfg, in_shape, classes).eval()
-        for m in model.modules():
-            m.register_forward_hook(count)
-        with torch.no_grad():
-            model(torch.zeros(1, *in_shape))
-    except Exception:
-        return math.inf
-    return 6.0 * macs * cfg.data.batch_size / cfg.trainer.devices
+        try:
+            in_shape, classes = shape(cfg.data)
+            with torch.random.fork_rng(devices=[]):  # building draws weights: keep the RNG as it was
+                model = build_model(cfg, in_shape, classes).train()
+            with FlopCounterMode(display=False) as counter:
+                model(torch.zeros(2, *in_shape)).float().sum().backward()
+            _FLOPS[key] = counter.get_total_flops() / 2 * cfg.data.batch_size / cfg.trainer.devices
+        except Exception:
+            _FLOPS[key] = math.inf
+    return _FLOPS[key]
 
 
 def thread_count(cfgs: list[TrainConfig], cores: int) -> int:

@@ -39,7 +39,7 @@ from bnlab.core.data import Dataset, has_accuracy
 from bnlab.core.validate import validate
 from bnlab.record.console import make_console, shell_path
 from bnlab.record.files import OutputError, owned, write_bytes
-from bnlab.record.hparams import metric_values, session
+from bnlab.record.hparams import iterations, session
 from bnlab.record.summary import CHANCE_MARGIN, FILE, Status, Summary
 from bnlab.run.diagnostics import precise_bn
 from bnlab.run.distributed import Replica, processes
@@ -51,6 +51,7 @@ from bnlab.run.engine import (
     evaluate_shared,
     forget_shared_data,
     prepare,
+    step_flops,
     thread_count,
 )
 from bnlab.run.fused.engine import Fused
@@ -108,6 +109,7 @@ class Run:
         self.steps = 0  # optimizer updates recorded
         self.error: str | None = None
         self.device = ""
+        self.flops_per_step: float | None = None  # of one training step (bnlab.run.engine.step_flops)
         self.final: dict[str, float] = {}  # metrics of the last evaluation
         self.first_test_loss: float | None = None  # at the first evaluation, before any step
         self.thresholds = Thresholds(cfg.threshold.metric, cfg.threshold.values)
@@ -127,6 +129,7 @@ class Run:
         """What a checkpoint keeps of this record, `loop_seconds` into the current loop."""
         wall_time = self.earlier_wall_time + time.perf_counter() - self.start
         run = {"steps": self.steps, "final": self.final, "reached": self.thresholds.reached}
+        run["seconds_reached"] = self.thresholds.seconds
         run.update(loop_time=self.loop_time + loop_seconds, wall_time=wall_time)
         return {"step": self.steps, "run": run, **{k: copy.deepcopy(getattr(self, k)) for k in self.RESUMED}}
 
@@ -136,6 +139,8 @@ class Run:
             run[k] for k in ("steps", "final", "loop_time", "wall_time")
         )
         self.thresholds.reached = run["reached"]
+        # a checkpoint of an earlier bnlab has no seconds: unknown
+        self.thresholds.seconds = run.get("seconds_reached", dict.fromkeys(run["reached"]))
         self.last_checkpoint = checkpoint["step"]
         for k in self.RESUMED:
             setattr(self, k, checkpoint[k])
@@ -171,9 +176,9 @@ class Run:
             self.writer.file_writer.add_summary(TensorBoardSummary(value=scalars), step, walltime)
         self.points.clear()
 
-    def record_eval(self, step: int, test_loss: float, test_acc: float, lr: float) -> None:
-        """A test evaluation at `step`, with the training metrics averaged since the previous one (accuracies
-        only where the task has them)."""
+    def record_eval(self, step: int, test_loss: float, test_acc: float, lr: float, seconds: float) -> None:
+        """A test evaluation at `step`, `seconds` into the training loop (earlier attempts' loops included), with
+        the training metrics averaged since the previous one (accuracies only where the task has them)."""
         metrics = {"test_loss": test_loss, "test_acc": test_acc}
         if self.window.steps:
             metrics["train_loss"], metrics["train_acc"] = self.window.means()
@@ -189,7 +194,7 @@ class Run:
             self.first_test_loss = test_loss
         log.debug("%sstep %d: %s", self.label, step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if self.thresholds.metric in metrics:
-            for v in self.thresholds.update(step, metrics[self.thresholds.metric]):
+            for v in self.thresholds.update(step, metrics[self.thresholds.metric], seconds):
                 log.info("%sstep %d: %s reached %g", self.label, step, self.thresholds.metric, v)
 
     def end_status(self, classes: int) -> Status:
@@ -209,12 +214,14 @@ class Run:
             steps=self.steps,
             threshold_metric=self.thresholds.metric,
             iterations_to_threshold=dict(self.thresholds.reached),
+            seconds_to_threshold=dict(self.thresholds.seconds),
             final=dict(self.final),
             error=self.error,
             wall_time_s=round(self.earlier_wall_time + time.perf_counter() - self.start, 3),
             steps_per_s=round(self.steps / self.loop_time, 2) if self.loop_time else None,
             device=self.device,
             fused_members=self.fused_members,
+            flops_per_step=self.flops_per_step,
             devices=self.cfg.trainer.devices,
             peak_memory_mb=peak_memory_mb(self.device),
         )
@@ -384,6 +391,7 @@ def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None, core
     device, data = prepare(cfg)
     for run in runs:
         run.device = str(device)
+        run.flops_per_step = flops if math.isfinite(flops := step_flops(run.cfg)) else None
     try:
         if t.devices == 1:
             _drive(runs, data, device, checkpoints, LOCAL, console)
@@ -545,7 +553,8 @@ class Loop:
         """Record an evaluation at `step` (the engine's (members, 2) tensor) for these members."""
         values, lrs = results.tolist(), self.engine.lrs()
         for n in members:
-            self.runs[n].record_eval(step, *values[n], lrs[n])
+            seconds = self.runs[n].loop_time + time.perf_counter() - self.start
+            self.runs[n].record_eval(step, *values[n], lrs[n], seconds)
         self.show(test_acc=values[members[0]][1])
 
     def save_checkpoint(self, n: int, finished: bool = False) -> None:
@@ -601,8 +610,10 @@ def eval_modes(model: nn.Module, data: Dataset, cfg: TrainConfig, group: Process
 
 
 def _log_hparams(writer: SummaryWriter, summary: Summary) -> None:
-    """The run's session for TensorBoard's HParams view and its metrics (bnlab.record.hparams), all finite."""
+    """The run's session for TensorBoard's HParams view, and its iterations to each threshold it reached as a
+    line from that step to its last (bnlab.record.hparams)."""
     for proto in session(summary, flatten(summary.config)):
         writer.file_writer.add_summary(proto)
-    for tag, value in metric_values(summary).items():
-        writer.add_scalar(tag, value, summary.steps)
+    for tag, at in iterations(summary).items():
+        for step in sorted({at, summary.steps}):
+            writer.add_scalar(tag, at, step)

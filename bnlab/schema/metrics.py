@@ -44,15 +44,18 @@ def reaches(metric: str, value: float, threshold: float) -> bool:
 
 
 class Thresholds:
-    """Tracks, for one metric, the first evaluated step at which it reached each value (None: not yet)."""
+    """Tracks, for one metric, the first evaluated step at which it reached each value (None: not yet), and
+    the training loop's seconds at that evaluation."""
 
     def __init__(self, metric: str, values: Iterable[float]) -> None:
         self.metric = metric
         self.reached: dict[float, int | None] = {float(v): None for v in values}
+        self.seconds: dict[float, float | None] = dict.fromkeys(self.reached)
 
-    def update(self, step: int, value: float) -> list[float]:
-        """Record the metric's value after `step` iterations; return the thresholds first reached now."""
+    def update(self, step: int, value: float, seconds: float | None = None) -> list[float]:
+        """Record the metric's value after `step` iterations, `seconds` into training; return the thresholds
+        first reached now."""
         new = [v for v, at in self.reached.items() if at is None and reaches(self.metric, value, v)]
         for v in new:
-            self.reached[v] = step
+            self.reached[v], self.seconds[v] = step, None if seconds is None else round(seconds, 3)
         return new
