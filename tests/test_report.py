@@ -25,6 +25,7 @@ from bnlab.results.analysis import (
     RunResult,
     baseline_speedup,
     largest_lr_that_trains,
+    level_curves,
     load_sweep,
     over_training,
     training_edges,
@@ -185,14 +186,32 @@ def test_basic_sweep_gets_curves_bars_and_the_table_only(basic):
     report = write_report(basic)
     assert report == basic / "report.md"
     text = report.read_text()
-    assert embedded(text) == {"metric_curves.png", "iterations_to_threshold.png"}
-    for name in ("metric_curves.png", "iterations_to_threshold.png"):
+    assert embedded(text) == {"metric_curves.png", "iterations_to_threshold.png", "steps_to_level.png"}
+    for name in ("metric_curves.png", "iterations_to_threshold.png", "steps_to_level.png"):
         assert image_ok(basic / name)
     for name in set(FIGURES) - embedded(text):
         assert not (basic / name).exists(), name  # skipped figures leave no file, stale ones are removed
     assert "| group | runs | ok/stall/div/fail | iters to test_acc 0.9 |" in text
     assert "| norm=batch | 3 | 3/0/0/0 |" in text and "| norm=none | 3 | 3/0/0/0 |" in text
     assert "Largest learning rate" not in text
+
+
+def test_the_steps_to_every_level_meet_the_verdict_at_the_thresholds(lr_sweep):
+    sweep = load_sweep(lr_sweep)
+    curves = {c.label: c for c in level_curves(sweep)}
+    assert set(curves) == {"norm=batch", "norm=none"}
+    arm, base = curves["norm=batch"], curves["norm=none"]
+    assert arm.levels == base.levels and set(THRESHOLDS) <= set(arm.levels) and len(arm.levels) > 10
+    assert all(s is None for s in base.speedups)  # the baseline is what the others are measured against
+    for v in sweep.verdicts:  # at a threshold, the very comparison of the verdict
+        r = arm.speedups[arm.levels.index(v.threshold)]
+        assert (r.speedup, r.ci_low, r.ci_high, r.bound) == (v.speedup, v.ci_low, v.ci_high, v.bound)
+    exact = [m.steps for m in arm.medians if m.exact]
+    assert exact == sorted(exact)  # a harder level takes no fewer steps
+    # between thresholds, from the curves: the first evaluation at which every level is reached
+    level = next(x for x in arm.levels if x not in THRESHOLDS and arm.medians[arm.levels.index(x)].exact)
+    firsts = sorted(next(s for s, a in zip(*r.curve("test/acc")) if a >= level) for r in arm.group.results)
+    assert arm.medians[arm.levels.index(level)].steps == firsts[1]  # the median of three seeds
 
 
 def test_lr_sweep_finds_the_largest_lr_that_trains(lr_sweep):
@@ -242,6 +261,7 @@ def test_diagnostics_give_activation_ics_and_landscape_figures(tmp_path):
     expected = {
         "metric_curves.png",
         "iterations_to_threshold.png",
+        "steps_to_level.png",
         "activation_percentiles.png",
         "ics.png",
         "landscape.png",
@@ -309,7 +329,7 @@ def test_each_norm_has_one_colour_in_every_figure_and_the_best_lr_comes_first(lr
     text = write_report(lr_sweep).read_text()
     assert text.index("## Each norm at its best learning rate") < text.index("## Sweep table")
     assert "| norm=batch | 1* | " in text  # best by accuracy: the largest lr tried, marked as the grid's edge
-    assert "speed-up to 0.9 over none, each at its best lr" in text and "## Notation" in text
+    assert "| speed-up to 0.9 over none |" in text and "## Notation" in text
     assert image_ok(lr_sweep / "best_lr.png")
 
 
@@ -384,7 +404,7 @@ def test_a_regression_lr_sweep_ranks_by_the_final_test_loss(tmp_path):
     assert sweep.final_metric == "test_loss"
     text = write_report(tmp_path).read_text()
     assert {"best_lr.png", "lr_sensitivity.png"} <= embedded(text)
-    assert "| group | best lr (test loss) | final test loss |" in text
+    assert "| group | best lr | final test loss |" in text
     # the lowest loss is the best: no BN at 0.003 (2.005), BN at 0.01 (0.735)
     assert "| norm=none | 0.003* | 2.0050±0.0071 |" in text and "| norm=batch | 0.01* | 0.7350±0.0071 |" in text
     assert "final test_loss ≤ 2.5 (the highest threshold)" in text

@@ -13,7 +13,7 @@ from bnlab.core.data import load_data
 from bnlab.core.models import build_model
 from bnlab.core.norms import BatchNorm
 from bnlab.record.summary import Summary
-from bnlab.run.engine import autocast, batches, prepare_model
+from bnlab.run.engine import autocast, batches, prepare_model, step_flops
 from bnlab.run.train import train
 from bnlab.schema.config import ConfigError
 
@@ -26,7 +26,7 @@ def test_summary_json_and_tensorboard_scalars(tiny_config, tmp_path):
     tmp_path = tmp_path / "run"
 
     on_disk = json.loads((tmp_path / "summary.json").read_text())
-    assert on_disk["schema_version"] == 3 and Summary.from_json(on_disk) == summary
+    assert on_disk["schema_version"] == 4 and Summary.from_json(on_disk) == summary
     assert summary.status.done  # to its last step: completed, or stalled where 10 steps on noise end at chance
     assert summary.steps == 10
     assert summary.steps_per_s > 0 and summary.wall_time_s > 0
@@ -35,6 +35,9 @@ def test_summary_json_and_tensorboard_scalars(tiny_config, tmp_path):
     assert set(summary.final) == {"train_loss", "train_acc", "test_loss", "test_acc"}
     assert summary.threshold_metric == "test_acc"
     assert summary.iterations_to_threshold == {0.05: 0, 0.99: None}
+    # the seconds of the loop at the evaluation that reached it (step 0: before any step), and the work of a step
+    assert 0 <= summary.seconds_to_threshold[0.05] < summary.wall_time_s and summary.seconds_to_threshold[0.99] is None
+    assert summary.flops_per_step == step_flops(cfg) > 0
 
     s = scalars(tmp_path)
     assert [step for step, _ in s["train/loss"]] == [3, 6, 9, 10]  # every trainer.log_every steps and the last
@@ -50,12 +53,10 @@ def test_summary_json_and_tensorboard_scalars(tiny_config, tmp_path):
     assert [step for step, _ in s["test/acc"]] == [0, 4, 8, 10]
     assert [step for step, _ in s["test/loss"]] == [0, 4, 8, 10]
     assert s["test/acc"][-1][1] == pytest.approx(summary.final["test_acc"])
-    # HParams metrics, all finite: a threshold never reached counts at the step budget, with reached = 0
-    assert s["verdict/iters_to_test_acc_0.05"] == [(10, 0.0)] and s["verdict/reached_test_acc_0.05"] == [(10, 1.0)]
-    # never reached: censored, so no iterations at all (never the budget, 10), and reached says so
-    assert "verdict/iters_to_test_acc_0.99" not in s and s["verdict/reached_test_acc_0.99"] == [(10, 0.0)]
-    assert s["verdict/final_test_acc"] == [(10, pytest.approx(summary.final["test_acc"]))]
-    assert sorted({tag.split("/")[0] for tag in s}) == ["test", "train", "verdict"]  # the curves sort first
+    # HParams' iterations: a line from the step a threshold was first reached to the last, at that step's height
+    assert s["when_reached/test_acc_0.05"] == [(0, 0.0), (10, 0.0)]
+    assert "when_reached/test_acc_0.99" not in s  # never reached: censored, so no value (never the budget, 10)
+    assert sorted({tag.split("/")[0] for tag in s}) == ["test", "train", "when_reached"]  # the curves sort first
 
 
 @pytest.mark.parametrize("norm", ["none", "batch"])

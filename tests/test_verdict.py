@@ -12,9 +12,12 @@ import re
 import numpy as np
 import pytest
 from rich.console import Console
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from bnlab.record.files import write_json
 from bnlab.results.analysis import load_sweep
+from bnlab.results.dashboard import BOUNDS, GROUPS, MEDIANS, write_dashboard
 from bnlab.results.report import write_report
 from bnlab.results.summarize import fmt_ratio, summarize
 from bnlab.results.verdict import Times, compare, median_steps
@@ -79,6 +82,25 @@ def test_censored_baseline_seeds_make_the_speed_up_a_lower_bound_never_a_run_at_
     assert ">=3.60x" in md and all(m.group(1) == ">" for m in re.finditer(r"(.)3000\b", md))  # 3000 only as a bound
 
 
+def test_seconds_and_flops_to_a_threshold_are_medians_like_the_steps(tmp_path):
+    runs = {"batch": [(100, 1.0), (200, 2.5), (300, 3.0)], "none": [(600, 6.0), (None, None), (900, 8.0)]}
+    for norm, seeds in runs.items():
+        for seed, (steps, seconds) in enumerate(seeds):
+            write_run(tmp_path, norm, seed, steps)
+            path = tmp_path / f"norm={norm},optim.lr=0.1,seed={seed}" / "summary.json"
+            d = json.loads(path.read_text())
+            d["iterations_to_threshold"][0]["seconds"] = seconds
+            write_json(path, {**d, "schema_version": 4, "flops_per_step": 2e6, "steps_per_s": 100.0})
+    summarize(tmp_path, Console(file=io.StringIO()))
+    groups = {g["keys"]["norm.name"]: g for g in json.loads((tmp_path / "sweep.json").read_text())["groups"]}
+    batch, none = groups["batch"]["thresholds"][0], groups["none"]["thresholds"][0]
+    assert (batch["median_steps"], batch["median_seconds"], batch["median_flops"]) == (200, 2.5, 200 * 2e6)
+    assert groups["batch"]["flops_per_step"] == 2e6
+    # none's seed 1 never got there: censored at 3000 steps, 30 s at its 100 steps/s; the median is seed 2's
+    assert (none["median_steps"], none["median_seconds"], none["median_flops"]) == (900, 8.0, 900 * 2e6)
+    assert "| norm=batch | 0.1 | 0.002 | 100.0 | 200 steps, 2.5 s, 0.4 GFLOP |" in write_report(tmp_path).read_text()
+
+
 def test_kaplan_meier_median_and_its_interval_on_a_known_case():
     # 10 seeds at 100, 200, ..., 1000: the median is the 5th (the lower median), the interval brackets it
     m = median_steps(Times.of(list(range(10)), [100.0 * (i + 1) for i in range(10)], [True] * 10))
@@ -123,3 +145,19 @@ def test_one_comparison_reads_the_same_on_every_surface(tmp_path):
         v["ci_low"],
         v["ci_high"],
     ]
+    write_dashboard(tmp_path)  # TensorBoard: the speed-up chart at the level 0.9, and the HParams column's text
+    events = EventAccumulator(str(tmp_path / GROUPS / "norm=batch,optim.lr=0.1"))
+    events.Reload()
+    chart = {tag.removeprefix(MEDIANS).removeprefix(BOUNDS): events.Scalars(tag) for tag in events.Tags()["scalars"]}
+    name = "speed-up over none at each test accuracy level"
+    at = {k: e.value for k in (name, f"{name} low", f"{name} high") for e in chart[k] if e.step == 900}
+    assert list(at.values()) == pytest.approx([v["speedup"], v["ci_low"], v["ci_high"]], rel=1e-6)  # float32
+    hparams = EventAccumulator(str(tmp_path))
+    hparams.Reload()
+    (experiment,) = (hparams.SummaryMetadata(hparams_metadata.EXPERIMENT_TAG).plugin_data.content,)
+    assert f"norm=batch vs norm=none, each at its best lr (0.1 vs 0.1): {text}".encode() in experiment
+
+
+def test_an_arm_there_before_its_first_step_has_no_speed_up():
+    at_once = Times.of([0, 1], [0, 0], [True, True])  # reached at the evaluation before any step
+    assert compare(at_once, Times.of([0, 1], [100, 200], [True, True])) is None

@@ -1,11 +1,13 @@
 """Sweep analysis, read from the summary contract alone: the runs below a folder, grouped once by their
 config minus the seed, and per group what the tables and figures show.
 
-Per group: run counts by status; for each threshold the iterations its runs needed (median and min-max
-over the seeds that reached it, and how many never did) and the speed-up over the group's
-no-normalization twin (the same config with norm=none), paired by seed; the final test accuracy (mean
-and std) and steps/s. Across groups: the learning rate that still trains, each group at its best
-learning rate, and which keys a batch-size sweep set with the batch size.
+Per group: run counts by status; for each threshold the steps, seconds and FLOPs its runs needed (the
+Kaplan-Meier median over seeds with its 95 % interval, seeds that never got there censored) and the
+speed-up over the group's no-normalization twin (the same config with norm=none), paired by seed; the
+final test accuracy (mean and std) and steps/s. Across groups: each series along the lr at its best lr
+and the verdict (each norm against no normalization, each at its best lr), the steps to every level of
+the threshold metric for those groups, the learning rate that still trains, and which keys a batch-size
+sweep set with the batch size.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from bnlab.record.summary import FILE, Status, Summary, is_run_summary
 from bnlab.results.verdict import Comparison, MedianSteps, Times, compare, median_steps
 from bnlab.schema import tags
 from bnlab.schema.config import BOOKKEEPING_KEYS, NO_NORM, flatten
-from bnlab.schema.metrics import higher_is_better, reaches
+from bnlab.schema.metrics import METRICS, higher_is_better, reaches
 
 Curve = tuple[np.ndarray, np.ndarray]  # (steps, values), sorted by step
 logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its event reader logs every file it finishes
@@ -127,6 +129,16 @@ class ThresholdStats:
 
     median: MedianSteps  # steps to it over the seeds, those that never reached it censored
     speedup: Comparison | None  # over the norm=none twin, the same config at the same lr; None: no twin
+    seconds: MedianSteps | None = None  # seconds to it, the same way; None: not recorded (summaries before v4)
+    flops_per_step: float | None = None  # the group's (None: not recorded, or its runs differ)
+
+    @property
+    def flops(self) -> tuple[float, float | None, float | None] | None:
+        """FLOPs to it: the median steps and their interval times the FLOPs of a step."""
+        f, m = self.flops_per_step, self.median
+        if f is None:
+            return None
+        return m.steps * f, m.ci_low and m.ci_low * f, m.ci_high and m.ci_high * f
 
     @property
     def never(self) -> int:
@@ -184,6 +196,12 @@ class RunGroup:
         return max(r.summary.max_steps for r in self.runs)
 
     @property
+    def flops_per_step(self) -> float | None:
+        """Its runs' FLOPs per training step, where they recorded one and the same."""
+        flops = {r.summary.flops_per_step for r in self.runs}
+        return flops.pop() if len(flops) == 1 else None
+
+    @property
     def steps_per_s(self) -> tuple[float, float, float] | None:
         """The runs' own training-loop speeds as median, min and max: one slow seed shows as the min."""
         return _spread([s for r in self.results if (s := r.summary.steps_per_s)], 1)
@@ -199,6 +217,20 @@ def times_to(runs: list[RunResult], threshold: float) -> Times:
         steps.append(last if at is None else at)
         reached.append(at is not None)
     return Times.of([r.summary.seed for r in runs], steps, reached)
+
+
+def seconds_to(runs: list[RunResult], threshold: float) -> Times | None:
+    """`times_to` in seconds of the training loop: where a run never reached it, censored at the seconds its
+    censoring step takes at the run's own steps/s; None where a run did not record them (before version 4)."""
+    seconds, reached = [], []
+    for r in runs:
+        s = r.summary
+        at = s.seconds_to_threshold.get(threshold)
+        if (s.iterations_to_threshold.get(threshold) is not None and at is None) or not s.steps_per_s:
+            return None
+        seconds.append(at if at is not None else (s.steps if s.status.done else s.max_steps) / s.steps_per_s)
+        reached.append(at is not None)
+    return Times.of([r.summary.seed for r in runs], seconds, reached)
 
 
 def _sort_key(group: RunGroup) -> list[tuple[str, Any]]:
@@ -228,7 +260,9 @@ def group_runs(runs: list[RunResult], keys: list[str] | None = None) -> list[Run
         for t in thresholds:
             ours = times_to(g.results, t)
             twin = compare(ours, times_to(g.twin.results, t)) if g.twin and g.twin.results else None
-            g.thresholds[t] = ThresholdStats(median_steps(ours), twin)
+            seconds = seconds_to(g.results, t)
+            seconds_median = median_steps(seconds) if seconds else None
+            g.thresholds[t] = ThresholdStats(median_steps(ours), twin, seconds_median, g.flops_per_step)
     return sorted(groups, key=_sort_key)
 
 
@@ -278,6 +312,22 @@ class Sweep:
     @cached_property
     def verdicts(self) -> list[Verdict]:
         return verdicts(self)
+
+    @cached_property
+    def series(self) -> dict[str, list[RunGroup]]:
+        """The groups (with runs that count) by their label without the lr, lr ascending: a series along the lr."""
+        out: dict[str, list[RunGroup]] = {}
+        for g in sorted((g for g in self.groups if g.results), key=lambda g: g.lr):
+            out.setdefault(g.without("optim.lr"), []).append(g)
+        return out
+
+    def edge(self, series: str, lr: float) -> str:
+        """'largest' or 'smallest' where `lr` is at that end of the lrs `series` tried (a better lr may lie beyond
+        it), else ''."""
+        lrs = [g.lr for g in self.series.get(series, [])]
+        if len(lrs) > 1 and lr in (lrs[0], lrs[-1]):
+            return "largest" if lr == lrs[-1] else "smallest"
+        return ""
 
     @cached_property
     def counted(self) -> dict[str, list[RunResult]]:
@@ -432,46 +482,28 @@ def training_edges(runs: list[RunResult]) -> dict[str, Edge]:
 
 @dataclass
 class AtBestLr:
-    """A series of groups that differ only in their learning rate (one norm, say), at its best one."""
+    """A series of groups that differ only in their learning rate (one norm, say), at the lr where its final
+    test accuracy is best: Ioffe & Szegedy's baseline rule (the verdict's is `pick_best_lr`)."""
 
     label: str  # the groups' label without the lr
     groups: list[RunGroup]  # one per lr tried, lr ascending
     by_acc: RunGroup  # the lr whose final test accuracy is highest (a regression: test loss lowest; median over seeds)
-    by_iters: dict[float, RunGroup | None]  # per threshold, the lr that needs the fewest iterations (median) among
-    # those where every seed reached it; None: no lr did
 
     @property
     def norm(self) -> str:
         return self.groups[0].norm
 
-    def edge(self, group: RunGroup) -> str:
-        """'', or why `group`'s lr is only a bound: it is the largest (or smallest) lr tried."""
-        lrs = [g.lr for g in self.groups]
-        if len(lrs) > 1 and group.lr == max(lrs):
-            return "the largest lr tried: a larger one may do better"
-        if len(lrs) > 1 and group.lr == min(lrs):
-            return "the smallest lr tried: a smaller one may do better"
-        return ""
-
 
 def best_lrs(sweep: Sweep) -> list[AtBestLr]:
-    """Per series of groups that differ only in optim.lr, its best lr by final test accuracy and by
-    iterations to each threshold; [] when the lr does not vary."""
+    """Per series of groups that differ only in optim.lr, its best lr by final test accuracy; [] when the lr
+    does not vary."""
     if "optim.lr" not in sweep.varying:
         return []
-    series: dict[str, list[RunGroup]] = {}
-    for g in (g for g in sweep.groups if g.results):
-        series.setdefault(g.without("optim.lr"), []).append(g)
+    metric, sign = sweep.final_metric, 1 if higher_is_better(sweep.final_metric) else -1
     out = []
-    for label, groups in series.items():
-        groups = sorted(groups, key=lambda g: g.lr)
-        metric, sign = sweep.final_metric, 1 if higher_is_better(sweep.final_metric) else -1
+    for label, groups in sweep.series.items():
         accs = {id(g): sign * statistics.median(g.final(metric)) if g.final(metric) else -math.inf for g in groups}
-        by_iters = {}
-        for t in sweep.thresholds:
-            reached = [g for g in groups if not g.thresholds[t].never]
-            by_iters[t] = min(reached, key=lambda g: g.thresholds[t].median.steps, default=None)
-        out.append(AtBestLr(label, groups, max(groups, key=lambda g: accs[id(g)]), by_iters))
+        out.append(AtBestLr(label, groups, max(groups, key=lambda g: accs[id(g)])))
     return out
 
 
@@ -514,13 +546,16 @@ def pick_best_lr(groups: list[RunGroup], thresholds: list[float], metric: str) -
     return max(counted, key=final)
 
 
-def verdicts(sweep: Sweep) -> list[Verdict]:
-    """Each norm's series (its groups minus the lr) at its best lr against the norm=none series of the same
-    other settings at its own best lr, at every threshold where either median is known."""
-    series: dict[str, list[RunGroup]] = {}
-    for g in (g for g in sweep.groups if g.results):
-        series.setdefault(g.without("optim.lr"), []).append(g)
-    best = {label: pick_best_lr(groups, sweep.thresholds, sweep.final_metric) for label, groups in series.items()}
+def best_of_series(sweep: Sweep) -> dict[str, RunGroup]:
+    """Each series of groups that differ only in the lr (its label: theirs without the lr) -> its group at its
+    best lr (`pick_best_lr`); the one group of a series where the lr does not vary."""
+    return {label: pick_best_lr(groups, sweep.thresholds, sweep.final_metric) for label, groups in sweep.series.items()}
+
+
+def pairs(sweep: Sweep) -> list[tuple[str, RunGroup, str, RunGroup]]:
+    """(arm label, arm, baseline label, baseline): each norm's series at its best lr and the norm=none series of
+    the same other settings at its own."""
+    best = best_of_series(sweep)
     by_norm = set_with_norm(sweep.runs, sweep.varying)
     out = []
     for label, arm in best.items():
@@ -533,13 +568,106 @@ def verdicts(sweep: Sweep) -> list[Verdict]:
             ),
             None,
         )
-        if arm.norm == NO_NORM or baseline is None:
-            continue
-        base_label, base = baseline
+        if arm.norm != NO_NORM and baseline is not None:
+            out.append((label, arm, *baseline))
+    return out
+
+
+def verdicts(sweep: Sweep) -> list[Verdict]:
+    """Each norm's series at its best lr against the norm=none series of the same other settings at its own
+    best lr (`pairs`), at every threshold where either median is known."""
+    out = []
+    for label, arm, base_label, base in pairs(sweep):
         for t in sweep.thresholds:
             c = compare(times_to(arm.results, t), times_to(base.results, t))
             if c is not None:
                 out.append(Verdict(label, base_label, sweep.metric, t, arm.lr, base.lr, **asdict(c)))
+    return out
+
+
+# ---------------------------------------------------------------- steps to every level, not only the thresholds
+
+MAX_LEVELS = 40  # levels of the threshold metric in the steps-to-level curves, at most
+NICE_STEPS = (1, 2, 5)  # a level grid's spacing: one of these times a power of ten
+
+
+@dataclass
+class LevelCurve:
+    """Steps to each level of the threshold metric for one group (a norm at its best lr), and its speed-up
+    over the baseline at its own best lr at each level (None for the baseline itself, or where unknown)."""
+
+    label: str  # the series: the group's label without the lr
+    group: RunGroup
+    levels: list[float]
+    medians: list[MedianSteps]
+    speedups: list[Comparison | None]
+
+
+def times_to_level(runs: list[RunResult], metric: str, level: float, thresholds: list[float]) -> Times:
+    """Each run's steps to `level`: from its summary where the level is one of its thresholds (the very numbers
+    of the tables), otherwise from its curve in TensorBoard, censored as `times_to` censors."""
+    if level in thresholds:
+        return times_to(runs, level)
+    steps, reached = [], []
+    tag = METRICS[metric].tag
+    for r in runs:
+        curve = r.curve(tag) if tag else None
+        hits = curve[0][[reaches(metric, v, level) for v in curve[1]]] if curve is not None else []
+        steps.append(int(hits[0]) if len(hits) else (r.summary.steps if r.summary.status.done else r.summary.max_steps))
+        reached.append(len(hits) > 0)
+    return Times.of([r.summary.seed for r in runs], steps, reached)
+
+
+def level_grid(metric: str, start: float, best: float, thresholds: list[float]) -> list[float]:
+    """Levels from `start` (where training starts, say) to `best`, on a grid of a round spacing, MAX_LEVELS at
+    most, with the thresholds among them."""
+    low, high = sorted((start, best))
+    if high <= low:
+        return [t for t in thresholds if low <= t <= high]
+    magnitude = 10 ** math.floor(math.log10((high - low) / MAX_LEVELS))
+    spacing = next(
+        n * magnitude
+        for p in (1, 10)
+        for n in (p * k for k in NICE_STEPS)
+        if (high - low) / (n * magnitude) <= MAX_LEVELS
+    )
+    grid = np.arange(math.ceil(low / spacing), math.floor(high / spacing) + 1) * spacing
+    levels = {round(float(x), 6) for x in grid} | {t for t in thresholds if low <= t <= high}
+    return sorted(levels, reverse=not higher_is_better(metric))  # from the easiest level to the hardest
+
+
+def level_curves(sweep: Sweep) -> list[LevelCurve]:
+    """The verdict's groups (each norm at its best lr, and the baseline at its own) over levels of the threshold
+    metric, from the median of their first evaluations after step 0 to the best median final value among them
+    (the thresholds alone where the runs have no curves)."""
+    found = pairs(sweep)
+    if not found:
+        return []
+    metric, tag = sweep.metric, METRICS[sweep.metric].tag
+    baselines = {base_label: base for _, _, base_label, base in found}
+    groups = {**baselines, **{label: arm for label, arm, _, _ in found}}
+    firsts = [
+        c[1][c[0] > 0][0]
+        for g in groups.values()
+        for r in g.results
+        if (c := r.curve(tag)) is not None and (c[0] > 0).any()
+    ]
+    finals = [statistics.median(v) for g in groups.values() if (v := g.final(metric))]
+    if firsts and finals:
+        best = max(finals) if higher_is_better(metric) else min(finals)
+        levels = level_grid(metric, float(np.median(firsts)), best, sweep.thresholds)
+    else:  # no curves (runs without TensorBoard events): the thresholds alone
+        levels = sorted(sweep.thresholds, reverse=not higher_is_better(metric))
+    times = {
+        label: [times_to_level(g.results, metric, level, sweep.thresholds) for level in levels]
+        for label, g in groups.items()
+    }
+    against = {label: base_label for label, _, base_label, _ in found}
+    out = []
+    for label, g in groups.items():
+        base = times[against[label]] if label in against else None
+        speedups = [compare(t, b) for t, b in zip(times[label], base)] if base else [None] * len(levels)
+        out.append(LevelCurve(label, g, levels, [median_steps(t) for t in times[label]], speedups))
     return out
 
 

@@ -26,7 +26,6 @@ from matplotlib.patches import Patch
 from bnlab.record.summary import Summary
 from bnlab.results import analysis
 from bnlab.results.analysis import (
-    AtBestLr,
     Curve,
     Edge,
     RunGroup,
@@ -34,7 +33,6 @@ from bnlab.results.analysis import (
     Sweep,
     band,
     batch_size_keys,
-    best_lrs,
     easiest_threshold,
     group_runs,
     largest_lr_that_trains,
@@ -42,7 +40,7 @@ from bnlab.results.analysis import (
     over_training,
     training_edges,
 )
-from bnlab.results.summarize import fmt_mean_std, fmt_ratio, fmt_spread
+from bnlab.results.summarize import fmt_iters, fmt_mean_std, fmt_ratio, fmt_spread
 from bnlab.schema import tags
 from bnlab.schema.config import LANDSCAPE_STEPS, NO_NORM
 from bnlab.schema.metrics import METRICS, higher_is_better
@@ -228,48 +226,43 @@ def _lr_axis(ax: Axes, lrs: list[float]) -> None:
 
 
 def best_lr(sweep: Sweep) -> Section | None:
-    """0. The headline: each norm at its own best learning rate (by final test accuracy, and by iterations to
-    each threshold), the fair comparison when the lr varies."""
-    best = best_lrs(sweep)
-    if not best:
+    """0. The headline: each norm at its own best learning rate (the verdict's rule,
+    bnlab.results.analysis.pick_best_lr), the fair comparison when the lr varies."""
+    if "optim.lr" not in sweep.varying:
         return None
+    best = analysis.best_of_series(sweep)
     looks = Looks(sweep)
     ts = sweep.thresholds
     metric, name = sweep.final_metric, METRICS[sweep.final_metric].label.split(" (")[0]
     fig, axes = _figure(1, 1 + len(ts), width=4.0 + 3.2 * (1 + len(ts)), height=5.0)
-    for i, b in enumerate(best):
-        g = b.by_acc
-        accs = g.final(metric)
-        if not accs:
-            continue
-        med = statistics.median(accs)
-        axes[0, 0].bar(i, med, 0.7, color=looks.of(g).colour, hatch=looks.of(g).hatch, edgecolor="white")
-        axes[0, 0].errorbar(i, med, yerr=[[med - min(accs)], [max(accs) - med]], fmt="none", ecolor="black", capsize=3)
-        axes[0, 0].text(
-            i,
-            max(accs) + 0.005,
-            f"{med:.3f}\nlr {g.lr:g}{'*' if b.edge(g) else ''}",
-            ha="center",
-            va="bottom",
-            fontsize=7,
-        )
+
+    def lr_text(label: str, g: RunGroup) -> str:
+        return f"lr {g.lr:g}{'*' if sweep.edge(label, g.lr) else ''}"
+
+    for i, (label, g) in enumerate(best.items()):
+        look = looks.of(g)
+        if accs := g.final(metric):
+            med = statistics.median(accs)
+            axes[0, 0].bar(i, med, 0.7, color=look.colour, hatch=look.hatch, edgecolor="white")
+            axes[0, 0].errorbar(
+                i, med, yerr=[[med - min(accs)], [max(accs) - med]], fmt="none", ecolor="black", capsize=3
+            )
+            axes[0, 0].text(
+                i, max(accs) + 0.005, f"{med:.3f}\n{lr_text(label, g)}", ha="center", va="bottom", fontsize=7
+            )
         for j, t in enumerate(ts, 1):
-            ax, at = axes[0, j], b.by_iters[t]
-            if at is None:
-                # no lr got every seed there: censored, an arrow beyond the last step seen, never a bar there
-                seen, colour = b.groups[0].budget, looks.of(b.groups[0]).colour
-                ax.annotate("", (i, seen * 1.12), (i, seen), arrowprops={"arrowstyle": "->", "color": colour})
-                ax.text(i, seen * 1.12, "not reached", ha="center", va="bottom", fontsize=7)
-                ax.update_datalim([(i, seen * 1.25)])  # the axis holds the arrow and its label
+            ax, m = axes[0, j], g.thresholds[t].median
+            if not m.exact:  # censored: an arrow beyond the last step seen, never a bar there
+                ax.annotate("", (i, m.seen * 1.12), (i, m.seen), arrowprops={"arrowstyle": "->", "color": look.colour})
+                ax.text(i, m.seen * 1.12, f"{m.reached}/{m.seeds}", ha="center", va="bottom", fontsize=7)
+                ax.update_datalim([(i, m.seen * 1.25)])  # the axis holds the arrow and its label
                 ax.autoscale_view()
                 continue
-            m = at.thresholds[t].median
             med, lo, hi = m.steps, m.ci_low or m.steps, m.ci_high or m.seen
-            ax.bar(i, med, 0.7, color=looks.of(at).colour, hatch=looks.of(at).hatch, edgecolor="white")
+            ax.bar(i, med, 0.7, color=look.colour, hatch=look.hatch, edgecolor="white")
             ax.errorbar(i, med, yerr=[[med - lo], [hi - med]], fmt="none", ecolor="black", capsize=3)
-            ax.text(i, hi, f"{med:g}\nlr {at.lr:g}{'*' if b.edge(at) else ''}", ha="center", va="bottom", fontsize=7)
-    names = [_wrap(b.label) for b in best]
-    accs_seen = [a for b in best for a in b.by_acc.final(metric)] or [0.0]
+            ax.text(i, hi, f"{med:g}\n{lr_text(label, g)}", ha="center", va="bottom", fontsize=7)
+    accs_seen = [a for g in best.values() for a in g.final(metric)] or [0.0]
     low = max(0.0, min(accs_seen) - 0.05) if higher_is_better(metric) else 0.0
     axes[0, 0].set_ylim(low, max(accs_seen) + 0.3 * (max(accs_seen) - low))  # room for the labels above the bars
     axes[0, 0].set(ylabel=f"final {name}", title=f"final {name}\nat each one's best lr")
@@ -277,7 +270,7 @@ def best_lr(sweep: Sweep) -> Section | None:
         axes[0, j].set(ylabel=f"{STEPS}", title=f"iterations to {_threshold_text(sweep, t)}\nat each one's best lr")
         axes[0, j].set_ylim(0, axes[0, j].get_ylim()[1] * 1.15)
     for ax in axes[0]:
-        ax.set_xticks(range(len(best)), names, fontsize=8)
+        ax.set_xticks(range(len(best)), [_wrap(label) for label in best], fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(
         "each norm at its own best learning rate (median over seeds; error bars: min-max of the accuracy, "
@@ -285,36 +278,30 @@ def best_lr(sweep: Sweep) -> Section | None:
     )
     return Section(
         "Each norm at its best learning rate",
-        f"Left: final {name} of each norm (and setting) at the learning rate where it is best; right: the "
-        "iterations each needs to reach each threshold at the lr where that is fewest (every seed reaching it). "
-        "The lr is written above each bar; * marks an lr at the edge of the grid tried, so the best may lie "
-        "beyond it; an arrow from the step budget: no lr got every seed there. Median over seeds; error bars: the "
-        "accuracy's min-max, the iterations' 95 % interval.",
+        f"Each norm (and setting) at its best lr, the one the verdict compares: the fewest median iterations to the "
+        f"hardest threshold that half its seeds reach at some lr (ties and no such threshold: the best final "
+        f"{name}). Left: its final {name}; right: its iterations to each threshold. The lr is written above each "
+        "bar; * marks an lr at the edge of the grid tried, so the best may lie beyond it; an arrow from the last "
+        "step seen where fewer than half the seeds got there (k/n: seeds that did). Median over seeds; error bars: "
+        "the accuracy's min-max, the iterations' 95 % interval.",
         fig,
         best_lr_table(sweep, best),
     )
 
 
-def best_lr_table(sweep: Sweep, best: list[AtBestLr]) -> str:
-    """The best-lr comparison as a markdown table, with the speed-up over norm=none at its own best lr."""
-    ts = sweep.thresholds
-    metric = sweep.final_metric
+def best_lr_table(sweep: Sweep, best: dict[str, RunGroup]) -> str:
+    """The best-lr comparison as a markdown table, with the verdict: the speed-up over norm=none at its own best lr."""
+    ts, metric = sweep.thresholds, sweep.final_metric
     short = metric.replace("_", " ")  # test acc, test loss
-    head = ["group", f"best lr ({short})", f"final {short}", *(f"iters to {t:g} (lr)" for t in ts)]
-    head += [f"speed-up to {t:g} over none, each at its best lr (lrs)" for t in ts]
+    head = ["group", "best lr", f"final {short}", *(f"iters to {t:g}" for t in ts)]
+    head += [f"speed-up to {t:g} over none" for t in ts]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for b in best:
-        mean, std = b.by_acc.mean_std(metric)
-        final = "-" if mean is None else f"{mean:.4f}±{std or 0:.4f}"
-        row = [b.label, f"{b.by_acc.lr:g}{'*' if b.edge(b.by_acc) else ''}", final]
+    for label, g in best.items():
+        row = [label, f"{g.lr:g}{'*' if sweep.edge(label, g.lr) else ''}", fmt_mean_std(*g.mean_std(metric))]
+        row += [fmt_iters(g.thresholds.get(t)) for t in ts]
         for t in ts:
-            at = b.by_iters[t]
-            row.append(
-                "never" if at is None else f"{at.thresholds[t].median.steps:g} ({at.lr:g}{'*' if b.edge(at) else ''})"
-            )
-        for t in ts:
-            v = next((v for v in sweep.verdicts if v.arm == b.label and v.threshold == t), None)
-            row.append("-" if v is None else f"{fmt_ratio(v)} ({v.arm_lr:g} vs {v.baseline_lr:g})")
+            v = next((v for v in sweep.verdicts if v.arm == label and v.threshold == t), None)
+            row.append("-" if v is None else f"{fmt_ratio(v)} (vs {v.baseline_lr:g})")
         lines.append("| " + " | ".join(row) + " |")
     return (
         "Each norm at its own best learning rate: the fair comparison (at one shared lr the table below favours "
@@ -436,6 +423,66 @@ def iterations_to_threshold(sweep: Sweep) -> Section | None:
         "reached it counted as censored at the last step they were seen at), error bar = its 95 % interval; where "
         "fewer than half the seeds reached it, an arrow from the last step seen (k/n: seeds that reached it): the "
         "median lies beyond it.",
+        fig,
+    )
+
+
+def steps_to_level(sweep: Sweep) -> Section | None:
+    """2b. Beyond the thresholds: the median steps to every level of the threshold metric for each norm at its
+    best lr, with its 95 % interval, and the speed-up over no normalization at each level."""
+    curves = analysis.level_curves(sweep)
+    if not curves or len(curves[0].levels) <= len(sweep.thresholds):  # no curves: the thresholds' figure has it all
+        return None
+    looks = Looks(sweep)
+    fig, ((steps_ax,), (ratio_ax,)) = _figure(2, 1, height=7.0, sharex=True)
+    for c in curves:
+        look = looks.of(c.group, vary_lr=False)
+        label = f"{c.label} (lr {c.group.lr:g})"
+        x = np.array(c.levels)
+        exact = np.array([m.exact for m in c.medians])
+        median = np.array([m.steps if m.exact else np.nan for m in c.medians])
+        low = np.array([m.ci_low or m.steps if m.exact else np.nan for m in c.medians])
+        high = np.array([m.ci_high or m.seen if m.exact else np.nan for m in c.medians])  # open end: the last step seen
+        steps_ax.plot(x, median, color=look.colour, lw=1.6, label=label)
+        steps_ax.fill_between(x, low, high, color=look.colour, alpha=BAND_ALPHA, lw=0)
+        if (~exact).any():  # censored: beyond the last step seen
+            seen = np.array([m.seen for m in c.medians])
+            steps_ax.plot(x[~exact], seen[~exact], ls="none", marker="^", color=look.colour, ms=6)
+        ratios = [(level, r) for level, r in zip(c.levels, c.speedups) if r is not None]
+        if ratios:
+            rx = np.array([level for level, _ in ratios])
+            ry = np.array([r.speedup for _, r in ratios])
+            lo = np.array([r.ci_low if r.ci_low is not None else r.speedup for _, r in ratios])
+            hi = np.array([r.ci_high if r.ci_high is not None else r.speedup for _, r in ratios])
+            bound = np.array([r.bound for _, r in ratios])
+            ratio_ax.plot(rx, ry, color=look.colour, lw=1.6, label=f"{c.label} vs {NO_NORM}")
+            ratio_ax.fill_between(rx, lo, hi, color=look.colour, alpha=BAND_ALPHA, lw=0)
+            for kind, marker in (("lower", "^"), ("upper", "v")):
+                ratio_ax.plot(rx[bound == kind], ry[bound == kind], ls="none", marker=marker, color=look.colour, ms=6)
+    for ax in (steps_ax, ratio_ax):
+        for t in sweep.thresholds:
+            ax.axvline(t, color="0.6", ls=":", lw=1)
+        ax.grid(alpha=0.3)
+    steps_ax.set_ylim(bottom=0)
+    steps_ax.set(ylabel=f"{STEPS}\nto reach the level", title=f"steps to each {METRICS[sweep.metric].label} level")
+    ratio_ax.axhline(1, color="black", lw=0.8)
+    ratio_ax.set_ylim(bottom=0)
+    ratio_ax.set(
+        xlabel=f"{METRICS[sweep.metric].label} level (dotted: the thresholds)",
+        ylabel=f"speed-up over {NO_NORM}\n(its steps / the norm's)",
+    )
+    if not higher_is_better(sweep.metric):
+        ratio_ax.invert_xaxis()  # a loss: harder levels to the right
+    handles, labels = steps_ax.get_legend_handles_labels()
+    _legend(fig, handles, labels, below=True)
+    return Section(
+        "Steps to every level, and the speed-up at each",
+        f"Top: median steps over the seeds (Kaplan-Meier) for each norm at its best lr to first reach each "
+        f"{METRICS[sweep.metric].label} level, band = its 95 % interval (open ends up to the last step seen); "
+        "a triangle where fewer than half the seeds reached the level (the median lies beyond it). Bottom: the "
+        f"speed-up over {NO_NORM} at its best lr at each level, band = its 95 % bootstrap interval; ▲ a lower "
+        "bound (the baseline's median is censored), ▼ an upper bound. At the thresholds these are the verdict's "
+        "numbers.",
         fig,
     )
 
@@ -945,6 +992,7 @@ FIGURES: dict[str, Callable[[Sweep], Section | None]] = {  # PNG file name -> th
     "best_lr.png": best_lr,
     "metric_curves.png": metric_curves,
     "iterations_to_threshold.png": iterations_to_threshold,
+    "steps_to_level.png": steps_to_level,
     "lr_sensitivity.png": lr_sensitivity,
     "batch_size.png": batch_size_sensitivity,
     "activation_percentiles.png": activation_percentiles,

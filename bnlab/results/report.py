@@ -9,10 +9,18 @@ from bnlab.record.files import write_text
 from bnlab.record.summary import Status
 from bnlab.results.analysis import load_sweep
 from bnlab.results.figures import DPI, FIGURES, Section
-from bnlab.results.summarize import markdown, verdict_markdown
+from bnlab.results.summarize import compute_markdown, markdown, verdict_markdown
 
 REPORT = "report.md"
 HEADLINES = ("best_lr.png",)  # figures before the sweep table
+COMPUTE = """## Steps, seconds and FLOPs
+
+The verdict's groups by what reaching each threshold took, median over seeds: optimizer steps, seconds of the
+training loop (evaluations included; a fused run's seconds are those of the stack it trained in) and FLOPs
+(torch.utils.flop_counter's count of one training step's matrix products and convolutions, times the steps;
+the elementwise work of a norm is not in it, so its cost per step shows in the seconds). '>': beyond the
+last step seen, fewer than half the seeds got there.
+"""
 NOTATION = """## Notation
 
 - Every figure and table is over seeds: iterations as the median with its 95 % interval, curves as the
@@ -47,6 +55,7 @@ def write_report(root: Path, include_failed: bool = False) -> Path:
         f"{len(sweep.runs)} runs ({counts}) in {len(sweep.groups)} groups (config minus the seed); threshold "
         f"metric: {sweep.metric}." + (f" {sweep.left_out_note}." if sweep.left_out else "") + "\n",
         *(["## The verdict\n", verdict_markdown(sweep)] if sweep.verdicts else []),
+        *([COMPUTE, table] if (table := compute_markdown(sweep)) else []),
         NOTATION,
     ]
     sections = {name: make(sweep) for name, make in FIGURES.items()}

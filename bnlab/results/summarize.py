@@ -16,7 +16,16 @@ from rich.table import Table
 
 from bnlab.record.files import write_json, write_text
 from bnlab.record.summary import SWEEP_FILE, SWEEP_SCHEMA_VERSION, Status, Summary
-from bnlab.results.analysis import RunGroup, Sweep, ThresholdStats, Verdict, group_runs, load_sweep, varying_keys
+from bnlab.results.analysis import (
+    RunGroup,
+    Sweep,
+    ThresholdStats,
+    Verdict,
+    group_runs,
+    load_sweep,
+    pairs,
+    varying_keys,
+)
 from bnlab.results.verdict import LOWER, UPPER, Comparison
 from bnlab.schema.metrics import METRICS, higher_is_better
 
@@ -78,7 +87,7 @@ def fmt_speedup(group: RunGroup, t: float) -> str:
     return "" if stats is None or stats.speedup is None else "vs none " + fmt_ratio(stats.speedup)
 
 
-def fmt_verdict(v: Verdict, lrs: dict[str, list[float]]) -> str:
+def fmt_verdict(v: Verdict, sweep: Sweep) -> str:
     """The sweep's answer for one norm, in one line: at the hardest threshold it has a verdict for; a best lr at
     either end of the grid tried is named, since a better one may lie beyond it."""
     arm, base = v.arm.removeprefix("norm="), v.baseline.removeprefix("norm=")
@@ -86,9 +95,9 @@ def fmt_verdict(v: Verdict, lrs: dict[str, list[float]]) -> str:
     ratio = fmt_ratio(v) if sooner else fmt_ratio(_inverse(v))
     faster = "" if v.faster_seeds is None else f", faster in {v.faster_seeds}/{v.seeds_arm} seeds"
     edges = [
-        f"{name} {lr:g} ({'largest' if lr == max(lrs[label]) else 'smallest'})"
+        f"{name} {lr:g} ({edge})"
         for name, lr, label in ((arm, v.arm_lr, v.arm), (base, v.baseline_lr, v.baseline))
-        if len(lrs.get(label, [])) > 1 and lr in (min(lrs[label]), max(lrs[label]))
+        if (edge := sweep.edge(label, lr))
     ]
     return (
         f"{arm} vs {base}, each at its best lr ({v.arm_lr:g} vs {v.baseline_lr:g}): {fmt_level(v.metric, v.threshold)}"
@@ -112,14 +121,11 @@ def _inverse(v: Verdict) -> Comparison:
 
 def verdict_lines(sweep: Sweep) -> list[str]:
     """One line per norm: its verdict at the hardest threshold that has one."""
-    lrs: dict[str, list[float]] = {}
-    for g in sweep.groups:
-        lrs.setdefault(g.without("optim.lr"), []).append(g.lr)
     last: dict[str, Verdict] = {}
     for v in sweep.verdicts:  # thresholds ascending: accuracies get harder, losses easier
         if v.arm not in last or higher_is_better(v.metric):
             last[v.arm] = v
-    return [fmt_verdict(v, lrs) for v in last.values()]
+    return [fmt_verdict(v, sweep) for v in last.values()]
 
 
 def fmt_speed(speeds: tuple[float, float, float] | None) -> str:
@@ -244,6 +250,7 @@ def record(group: RunGroup) -> dict[str, Any]:
                 "reached": stats.median.reached,
                 "seeds": stats.median.seeds,
                 "speedup": stats.speedup and asdict(stats.speedup),
+                **compute(stats),
             }
             for t, stats in group.thresholds.items()
         ],
@@ -255,7 +262,21 @@ def record(group: RunGroup) -> dict[str, Any]:
         "max_steps": group.budget,
         "eval_every": group.runs[0].summary.config.get("trainer", {}).get("eval_every"),
         "steps_per_s": group.steps_per_s and dict(zip(("median", "min", "max"), group.steps_per_s)),
+        "flops_per_step": group.flops_per_step,
     }
+
+
+def compute(stats: ThresholdStats) -> dict[str, Any]:
+    """The seconds and FLOPs to a threshold, median and 95 % interval (None: not recorded)."""
+    seconds = stats.seconds
+    out = dict(
+        zip(
+            ("median_seconds", "median_seconds_ci_low", "median_seconds_ci_high"),
+            (seconds.steps, seconds.ci_low, seconds.ci_high) if seconds else (None,) * 3,
+        )
+    )
+    out.update(zip(("median_flops", "median_flops_ci_low", "median_flops_ci_high"), stats.flops or (None,) * 3))
+    return out
 
 
 def to_csv(groups: list[RunGroup]) -> str:
@@ -273,11 +294,13 @@ def to_csv(groups: list[RunGroup]) -> str:
                     values,
                 )
             )
+            row.update({k.replace("median", f"to_{t:g}"): v for k, v in compute(stats).items()})
             c_values = (c.speedup, c.ci_low, c.ci_high, c.bound) if c else (None,) * 4
             row.update(zip((f"speedup_{t:g}_{s}" for s in ("ratio", "ci_low", "ci_high", "bound")), c_values))
         for m in finals(groups):
             row[f"final_{m}_mean"], row[f"final_{m}_std"] = g.mean_std(m)
         row.update(zip((f"steps_per_s_{s}" for s in ("median", "min", "max")), g.steps_per_s or (None,) * 3))
+        row["flops_per_step"] = g.flops_per_step
         rows.append(row)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
@@ -313,6 +336,38 @@ def summarize(root: Path, console: Console, include_failed: bool = False) -> Swe
         },
     )
     return sweep
+
+
+def fmt_compute(stats: ThresholdStats) -> str:
+    """Median steps, seconds and FLOPs to a threshold: '1200 steps, 9.4 s, 31.7 GFLOP' ('>' where censored)."""
+    m, seconds, flops = stats.median, stats.seconds, stats.flops
+    more = "" if m.exact else ">"
+    parts = [f"{more}{m.steps:g} steps"]
+    if seconds is not None:
+        parts.append(f"{'' if seconds.exact else '>'}{seconds.steps:.1f} s")
+    if flops is not None:
+        parts.append(f"{more}{flops[0] / 1e9:.3g} GFLOP")
+    return ", ".join(parts)
+
+
+def compute_markdown(sweep: Sweep) -> str:
+    """The verdict's groups (each norm at its best lr, no normalization at its own) by median steps, seconds of
+    the training loop and FLOPs to each threshold: a norm that needs fewer steps but costs more per step shows
+    as such. '' without a verdict."""
+    groups: dict[str, RunGroup] = {}
+    for label, arm, base_label, base in pairs(sweep):
+        groups.setdefault(base_label, base)
+        groups[label] = arm
+    if not groups:
+        return ""
+    head = ["group", "lr", "GFLOP/step", "steps/s", *(fmt_level(sweep.metric, t) for t in sweep.thresholds)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, g in groups.items():
+        flops = "-" if g.flops_per_step is None else f"{g.flops_per_step / 1e9:.3g}"
+        cells = [label, f"{g.lr:g}", flops, fmt_speed(g.steps_per_s)]
+        cells += [fmt_compute(g.thresholds[t]) if t in g.thresholds else "-" for t in sweep.thresholds]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def verdict_markdown(sweep: Sweep) -> str:

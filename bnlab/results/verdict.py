@@ -112,9 +112,10 @@ def _bound(arm: MedianSteps, baseline: MedianSteps) -> str:
 
 def compare(arm: Times, baseline: Times) -> Comparison | None:
     """The arm's speed-up over the baseline with its 95 % bootstrap interval; None where neither arm's median
-    is known (both censored) or an arm has no seed."""
+    is known (both censored), the arm's is 0 (reached at the evaluation before the first step) or an arm has
+    no seed."""
     a, b = median_steps(arm), median_steps(baseline)
-    if not a.exact and not b.exact:
+    if (not a.exact and not b.exact) or a.steps == 0:  # reached before any step: no ratio to take
         return None
     bound = _bound(a, b)
     paired = arm.seeds == baseline.seeds
