@@ -18,9 +18,11 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
+from bnlab.results.dashboard import QUERY
+
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (playwright's own browsers are not downloadable offline)
 VIEWS = {  # file -> (TensorBoard page, the tab to click there, if any)
-    "time_series.png": ("#timeseries", None),
+    "time_series.png": (QUERY, None),  # where `bnlab tb` says to open it
     "hparams_table.png": ("#hparams", "TABLE VIEW"),
     "hparams_parallel_coordinates.png": ("#hparams", "PARALLEL COORDINATES VIEW"),
     "custom_scalars.png": ("#custom_scalars", None),

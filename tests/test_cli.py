@@ -8,8 +8,10 @@ import pytest
 import test_summarize
 from helpers import DONE, TINY, bnlab
 
+from bnlab.face.cli import dashboard_url
 from bnlab.record.files import write_json
 from bnlab.record.summary import FILE
+from bnlab.results.dashboard import QUERY
 
 pytestmark = pytest.mark.slow
 
@@ -132,3 +134,16 @@ def test_commands_that_train_nothing_import_no_torch(tmp_path):
         [sys.executable, "-X", "importtime", "-c", "import bnlab.results.dashboard"], capture_output=True, text=True
     )  # what `bnlab tb` runs before it hands over to TensorBoard
     assert dashboard.returncode == 0 and "| torch\n" not in dashboard.stderr
+
+
+@pytest.mark.parametrize(
+    "args, url",
+    [
+        ([], "http://localhost:6006/"),
+        (["--port", "6007"], "http://localhost:6007/"),
+        (["--host=0.0.0.0", "--port=7000"], "http://0.0.0.0:7000/"),
+    ],
+)
+def test_bnlab_tb_prints_where_tensorboard_serves(args, url):
+    assert dashboard_url(args) == url
+    assert "smoothing=0" in QUERY and "runColorGroup=regex" in QUERY  # TensorBoard's own URL parameters

@@ -124,10 +124,11 @@ def test_tensorboard_opens_on_the_comparison_with_finite_metrics_and_honest_stat
             time.sleep(1)
         tags = get_json(f"{base}/data/plugin/scalars/tags")
         for run in statuses:  # run names: what varies in the sweep, not the constant overrides
-            assert {"train/loss", "test/acc", "verdict/reached_test_acc_0.9"} <= set(tags[run])
+            assert {"train/loss", "test/acc"} <= set(tags[run])
         experiment = get_json(f"{base}/data/plugin/hparams/experiment", json.dumps({"experimentName": ""}).encode())
         hparams = [h["name"] for h in experiment["hparamInfos"]]
-        assert set(hparams) == set(columns(["norm.name", "optim.lr"])) and len(hparams) <= 12
+        assert columns(["norm.name", "optim.lr"]) == ["norm.name", "optim.lr", "seed", "status"]
+        assert sorted(hparams) == ["norm.name", "optim.lr", "seed", "status"]  # TensorBoard puts the differing first
         differs = {h["name"] for h in experiment["hparamInfos"] if h.get("differs")}
         assert differs == {"norm.name", "optim.lr", "status"}  # TensorBoard shows these first (five at most)
         metrics = [m["name"]["tag"] for m in experiment["metricInfos"]]
@@ -143,13 +144,14 @@ def test_tensorboard_opens_on_the_comparison_with_finite_metrics_and_honest_stat
         assert set(sessions) == set(statuses)
         for name, session in sessions.items():
             values = [m["value"] for m in session["metricValues"]]
-            # final acc (and loss where finite), 3 reached flags, the iterations of each threshold reached; no NaN:
-            # every view draws them, and no budget standing in for a threshold never reached
-            assert len(values) >= 4 and all(math.isfinite(v) for v in values), name
+            # final acc (and loss where finite), the iterations of each threshold reached; no NaN: every view draws
+            # them, and no budget stands in for a threshold never reached
+            assert len(values) >= 1 and all(math.isfinite(v) for v in values), name
             assert session["status"] == ("STATUS_SUCCESS" if statuses[name] == "completed" else "STATUS_FAILURE"), name
-        layout = get_json(f"{base}/data/plugin/custom_scalars/layout")
-        titles = [c["title"] for c in layout["category"]]
-        assert "norm compared: optim.lr=0.05" in titles and "lr compared: norm=batch" in titles
+        assert {"groups/norm=batch,optim.lr=0.05", "groups/norm=none,optim.lr=0.05"} <= set(runs)
+        (category,) = get_json(f"{base}/data/plugin/custom_scalars/layout")["category"]
+        charts = {c["title"] for c in category["chart"]}
+        assert "test accuracy over training: median over seeds, band min-max" in charts
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -149,6 +149,13 @@ def data_list(root: Path) -> None:
     console.print(table)
 
 
+def dashboard_url(tensorboard_args: list[str]) -> str:
+    """Where TensorBoard serves with these arguments: --host and --port as given, else its defaults."""
+    given = dict(zip(tensorboard_args, tensorboard_args[1:]))
+    given.update(a.split("=", 1) for a in tensorboard_args if a.startswith("--") and "=" in a)
+    return f"http://{given.get('--host', 'localhost')}:{given.get('--port', '6006')}/"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bnlab", description="Batch normalization vs no normalization experiments.")
     p.add_argument("--version", action="version", version=f"bnlab {version('bnlab')}")
@@ -203,9 +210,10 @@ def main(argv: list[str] | None = None) -> None:
 
         console.print(f"report: {write_report(args.dir, include_failed=args.failed)}")
     elif args.command == "tb":
-        from bnlab.results.dashboard import write_dashboard
+        from bnlab.results.dashboard import QUERY, write_dashboard
 
         write_dashboard(args.dir)
+        console.print(f"open {dashboard_url(args.tensorboard_args)}{QUERY} (no smoothing, runs coloured by norm)")
         os.execv(
             sys.executable,
             [sys.executable, "-m", "tensorboard.main", "--logdir", str(args.dir), *args.tensorboard_args],

@@ -1,26 +1,29 @@
 """TensorBoard's HParams view of runs: which config keys are its columns (the keys that vary across a
-sweep plus a fixed short set, and the run's status), its metrics (finite numbers that every view can
-sort and draw: iterations to a threshold where it was reached, beside a reached flag; a run that never
-reached it has no iterations there, since it is censored, not done at its budget), each run's session
-(its config and status) and the experiment config that opens the dashboard on exactly those columns.
+sweep, the seed and the run's status), its metrics (finite numbers that every view can sort and draw:
+the final test accuracy and loss, the last points of their curves, and the iterations to each threshold
+where it was reached; a run that never reached it has no value there, since it is censored, not done at
+its budget), each run's session (its config and status) and the experiment config that opens the
+dashboard on exactly those columns.
 
-Each run writes its session and its metrics (as scalars under "verdict/", which sort after the curves
-"test/" and "train/"); a sweep's root gets the experiment config (bnlab/results/dashboard.py writes it).
+Each run writes its session, and for each threshold it reached a short line under "when_reached/" (sorted
+after the curves test/ and train/) from the step it first reached it to its last step, at the height of
+that step: HParams reads its last value. A sweep's root gets the experiment config
+(bnlab/results/dashboard.py writes it).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from tensorboard.compat.proto.summary_pb2 import Summary as SummaryProto
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
 from bnlab.record.summary import Status, Summary
+from bnlab.schema import tags
 from bnlab.schema.metrics import higher_is_better
 
-# Config keys shown in every dashboard, with their column names and descriptions.
-FIXED = {
+# Config keys' column names and descriptions.
+NAMES = {
     "model.name": ("model", "the model (model=)"),
     "norm.name": ("norm", "the normalization (norm=)"),
     "norm.placement": ("placement", "where the norm sits: before_act (layer-norm-act) or after_act"),
@@ -30,8 +33,8 @@ FIXED = {
     "seed": ("seed", "the seed of the weights and the batch order"),
 }
 STATUS = "status"  # an hparam column: completed, stalled, diverged, failed
-MAX_COLUMNS = 12  # hparams in an experiment config: the fixed set, the status, and the first varying keys
-PREFIX = "verdict/"  # the metrics' scalar group: sorts after test/ and train/, so the curves open first
+MAX_COLUMNS = 12  # hparams in an experiment config: the first varying keys, the seed and the status
+PREFIX = "when_reached/"  # the iterations' scalar group: sorts after test/ and train/, so the curves open first
 SESSION_STATUS = {
     Status.COMPLETED: api_pb2.STATUS_SUCCESS,
     Status.STALLED: api_pb2.STATUS_FAILURE,
@@ -54,33 +57,30 @@ def hparam_value(value: Any) -> int | float | str | bool:
     return value if isinstance(value, (bool, int, float)) else str(value)
 
 
-def metric_names(metric: str, thresholds: list[float]) -> dict[str, tuple[str, str]]:
-    """The metrics' scalar tags -> (column name, description)."""
+def iterations_tag(metric: str, threshold: float) -> str:
+    return f"{PREFIX}{metric}_{threshold:g}"
+
+
+def metric_names(
+    metric: str, thresholds: list[float], notes: dict[float, str] | None = None
+) -> dict[str, tuple[str, str]]:
+    """The metrics' scalar tags -> (column name, description); `notes`: a sentence to add to a threshold's."""
     sign = "≥" if higher_is_better(metric) else "≤"
-    names = {f"{PREFIX}final_test_acc": ("final test acc", "test accuracy at the last evaluation (eval mode)")}
+    names = {tags.TEST_ACC: ("final test acc", "test accuracy at the last evaluation (eval mode)")}
     for t in thresholds:
-        names[f"{PREFIX}iters_to_{metric}_{t:g}"] = (
+        names[iterations_tag(metric, t)] = (
             f"iters to {metric} {sign} {t:g}",
-            f"iterations until {metric} first reached {t:g}; no value where it never did (censored: see reached)",
+            f"iterations until {metric} first reached {t:g}; no value where it never did (censored, not done at "
+            "the budget)" + (f". {notes[t]}" if notes and t in notes else ""),
         )
-    for t in thresholds:
-        names[f"{PREFIX}reached_{metric}_{t:g}"] = (f"reached {t:g}", f"1: {metric} reached {t:g}; 0: never")
-    names[f"{PREFIX}final_test_loss"] = ("final test loss", "test cross-entropy at the last evaluation, nats")
+    names[tags.TEST_LOSS] = ("final test loss", "test cross-entropy at the last evaluation, nats")
     return names  # in this order: TensorBoard shows the first five
 
 
-def metric_values(summary: Summary) -> dict[str, float]:
-    """The run's metrics, every one finite: iterations only where the threshold was reached (a run that never
-    did is censored, not at its budget: reached = 0 says so); final values where the run recorded finite ones."""
-    values: dict[str, float] = {}
-    for t, at in summary.iterations_to_threshold.items():
-        if at is not None:
-            values[f"{PREFIX}iters_to_{summary.threshold_metric}_{t:g}"] = float(at)
-        values[f"{PREFIX}reached_{summary.threshold_metric}_{t:g}"] = float(at is not None)
-    for name in ("test_acc", "test_loss"):
-        if (value := summary.final.get(name)) is not None and math.isfinite(value):
-            values[f"{PREFIX}final_{name}"] = value
-    return values
+def iterations(summary: Summary) -> dict[str, int]:
+    """The iterations to each threshold the run reached, by tag."""
+    metric = summary.threshold_metric
+    return {iterations_tag(metric, t): at for t, at in summary.iterations_to_threshold.items() if at is not None}
 
 
 def _proto(tag: str, data: plugin_data_pb2.HParamsPluginData) -> SummaryProto:
@@ -109,11 +109,11 @@ def session(summary: Summary, flat_config: dict[str, Any]) -> list[SummaryProto]
 
 
 def columns(varying: list[str]) -> list[str]:
-    """The experiment's hparams, MAX_COLUMNS at most: the keys that vary (norm and lr first, the seed aside),
-    the status, then the rest of the fixed set. TensorBoard shows the first five and offers the others."""
+    """The experiment's hparams, MAX_COLUMNS at most: the keys that vary (norm and lr first), the seed and the
+    status: a constant key tells a reader nothing (its value is in every run's config)."""
     first = [k for k in ("norm.name", "optim.lr") if k in varying]
     rest = [k for k in varying if k not in first and k != "seed"]
-    return list(dict.fromkeys([*first, *rest, STATUS, *FIXED]))[:MAX_COLUMNS]
+    return [*first, *rest][: MAX_COLUMNS - 2] + ["seed", STATUS]
 
 
 def experiment(keys: list[str], values: dict[str, list[Any]], metrics: dict[str, tuple[str, str]]) -> SummaryProto:
@@ -122,7 +122,7 @@ def experiment(keys: list[str], values: dict[str, list[Any]], metrics: dict[str,
     infos = []
     for key in keys:
         shown = sorted({hparam_value(v) for v in values.get(key, []) if v is not None}, key=lambda v: (str(type(v)), v))
-        name, description = FIXED.get(key, (key, f"config key {key}"))
+        name, description = NAMES.get(key, (key, f"config key {key}"))
         if key == STATUS:
             name, description = (
                 STATUS,

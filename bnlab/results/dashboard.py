@@ -1,11 +1,15 @@
 """A sweep's TensorBoard dashboard, written at its root at the end of a sweep and by `bnlab tb`:
 
-- the HParams experiment config (bnlab.record.hparams): columns for the keys that vary plus a fixed short
-  set and the status, the metrics with their names, so the HParams tab opens on the comparison;
-- a custom-scalars layout whose charts put the groups of the sweep table side by side: per metric,
-  the groups that differ only in their norm (one chart per learning rate and other setting), and
-  those that differ only in their learning rate (one chart per norm). Each group is drawn as its
-  median over seeds with a min-max band, from a TensorBoard run of its own under compare/.
+- the HParams experiment config (bnlab.record.hparams): columns for the keys that vary, the seed and the
+  status, the metrics with their names (the iterations' descriptions carry the verdict at that threshold);
+- a run per group under groups/ (named like the runs, so a run filter's regex finds both) holding its
+  median over seeds with a band: the test curves (band: min-max over seeds) and, for the verdict's groups
+  (each norm at its best lr, no normalization at its own), the steps to every level of the threshold metric
+  and the speed-up over no normalization at each level (bands: 95 % intervals; at the thresholds the
+  verdict's numbers). TensorBoard's x axis is a step: for these the level times LEVEL_SCALE;
+- a custom-scalars layout with one chart for each: every group's line and band side by side.
+Time Series shows the medians under sweep/ first, their bands under sweep_bounds/ after the runs' curves.
+`bnlab tb` opens TensorBoard at `QUERY`: no smoothing, runs coloured by their norm.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary as SummaryProto
@@ -23,19 +28,20 @@ from tensorboard.plugins.custom_scalar import metadata as custom_scalars
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from bnlab.record.hparams import STATUS, columns, experiment, metric_names, value_at
-from bnlab.results.analysis import Sweep, band, load_sweep
+from bnlab.results.analysis import LevelCurve, RunGroup, Sweep, band, level_curves, load_sweep
+from bnlab.results.summarize import fmt_ratio
 from bnlab.schema import tags
-from bnlab.schema.config import run_name
+from bnlab.schema.config import NO_NORM, run_name
+from bnlab.schema.metrics import METRICS
 
 SUFFIX = ".bnlab_dashboard"  # the root's own event files, rewritten each time
-COMPARE = "compare"  # the groups' median runs
-CURVES = {
-    tags.TEST_ACC: "test accuracy",
-    tags.TEST_LOSS: "test loss",
-    tags.TRAIN_ACC: "train accuracy",
-    tags.TRAIN_LOSS: "train loss",
-}
-COMPARED = {"norm.name": "norm", "optim.lr": "lr"}  # a key that varies -> charts that compare its values
+GROUPS = "groups"  # a run per group: its medians over seeds
+LEGACY = "compare"  # where bnlab before version 4 of sweep.json wrote the groups: removed
+MEDIANS, BOUNDS = "sweep/", "sweep_bounds/"  # Time Series sorts the medians first, their bounds last
+CURVES = {tags.TEST_ACC: "test accuracy", tags.TEST_LOSS: "test loss"}
+LEVEL_SCALE = 1000  # a level's x in TensorBoard: 0.97 -> 970
+# TensorBoard's own URL parameters: no smoothing, a colour per norm (the runs' names are their overrides)
+QUERY = "?smoothing=0&runColorGroup=" + quote("regex:norm=(\\w+)", safe="") + "#timeseries"
 
 
 class Events:
@@ -90,34 +96,70 @@ def write_dashboard(root: Path) -> Sweep | None:
         return None
     for old in root.glob(f"events.out.tfevents.*{SUFFIX}"):
         old.unlink()
-    shutil.rmtree(root / COMPARE, ignore_errors=True)
+    for folder in (GROUPS, LEGACY):
+        shutil.rmtree(root / folder, ignore_errors=True)
+    writers: dict[str, Events] = {}
+
+    def writer(group: RunGroup) -> Events:
+        if group.label not in writers:
+            writers[group.label] = Events(root / GROUPS / run_name(group.label.replace(", ", ",")))
+        return writers[group.label]
+
+    layout: dict[str, list[str]] = {}  # chart title -> its value, lower and upper tags
+    for tag, name in CURVES.items():
+        chart = f"{name} over training: median over seeds, band min-max"
+        for group in (g for g in sweep.groups if g.results):
+            curves = [c for r in group.results if (c := r.curve(tag)) is not None and len(c[0])]
+            if curves:
+                write_band(writer(group), name, zip(*band(curves)))
+                layout[chart] = series(name)
+    for curve in level_curves(sweep):
+        write_levels(writer(curve.group), curve, sweep, layout)
+    for w in writers.values():
+        w.close()
+    events = Events(root, SUFFIX)
     keys = columns(sweep.varying)
     values = {key: [value_at(r.summary.config, key) for r in sweep.runs] for key in keys}
     values[STATUS] = [r.summary.status.value for r in sweep.runs]
-    layout: dict[str, dict[str, list[str]]] = {}
-    writers: dict[str, Events] = {}
-    for key, word in COMPARED.items():
-        if key not in sweep.varying:
-            continue
-        for group in (g for g in sweep.groups if g.results):
-            context = group.without(key)
-            if group.label not in writers:
-                writers[group.label] = Events(root / COMPARE / run_name(group.label.replace(", ", ",")))
-            for tag, name in CURVES.items():
-                curves = [c for r in group.results if (c := r.curve(tag)) is not None and len(c[0])]
-                if not curves:
-                    continue
-                prefix = f"vs {word}/{context}/{name}"  # "vs ..." sorts after the curves, test/ and train/
-                for step, median, low, high in zip(*band(curves)):
-                    for suffix, value in (("", median), (" min", low), (" max", high)):
-                        writers[group.label].scalar(prefix + suffix, value, int(step))
-                chart = f"{name}, {word} compared"
-                layout.setdefault(f"{word} compared: {context}", {})[chart] = [prefix, f"{prefix} min", f"{prefix} max"]
-    for writer in writers.values():
-        writer.close()
-    events = Events(root, SUFFIX)
-    events.add(experiment(keys, values, metric_names(sweep.metric, sweep.thresholds)))
+    notes: dict[float, str] = {}
+    for v in sweep.verdicts:
+        verdict = f"{v.arm} vs {v.baseline}, each at its best lr ({v.arm_lr:g} vs {v.baseline_lr:g}): {fmt_ratio(v)}"
+        notes[v.threshold] = "; ".join(filter(None, [notes.get(v.threshold), verdict]))
+    events.add(experiment(keys, values, metric_names(sweep.metric, sweep.thresholds, notes)))
     if layout:
-        events.add(layout_summary(layout))
+        events.add(layout_summary({"the sweep: medians over seeds with their bands": layout}))
     events.close()
     return sweep
+
+
+def series(name: str) -> list[str]:
+    """A quantity's median tag and its bounds' tags."""
+    return [MEDIANS + name, f"{BOUNDS}{name} low", f"{BOUNDS}{name} high"]
+
+
+def write_band(events: Events, name: str, points) -> None:
+    """(x, median, low, high) points of one quantity."""
+    median, low, high = series(name)
+    for x, value, lower, upper in points:
+        for tag, v in ((median, value), (low, lower), (high, upper)):
+            events.scalar(tag, v, int(x))
+
+
+def write_levels(events: Events, curve: LevelCurve, sweep: Sweep, layout: dict[str, list[str]]) -> None:
+    """The steps to each level and the speed-up at each (where known), x = the level times LEVEL_SCALE."""
+    label = METRICS[sweep.metric].label.split(" (")[0]
+    steps, speedup = f"steps to each {label} level", f"speed-up over {NO_NORM} at each {label} level"
+    x = [round(level * LEVEL_SCALE) for level in curve.levels]
+    known = [(x, m.steps, m.ci_low or m.steps, m.ci_high or m.seen) for x, m in zip(x, curve.medians) if m.exact]
+    write_band(events, steps, known)
+    ratios = [
+        (x, r.speedup, r.speedup if r.ci_low is None else r.ci_low, r.speedup if r.ci_high is None else r.ci_high)
+        for x, r in zip(x, curve.speedups)
+        if r is not None
+    ]
+    write_band(events, speedup, ratios)
+    scale = f"(x: the level x {LEVEL_SCALE}; band: 95 % interval)"
+    if known:
+        layout[f"{steps} {scale}"] = series(steps)
+    if ratios:
+        layout[f"{speedup}, each at its best lr {scale}"] = series(speedup)
