@@ -1,14 +1,15 @@
-"""`bnlab` and `python -m bnlab`: the command of bnlab/face/cli.py, with Ctrl-C answered by one line and exit
-code 130 at any moment, the start-up's imports included."""
+"""`bnlab` and `python -m bnlab`: the command of bnlab/face/cli.py, with Ctrl-C and SIGTERM answered by one line
+and exit code 130 at any moment, the start-up's imports included."""
 
 from __future__ import annotations
 
 import sys
 
-from bnlab.face.interrupts import after_imports
+from bnlab.face.interrupts import after_imports, stop_on_sigterm
 
 
 def main() -> None:
+    stop_on_sigterm()
     try:
         with after_imports():
             from bnlab.face.cli import main as run

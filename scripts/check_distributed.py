@@ -23,7 +23,8 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bnlab.run.train import CHECKPOINT, train
+from bnlab.run.checkpoint import CHECKPOINT
+from bnlab.run.train import train
 
 DEVICE = sys.argv[1] if len(sys.argv) > 1 else "cpu"
 COMMON = [

@@ -22,10 +22,11 @@ from hydra import compose, initialize_config_module
 from bnlab.core.data import load_data
 from bnlab.core.models import build_model
 from bnlab.core.norms import BatchNorm, GhostBatchNorm, SyncBatchNorm, with_torch_sync_batch_norm
+from bnlab.run.checkpoint import CHECKPOINT
 from bnlab.run.diagnostics import precise_bn
 from bnlab.run.distributed import DistributedError, processes
 from bnlab.run.engine import Processes, batches, resolve_device, thread_count
-from bnlab.run.train import CHECKPOINT, train
+from bnlab.run.train import train
 from bnlab.schema.config import ConfigError
 
 # float64, every step logged, momentum in the optimizer state, precise BN at the end

@@ -22,13 +22,14 @@ import torch
 from helpers import DONE, LONG, MESSAGES, TINY, TRAIN, assert_equal_runs, bnlab, scalars, start, wait_for
 from omegaconf import OmegaConf
 
-import bnlab.run.train as training
+import bnlab.run.checkpoint as checkpoints
 from bnlab.face.callbacks import _check_not_a_sweep
 from bnlab.face.hydra_setup import claim_folder
 from bnlab.face.overrides import quote
 from bnlab.record import files
 from bnlab.record.files import OutputError
-from bnlab.run.train import CHECKPOINT, Loop, train
+from bnlab.run.checkpoint import CHECKPOINT
+from bnlab.run.train import Loop, train
 from bnlab.schema.config import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -281,12 +282,12 @@ def test_a_full_disk_stops_the_run_and_keeps_what_was_written(tiny_config, tmp_p
     def full_disk(path, data):  # from the first checkpoint of the resumed attempt (step 150) on
         raise OutputError(errno.ENOSPC, f"cannot write {path}: No space left on device")
 
-    for module in (files, training):  # result files, and checkpoints
+    for module in (files, checkpoints):  # result files, and checkpoints
         monkeypatch.setattr(module, "write_bytes", full_disk)
     cfg.trainer.resume = True
     with pytest.raises(OutputError) as e:
         train(cfg, tmp_path)
-    for module in (files, training):
+    for module in (files, checkpoints):
         monkeypatch.setattr(module, "write_bytes", write)
     assert "No space left on device" in str(e.value) and "its last checkpoint (step 120)" in str(e.value)
     assert MESSAGES["disk"] in str(e.value)

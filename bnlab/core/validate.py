@@ -198,7 +198,7 @@ def _attempt(group: str, target: str, doing: str, step: Callable[..., T], *args:
     """step(*args), or a ConfigError naming `group`.target, what was being done and the error."""
     try:
         return step(*args)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # the user's code calling sys.exit() is refused like any error of it
         raise ConfigError(
             f"{group}.target={target!r} cannot be used: {doing} failed with {type(e).__name__}: {e}. "
             f"{group}=custom takes {TAKES[group]}; its module must be importable (installed, or on PYTHONPATH)."

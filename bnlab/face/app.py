@@ -16,7 +16,7 @@ from rich.logging import RichHandler
 from rich.syntax import Syntax
 
 import bnlab.face.hydra_setup  # noqa: F401  the structured config and the resolvers, before Hydra composes
-from bnlab.face.overrides import FUSING_LAUNCHER
+from bnlab.face.overrides import FUSING_LAUNCHER, untrusted
 from bnlab.record.console import make_console, shell_path
 from bnlab.record.summary import Summary
 from bnlab.results.summarize import run_table, summarize
@@ -91,10 +91,11 @@ def report(outcome: Outcome) -> None:
         if multirun:
             summarize(Path(hc.sweep.dir), console)
         steps = f" at step {outcome.summary.steps}" if outcome.summary else ""
+        trust = " --trust" if untrusted([*hc.overrides.task, *hc.overrides.hydra]) else ""  # the user's own code
         again = (
-            f"the sweep with `bnlab resume {shell_path(hc.sweep.dir)}`"
+            f"the sweep with `bnlab resume {shell_path(hc.sweep.dir)}{trust}`"
             if multirun
-            else f"it with `bnlab resume {shell_path(run_dir)}`"
+            else f"it with `bnlab resume {shell_path(run_dir)}{trust}`"
         )
         console.print(
             f"interrupted{steps}: summary.json, the TensorBoard events and the last checkpoint are in "

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from bnlab.face.hydra_private import BASIC_SWEEPER, ComposeOnce, expand_sweep
 from bnlab.face.overrides import DEFAULTS, EXCLUDE_KEYS, FUSING_LAUNCHER, refuse
 from bnlab.record import provenance
 from bnlab.record.console import make_console, shell_path
-from bnlab.record.summary import FILE
+from bnlab.record.summary import FILE, existing
 from bnlab.results.dashboard import write_dashboard
 from bnlab.results.summarize import summarize
 from bnlab.run.engine import resolve_device
@@ -42,6 +44,8 @@ class Preflight(Callback):
         try:
             _check_job(config, set())
             _check_not_a_sweep(config)
+            # last: reading the default folder claims it (the claim_folder resolver makes it)
+            _check_output_folder(Path(config.hydra.run.dir), "hydra.run.dir")
             _warn_of_coarse_counts([config])
             if config.trainer.resume:
                 _check_resume(Path(config.hydra.run.dir), config)
@@ -50,6 +54,10 @@ class Preflight(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
+            try:
+                _check_output_folder(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+            except ConfigError as e:
+                refuse(e)
             return  # another sweeper draws its jobs as it goes: each is validated when it starts
         if fuse_mode(config.trainer) == "true" and config.hydra.launcher.get("_target_") != FUSING_LAUNCHER:
             log.warning("trainer.fuse=true fuses runs only with hydra/launcher=bnlab (the default): these run alone")
@@ -70,12 +78,34 @@ class Preflight(Callback):
                 where, first = errors[0]
                 more = f" ({len(errors) - 1} more of the {len(jobs)} jobs are refused too)" if len(errors) > 1 else ""
                 raise ConfigError(f"the sweep is refused before any run starts: the job `{where}`: {first}{more}")
+            _check_output_folder(Path(config.hydra.sweep.dir), "hydra.sweep.dir")  # last: reading it claims it
             _warn_of_coarse_counts(jobs)
             if config.trainer.resume:
                 for job in jobs:
                     _check_resume(Path(config.hydra.sweep.dir) / str(job.hydra.sweep.subdir), job)
         except (ConfigError, DataError) as e:
             refuse(e)
+
+
+def _check_output_folder(folder: Path, option: str) -> None:
+    """Refuse a run or sweep folder that cannot be made, before Hydra tries (and fails with a traceback): a
+    name longer than the file system takes, or no folder can be made where it would go. Nothing is left
+    behind: the nearest existing folder above it is tried with a temporary folder, removed at once."""
+    folder = folder.absolute()
+    above = next(p for p in folder.parents if os.path.lexists(p))  # lexists: False, not an error, for a long name
+    limit = os.pathconf(above, "PC_NAME_MAX") if above.is_dir() else 255
+    problem = ""
+    if not above.is_dir():
+        problem = f"{above} is a file, not a folder"
+    elif long := [p for p in folder.relative_to(above).parts if len(p.encode()) > limit]:
+        problem = f"the name {long[0][:40]}... is longer than the {limit} bytes a name may have here"
+    elif not folder.is_dir():
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=above))
+        except OSError as e:
+            problem = f"no folder can be made in {above}: {e.strerror}"
+    if problem:
+        raise ConfigError(f"{option}={folder} cannot be used: {problem}. Give a folder you can write to ({option}=).")
 
 
 def name_runs_by_what_varies(config: DictConfig, jobs: list[list[str]]) -> None:
@@ -136,12 +166,34 @@ def _check_not_a_sweep(config: DictConfig) -> None:
         )
 
 
-def _check_resume(run_dir: Path, config: DictConfig) -> None:
-    """Refuse to resume `run_dir` with a config other than the one it was started with."""
+def _started_with(run_dir: Path) -> dict | None:
+    """The config `run_dir` was started with: its .hydra/config.yaml, or where Hydra left that empty or cut off
+    (it writes it in place: a full disk or a kill does that) the config its summary.json records; None where it
+    has neither (a new folder, or nothing left to check against: said)."""
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.exists():
+        return None
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+        if isinstance(config, dict) and config:
+            return config
+    except Exception as e:  # a YAML cut off mid-write
+        log.debug("%s: %s", saved, e)
+    summary = existing(run_dir / FILE)
+    log.warning(
+        "%s is empty or cut off: %s; this run writes it anew",
+        saved,
+        "checked against the config in its summary.json" if summary else "there is no config to check against",
+    )
+    return summary.config if summary else None
+
+
+def _check_resume(run_dir: Path, config: DictConfig) -> None:
+    """Refuse to resume `run_dir` with a config other than the one it was started with."""
+    started = _started_with(run_dir)
+    if started is None:
         return
-    old = flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
+    old = flatten(started)
     task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])  # resolved without the hydra node
     new, defaults = flatten(OmegaConf.to_container(task, resolve=True)), flatten(DEFAULTS)
     changed = [

@@ -24,9 +24,10 @@ from bnlab.face.overrides import (
     parse,
     quote,
     refuse,
+    untrusted,
 )
 from bnlab.record.console import make_console, shell_path
-from bnlab.record.summary import FILE, Summary
+from bnlab.record.summary import FILE, existing
 from bnlab.run.job import OK
 from bnlab.schema.config import BOOKKEEPING_KEYS, ConfigError, DataConfig
 
@@ -97,9 +98,9 @@ def _started_with(path: Path, overrides: list[str]) -> bool:
     return _task_overrides(list(task)) == overrides
 
 
-def resume(folder: Path) -> None:
+def resume(folder: Path, trust: bool = False) -> None:
     """`bnlab resume DIR`: continue a run folder, or every run of a sweep folder that has not completed, in
-    place, with the overrides it was started with."""
+    place, with the overrides it was started with; those that name code to run only with `trust`."""
     if (folder / "multirun.yaml").is_file():
         from bnlab.face.hydra_private import expand_sweep
 
@@ -108,23 +109,35 @@ def resume(folder: Path) -> None:
         made = ("hydra.sweep.dir", "hydra.mode", EXCLUDE_KEYS)  # set anew by this invocation
         keep = [o for o in saved.hydra.overrides.hydra if o.split("=")[0] not in made]
         params = [f"{k}={v}" for k, v in (saved.hydra.sweeper.get("params") or {}).items()]
+        check_trust(folder, [*params, *task, *keep], trust)
         jobs = expand_sweep([*params, *task])
-        done = sum(Summary.load(p).status.done for p in folder.glob(f"*/{FILE}"))
+        done = sum(s.status.done for p in folder.glob(f"*/{FILE}") if (s := existing(p)))
         if done >= len(jobs):
             console.print(f"nothing to resume: all {len(jobs)} runs of {shell_path(folder)} completed")
             sys.exit(OK)
         console.print(f"resuming {shell_path(folder)}: {len(jobs) - done} of its {len(jobs)} runs have not completed")
         train(["-m", *task, *keep, "trainer.resume=true", f"hydra.sweep.dir={quote(str(folder))}"])
     elif (folder / ".hydra" / "overrides.yaml").is_file():
-        if (folder / FILE).is_file() and (summary := Summary.load(folder / FILE)).status.done:
+        if (summary := existing(folder / FILE)) and summary.status.done:
             console.print(f"nothing to resume: {shell_path(folder)} completed its {summary.steps} steps")
             sys.exit(OK)
         task = [o for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml") if not o.startswith("trainer.resume=")]
+        check_trust(folder, task, trust)
         train([*task, "trainer.resume=true", f"hydra.run.dir={quote(str(folder))}"])
     else:
         refuse(
             f"{folder} is neither a run folder (it would hold .hydra/overrides.yaml) nor a sweep folder "
             "(multirun.yaml) of `bnlab train`; give the folder that the interrupted run or sweep printed."
+        )
+
+
+def check_trust(folder: Path, overrides: list[str], trust: bool) -> None:
+    """Refuse to replay overrides that run code unless the user trusts the folder."""
+    if (named := untrusted(overrides)) and not trust:
+        refuse(
+            f"{folder} was started with overrides that name code to run: {', '.join(named)}. bnlab resume "
+            f"replays a folder's overrides, so a folder made by someone else could run anything. If you made "
+            f"it, resume it with `bnlab resume {shell_path(folder)} --trust`."
         )
 
 
@@ -163,6 +176,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train one model, or a sweep with -m (a Hydra app: bnlab train --help)")
     res = sub.add_parser("resume", help="continue an interrupted run, or the unfinished runs of a sweep, in place")
     res.add_argument("dir", type=existing_folder, help="the run folder or sweep folder")
+    res.add_argument("--trust", action="store_true", help="replay its overrides that name code (a folder you made)")
     data = sub.add_parser("data", help="fetch and check the datasets").add_subparsers(dest="action", required=True)
     fetch_p = data.add_parser("fetch", help="download or copy a dataset into the data root and verify it")
     fetch_p.add_argument("name", choices=list(FILES))
@@ -175,6 +189,7 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("dir", type=existing_folder)
     for q in (summ, report):
         q.add_argument("--failed", action="store_true", help="show failed runs too (left out by default)")
+        q.add_argument("--out", type=Path, help="write the files into this folder (default: the sweep's own)")
     tb = sub.add_parser("tb", help="open TensorBoard on a folder of runs (tensorboard --logdir DIR ...)")
     tb.add_argument("dir", type=existing_folder)
     tb.add_argument("tensorboard_args", nargs=argparse.REMAINDER, help="passed on to tensorboard, e.g. --port 6007")
@@ -188,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     args = parser().parse_args(argv)
     if args.command == "resume":
-        resume(args.dir)
+        resume(args.dir, args.trust)
     elif args.command == "data" and args.action == "fetch":
         try:
             fetch(args.name, data_root(args.root), log=console.print)
@@ -199,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "summarize" and len(args.dirs) == 1:
         from bnlab.results.summarize import summarize
 
-        if summarize(args.dirs[0], console, include_failed=args.failed) is None:
+        if summarize(args.dirs[0], console, include_failed=args.failed, out=args.out) is None:
             refuse(f"{args.dirs[0]} holds no run (no summary.json of a run below it)")
     elif args.command == "summarize":
         from bnlab.results.summarize import compare
@@ -208,7 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "report":
         from bnlab.results.report import write_report
 
-        console.print(f"report: {write_report(args.dir, include_failed=args.failed)}")
+        try:
+            console.print(f"report: {write_report(args.dir, include_failed=args.failed, out=args.out)}")
+        except OSError as e:  # a read-only sweep, say
+            refuse(f"{e}: the report cannot be written there; give another folder with --out DIR")
     elif args.command == "tb":
         from bnlab.results.dashboard import QUERY, write_dashboard
 

@@ -1,6 +1,7 @@
-"""Ctrl-C while bnlab imports the libraries that take seconds (torch, Hydra): noted, and raised as
-KeyboardInterrupt once the imports are done. A KeyboardInterrupt raised inside a library's import can be
-swallowed by that library's own `except`, and the run then went on training."""
+"""Ctrl-C (or SIGTERM) while bnlab imports the libraries that take seconds (torch, Hydra): noted, and raised
+as KeyboardInterrupt once the imports are done. A KeyboardInterrupt raised inside a library's import can be
+swallowed by that library's own `except`, and the run then went on training. `stop_on_sigterm` makes SIGTERM
+a Ctrl-C for the whole command (the training loop handles both its own way while it runs)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
+
+STOPPING = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
@@ -17,10 +20,17 @@ def after_imports() -> Iterator[None]:
         yield
         return
     pressed: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    previous = {sig: signal.signal(sig, lambda signum, frame: pressed.append(signum)) for sig in STOPPING}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if pressed:
         raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does: a command stopped at any moment exits 130 with one line
+    (the default, death by the signal, gave exit 143 and no word)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 import sys
 from dataclasses import asdict
@@ -234,3 +235,13 @@ def _check_launcher(o: Override, multirun: bool) -> None:
             "machine's PATH: run the sweep from the cluster's login node, or choose a launcher that runs here "
             "(the default, hydra/launcher=joblib or hydra/launcher=submitit_local)."
         )
+
+
+# Overrides that name code to run: Hydra callbacks, any _target_, bnlab's custom norm, model and data (called
+# with their kwargs). A folder's saved overrides are replayed by resume only with --trust.
+RUNS_CODE = re.compile(r"^[+~]*(hydra\.callbacks|.*\b_target_\b|(norm|model|data)\.(target|kwargs))")
+
+
+def untrusted(overrides: list[str]) -> list[str]:
+    """Those of a folder's saved overrides that would run code named in the folder."""
+    return [o for o in overrides if RUNS_CODE.match(o)]

@@ -10,9 +10,13 @@ import fcntl
 import json
 import math
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+UMASK = os.umask(0o022)  # read once (setting it is the only way), restored at once
+os.umask(UMASK)
 
 
 class OutputError(OSError):
@@ -20,18 +24,22 @@ class OutputError(OSError):
     read-only); the message names the file and the reason."""
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
-
-
 def write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it into place: the old file stays
-    whole until the new one is."""
+    """Write `data` to a temporary file of its own beside `path` (two writers never share one), flush it to
+    the disk, then rename it into place: the old file stays whole until the new one is."""
+    tmp = None
     try:
-        _tmp(path).write_bytes(data)
-        os.replace(_tmp(path), path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~UMASK)  # mkstemp's 0600 would hide a result from the user's group
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     except OSError as e:
-        _tmp(path).unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # a read-only folder refuses this too: the first error is the one
+                os.unlink(tmp)
         raise OutputError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
 
 

@@ -9,6 +9,7 @@ diverged run's loss) is written as null, and the run's status says why.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
@@ -24,6 +25,13 @@ FILE = "summary.json"  # in every run folder
 SWEEP_FILE = "sweep.json"  # at a sweep's root: its table and verdicts (bnlab.results.summarize), not a run's
 # sweep.json: per group and threshold the median steps with its interval, 4: and seconds and FLOPs; the verdicts
 SWEEP_SCHEMA_VERSION = 4
+
+
+log = logging.getLogger(__name__)
+
+
+class SummaryError(ValueError):
+    """A summary.json that cannot be read (truncated, corrupt, not a run's); the message names the file."""
 
 
 class Status(str, Enum):
@@ -136,12 +144,29 @@ class Summary:
 
     @classmethod
     def load(cls, path: Path) -> Summary:
-        return cls.from_json(json.loads(Path(path).read_text()))
+        """The run's summary; SummaryError naming the file where it cannot be read or is not a run's."""
+        try:
+            d = json.loads(Path(path).read_text())
+            if not is_run_summary(d):
+                raise ValueError("not a run's summary (no status and config)")
+            return cls.from_json(d)
+        except (OSError, ValueError, TypeError, KeyError) as e:  # unreadable, not JSON, or fields of the wrong kind
+            raise SummaryError(f"{path} cannot be read: {type(e).__name__}: {e}") from e
 
 
 def _number(v: Any) -> float | None:
     """A final metric as a finite float, or None (schema 1 files may hold NaN)."""
     return float(v) if v is not None and math.isfinite(v) else None
+
+
+def existing(path: Path) -> Summary | None:
+    """The run summary at `path`; None where there is none, or where it cannot be read (a warning names it:
+    its run's checkpoint decides where the run goes on, and a new summary replaces it)."""
+    try:
+        return Summary.load(path) if Path(path).is_file() else None
+    except SummaryError as e:
+        log.warning("%s; the run goes on from its checkpoint, if it has one", e)
+        return None
 
 
 def is_run_summary(d: Any) -> bool:

@@ -12,6 +12,7 @@ sweep set with the batch size.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bnlab.record.summary import FILE, Status, Summary, is_run_summary
+from bnlab.record.summary import FILE, Status, Summary, SummaryError, is_run_summary
 from bnlab.results.verdict import Comparison, MedianSteps, Times, compare, median_steps
 from bnlab.schema import tags
 from bnlab.schema.config import BOOKKEEPING_KEYS, NO_NORM, flatten
@@ -94,14 +95,24 @@ def band(curves: list[Curve]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
         return steps[keep], np.nanmedian(table, 0), np.nanmin(table, 0), np.nanmax(table, 0)
 
 
-def load_runs(root: Path) -> list[RunResult]:
-    """Every run below `root`: each summary.json that is a run's (a sweep's table is not)."""
+def load_runs(root: Path, unreadable: list[str] | None = None) -> list[RunResult]:
+    """Every run below `root`: each summary.json that is a run's (a sweep's table of an earlier bnlab is not);
+    one that cannot be read is left out, its one-line reason added to `unreadable`."""
     runs = []
     for path in sorted(Path(root).rglob(FILE)):
-        d = json.loads(path.read_text())
-        if is_run_summary(d):
-            runs.append(RunResult(path.parent, Summary.from_json(d)))
+        try:
+            runs.append(RunResult(path.parent, Summary.load(path)))
+        except SummaryError as e:
+            if not _sweep_table(path) and unreadable is not None:
+                unreadable.append(str(e))
     return runs
+
+
+def _sweep_table(path: Path) -> bool:
+    """Whether `path` is the sweep table an earlier bnlab wrote at a sweep's root (a readable non-run summary)."""
+    with contextlib.suppress(OSError, ValueError):
+        return not is_run_summary(json.loads(path.read_text()))
+    return False
 
 
 def varying_keys(flat_configs: Iterable[dict[str, Any]]) -> list[str]:
@@ -291,6 +302,7 @@ class Sweep:
     runs: list[RunResult]  # every run shown, whatever its status
     groups: list[RunGroup]
     left_out: list[RunResult] = field(default_factory=list)  # failed runs, unless asked for
+    unreadable: list[str] = field(default_factory=list)  # summary.json files that cannot be read: why, each
 
     @property
     def failed(self) -> int:
@@ -299,11 +311,12 @@ class Sweep:
 
     @property
     def left_out_note(self) -> str:
-        """One line on the failed runs left out of the tables and figures, or ''."""
-        if not self.left_out:
-            return ""
-        n = len(self.left_out)
-        return f"{n} failed run{'s' if n > 1 else ''} left out (--failed shows them; summary.json says why each failed)"
+        """One line on the runs left out of the tables and figures (failed, or unreadable), or ''."""
+        notes = []
+        if n := len(self.left_out):
+            notes.append(f"{n} failed run{'s' if n > 1 else ''} left out (--failed shows them; summary.json says why)")
+        notes += [f"left out: {reason}" for reason in self.unreadable]
+        return "; ".join(notes)
 
     @cached_property
     def varying(self) -> list[str]:
@@ -353,10 +366,11 @@ class Sweep:
 def load_sweep(root: Path, keys: list[str] | None = None, include_failed: bool = False) -> Sweep:
     """Every run below `root`, grouped by `keys` (default: the keys that vary); failed runs (refused late,
     or stopped by an error) are left out unless `include_failed`, and counted either way."""
-    runs = load_runs(root)
+    unreadable: list[str] = []
+    runs = load_runs(root, unreadable)
     failed = [] if include_failed else [r for r in runs if r.summary.status == Status.FAILED]
     shown = [r for r in runs if r not in failed]
-    return Sweep(Path(root), shown, group_runs(shown, keys), failed)
+    return Sweep(Path(root), shown, group_runs(shown, keys), failed, unreadable)
 
 
 # ---------------------------------------------------------------- a diagnostic over training, in one number per group

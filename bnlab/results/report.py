@@ -3,9 +3,12 @@ into it: the sweep table, then each figure whose data some run logged, with its 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
-from bnlab.record.files import write_text
+from matplotlib.figure import Figure
+
+from bnlab.record.files import write_bytes, write_text
 from bnlab.record.summary import Status
 from bnlab.results.analysis import load_sweep
 from bnlab.results.figures import DPI, FIGURES, Section
@@ -37,15 +40,18 @@ NOTATION = """## Notation
 """
 
 
-def write_report(root: Path, include_failed: bool = False) -> Path:
+def write_report(root: Path, include_failed: bool = False, out: Path | None = None) -> Path:
     """Read every run below `root` (failed runs only with `include_failed`), write the figures that have
-    data and report.md into `root`; return report.md's path. Figures of an earlier report that have no
-    data now are removed, so report.md and the folder agree."""
+    data and report.md into `out` (default: `root`); return report.md's path. Figures of an earlier report
+    that have no data now are removed, so report.md and the folder agree."""
     root = Path(root)
     sweep = load_sweep(root, include_failed=include_failed)
-    path = root / REPORT
+    folder = Path(out or root)
+    if out is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    path = folder / REPORT
     if not sweep.runs:
-        note = f" ({sweep.left_out_note})" if sweep.left_out else ""
+        note = f" ({sweep.left_out_note})" if sweep.left_out_note else ""
         write_text(path, f"# bnlab report: {root}\n\nNo runs to show below {root}{note}.\n")
         return path
     statuses = [r.summary.status for r in sweep.runs]
@@ -53,14 +59,14 @@ def write_report(root: Path, include_failed: bool = False) -> Path:
     parts = [
         f"# bnlab report: {root}\n",
         f"{len(sweep.runs)} runs ({counts}) in {len(sweep.groups)} groups (config minus the seed); threshold "
-        f"metric: {sweep.metric}." + (f" {sweep.left_out_note}." if sweep.left_out else "") + "\n",
+        f"metric: {sweep.metric}." + (f" {sweep.left_out_note}." if sweep.left_out_note else "") + "\n",
         *(["## The verdict\n", verdict_markdown(sweep)] if sweep.verdicts else []),
         *([COMPUTE, table] if (table := compute_markdown(sweep)) else []),
         NOTATION,
     ]
     sections = {name: make(sweep) for name, make in FIGURES.items()}
     for name in HEADLINES:
-        parts += _section(root, name, sections.pop(name))
+        parts += _section(folder, name, sections.pop(name))
     parts += [
         "## Sweep table: every group at its own settings\n",
         f"Iterations to reach each {sweep.metric} threshold, median [95 % interval] over seeds, with the speed-up "
@@ -68,17 +74,23 @@ def write_report(root: Path, include_failed: bool = False) -> Path:
         markdown(sweep.groups, sweep.metric),
     ]
     for name, section in sections.items():
-        parts += _section(root, name, section)
+        parts += _section(folder, name, section)
     write_text(path, "\n".join(parts))
     return path
 
 
-def _section(root: Path, name: str, section: Section | None) -> list[str]:
+def png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=DPI, format="png")
+    return buffer.getvalue()
+
+
+def _section(folder: Path, name: str, section: Section | None) -> list[str]:
     """A figure's markdown, its PNG written beside report.md (or an earlier one removed: no data now)."""
     if section is None:
-        (root / name).unlink(missing_ok=True)
+        (folder / name).unlink(missing_ok=True)
         return []
-    section.figure.savefig(root / name, dpi=DPI)
+    write_bytes(folder / name, png(section.figure))
     return [
         f"## {section.title}\n",
         f"![{section.title}]({name})\n",

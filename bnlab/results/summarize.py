@@ -309,32 +309,37 @@ def to_csv(groups: list[RunGroup]) -> str:
     return out.getvalue()
 
 
-def summarize(root: Path, console: Console, include_failed: bool = False) -> Sweep | None:
-    """Print the table of the runs below `root` and write summary.csv, summary.md and sweep.json there;
-    None if there are no runs to show."""
+def summarize(root: Path, console: Console, include_failed: bool = False, out: Path | None = None) -> Sweep | None:
+    """Print the table of the runs below `root` and write summary.csv, summary.md and sweep.json into `out`
+    (default: `root`; where that cannot be written, as a read-only sweep, the table is printed only and
+    the reason said); None if there are no runs to show."""
     sweep = load_sweep(root, include_failed=include_failed)
     if not sweep.runs:
-        console.print(f"no runs to show below {root}" + (f"; {sweep.left_out_note}" if sweep.left_out else ""))
+        console.print(f"no runs to show below {root}" + (f"; {sweep.left_out_note}" if sweep.left_out_note else ""))
         return None if not sweep.left_out else sweep
     metric = sweep.metric
     console.print(fitted_table(console, str(root), sweep.groups, metric))
-    if sweep.left_out:
-        console.print(sweep.left_out_note)
+    if sweep.left_out_note:
+        console.print(sweep.left_out_note, soft_wrap=True, highlight=False)
     for line in verdict_lines(sweep):
         console.print(line, soft_wrap=True, highlight=False)
-    write_text(root / "summary.csv", to_csv(sweep.groups))
+    folder = out or root
     intro = f"# {root}\n\n{verdict_markdown(sweep)}Iterations to reach each {metric} threshold.\n\n"
-    write_text(root / "summary.md", intro + markdown(sweep.groups, metric))
-    write_json(
-        root / SWEEP_FILE,
-        {
-            "schema_version": SWEEP_SCHEMA_VERSION,
-            "threshold_metric": metric,
-            "groups": [record(g) for g in sweep.groups],
-            "verdicts": [asdict(v) for v in sweep.verdicts],
-            "failed_left_out": len(sweep.left_out),
-        },
-    )
+    table = {
+        "schema_version": SWEEP_SCHEMA_VERSION,
+        "threshold_metric": metric,
+        "groups": [record(g) for g in sweep.groups],
+        "verdicts": [asdict(v) for v in sweep.verdicts],
+        "failed_left_out": len(sweep.left_out),
+        "unreadable": sweep.unreadable,
+    }
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text(folder / "summary.csv", to_csv(sweep.groups))
+        write_text(folder / "summary.md", intro + markdown(sweep.groups, metric))
+        write_json(folder / SWEEP_FILE, table)
+    except OSError as e:  # a read-only sweep, or a full disk: the table above is still the answer
+        console.print(f"{e}: the table is printed only (--out DIR writes its files elsewhere)", soft_wrap=True)
     return sweep
 
 

@@ -79,5 +79,8 @@ def run_jobs(cfgs: list[TrainConfig], run_dirs: list[Path], console: Console, co
 
     try:
         return [Outcome(s) for s in train_runs(cfgs, run_dirs, console, cores)]
+    except SystemExit as e:  # the user's code (a custom norm's forward, say) called sys.exit(): a failure, not an exit
+        error = RuntimeError(f"the run's code called sys.exit({e.code!r})")
+        return [Outcome(None, error.with_traceback(e.__traceback__)) for _ in cfgs]
     except (Exception, KeyboardInterrupt) as e:
         return [Outcome(None, e) for _ in cfgs]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import logging
 import math
 import os
@@ -35,12 +34,13 @@ from tensorboard.compat.proto.summary_pb2 import Summary as TensorBoardSummary
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from bnlab.core.data import Dataset, has_accuracy
+from bnlab.core.data import Dataset, has_accuracy, shape
 from bnlab.core.validate import validate
 from bnlab.record.console import make_console, shell_path
-from bnlab.record.files import OutputError, owned, write_bytes
+from bnlab.record.files import OutputError, owned
 from bnlab.record.hparams import iterations, session
-from bnlab.record.summary import CHANCE_MARGIN, FILE, Status, Summary
+from bnlab.record.summary import CHANCE_MARGIN, FILE, Status, Summary, existing
+from bnlab.run import checkpoint
 from bnlab.run.diagnostics import precise_bn
 from bnlab.run.distributed import Replica, processes
 from bnlab.run.engine import (
@@ -62,7 +62,6 @@ from bnlab.schema.metrics import Thresholds, measured
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"  # in the run directory: model, optimizer, RNG and the run's record so far
 PROGRESS_EVERY_S = 10  # seconds between two progress lines where no progress bar can be drawn
 
 
@@ -100,6 +99,7 @@ class Run:
         "high_loss_steps",
         "first_test_loss",
     )  # attributes a checkpoint carries as they are
+    SUMS = ("window", "pending")  # those of them that are Sums, carried as dicts
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, members: int = 1) -> None:
         self.cfg, self.run_dir = cfg, run_dir
@@ -130,8 +130,11 @@ class Run:
         wall_time = self.earlier_wall_time + time.perf_counter() - self.start
         run = {"steps": self.steps, "final": self.final, "reached": self.thresholds.reached}
         run["seconds_reached"] = self.thresholds.seconds
+        run.update(status=self.status.value, device=self.device, flops_per_step=self.flops_per_step)
         run.update(loop_time=self.loop_time + loop_seconds, wall_time=wall_time)
-        return {"step": self.steps, "run": run, **{k: copy.deepcopy(getattr(self, k)) for k in self.RESUMED}}
+        resumed = {k: copy.deepcopy(getattr(self, k)) for k in self.RESUMED}
+        resumed.update({k: asdict(resumed[k]) for k in self.SUMS})  # plain data: loaded with weights_only=True
+        return {"step": self.steps, "run": run, **resumed}
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         run = checkpoint["run"]
@@ -143,7 +146,7 @@ class Run:
         self.thresholds.seconds = run.get("seconds_reached", dict.fromkeys(run["reached"]))
         self.last_checkpoint = checkpoint["step"]
         for k in self.RESUMED:
-            setattr(self, k, checkpoint[k])
+            setattr(self, k, Sums(**checkpoint[k]) if k in self.SUMS else checkpoint[k])
 
     def record_steps(self, first: int, losses: list[float], accs: list[float], write: bool) -> bool:
         """Record the training loss and accuracy of steps first, first + 1, ...; True when the run stops at
@@ -171,9 +174,14 @@ class Run:
         """Hand the TensorBoard points recorded since the last call to the writer, one event per step: at every
         evaluation, checkpoint and the end, not at every point, since each hand-over wakes the writer's
         thread, and the training loop waits for the interpreter while it runs (5 % of an MLP's steps)."""
-        for step, walltime, values in self.points:
-            scalars = [TensorBoardSummary.Value(tag=k, simple_value=v) for k, v in values.items()]
-            self.writer.file_writer.add_summary(TensorBoardSummary(value=scalars), step, walltime)
+        try:
+            for step, walltime, values in self.points:
+                scalars = [TensorBoardSummary.Value(tag=k, simple_value=v) for k, v in values.items()]
+                self.writer.file_writer.add_summary(TensorBoardSummary(value=scalars), step, walltime)
+        except OSError as e:  # the writer's thread failed to write (a full disk): raised at the next hand-over
+            raise OutputError(
+                e.errno, f"cannot write the TensorBoard events in {self.run_dir}: {e.strerror or e}"
+            ) from e
         self.points.clear()
 
     def record_eval(self, step: int, test_loss: float, test_acc: float, lr: float, seconds: float) -> None:
@@ -291,9 +299,11 @@ def train_runs(
             if not stack.enter_context(owned(run_dir)):
                 log.warning("%s: another process is training this run; it is left to that process", run_dir)
                 summaries[i] = None
-            elif cfg.trainer.resume and path.exists() and (done := Summary.load(path)).status.done:
+            elif cfg.trainer.resume and (done := existing(path)) and done.status.done:
                 log.info("%s: already completed, skipped (trainer.resume=true)", run_dir)
                 summaries[i] = done
+            elif cfg.trainer.resume and (recovered := _finished_summary(cfg, run_dir)):
+                summaries[i] = recovered
         todo = [i for i in range(len(cfgs)) if i not in summaries]
         if todo:
             console = console or make_console()
@@ -302,12 +312,32 @@ def train_runs(
     return [summaries[i] for i in range(len(cfgs))]
 
 
+def _finished_summary(cfg: TrainConfig, run_dir: Path) -> Summary | None:
+    """A run that finished but whose summary.json did not land (killed while writing it): its summary from its
+    final checkpoint, written now, without training again; None where the run has no such checkpoint."""
+    if (own := existing(run_dir / FILE)) and own.status != Status.RUNNING:
+        return None  # its own record says how it ended (interrupted, failed): resumed or started over as usual
+    state = checkpoint.load(run_dir) if checkpoint.exists(run_dir) else None
+    if not state or not state["finished"]:
+        return None
+    run = Run(cfg, run_dir)
+    run.restore(state)
+    run.status = Status(state["run"]["status"])
+    if run.status == Status.RUNNING:  # it trained to its last step: completed, or stalled
+        run.status = run.end_status(shape(cfg.data)[1])
+    run.device, run.flops_per_step = state["run"]["device"], state["run"]["flops_per_step"]
+    summary = run.summary()
+    summary.wall_time_s = round(run.earlier_wall_time, 3)
+    summary.save(run_dir / FILE)
+    log.info("%s: finished, but its summary.json was missing: written from its final checkpoint", run_dir)
+    return summary
+
+
 def _load_checkpoints(cfgs: list[TrainConfig], run_dirs: list[Path]) -> list[dict] | None:
     """The runs' unfinished checkpoints when trainer.resume=true and every run has one at the same step."""
-    paths = [d / CHECKPOINT for d in run_dirs]
-    if not cfgs[0].trainer.resume or not all(p.exists() for p in paths):
+    if not cfgs[0].trainer.resume or not all(checkpoint.exists(d) for d in run_dirs):
         return None
-    checkpoints = [torch.load(p, weights_only=False) for p in paths]
+    checkpoints = [checkpoint.load(d) for d in run_dirs]
     if any(c["finished"] for c in checkpoints) or len({c["step"] for c in checkpoints}) > 1:
         return None
     return checkpoints
@@ -322,7 +352,7 @@ def _open_runs(cfgs: list[TrainConfig], run_dirs: list[Path], checkpoints: list[
             run.restore(checkpoints[i])
         else:
             run.run_dir.mkdir(parents=True, exist_ok=True)
-            for stale in [*run.run_dir.glob("events.out.tfevents.*"), run.run_dir / CHECKPOINT]:
+            for stale in [*run.run_dir.glob("events.out.tfevents.*"), *run.run_dir.glob("checkpoint*.pt")]:
                 stale.unlink(missing_ok=True)
         # On a resume, TensorBoard hides what the killed run logged after its checkpoint.
         run.writer = SummaryWriter(str(run.run_dir), purge_step=run.steps + 1 if checkpoints else None)
@@ -355,16 +385,35 @@ def _train_together(
         raise
     finally:
         summaries = [run.summary() for run in runs]
+        unsaved = [e for run, summary in zip(runs, summaries) if (e := _save(run, summary))]
         for run, summary in zip(runs, summaries):
-            run.write_points()
-            if run.status != Status.INTERRUPTED:  # an interrupted run logs them when it is resumed and ends
-                _log_hparams(run.writer, summary)
-            run.writer.close()
-            try:
-                summary.save(run.run_dir / FILE)
-            except OutputError as e:  # the error that ended the run is the one to report; the old file stays
-                log.error("%s", e)
+            _close_events(run, summary)
+    if unsaved:  # trained, but its record is not on the disk: never a success (an error in flight comes first)
+        raise OutputError(unsaved[0].errno, _output_error_message(unsaved[0], runs))
     return summaries
+
+
+def _save(run: Run, summary: Summary) -> OutputError | None:
+    """Write the run's summary.json, before its TensorBoard events (a failing event writer cannot keep the
+    record from the disk); the error if it could not be written (the old file stays)."""
+    try:
+        summary.save(run.run_dir / FILE)
+    except OutputError as e:
+        log.error("%s", e)
+        return e
+    return None
+
+
+def _close_events(run: Run, summary: Summary) -> None:
+    """The run's last TensorBoard points and its HParams session, then the writer closed; a failure (a full
+    disk) is logged, since the summary is what counts and was written first."""
+    try:
+        run.write_points()
+        if run.status != Status.INTERRUPTED:  # an interrupted run logs them when it is resumed and ends
+            _log_hparams(run.writer, summary)
+        run.writer.close()
+    except Exception as e:
+        log.error("%s: its last TensorBoard events were not written: %s: %s", run.run_dir, type(e).__name__, e)
 
 
 def _output_error_message(e: OutputError, runs: list[Run]) -> str:
@@ -406,13 +455,13 @@ def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None, core
 def _replica(group: Processes, cfg: TrainConfig, run_dir: Path, resumed: bool) -> None:
     """Rank group.rank > 0 of a distributed run, in a process of its own: rank 0's loop on its share of
     every batch, from rank 0's checkpoint when it resumes, writing nothing."""
-    checkpoint = torch.load(run_dir / CHECKPOINT, weights_only=False) if resumed else None
+    state = checkpoint.load(run_dir) if resumed else None  # the one rank 0 took: the newest whole one
     run = Run(cfg, run_dir)
     run.writer = _Unwritten()
-    if checkpoint:
-        run.restore(checkpoint)
+    if state:
+        run.restore(state)
     device, data = prepare(cfg, group.rank)
-    _drive([run], data, device, [checkpoint] if checkpoint else None, group)
+    _drive([run], data, device, [state] if state else None, group)
 
 
 def _drive(
@@ -563,9 +612,7 @@ class Loop:
         run = self.runs[n]
         run.write_points()  # a resume from this checkpoint finds every point up to it
         state = {**run.state(time.perf_counter() - self.start), **self.engine.member_state(n)}
-        buffer = io.BytesIO()  # serialised in memory first: a failing disk shows as an OutputError, not torch's own
-        torch.save({**state, "rng": torch.get_rng_state(), "finished": finished}, buffer)
-        write_bytes(run.run_dir / CHECKPOINT, buffer.getvalue())
+        checkpoint.save(run.run_dir, {**state, "rng": torch.get_rng_state(), "finished": finished})
         run.last_checkpoint = run.steps
 
     def interrupt(self, step: int, signal_name: str) -> None:
