@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import textwrap
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CLI, TINY, bnlab
+from helpers import CLI, LONG, TINY, bnlab
 from omegaconf import OmegaConf
 from rich.console import Console
 from torch.utils.tensorboard.writer import FileWriter
@@ -189,12 +190,12 @@ def test_a_corrupt_summary_is_named_and_the_other_runs_still_shown(tmp_path):
     assert resumed.returncode == 0 and json.loads((tmp_path / "s" / "norm=batch" / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("summary", ["kept", "lost"])
-def test_an_empty_hydra_config_never_blocks_a_resume(tmp_path, summary):
+@pytest.mark.parametrize("summary, config", [("kept", ""), ("lost", ""), ("lost", "norm: {name: ba")])
+def test_an_empty_hydra_config_never_blocks_a_resume(tmp_path, summary, config):
     sweep = ["train", "-m", *TINY, "trainer.max_steps=2", "seed=0,1", "hydra.sweep.dir=s"]
     assert bnlab(*sweep, cwd=tmp_path).returncode == 0
     run = tmp_path / "s" / "seed=0"
-    (run / ".hydra" / "config.yaml").write_text("")  # Hydra writes it in place: a kill or a full disk leaves this
+    (run / ".hydra" / "config.yaml").write_text(config)  # Hydra writes it in place: a kill or a full disk does this
     if summary == "lost":
         (run / "summary.json").unlink()
     else:  # interrupted: its summary says so, and holds the config it started with
@@ -261,3 +262,81 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_anything_is_writ
         text = " ".join((out.stdout + out.stderr).split())
         assert out.returncode == 2 and f"{option}=" in text and reason in text and "Traceback" not in text, text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie nobody reaps counts: the container's init may not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.slow
+def test_workers_of_a_killed_launcher_stop_their_runs_and_exit(tmp_path):
+    cmd = [*CLI, "train", "-m", *LONG, "trainer.fuse=false", "seed=0,1", "hydra.launcher.n_jobs=2", "hydra.sweep.dir=s"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list((tmp_path / "s").glob("*/checkpoint.pt"))) < 2:  # both workers train
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    workers = [p for p in children(proc.pid) if "python" in Path(f"/proc/{p}/cmdline").read_text()]
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while not all(gone(p) for p in workers):
+        assert time.monotonic() < deadline, "the workers of a killed launcher did not exit within 60 s"
+        time.sleep(0.2)
+    statuses = {json.loads(p.read_text())["status"] for p in (tmp_path / "s").glob("*/summary.json")}
+    assert statuses <= {"interrupted", "completed"} and statuses  # each stopped after its step, summary written
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("model.widths=[50000,50000,50000]", "needs about 5"),  # 56 GiB: more than any machine running this has free
+        ("seed=99999999999999999999", "seed=99999999999999999999 is not accepted"),
+    ],
+)
+def test_a_run_that_cannot_fit_or_seed_is_refused_before_any_folder(tmp_path, override, says):
+    out = bnlab("train", *TINY, override, cwd=tmp_path)
+    text = " ".join((out.stdout + out.stderr).split())
+    assert out.returncode == 2 and says in text and "Traceback" not in text, text
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_events_cut_off_are_named_in_the_report(tmp_path):
+    sweep = ["train", "-m", *TINY, "trainer.max_steps=20", "trainer.eval_every=5", "norm=none,batch"]
+    assert bnlab(*sweep, "hydra.sweep.dir=s", cwd=tmp_path).returncode == 0
+    (events,) = (tmp_path / "s" / "norm=batch").glob("events.out.tfevents.*")
+    events.write_bytes(events.read_bytes()[:400])  # a full disk, or a kill mid-write: the first few points left
+    assert bnlab("report", "s", cwd=tmp_path).returncode == 0
+    text = (tmp_path / "s" / "report.md").read_text()
+    assert re.search(r"TensorBoard events of norm=batch end at step \d+, before its last step 20", text)
+
+
+def test_a_sweep_whose_run_lost_its_summary_exits_1_naming_it(tmp_path):
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(
+        textwrap.dedent("""
+            import errno
+            from bnlab.record import files
+
+            write = files.write_bytes
+
+            def no_space_for_batch(path, data):  # ENOSPC at one run's summary.json, as on a full disk
+                if path.name == "summary.json" and path.parent.name == "norm=batch":
+                    raise files.OutputError(errno.ENOSPC, f"cannot write {path}: No space left on device")
+                write(path, data)
+
+            files.write_bytes = no_space_for_batch
+        """)
+    )
+    sweep = ["train", "-m", *TINY, "trainer.max_steps=2", "norm=none,batch", "hydra.sweep.dir=s"]
+    out = bnlab(*sweep, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "inject")})
+    text = " ".join((out.stdout + out.stderr).split())
+    assert out.returncode == 1 and "1 run left no summary.json (not in the table): norm=batch" in text, text

@@ -53,6 +53,7 @@ def validate(cfg: TrainConfig) -> None:
     key = repr(cfg)
     if key in _passed:
         return
+    _require(isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**63, "seed", cfg.seed, "an integer from 0 to 2**63 - 1")
     _check_model(cfg.model, cfg.norm, cfg.data)
     _check_norm(cfg.norm, cfg.model)
     _check_data(cfg)
@@ -242,3 +243,63 @@ def check_targets(cfg: TrainConfig) -> None:
             norm = _attempt("norm", n.target, f"building it for {channels} channels", create_norm, channels, n)
             x = torch.randn(PROBE_BATCH, channels, *spatial, generator=probe)
             _attempt("norm", n.target, f"running it on a probe batch {tuple(x.shape)}", _probe, norm, x, tuple(x.shape))
+
+
+# ---------------------------------------------------------------- memory, before any folder is made
+
+GIB = 2**30
+_estimates: dict[str, int | None] = {}
+
+
+def memory_estimate(cfg: TrainConfig) -> int | None:
+    """Bytes a run needs beyond its data set: its weights, their gradients and the optimizer's state (one copy
+    for SGD's momentum, two for Adam's moments), and the outputs of its layers at data.batch_size, twice (kept
+    for the backward pass, and their gradients). Counted on the model built on torch's meta device, which
+    holds no memory; None where it cannot be built there (a custom layer, say)."""
+    key = repr((cfg.model, cfg.norm, cfg.data, cfg.optim.name, cfg.trainer.precision))
+    if key not in _estimates:
+        outputs = 0
+
+        def count(module: torch.nn.Module, inputs: tuple, out: Any) -> None:
+            nonlocal outputs
+            outputs += out.numel() if torch.is_tensor(out) and not list(module.children()) else 0
+
+        try:
+            in_shape, classes = shape(cfg.data)
+            with torch.device("meta"), torch.random.fork_rng(devices=[]):
+                model = build_model(cfg, in_shape, classes)
+                for m in model.modules():
+                    m.register_forward_hook(count)
+                model(torch.zeros(cfg.data.batch_size, *in_shape))
+            params = sum(p.numel() for p in model.parameters())
+            slots = 2 if cfg.optim.name == "adam" else 1
+            width = 8 if cfg.trainer.precision == "fp64" else 4
+            _estimates[key] = width * (params * (2 + slots) + 2 * outputs)
+        except Exception:
+            _estimates[key] = None
+    return _estimates[key]
+
+
+def free_memory(device: torch.device) -> tuple[int, str] | None:
+    """(bytes free, where that number comes from) on `device`, or None where it is not known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"free on {torch.cuda.get_device_name(device)}"
+    try:
+        meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        return int(meminfo["MemAvailable"].split()[0]) * 1024, "MemAvailable in /proc/meminfo"
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_memory(cfg: TrainConfig, device: torch.device, members: int = 1) -> None:
+    """Refuse a run (or `members` fused runs) whose memory estimate is over what `device` has free."""
+    need, free = memory_estimate(cfg), free_memory(device)
+    if need is None or free is None or need * members <= free[0]:
+        return
+    runs = f" for {members} fused runs" if members > 1 else ""
+    raise ConfigError(
+        f"model.widths={cfg.model.widths} at data.batch_size={cfg.data.batch_size} needs about "
+        f"{need * members / GIB:.1f} GiB{runs} (weights, gradients, {cfg.optim.name}'s state and a step's "
+        f"activations), more than the {free[0] / GIB:.1f} GiB free here ({free[1]}); make the model or the batch "
+        "smaller."
+    )

@@ -3,7 +3,6 @@ before Hydra writes anything, `SweepTable` prints the table at the end of a swee
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -18,7 +17,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from bnlab.core.datafiles import DataError
-from bnlab.core.validate import check_targets
+from bnlab.core.validate import check_memory, check_targets
 from bnlab.face.hydra_private import BASIC_SWEEPER, ComposeOnce, expand_sweep
 from bnlab.face.overrides import DEFAULTS, EXCLUDE_KEYS, FUSING_LAUNCHER, refuse
 from bnlab.record import provenance
@@ -51,6 +50,8 @@ class Preflight(Callback):
                 _check_resume(Path(config.hydra.run.dir), config)
         except (ConfigError, DataError) as e:
             refuse(e)
+        except Exception as e:  # Hydra would turn it into a warning and run unchecked
+            refuse(f"the checks before the run could not be made: {type(e).__name__}: {e}")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
@@ -85,6 +86,8 @@ class Preflight(Callback):
                     _check_resume(Path(config.hydra.sweep.dir) / str(job.hydra.sweep.subdir), job)
         except (ConfigError, DataError) as e:
             refuse(e)
+        except Exception as e:  # Hydra would turn it into a warning and run the sweep unchecked
+            refuse(f"the checks before the sweep could not be made: {type(e).__name__}: {e}")
 
 
 def _check_output_folder(folder: Path, option: str) -> None:
@@ -129,11 +132,12 @@ def _check_job(config: DictConfig, tried: set[str]) -> None:
     """Refuse a job whose config does not validate here, or whose own norm, model or data set (each
     distinct one tried once: a custom data set is loaded to try it) cannot be used."""
     cfg = job_config(config)  # validated
-    resolve_device(cfg.trainer.device)
+    device = resolve_device(cfg.trainer.device)
     key = repr((asdict(cfg.model), asdict(cfg.norm), asdict(cfg.data)))
     if key not in tried:
         tried.add(key)
         check_targets(cfg)
+    check_memory(cfg, device)  # after the user's code was tried: the estimate builds the model
 
 
 def _warn_of_coarse_counts(jobs: list[DictConfig]) -> None:
@@ -236,10 +240,11 @@ class Provenance(Callback):
     @staticmethod
     def _end(folder: Path) -> None:
         if (folder / provenance.FILE).exists():
-            runs = [json.loads(p.read_text()) for p in folder.rglob(FILE)]
-            statuses = [r.get("status") for r in runs]
-            threads = {r["config"]["trainer"]["threads"] for r in runs if r.get("status") and "config" in r}
-            provenance.end(folder, {s: statuses.count(s) for s in sorted(set(statuses) - {None})}, sorted(threads))
+            # a run's summaries (not an earlier bnlab's sweep table at the root); unreadable ones are named and skipped
+            runs = [s for p in folder.rglob(FILE) if p.parent != folder and (s := existing(p))]
+            statuses = [r.status.value for r in runs]
+            threads = {t for r in runs if (t := r.config.get("trainer", {}).get("threads")) is not None}
+            provenance.end(folder, {s: statuses.count(s) for s in sorted(set(statuses))}, sorted(threads, key=str))
 
 
 class SweepTable(Callback):
@@ -248,7 +253,13 @@ class SweepTable(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         root = Path(config.hydra.sweep.dir)
-        sweep = summarize(root, make_console())
+        console = make_console()
+        sweep = summarize(root, console)
         write_dashboard(root)
-        if sweep is not None and sweep.failed:
+        # a run whose summary.json could not be written (a full disk) is not in the table: never a success
+        lost = [d.name for d in sorted(root.iterdir()) if (d / ".hydra").is_dir() and not (d / FILE).exists()]
+        if lost:
+            runs = f"{len(lost)} run{'s' if len(lost) > 1 else ''}"
+            console.print(f"{runs} left no summary.json (not in the table): {', '.join(lost)}", soft_wrap=True)
+        if lost or (sweep is not None and (sweep.failed or sweep.unreadable)):
             sys.exit(FAILED)

@@ -14,6 +14,8 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -36,6 +38,7 @@ from bnlab.run.threads import CORES_ENV, cores_per_job, usable_cores
 from bnlab.schema.config import TrainConfig, fuse_mode
 
 log = logging.getLogger(__name__)
+WATCH_S = 1.0  # how often a worker looks for its launcher
 
 
 def fuse_key(cfg: TrainConfig) -> str | None:
@@ -181,16 +184,36 @@ def in_workers(n_jobs: int, cores: int, calls: list[tuple]) -> list[list[JobRetu
 
 
 def _worker_start(cores: int) -> None:
-    """A worker's own process group (Ctrl-C in a terminal reaches the launcher only) and its share of the cores,
-    which trainer.threads=auto and a lone job's share read (bnlab.run.threads.usable_cores)."""
+    """A worker's own process group (Ctrl-C in a terminal reaches the launcher only), its share of the cores,
+    which trainer.threads=auto and a lone job's share read (bnlab.run.threads.usable_cores), and a watch on
+    the launcher."""
     os.setpgrp()
     os.environ[CORES_ENV] = str(cores)
+    threading.Thread(target=_watch_launcher, args=(os.getppid(),), daemon=True).start()
+
+
+_training = threading.Event()  # set while a worker runs a group
+
+
+def _watch_launcher(launcher: int) -> None:
+    """A worker whose launcher died (killed, so it could pass nothing on) stops its runs as SIGTERM would (after
+    their step, each writing its summary) and exits, instead of waiting for work forever."""
+    while os.getppid() == launcher:
+        time.sleep(WATCH_S)
+    os.kill(os.getpid(), signal.SIGTERM)  # a worker between groups ends here (SIGTERM's default)
+    while _training.is_set():
+        time.sleep(WATCH_S / 5)
+    os._exit(1)
 
 
 def _pickled_run_group(call: bytes) -> bytes:
     """run_group in a worker. Hydra's state holds closures (OmegaConf's resolvers), which only cloudpickle
     pickles, as hydra/launcher=joblib's loky does."""
-    return cloudpickle.dumps(run_group(*cloudpickle.loads(call)))
+    _training.set()
+    try:
+        return cloudpickle.dumps(run_group(*cloudpickle.loads(call)))
+    finally:
+        _training.clear()
 
 
 def run_group(

@@ -64,6 +64,14 @@ class RunResult:
             out[tag] = (steps, np.array([by_step[s] for s in steps], dtype=float))
         return out
 
+    @property
+    def events_cut_at(self) -> int | None:
+        """The last step its TensorBoard events hold, where that is before the run's last step (a file cut off by a
+        full disk or a kill: its curves end there); None where they are whole, or the run has no events."""
+        curve = self.curve(tags.TEST_ACC) or self.curve(tags.TEST_LOSS)
+        last = int(curve[0][-1]) if curve is not None and len(curve[0]) else None
+        return last if last is not None and self.summary.status.done and last < self.summary.steps else None
+
     def curve(self, tag: str, window: int = 0) -> Curve | None:
         """The tag's curve; with `window`, the mean over each window of steps ending at a multiple of it."""
         if tag not in self.scalars:

@@ -60,6 +60,12 @@ def write_report(root: Path, include_failed: bool = False, out: Path | None = No
         f"# bnlab report: {root}\n",
         f"{len(sweep.runs)} runs ({counts}) in {len(sweep.groups)} groups (config minus the seed); threshold "
         f"metric: {sweep.metric}." + (f" {sweep.left_out_note}." if sweep.left_out_note else "") + "\n",
+        *[
+            f"TensorBoard events of {r.dir.relative_to(root)} end at step {at}, before its last step {r.summary.steps}"
+            " (cut off?): its curves stop there.\n"
+            for r in sweep.runs
+            if (at := r.events_cut_at) is not None
+        ],
         *(["## The verdict\n", verdict_markdown(sweep)] if sweep.verdicts else []),
         *([COMPUTE, table] if (table := compute_markdown(sweep)) else []),
         NOTATION,
