@@ -340,3 +340,15 @@ def test_a_sweep_whose_run_lost_its_summary_exits_1_naming_it(tmp_path):
     out = bnlab(*sweep, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "inject")})
     text = " ".join((out.stdout + out.stderr).split())
     assert out.returncode == 1 and "1 run left no summary.json (not in the table): norm=batch" in text, text
+
+
+def test_a_file_system_without_hard_links_keeps_the_previous_checkpoint_as_a_copy(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    for step in (2, 4):
+        checkpoint.save(tmp_path, {"step": step, "model": {"w": torch.ones(2) * step}})
+    assert checkpoint.load(tmp_path)["step"] == 4
+    (tmp_path / checkpoint.CHECKPOINT).write_bytes(b"cut off")
+    assert checkpoint.load(tmp_path)["step"] == 2

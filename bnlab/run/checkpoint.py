@@ -4,6 +4,7 @@ by name, not trained on), and the checkpoint before it kept beside it to fall ba
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
@@ -64,7 +65,9 @@ def save(run_dir: Path, state: dict[str, Any]) -> None:
             previous.unlink(missing_ok=True)
             os.link(path, previous)
         except OSError as e:
-            raise OutputError(e.errno, f"cannot keep {path} as {previous}: {e.strerror or e}") from e
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise OutputError(e.errno, f"cannot keep {path} as {previous}: {e.strerror or e}") from e
+            write_bytes(previous, path.read_bytes())  # a file system without hard links: a copy
     write_bytes(path, buffer.getvalue())
 
 
