@@ -160,12 +160,12 @@ def _number(v: Any) -> float | None:
 
 
 def existing(path: Path) -> Summary | None:
-    """The run summary at `path`; None where there is none, or where it cannot be read (a warning names it:
-    its run's checkpoint decides where the run goes on, and a new summary replaces it)."""
+    """The run summary at `path`; None where there is none, or where it cannot be read (a warning names it: a
+    resume goes on from the run's checkpoint, and a new summary replaces it)."""
     try:
         return Summary.load(path) if Path(path).is_file() else None
     except SummaryError as e:
-        log.warning("%s; the run goes on from its checkpoint, if it has one", e)
+        log.warning("%s: left aside", e)
         return None
 
 

@@ -150,13 +150,9 @@ def write_levels(events: Events, curve: LevelCurve, sweep: Sweep, layout: dict[s
     label = METRICS[sweep.metric].label.split(" (")[0]
     steps, speedup = f"steps to each {label} level", f"speed-up over {NO_NORM} at each {label} level"
     x = [round(level * LEVEL_SCALE) for level in curve.levels]
-    known = [(x, m.steps, m.ci_low or m.steps, m.ci_high or m.seen) for x, m in zip(x, curve.medians) if m.exact]
+    known = [(x, m.steps, *m.band) for x, m in zip(x, curve.medians) if m.exact]
     write_band(events, steps, known)
-    ratios = [
-        (x, r.speedup, r.speedup if r.ci_low is None else r.ci_low, r.speedup if r.ci_high is None else r.ci_high)
-        for x, r in zip(x, curve.speedups)
-        if r is not None
-    ]
+    ratios = [(x, r.speedup, *r.band) for x, r in zip(x, curve.speedups) if r is not None]
     write_band(events, speedup, ratios)
     scale = f"(x: the level x {LEVEL_SCALE}; band: 95 % interval)"
     if known:

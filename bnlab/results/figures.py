@@ -41,6 +41,7 @@ from bnlab.results.analysis import (
     training_edges,
 )
 from bnlab.results.summarize import fmt_iters, fmt_mean_std, fmt_ratio, fmt_spread
+from bnlab.results.verdict import LOWER, UPPER
 from bnlab.schema import tags
 from bnlab.schema.config import LANDSCAPE_STEPS, NO_NORM
 from bnlab.schema.metrics import METRICS, higher_is_better
@@ -258,7 +259,7 @@ def best_lr(sweep: Sweep) -> Section | None:
                 ax.update_datalim([(i, m.seen * 1.25)])  # the axis holds the arrow and its label
                 ax.autoscale_view()
                 continue
-            med, lo, hi = m.steps, m.ci_low or m.steps, m.ci_high or m.seen
+            med, (lo, hi) = m.steps, m.band
             ax.bar(i, med, 0.7, color=look.colour, hatch=look.hatch, edgecolor="white")
             ax.errorbar(i, med, yerr=[[med - lo], [hi - med]], fmt="none", ecolor="black", capsize=3)
             ax.text(i, hi, f"{med:g}\n{lr_text(label, g)}", ha="center", va="bottom", fontsize=7)
@@ -396,7 +397,7 @@ def iterations_to_threshold(sweep: Sweep) -> Section | None:
             x = i - 0.4 + width * (j + 0.5)
             m = group.thresholds[t].median
             if m.exact:  # the Kaplan-Meier median and its 95 % interval (its open end: up to the last step seen)
-                lo, hi = m.ci_low or m.steps, m.ci_high or m.seen
+                lo, hi = m.band
                 ax.bar(x, m.steps, width, color=look.colour, hatch=look.hatch, edgecolor="white")
                 ax.errorbar(x, m.steps, yerr=[[m.steps - lo], [hi - m.steps]], fmt="none", ecolor="black", capsize=3)
                 top = max(top, hi)
@@ -441,8 +442,7 @@ def steps_to_level(sweep: Sweep) -> Section | None:
         x = np.array(c.levels)
         exact = np.array([m.exact for m in c.medians])
         median = np.array([m.steps if m.exact else np.nan for m in c.medians])
-        low = np.array([m.ci_low or m.steps if m.exact else np.nan for m in c.medians])
-        high = np.array([m.ci_high or m.seen if m.exact else np.nan for m in c.medians])  # open end: the last step seen
+        low, high = np.array([m.band if m.exact else (np.nan, np.nan) for m in c.medians]).T
         steps_ax.plot(x, median, color=look.colour, lw=1.6, label=label)
         steps_ax.fill_between(x, low, high, color=look.colour, alpha=BAND_ALPHA, lw=0)
         if (~exact).any():  # censored: beyond the last step seen
@@ -452,12 +452,11 @@ def steps_to_level(sweep: Sweep) -> Section | None:
         if ratios:
             rx = np.array([level for level, _ in ratios])
             ry = np.array([r.speedup for _, r in ratios])
-            lo = np.array([r.ci_low if r.ci_low is not None else r.speedup for _, r in ratios])
-            hi = np.array([r.ci_high if r.ci_high is not None else r.speedup for _, r in ratios])
+            lo, hi = np.array([r.band for _, r in ratios]).T
             bound = np.array([r.bound for _, r in ratios])
             ratio_ax.plot(rx, ry, color=look.colour, lw=1.6, label=f"{c.label} vs {NO_NORM}")
             ratio_ax.fill_between(rx, lo, hi, color=look.colour, alpha=BAND_ALPHA, lw=0)
-            for kind, marker in (("lower", "^"), ("upper", "v")):
+            for kind, marker in ((LOWER, "^"), (UPPER, "v")):
                 ratio_ax.plot(rx[bound == kind], ry[bound == kind], ls="none", marker=marker, color=look.colour, ms=6)
     for ax in (steps_ax, ratio_ax):
         for t in sweep.thresholds:

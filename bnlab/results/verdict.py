@@ -55,6 +55,11 @@ class MedianSteps:
     seeds: int
     seen: float  # the last step any seed was seen at: beyond it nothing is known
 
+    @property
+    def band(self) -> tuple[float, float]:
+        """Its 95 % interval as drawn: an open end at the median itself below, at the last step seen above."""
+        return (self.steps if self.ci_low is None else self.ci_low, self.seen if self.ci_high is None else self.ci_high)
+
 
 def median_steps(times: Times) -> MedianSteps:
     """The Kaplan-Meier median steps to the threshold, with its 95 % interval."""
@@ -91,6 +96,14 @@ class Comparison:
     faster_seeds: int | None  # seeds in which the arm reached the threshold sooner (paired by seed; else None)
     seeds_arm: int
     seeds_baseline: int
+
+    @property
+    def band(self) -> tuple[float, float]:
+        """Its 95 % interval as drawn: an open end (a bound's) at the speed-up itself."""
+        return (
+            self.speedup if self.ci_low is None else self.ci_low,
+            self.speedup if self.ci_high is None else self.ci_high,
+        )
 
 
 def _median(x: np.ndarray, axis: int = -1) -> np.ndarray:
