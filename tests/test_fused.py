@@ -24,7 +24,7 @@ from helpers import DONE, TINY, bnlab, compose_config, scalars, start
 from bnlab.core.data import load_data
 from bnlab.core.models import build_model
 from bnlab.core.norms import NORMS
-from bnlab.face.launcher import fusing_line, plan
+from bnlab.face.fusing import fusing_line, plan
 from bnlab.run.checkpoint import CHECKPOINT, PREVIOUS
 from bnlab.run.engine import Single
 from bnlab.run.fused.engine import Fused, activation_bytes, build_fused, can_fuse

@@ -8,7 +8,7 @@ import math
 import pytest
 from helpers import compose_config
 
-from bnlab.face.launcher import at_once
+from bnlab.face.fusing import at_once
 from bnlab.run.engine import step_flops, thread_count
 from bnlab.run.threads import MIN_FLOPS_PER_THREAD, auto_threads, usable_cores
 

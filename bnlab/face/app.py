@@ -116,5 +116,8 @@ def report(outcome: Outcome) -> None:
         console.print(run_table(Path(run_dir).name, outcome.summary))
 
 
-# A module-level name, so that parallel launchers (joblib) pickle the job by its module and name.
-train_app = hydra.main(version_base="1.3", config_path="pkg://bnlab.conf", config_name="train")(train_job)
+def train_app() -> None:
+    """`bnlab train`: Hydra's main on train_job (a module-level function, so that parallel launchers pickle it by
+    its module and name). Decorated when called, not on import: hydra.main sets Hydra's version base for the whole
+    process, which would change how another app that runs with bnlab's launcher treats its working directory."""
+    hydra.main(version_base="1.3", config_path="pkg://bnlab.conf", config_name="train")(train_job)()

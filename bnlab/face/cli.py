@@ -46,14 +46,8 @@ def train(args: list[str]) -> None:
     if not PRINT_ONLY_FLAGS.intersection(args):  # --help, --cfg, ... print and exit: no torch for them
         with after_imports():
             import bnlab.run.train  # noqa: F401  torch, once, now that the overrides passed their check
-    from hydra.core.plugins import Plugins
-    from hydra_plugins.bnlab_launcher import BnlabLauncher
-
     from bnlab.face.app import train_app
 
-    # Hydra finds plugins by walking the hydra_plugins package, which misses those of an editable install
-    # (pip install -e); registering it here finds it either way. Not in the plugin's module: Hydra's walk runs that.
-    Plugins.instance().register(BnlabLauncher)
     train_app()
 
 

@@ -1,110 +1,42 @@
-"""`hydra/launcher=bnlab`, the default launcher of `bnlab train -m`: Hydra's basic launcher (jobs one
-after another in this process), except that jobs with trainer.fuse=true or auto that differ only in
-keys marked MEMBER in bnlab/schema/config.py (seed, lr, init, ...) train together as one fused model
-(bnlab/run/fused/engine.py), and that with hydra.launcher.n_jobs > 1 it trains that many groups at once in worker
-processes. Each member still gets its own run directory, .hydra/ configs, train.log, TensorBoard
-run and summary.json, as if it had run alone. Hydra loads launchers only from the hydra_plugins
-package: bnlab/hydra_plugin is installed there and hands `launch` to `launch_jobs` here."""
+"""`hydra/launcher=bnlab`, the default launcher of `bnlab train -m`, also for any other Hydra app
+(hydra_plugins/bnlab_launcher holds what Hydra sees): Hydra's basic launcher (jobs one after another in this
+process, in sweep order), except that `bnlab train`'s jobs that may train as one fused model do
+(bnlab/face/fusing.py), and that with hydra.launcher.n_jobs > 1 it runs that many jobs or fused groups at once in
+worker processes. Another app's jobs run as Hydra's basic launcher runs them (n_jobs=auto: one at a time, since
+this launcher cannot know the threads they use); bnlab's config keys are read only for bnlab's jobs."""
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import multiprocessing
 import os
 import signal
 import threading
 import time
-from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
-from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, configure_log, run_job, setup_globals
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
-from bnlab.face.app import console, report, show_job, train_job
+from bnlab.face.app import train_job
 from bnlab.face.hydra_private import hydra_state, restore_hydra_state
-from bnlab.run.engine import thread_count
-from bnlab.run.fused.engine import can_fuse, shared_config
-from bnlab.run.job import job_config, run_jobs
-from bnlab.run.threads import CORES_ENV, cores_per_job, usable_cores
-from bnlab.schema.config import TrainConfig, fuse_mode
+from bnlab.run.threads import CORES_ENV, cores_per_job, jobs_at_once
+from bnlab.schema.config import TrainConfig
 
 log = logging.getLogger(__name__)
 WATCH_S = 1.0  # how often a worker looks for its launcher
 
 
-def fuse_key(cfg: TrainConfig) -> str | None:
-    """Jobs with one key may be fused (bnlab.run.fused.engine.shared_config); None: the job trains alone (it asks to,
-    or runs over several processes)."""
-    if fuse_mode(cfg.trainer) == "false" or cfg.trainer.devices > 1:
-        return None
-    return json.dumps(shared_config(cfg), sort_keys=True)
-
-
-def plan(cfgs: Sequence[TrainConfig]) -> tuple[list[list[int]], dict[str, int]]:
-    """The jobs (indices) grouped for training, in sweep order by each group's earliest job: each fusable
-    group of two or more jobs together (ordered by seed), every other job alone; and for the jobs that asked
-    to be fused but train alone, why (reason -> jobs)."""
-    groups: dict[Any, list[int]] = {}
-    for i, cfg in enumerate(cfgs):
-        groups.setdefault(fuse_key(cfg) or ("alone", i), []).append(i)
-    planned, alone = [], {}
-    for members in groups.values():
-        reason = can_fuse([cfgs[i] for i in members]) if len(members) > 1 else None
-        if reason and any(fuse_mode(cfgs[i].trainer) == "true" for i in members):
-            log.warning("trainer.fuse=true: %d jobs run one by one, not fused: %s", len(members), reason)
-        if len(members) == 1 and fuse_mode(cfgs[members[0]].trainer) != "false":
-            reason = "trainer.devices > 1" if cfgs[members[0]].trainer.devices > 1 else "no job to fuse with"
-        if reason:
-            alone[reason] = alone.get(reason, 0) + len(members)
-        if reason or len(members) == 1:
-            planned.extend([i] for i in members)
-        else:  # by seed: members of one seed draw the same batches, which bnlab.run.fused.engine then draws once
-            planned.append(sorted(members, key=lambda i: cfgs[i].seed))
-    return sorted(planned, key=min), alone
-
-
-def fusing_line(groups: list[list[int]], alone: dict[str, int]) -> str:
-    """trainer.fuse=auto's line: how many jobs train fused, in which groups, and why the others train alone."""
-    fused = [len(g) for g in groups if len(g) > 1]
-    sizes = ", ".join(f"{n}x{size}" for size, n in sorted(Counter(fused).items(), reverse=True))
-    plural = "" if len(fused) == 1 else "s"
-    text = f"trainer.fuse=auto: {sum(fused)} runs train as {len(fused)} fused group{plural} ({sizes or 'none'})"
-    if alone:
-        text += f"; {sum(alone.values())} alone (" + "; ".join(f"{n}: {why}" for why, n in alone.items()) + ")"
-    return text
-
-
-def at_once(n_jobs: int | str, groups: list[list[TrainConfig]]) -> int:
-    """How many groups train at once: hydra.launcher.n_jobs (-1: one per core), or for auto as many as the
-    cores hold with the fewest threads any group would train with alone (bnlab.run.engine.thread_count: 1 for
-    the small models, so a 2-core machine trains two of them side by side; a larger group then trains on its
-    share, since runs side by side gain more than threads do); never more than there are groups."""
-    cores = usable_cores()
-    if n_jobs == "auto":
-        fewest = cores
-        for group in groups:  # each count builds the group's model once: stop at 1, which no group goes below
-            fewest = min(fewest, thread_count(group, cores))
-            if fewest == 1:
-                break
-        n_jobs = cores // fewest
-    elif n_jobs < 0:
-        n_jobs = cores
-    return max(1, min(int(n_jobs), len(groups)))
-
-
 def launch_jobs(
     launcher: Launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
 ) -> Sequence[JobReturn]:
-    """What the basic launcher does for these jobs, with the fusable groups trained as one model each; with
+    """What the basic launcher does for these jobs, with bnlab's fusable groups trained as one model each; with
     hydra.launcher.n_jobs > 1, that many groups (a fused group or a lone job) at once, each in a worker
     process with its share of the cores (as hydra/launcher=joblib shares them), the largest groups first."""
     setup_globals()
@@ -116,22 +48,27 @@ def launch_jobs(
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = sweep_config.hydra.job.num = idx
         configs.append(sweep_config)
-    cfgs = [job_config(c) for c in configs]
-    groups, alone = plan(cfgs)
-    if any(fuse_mode(c.trainer) == "auto" for c in cfgs):
-        console.print(fusing_line(groups, alone), soft_wrap=True, highlight=False)
-    n_jobs = at_once(launcher.n_jobs, [[cfgs[i] for i in g] for g in groups])
-    log.info("Launching %d jobs locally, %d groups at once", len(job_overrides), n_jobs)
-    work = [([configs[i] for i in g], [cfgs[i] for i in g]) for g in groups]
+    if launcher.task_function is train_job:
+        from bnlab.face.fusing import plan_jobs  # torch: only for bnlab's own jobs
+
+        groups, cfgs, n_jobs = plan_jobs(configs, launcher.n_jobs)
+        work = [([configs[i] for i in g], [cfgs[i] for i in g]) for g in groups]
+        cost = [len(g) * cfgs[g[0]].trainer.max_steps for g in groups]  # members x steps
+    else:
+        n_jobs = jobs_at_once(launcher.n_jobs, len(configs), auto=lambda: 1)
+        work, cost = [([c], None) for c in configs], [1] * len(configs)
+    log.info("Launching %d jobs locally, %d at once", len(job_overrides), n_jobs)
+    if launcher.task_function is not train_job:  # bnlab's jobs print their own lines
+        for idx, overrides in enumerate(job_overrides, initial_job_idx):
+            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
     if n_jobs == 1:
         returns = [run_group(launcher.hydra_context, launcher.task_function, *w) for w in work]
     else:
-        # members x steps: the longest first, so that none starts last; the returns in sweep order
-        order = sorted(range(len(groups)), key=lambda g: -len(groups[g]) * cfgs[groups[g][0]].trainer.max_steps)
+        order = sorted(range(len(work)), key=lambda g: -cost[g])  # the longest first, so that none starts last
         state = hydra_state()
         calls = [(launcher.hydra_context, launcher.task_function, *work[g], state) for g in order]
         done = in_workers(n_jobs, cores_per_job(n_jobs), calls)
-        returns = [r for _, r in sorted(zip(order, done))]
+        returns = [r for _, r in sorted(zip(order, done))]  # in sweep order
     return [ret for group in returns for ret in group]
 
 
@@ -220,20 +157,21 @@ def run_group(
     hydra_context: HydraContext,
     task_function: TaskFunction,
     configs: list[DictConfig],
-    cfgs: list[TrainConfig],
+    cfgs: list[TrainConfig] | None,
     singleton_state: dict | None = None,
 ) -> list[JobReturn]:
-    """Run one job alone, or train a fused group and hand each member's outcome to the job that reports it;
-    in this process or, given Hydra's state (`singleton_state`), in a worker."""
+    """Run one job alone (`cfgs`: bnlab's TrainConfig, None for another app's job), or train a fused group and hand
+    each member's outcome to the job that reports it; in this process or, given Hydra's state (`singleton_state`),
+    in a worker."""
     if singleton_state is not None:
         restore_hydra_state(singleton_state)
     logging_cfg = configs[0].hydra.hydra_logging, configs[0].hydra.verbose
-    if len(configs) == 1:
-        tasks = [functools.partial(train_job, cfg=cfgs[0])]  # Hydra's task function, with the config it has
+    if cfgs is None:
+        tasks = [task_function]
     else:
-        dirs = [job_dir(c) for c in configs]
-        log.info("training %d runs as one fused model: %s", len(dirs), ", ".join(d.name for d in dirs))
-        tasks = [_reporter(outcome) for outcome in run_jobs(cfgs, dirs, console, usable_cores())]
+        from bnlab.face.fusing import group_tasks
+
+        tasks = group_tasks(configs, cfgs)
     returns = []
     for config, task in zip(configs, tasks):
         returns.append(
@@ -247,19 +185,3 @@ def run_group(
         )
         configure_log(*logging_cfg)
     return returns
-
-
-def _reporter(outcome):
-    """The task of a fused group's member job: show it and report the outcome its group already had."""
-
-    def task(dcfg: DictConfig) -> None:
-        show_job(dcfg)
-        report(outcome)
-
-    return task
-
-
-def job_dir(config: DictConfig) -> Path:
-    """The run directory Hydra's run_job gives this job (hydra.sweep.dir / hydra.sweep.subdir)."""
-    HydraConfig.instance().set_config(config)
-    return Path(os.path.abspath(os.path.join(str(config.hydra.sweep.dir), str(config.hydra.sweep.subdir))))

@@ -28,6 +28,7 @@ from rich.console import Console
 
 from bnlab.run.job import REFUSED
 from bnlab.schema.config import ConfigError, TrainConfig, check_choice, flatten
+from hydra_plugins.bnlab_launcher import BnlabLauncher, n_jobs_error
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -56,7 +57,7 @@ PRINT_ONLY_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i
 INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info [TOPIC]
 SLURM_LAUNCHERS = {"slurm", "submitit_slurm"}
 EXCLUDE_KEYS = "hydra.job.config.override_dirname.exclude_keys"  # keys left out of a run folder's name
-FUSING_LAUNCHER = _conf("hydra", "launcher", "bnlab.yaml")["_target_"]  # bnlab's own launcher
+FUSING_LAUNCHER = f"{BnlabLauncher.__module__}.{BnlabLauncher.__name__}"  # bnlab's own launcher
 SCHEMA = OmegaConf.structured(TrainConfig)
 DEFAULTS = asdict(TrainConfig())
 
@@ -219,11 +220,8 @@ def _kind(key: str) -> str:
 
 def _check_launcher(o: Override, multirun: bool) -> None:
     value = o.value()
-    if o.key_or_group == "hydra.launcher.n_jobs" and value != "auto" and (not isinstance(value, int) or value == 0):
-        raise ConfigError(
-            f"hydra.launcher.n_jobs={value!r} is not accepted; accepted values: auto (as many runs at once as the "
-            "cores hold), a number of runs at once >= 1, or -1 (one per core)."
-        )
+    if o.key_or_group == "hydra.launcher.n_jobs" and n_jobs_error(value):
+        raise ConfigError(n_jobs_error(value))
     if (
         o.key_or_group == "hydra/launcher"
         and multirun

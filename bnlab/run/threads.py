@@ -11,6 +11,7 @@ No torch here: the launcher decides how many runs train at once before anything 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 # FLOPs of one training step (forward and backward, bnlab.run.engine.step_flops) that each thread must have before
 # the next one is used. scripts/bench_threads.py on a 2-core Xeon (2026-12-05): a second thread slows the MNIST
@@ -40,3 +41,13 @@ def auto_threads(flops_per_step: float, cores: int) -> int:
     """trainer.threads=auto: a thread per MIN_FLOPS_PER_THREAD of the step's work, at least 1 and at most
     `cores` (all of them where the work is unknown: inf)."""
     return int(max(1, min(cores, flops_per_step // MIN_FLOPS_PER_THREAD)))
+
+
+def jobs_at_once(n_jobs: int | str, jobs: int, auto: Callable[[], int]) -> int:
+    """How many jobs (or fused groups) a sweep runs at once: hydra.launcher.n_jobs (-1: one per usable core; auto:
+    `auto()`), never more than there are jobs."""
+    if n_jobs == "auto":
+        n_jobs = auto()
+    elif n_jobs < 0:
+        n_jobs = usable_cores()
+    return max(1, min(int(n_jobs), jobs))
