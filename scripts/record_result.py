@@ -1,6 +1,6 @@
 """Record a sweep as a section of docs/results.md: its numbers go to docs/results/SECTION.json (each group
 of the sweep table, thresholds as numbers, every final metric with its spread over seeds; ICS and landscape
-diagnostics in one number per group; Ioffe & Szegedy's speed-up where the sweep has it) and its
+diagnostics in one number per group; Ioffe & Szegedy's speed-up where the sweep has it; a tuning sweep's search) and its
 provenance (the sweep folder's provenance.json: command, bnlab commit, torch, machine, device, threads,
 wall time) into the section's provenance block of docs/results.md, between the markers
 <!-- provenance:SECTION --> and <!-- /provenance -->. `scripts/reproduce.py SECTION` re-runs it.
@@ -14,8 +14,10 @@ import json
 import re
 import statistics
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
+from bnlab.record.tuning import Tuning
 from bnlab.results.analysis import RunGroup, Sweep, baseline_speedup, load_sweep, over_training
 from bnlab.results.summarize import record
 
@@ -82,6 +84,8 @@ def main(section: str, sweep_dir: Path) -> int:
         result["diagnostics"] = diag
     if ioffe := speedup(sweep):
         result["speedup"] = ioffe
+    if tuning := Tuning.load(sweep_dir):  # a tuning sweep: its search, beside its final runs' groups
+        result["tuning"] = asdict(tuning)
     (DOCS / "results").mkdir(exist_ok=True)
     (DOCS / "results" / f"{section}.json").write_text(json.dumps(result, indent=1) + "\n")
     doc = (DOCS / "results.md").read_text()

@@ -11,12 +11,14 @@ import pytest
 from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
 from hydra.plugins.launcher import Launcher
+from hydra.plugins.sweeper import Sweeper
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 from hydra.version import VersionBase
 
 from bnlab.face.app import train_job
 from bnlab.face.launcher import launch_jobs
 from hydra_plugins.bnlab_launcher import BnlabLauncher, BnlabLauncherConf
+from hydra_plugins.bnlab_sweeper import TuneSweeper, TuneSweeperConf
 
 NAME = "bnlab"
 pytestmark = pytest.mark.filterwarnings("ignore:Future Hydra versions will no longer change working directory")
@@ -42,6 +44,13 @@ def test_hydra_discovers_the_launcher_and_finds_its_config_in_the_config_store()
     # by name: Hydra's scan executes each plugin module again, which makes new class objects
     assert qualified(BnlabLauncher) in map(qualified, Plugins.instance().discover(Launcher))
     assert ConfigStore.instance().load(f"hydra/launcher/{NAME}.yaml").node._target_ == BnlabLauncherConf._target_
+
+
+def test_hydra_discovers_the_tuning_sweeper_and_finds_its_config_in_the_config_store():
+    # Hydra's BatchedSweeperTestSuite does not apply: the sweeper scores bnlab's runs by their summaries
+    # (tests/test_tuning.py), so it tunes `bnlab train` only
+    assert qualified(TuneSweeper) in map(qualified, Plugins.instance().discover(Sweeper))
+    assert ConfigStore.instance().load("hydra/sweeper/tune.yaml").node._target_ == TuneSweeperConf._target_
 
 
 def test_a_fresh_interpreter_discovers_the_launcher_without_bnlab_imported():

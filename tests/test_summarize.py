@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_module
 
 from bnlab.record.console import make_console
 from bnlab.record.files import write_json
-from bnlab.record.summary import FILE, Status, Summary
+from bnlab.record.summary import FILE, SCHEMA_VERSION, Status, Summary
 from bnlab.results.analysis import RunGroup, RunResult, group_runs, load_runs
 from bnlab.results.summarize import compare, summarize
 from bnlab.schema.config import BOOKKEEPING_KEYS
@@ -176,7 +176,7 @@ def test_summary_json_round_trips_through_the_dataclass_as_standard_json(tmp_pat
     text = (tmp_path / "summary.json").read_text()
     assert "NaN" not in text and json.loads(text)["final"]["test_loss"] is None
     on_disk = json.loads(text)
-    assert on_disk["schema_version"] == 4
+    assert on_disk["schema_version"] == SCHEMA_VERSION
     assert on_disk["iterations_to_threshold"] == [  # RUNS are version 3: no seconds
         {"threshold": 0.9, "iterations": 300, "seconds": None},
         {"threshold": 0.95, "iterations": 900, "seconds": None},

@@ -12,7 +12,7 @@ import bnlab.run.train
 from bnlab.core.data import load_data
 from bnlab.core.models import build_model
 from bnlab.core.norms import BatchNorm
-from bnlab.record.summary import Summary
+from bnlab.record.summary import SCHEMA_VERSION, Summary
 from bnlab.run.engine import autocast, batches, prepare_model, step_flops
 from bnlab.run.train import train
 from bnlab.schema.config import ConfigError
@@ -26,7 +26,7 @@ def test_summary_json_and_tensorboard_scalars(tiny_config, tmp_path):
     tmp_path = tmp_path / "run"
 
     on_disk = json.loads((tmp_path / "summary.json").read_text())
-    assert on_disk["schema_version"] == 4 and Summary.from_json(on_disk) == summary
+    assert on_disk["schema_version"] == SCHEMA_VERSION and Summary.from_json(on_disk) == summary
     assert summary.status.done  # to its last step: completed, or stalled where 10 steps on noise end at chance
     assert summary.steps == 10
     assert summary.steps_per_s > 0 and summary.wall_time_s > 0

@@ -19,6 +19,7 @@ import bnlab.face.hydra_setup  # noqa: F401  the structured config and the resol
 from bnlab.face.overrides import FUSING_LAUNCHER, untrusted
 from bnlab.record.console import make_console, shell_path
 from bnlab.record.summary import Summary
+from bnlab.record.tuning import SEARCH
 from bnlab.results.summarize import run_table, summarize
 from bnlab.run.job import Outcome, job_config, run_jobs
 from bnlab.run.threads import cores_per_job
@@ -110,7 +111,9 @@ def report(outcome: Outcome) -> None:
         if not multirun:
             sys.exit(outcome.exit_code)
         return
-    if multirun:
+    if multirun and Path(str(hc.sweep.subdir)).parts[0] == SEARCH:
+        log.info("%s", one_line(outcome.summary))  # a tuning sweep's search: the sweeper prints each rung's line
+    elif multirun:
         console.print(one_line(outcome.summary), soft_wrap=True, highlight=False)
     else:
         console.print(run_table(Path(run_dir).name, outcome.summary))

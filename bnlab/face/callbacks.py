@@ -41,7 +41,7 @@ class Preflight(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            _check_job(config, set())
+            check_job(config, set())
             _check_not_a_sweep(config)
             # last: reading the default folder claims it (the claim_folder resolver makes it)
             _check_output_folder(Path(config.hydra.run.dir), "hydra.run.dir")
@@ -72,7 +72,7 @@ class Preflight(Callback):
             errors, tried = [], set()
             for job in jobs:
                 try:
-                    _check_job(job, tried)
+                    check_job(job, tried)
                 except (ConfigError, DataError) as e:
                     errors.append((" ".join(job.hydra.overrides.task), e))
             if errors:
@@ -128,7 +128,7 @@ def name_runs_by_what_varies(config: DictConfig, jobs: list[list[str]]) -> None:
         config.hydra.overrides.hydra.append(f"{EXCLUDE_KEYS}=[{','.join([*BOOKKEEPING_KEYS, *constant])}]")
 
 
-def _check_job(config: DictConfig, tried: set[str]) -> None:
+def check_job(config: DictConfig, tried: set[str]) -> None:
     """Refuse a job whose config does not validate here, or whose own norm, model or data set (each
     distinct one tried once: a custom data set is loaded to try it) cannot be used."""
     cfg = job_config(config)  # validated

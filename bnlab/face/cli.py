@@ -30,6 +30,7 @@ from bnlab.record.console import make_console, shell_path
 from bnlab.record.summary import FILE, existing
 from bnlab.run.job import OK
 from bnlab.schema.config import BOOKKEEPING_KEYS, ConfigError, DataConfig
+from hydra_plugins.bnlab_sweeper import TuneSweeperConf
 
 # Each command imports what it needs when it runs: torch (seconds) only where a model trains.
 console = make_console()
@@ -104,6 +105,10 @@ def resume(folder: Path, trust: bool = False) -> None:
         keep = [o for o in saved.hydra.overrides.hydra if o.split("=")[0] not in made]
         params = [f"{k}={v}" for k, v in (saved.hydra.sweeper.get("params") or {}).items()]
         check_trust(folder, [*params, *task, *keep], trust)
+        if saved.hydra.sweeper.get("_target_") == TuneSweeperConf._target_:  # its studies know what is left
+            console.print(f"resuming the tuning sweep {shell_path(folder)}: its finished trials are kept")
+            train(["-m", *task, *keep, "trainer.resume=true", f"hydra.sweep.dir={quote(str(folder))}"])
+            return
         jobs = expand_sweep([*params, *task])
         done = sum(s.status.done for p in folder.glob(f"*/{FILE}") if (s := existing(p)))
         if done >= len(jobs):

@@ -5,12 +5,13 @@ train.log, TensorBoard run and summary.json, as if it had run alone; and how man
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,12 @@ log = logging.getLogger(__name__)
 
 
 def fuse_key(cfg: TrainConfig) -> str | None:
-    """Jobs with one key may be fused (bnlab.run.fused.engine.shared_config); None: the job trains alone (it asks to,
-    or runs over several processes)."""
+    """Jobs with one key may be fused (bnlab.run.fused.engine.shared_config, and one step to pause at: a fused group
+    trains with its first member's trainer keys); None: the job trains alone (it asks to, or runs over several
+    processes)."""
     if fuse_mode(cfg.trainer) == "false" or cfg.trainer.devices > 1:
         return None
-    return json.dumps(shared_config(cfg), sort_keys=True)
+    return json.dumps({**shared_config(cfg), "trainer.pause_at": cfg.trainer.pause_at}, sort_keys=True)
 
 
 def plan(cfgs: Sequence[TrainConfig]) -> tuple[list[list[int]], dict[str, int]]:
@@ -102,8 +104,25 @@ def group_tasks(configs: list[DictConfig], cfgs: list[TrainConfig]) -> list[Call
     if len(configs) == 1:
         return [functools.partial(train_job, cfg=cfgs[0])]
     dirs = [job_dir(c) for c in configs]
-    log.info("training %d runs as one fused model: %s", len(dirs), ", ".join(d.name for d in dirs))
-    return [_reporter(outcome) for outcome in run_jobs(cfgs, dirs, console, usable_cores())]
+    with _console_as_a_job_s(configs[0]):
+        log.info("training %d runs as one fused model: %s", len(dirs), ", ".join(d.name for d in dirs))
+        outcomes = run_jobs(cfgs, dirs, console, usable_cores())
+    return [_reporter(outcome) for outcome in outcomes]
+
+
+@contextlib.contextmanager
+def _console_as_a_job_s(config: DictConfig) -> Iterator[None]:
+    """A fused group trains before Hydra sets up its members' job logging, under Hydra's own logging (every INFO
+    line on the console): the console shows what a sweep's job shows there, warnings only unless hydra.verbose."""
+    handlers = [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler]
+    levels = [h.level for h in handlers]
+    for h in handlers:
+        h.setLevel(h.level if config.hydra.verbose else max(h.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for h, level in zip(handlers, levels):
+            h.setLevel(level)
 
 
 def _reporter(outcome):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Glob, Override
+from hydra.core.override_parser.types import Glob, IntervalSweep, Override
 from hydra.errors import OverrideParseException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -191,6 +191,9 @@ def check_overrides(args: list[str]) -> None:
 
 
 def _values(o: Override) -> list[Any]:
+    """The values an override gives its key: a sweep's, or an interval's ends (the tuning sweeper searches it)."""
+    if isinstance(o.value(), IntervalSweep):
+        return [o.value().start, o.value().end]
     return list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
 
 

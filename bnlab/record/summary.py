@@ -19,8 +19,8 @@ from typing import Any
 from bnlab.record.files import write_json
 
 # 1: no schema_version, iterations_to_threshold as {"0.9": 300}, NaN where a value was not finite; 2: no status
-# stalled (such a run said completed); 3: no seconds to a threshold, no flops_per_step
-SCHEMA_VERSION = 4
+# stalled (such a run said completed); 3: no seconds to a threshold, no flops_per_step; 4: no status paused
+SCHEMA_VERSION = 5
 FILE = "summary.json"  # in every run folder
 SWEEP_FILE = "sweep.json"  # at a sweep's root: its table and verdicts (bnlab.results.summarize), not a run's
 # sweep.json: per group and threshold the median steps with its interval, 4: and seconds and FLOPs; the verdicts
@@ -45,10 +45,16 @@ class Status(str, Enum):
     DIVERGED = "diverged"  # the loss turned non-finite (or stayed above trainer.stop_loss): a result, not an error
     FAILED = "failed"  # an error stopped it (summary.error says which)
     INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM: its checkpoint lets it resume
+    PAUSED = "paused"  # stopped at trainer.pause_at as asked: its checkpoint lets it go on (trainer.resume=true)
 
     @property
     def counts(self) -> bool:
         return self in (Status.COMPLETED, Status.STALLED, Status.DIVERGED)
+
+    @property
+    def unfinished(self) -> bool:
+        """Stopped before its last step with a checkpoint to go on from: interrupted or paused."""
+        return self in (Status.INTERRUPTED, Status.PAUSED)
 
     @property
     def done(self) -> bool:

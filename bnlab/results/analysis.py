@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from bnlab.record.summary import FILE, Status, Summary, SummaryError, is_run_summary
+from bnlab.record.tuning import FILE as TUNING_FILE
+from bnlab.record.tuning import SEARCH
 from bnlab.results.verdict import Comparison, MedianSteps, Times, compare, median_steps
 from bnlab.schema import tags
 from bnlab.schema.config import BOOKKEEPING_KEYS, NO_NORM, flatten
@@ -104,10 +106,16 @@ def band(curves: list[Curve]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 
 
 def load_runs(root: Path, unreadable: list[str] | None = None) -> list[RunResult]:
-    """Every run below `root`: each summary.json that is a run's (a sweep's table of an earlier bnlab is not);
-    one that cannot be read is left out, its one-line reason added to `unreadable`."""
+    """Every run below `root`: each summary.json that is a run's (a sweep's table of an earlier bnlab is not; a
+    tuning sweep's search runs are not its own); one that cannot be read is left out, its one-line reason added to
+    `unreadable`."""
     runs = []
+    search = (
+        Path(root) / SEARCH if (Path(root) / TUNING_FILE).is_file() else None
+    )  # a tuning sweep's: not its verdict's
     for path in sorted(Path(root).rglob(FILE)):
+        if search and path.is_relative_to(search):
+            continue
         try:
             runs.append(RunResult(path.parent, Summary.load(path)))
         except SummaryError as e:
@@ -191,9 +199,9 @@ class RunGroup:
     def lr(self) -> float:
         return self.runs[0].summary.lr
 
-    def without(self, key: str) -> str:
-        """Its label with `key` left out: the series it belongs to when `key` varies along an axis."""
-        return ", ".join(f"{_short(k)}={v}" for k, v in self.keys.items() if k != key) or "all runs"
+    def without(self, *keys: str) -> str:
+        """Its label with `keys` left out: the series it belongs to when a key varies along an axis."""
+        return ", ".join(f"{_short(k)}={v}" for k, v in self.keys.items() if k not in keys) or "all runs"
 
     def final(self, metric: str) -> list[float]:
         """`metric`'s final value over the runs that count (where it was recorded and finite)."""
@@ -341,6 +349,15 @@ class Sweep:
         for g in sorted((g for g in self.groups if g.results), key=lambda g: g.lr):
             out.setdefault(g.without("optim.lr"), []).append(g)
         return out
+
+    def name(self, series: str) -> str:
+        """A series' label as the verdict names it: without the keys set with the norm (a tuning sweep's chosen
+        momentum, a preset's per-norm weight decay), which its norm already says."""
+        groups = self.series.get(series)
+        if not groups:
+            return series
+        by_norm = set_with_norm(self.runs, self.varying) - {"norm.name"}
+        return groups[0].without("optim.lr", *by_norm)
 
     def edge(self, series: str, lr: float) -> str:
         """'largest' or 'smallest' where `lr` is at that end of the lrs `series` tried (a better lr may lie beyond

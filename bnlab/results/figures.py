@@ -24,6 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from bnlab.record.summary import Summary
+from bnlab.record.tuning import COMPLETE, PRUNED, Tuning
 from bnlab.results import analysis
 from bnlab.results.analysis import (
     Curve,
@@ -987,8 +988,110 @@ def train_eval_precise_bn(sweep: Sweep) -> Section | None:
     )
 
 
+def _last_step(trial: Any, max_steps: int) -> int:
+    """The step a tuning trial got to: max_steps when complete, else its last rung."""
+    return max_steps if trial.state == COMPLETE else max(trial.rungs, default=0)
+
+
+def _value_at(trial: Any, step: int, max_steps: int) -> float | None:
+    """A tuning trial's objective at `step` (a rung, or the end), None where it did not get there."""
+    return trial.value if step == max_steps and trial.state == COMPLETE else trial.rungs.get(step)
+
+
+def _shade(i: int, n: int) -> float:
+    """How much lighter the i-th of n rungs is drawn: the last (the end) not at all."""
+    return 0.7 * (n - 1 - i) / max(1, n - 1)
+
+
+def _lighter(colour: Any, amount: float) -> tuple:
+    return tuple(c + (1 - c) * amount for c in to_rgb(colour))
+
+
+def _searched(trial: Any, key: str) -> float:
+    """A trial's value of a searched key; its number for `trial` (an arm that searched nothing)."""
+    return trial.number if key == "trial" else trial.params[key]
+
+
+def tuning_search(sweep: Sweep) -> Section | None:
+    """A tuning sweep's search (bnlab/record/tuning.py): each arm's trials, objective against each searched key."""
+    record = Tuning.load(sweep.root)
+    if record is None or not record.results:
+        return None
+    keys = sorted({k for arm in record.arms for k in arm.keys}) or ["trial"]
+    colours = Looks(sweep).colours if sweep.groups else {}
+    steps = [*record.rung_steps, record.max_steps]
+    fig, axes = _figure(
+        len(record.arms), len(keys), width=3.6 * len(keys) + 1.6, height=2.6 * len(record.arms), sharey=True
+    )
+    for row, arm in zip(axes, record.arms):
+        norm = next((o.split("=", 1)[1] for o in arm.overrides if o.split("=")[0] == "norm"), NO_NORM)
+        trials, chosen = record.trials_of(arm.label), record.chosen(arm)
+        for ax, key in zip(row, keys):
+            ax.set_title(f"{arm.label}: {key}", fontsize=9)
+            if key not in arm.keys and key != "trial":
+                ax.text(0.5, 0.5, "not searched for this arm", ha="center", va="center", transform=ax.transAxes)
+                ax.set_xticks([])
+                continue
+            for i, step in enumerate(steps):  # a trial at each step it reached: lighter for the earlier rungs
+                colour = _lighter(colours.get(norm, NONE_COLOUR), _shade(i, len(steps)))
+                for stopped in (False, True):  # a cross where the pruner stopped it
+                    at = [
+                        (_searched(t, key), v)
+                        for t in trials
+                        if (v := _value_at(t, step, record.max_steps)) is not None
+                        and stopped == (t.state == PRUNED and step == _last_step(t, record.max_steps))
+                    ]
+                    ax.scatter(
+                        [x for x, _ in at], [v for _, v in at], color=colour, marker="x" if stopped else "o", s=18
+                    )
+            if chosen is not None and chosen.value is not None:
+                ax.scatter(_searched(chosen, key), chosen.value, s=140, facecolors="none", edgecolors="black", zorder=4)
+            xs = [_searched(t, key) for t in trials]
+            if key != "trial" and min(xs) > 0 and max(xs) > 20 * min(xs):
+                ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(key, fontsize=8)
+        row[0].set_ylabel(f"objective\n(steps to {record.metric} {record.threshold:g})", fontsize=8)
+    handles = [
+        Line2D(
+            [], [], ls="", marker="o", color=_lighter("0.3", 0.7 * (len(steps) - 1 - i) / max(1, len(steps) - 1)), ms=5
+        )
+        for i in range(len(steps))
+    ]
+    labels = [f"at step {s}" for s in steps]
+    handles += [
+        Line2D([], [], ls="", marker="x", color="0.3", ms=5),
+        Line2D([], [], ls="", marker="o", mfc="none", mec="black", ms=11),
+    ]
+    _legend(fig, handles, [*labels, "pruned there", "chosen"], below=True)
+    saved = 1 - record.steps_trained / record.steps_unpruned if record.steps_unpruned else 0.0
+    caption = (
+        f"Each arm's {record.trials} trials ({record.sampler} search, {len(record.seeds)} seeds each, pruner "
+        f"{record.pruner} at steps {', '.join(map(str, record.rung_steps)) or 'none'}): the objective, the median "
+        f"steps to {record.metric} {record.threshold:g} over the seeds (above {record.max_steps}: fewer than half "
+        "got there, ranked by final accuracy; a diverged or stalled seed ranks the trial last), against each "
+        "searched key, at each rung a trial reached (lighter: earlier; trials compare at the same step only), a "
+        "cross where the pruner stopped it. The circled setting trained on the final seeds."
+    )
+    rows = []
+    for arm in record.arms:
+        states = [t.state for t in record.trials_of(arm.label)]
+        chosen = record.chosen(arm)
+        setting = ", ".join(f"{k}={v:.4g}" for k, v in chosen.params.items()) if chosen else "-"
+        value = "-" if chosen is None or chosen.value is None else f"{chosen.value:.0f}"
+        rows.append(f"| {arm.label} | {states.count(COMPLETE)} | {states.count(PRUNED)} | {setting} | {value} |")
+    text = (
+        "| arm | complete | pruned | chosen | its objective |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+        f"The search trained {record.steps_trained:,} steps over all its runs, {saved:.0%} fewer than its "
+        f"{record.steps_unpruned:,} without pruning. The verdict above compares the final runs only (seeds "
+        f"{', '.join(map(str, record.final_seeds))}, unseen by the search); the search's runs are below search/.\n"
+    )
+    return Section("The tuning search", caption, fig, text)
+
+
 FIGURES: dict[str, Callable[[Sweep], Section | None]] = {  # PNG file name -> the figure, in report order
     "best_lr.png": best_lr,
+    "tuning.png": tuning_search,
     "metric_curves.png": metric_curves,
     "iterations_to_threshold.png": iterations_to_threshold,
     "steps_to_level.png": steps_to_level,

@@ -15,7 +15,7 @@ from bnlab.results.figures import DPI, FIGURES, Section
 from bnlab.results.summarize import compute_markdown, markdown, verdict_markdown
 
 REPORT = "report.md"
-HEADLINES = ("best_lr.png",)  # figures before the sweep table
+HEADLINES = ("best_lr.png", "tuning.png")  # figures before the sweep table
 COMPUTE = """## Steps, seconds and FLOPs
 
 The verdict's groups by what reaching each threshold took, median over seeds: optimizer steps, seconds of the

@@ -90,7 +90,7 @@ def fmt_speedup(group: RunGroup, t: float) -> str:
 def fmt_verdict(v: Verdict, sweep: Sweep) -> str:
     """The sweep's answer for one norm, in one line: at the hardest threshold it has a verdict for; a best lr at
     either end of the grid tried is named, since a better one may lie beyond it."""
-    arm, base = v.arm.removeprefix("norm="), v.baseline.removeprefix("norm=")
+    arm, base = sweep.name(v.arm).removeprefix("norm="), sweep.name(v.baseline).removeprefix("norm=")
     sooner = v.speedup >= 1 or v.bound == LOWER
     ratio = fmt_ratio(v) if sooner else fmt_ratio(_inverse(v))
     faster = "" if v.faster_seeds is None else f", faster in {v.faster_seeds}/{v.seeds_arm} seeds"
@@ -138,8 +138,12 @@ def fmt_mean_std(mean: float | None, std: float | None) -> str:
 
 
 def fmt_status(group: RunGroup) -> str:
-    interrupted = group.count(Status.INTERRUPTED)
-    return "/".join(str(group.count(s)) for s in COUNTED) + (f" +{interrupted} int." if interrupted else "")
+    interrupted, paused = group.count(Status.INTERRUPTED), group.count(Status.PAUSED)
+    return (
+        "/".join(str(group.count(s)) for s in COUNTED)
+        + (f" +{interrupted} int." if interrupted else "")
+        + (f" +{paused} paused" if paused else "")
+    )
 
 
 def finals(groups: list[RunGroup]) -> list[str]:

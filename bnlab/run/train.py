@@ -409,7 +409,7 @@ def _close_events(run: Run, summary: Summary) -> None:
     disk) is logged, since the summary is what counts and was written first."""
     try:
         run.write_points()
-        if run.status != Status.INTERRUPTED:  # an interrupted run logs them when it is resumed and ends
+        if not run.status.unfinished:  # an interrupted or paused run logs them when it is resumed and ends
             _log_hparams(run.writer, summary)
         run.writer.close()
     except Exception as e:
@@ -555,6 +555,9 @@ class Loop:
             if requested:
                 self.interrupt(step - 1, requested)
                 break
+            if t.pause_at and step - 1 == t.pause_at:  # resumed with the same pause_at, a paused run stays there
+                self.interrupt(step - 1, None)
+                break
             self.unread.append(self.engine.step(step))
             due_eval = step % t.eval_every == 0
             # the last step's checkpoint is finish()'s
@@ -615,29 +618,31 @@ class Loop:
         checkpoint.save(run.run_dir, {**state, "rng": torch.get_rng_state(), "finished": finished})
         run.last_checkpoint = run.steps
 
-    def interrupt(self, step: int, signal_name: str) -> None:
-        """Ctrl-C or SIGTERM: record what was trained and mark the active runs interrupted."""
+    def interrupt(self, step: int, signal_name: str | None) -> None:
+        """Ctrl-C or SIGTERM (`signal_name`), or trainer.pause_at (None): record what was trained and mark the active
+        runs interrupted, or paused."""
         if self.unread:
             self.read(step, write=False)
-        log.warning("step %d: %s received; the run stops here", step + 1, signal_name)
+        if signal_name:
+            log.warning("step %d: %s received; the run stops here", step + 1, signal_name)
+        else:
+            log.info("paused after step %d (trainer.pause_at)", step)
         for n in self.active:
-            self.runs[n].status = Status.INTERRUPTED
+            self.runs[n].status = Status.INTERRUPTED if signal_name else Status.PAUSED
 
     def finish(self, members: list[int]) -> None:
         """The end of these runs: a last evaluation if their last step has none, eval modes, the final checkpoint."""
         runs = self.runs
-        unevaluated = [
-            n for n in members if runs[n].last_eval != runs[n].steps and runs[n].status != Status.INTERRUPTED
-        ]
+        unevaluated = [n for n in members if runs[n].last_eval != runs[n].steps and not runs[n].status.unfinished]
         for step in sorted({runs[n].steps for n in unevaluated}):
             self.evaluate([n for n in unevaluated if runs[n].steps == step], step)
         for n in members:
             run = runs[n]
-            if run.cfg.trainer.precise_bn and run.status != Status.INTERRUPTED:
+            if run.cfg.trainer.precise_bn and not run.status.unfinished:
                 run.final.update(eval_modes(self.engine.member_model(n), self.data, run.cfg, self.engine.group))
                 train_mode, precise = run.final["test_acc_train_mode"], run.final["test_acc_precise_bn"]
                 log.info("%stest accuracy in train mode %.4f, after precise BN %.4f", run.label, train_mode, precise)
-            self.save_checkpoint(n, finished=run.status != Status.INTERRUPTED)
+            self.save_checkpoint(n, finished=not run.status.unfinished)
 
 
 def eval_modes(model: nn.Module, data: Dataset, cfg: TrainConfig, group: Processes = LOCAL) -> dict[str, float]:

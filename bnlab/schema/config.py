@@ -116,6 +116,10 @@ class TrainerConfig:
     # work for them, never more than the cores each run gets when several train at once) | a count >= 1
     threads: int | str = bookkeeping("auto")
     resume: bool = bookkeeping(False)  # skip a run whose summary.json says completed; continue one from its checkpoint
+    # > 0: stop after this step with a checkpoint (status paused), as Ctrl-C would; trainer.resume=true with a later
+    # pause_at (or 0) continues the run exactly. The tuning sweeper's rungs (hydra/sweeper=tune): a trial trains on
+    # only while it is promising.
+    pause_at: int = bookkeeping(0)
     checkpoint_every: int = 500  # steps between checkpoints (0: only at the end of a run)
     stop_loss: float = member(0.0)  # > 0: end the run as diverged once the training loss stays above this ...
     stop_patience: int = member(100)  # ... for this many consecutive steps
