@@ -21,6 +21,7 @@ import pytest
 from helpers import compose_config, scalars
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import IntervalSweep
 
 from bnlab.core.data import DATASETS
 from bnlab.face.overrides import group_options
@@ -49,13 +50,16 @@ TOLERANCE = 1e-6  # relative, and absolute for numbers near 0 (a cosine near 0.0
 
 def one_run(preset: str) -> list[str]:
     """The preset's overrides for one of its runs: the first value of every key its sweep varies (batch norm
-    where the sweep has it, since its numbers are the subject)."""
+    where the sweep has it, since its numbers are the subject; a searched interval's start)."""
     with initialize_config_module("bnlab.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"+experiment={preset}"], return_hydra_config=True)
     params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.get("params") or {}).items()]
     first = []
     for o in OverridesParser.create().parse_overrides(params):
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        if isinstance(o.value(), IntervalSweep):  # a tuning sweeper's search space: its start
+            values = [str(o.value().start)]
+        else:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         value = "batch" if o.key_or_group == "norm" and "batch" in values else values[0]
         first.append(f"{'+' if o.is_add() else ''}{o.key_or_group}={value}")
     return first

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -113,10 +114,10 @@ def in_workers(n_jobs: int, cores: int, calls: list[tuple]) -> list[list[JobRetu
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if signalled and (error is None or isinstance(error, BrokenProcessPool)):
+        raise KeyboardInterrupt  # a worker that the signal reached before its training could take it broke the pool
     if error is not None:
         raise error
-    if signalled:
-        raise KeyboardInterrupt
     return [cloudpickle.loads(results[i]) for i in range(len(calls))]
 
 

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from bnlab.core.norms import NORMS
 from bnlab.face.callbacks import check_job, name_runs_by_what_varies
 from bnlab.face.overrides import quote, refuse
-from bnlab.record.console import make_console
+from bnlab.record.console import make_console, shell_path
 from bnlab.record.summary import FILE, Status, existing
 from bnlab.record.tuning import COMPLETE, FAILED, PRUNED, RUNNING, SEARCH, Arm, Trial, Tuning
 from bnlab.results.tuning import objective
@@ -230,8 +230,12 @@ class Tuner:
         name_runs_by_what_varies(self.config, examples)
         with self.locked():
             self.studies = [self.study(label, arm_keys, i) for i, (label, arm_keys) in enumerate(zip(labels, keys))]
-            self.search()
-            self.final(final_seeds)
+            try:
+                self.search()
+                self.final(final_seeds)
+            except KeyboardInterrupt:
+                console.print(f"interrupted: continue the tuning sweep with `bnlab resume {shell_path(self.root)}`")
+                raise
 
     @contextmanager
     def locked(self) -> Iterator[None]:
