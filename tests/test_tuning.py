@@ -9,13 +9,16 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from helpers import CLI, TINY, bnlab
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from bnlab.face.tuning import Space, plan, quasi_random
+from bnlab.face.tuning import Space, Tuner, plan, quasi_random
 from bnlab.record.summary import FILE, Status, Summary
 from bnlab.record.tuning import COMPLETE, PRUNED, SEARCH, Tuning
 from bnlab.results.analysis import load_runs
@@ -68,6 +71,25 @@ def test_the_quasi_random_points_are_reproducible_within_the_intervals_and_sprea
     # a quarter of the log range in each quarter, as for evenly spread points (Halton: within 2 of 16)
     quarters = [sum(1 for lr in lrs if 10 ** (-3 + q) <= lr < 10 ** (-2 + q)) for q in range(4)]
     assert all(abs(n - 16) <= 2 for n in quarters)
+
+
+def test_a_second_process_on_the_same_tuning_sweep_is_refused(tmp_path):
+    first, second = object.__new__(Tuner), object.__new__(Tuner)
+    first.root = second.root = tmp_path
+    with first.locked():
+        script = "\n".join(
+            [
+                "from pathlib import Path",
+                "from bnlab.face.tuning import Tuner",
+                "t = object.__new__(Tuner)",
+                f"t.root = Path({str(tmp_path)!r})",
+                "with t.locked(): pass",
+            ]
+        )
+        other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert other.returncode == 2 and "another bnlab process is running the tuning sweep" in other.stderr
+    with second.locked():  # free again once the first is done
+        pass
 
 
 def _summary(seed: int, reached_at: int | None, acc: float, status: Status = Status.COMPLETED, steps: int = 1000):
@@ -168,6 +190,10 @@ def test_the_sweep_ends_with_the_verdict_on_the_final_runs_and_the_report_draws_
     text = (tuned / "report.md").read_text()
     assert "## The tuning search" in text and (tuned / "tuning.png").stat().st_size > 10_000
     assert "fewer than its 648 without pruning" in text
+    dashboard = EventAccumulator(str(tuned))  # HParams: the searched keys are columns, which the search runs vary
+    dashboard.Reload()
+    experiment = dashboard.SummaryMetadata(hparams_metadata.EXPERIMENT_TAG).plugin_data.content
+    assert b"optim.lr" in experiment and b"norm.momentum" in experiment
 
 
 @pytest.mark.slow
@@ -195,15 +221,20 @@ def _trials(root: Path) -> dict[tuple[str, int], tuple[str, dict]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_an_interrupted_tuning_sweep_resumes_without_running_a_finished_trial_again(tmp_path, sig):
-    sweep = [a if not a.startswith("trainer.max_steps") else "trainer.max_steps=270" for a in SWEEP]
-    sweep = [a if not a.startswith("trainer.eval_every") else "trainer.eval_every=30" for a in sweep]
-    proc = subprocess.Popen([*CLI, *sweep], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # a model that trains for seconds after the first rung (at step 90: then to 270 and 900), so the signal lands
+    # midway however fast the machine
+    longer = ["trainer.max_steps=900", "trainer.eval_every=30", "data.image_size=28", "model.widths=[256,256]"]
+    sweep = [a for a in SWEEP if a.split("=")[0] not in {o.split("=")[0] for o in longer}] + longer
+    log = (tmp_path / "out.txt").open("w")
+    proc = subprocess.Popen([*CLI, *sweep], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     root = tmp_path / "s"
     deadline = time.time() + 120
     while not any(state != "running" for state, _ in _trials(root).values()) and time.time() < deadline:
         time.sleep(0.2)  # until a trial has finished (pruned at the first rung, or complete)
     proc.send_signal(sig)
-    proc.wait(timeout=60)
+    assert proc.wait(timeout=60) == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+    if sig == signal.SIGINT:
+        assert "with `bnlab resume s`" in (tmp_path / "out.txt").read_text()  # between launches, or in a run
     before = _trials(root)
     finished = {k: v for k, v in before.items() if v[0] != "running"}
     assert finished and len(finished) < 12  # stopped midway

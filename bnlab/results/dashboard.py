@@ -28,6 +28,7 @@ from tensorboard.plugins.custom_scalar import metadata as custom_scalars
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from bnlab.record.hparams import STATUS, columns, experiment, metric_names, value_at
+from bnlab.record.tuning import Tuning
 from bnlab.results.analysis import LevelCurve, RunGroup, Sweep, band, level_curves, load_sweep
 from bnlab.results.summarize import fmt_ratio
 from bnlab.schema import tags
@@ -118,12 +119,15 @@ def write_dashboard(root: Path) -> Sweep | None:
     for w in writers.values():
         w.close()
     events = Events(root, SUFFIX)
-    keys = columns(sweep.varying)
+    tuning = Tuning.load(root)  # a tuning sweep: its searched keys too, which its search runs below search/ vary
+    searched = [k for arm in tuning.arms for k in arm.keys if k not in sweep.varying] if tuning else []
+    keys = columns([*sweep.varying, *dict.fromkeys(searched)])
     values = {key: [value_at(r.summary.config, key) for r in sweep.runs] for key in keys}
     values[STATUS] = [r.summary.status.value for r in sweep.runs]
     notes: dict[float, str] = {}
     for v in sweep.verdicts:
-        verdict = f"{v.arm} vs {v.baseline}, each at its best lr ({v.arm_lr:g} vs {v.baseline_lr:g}): {fmt_ratio(v)}"
+        arms = f"{sweep.name(v.arm)} vs {sweep.name(v.baseline)}"
+        verdict = f"{arms}, each at its best lr ({v.arm_lr:g} vs {v.baseline_lr:g}): {fmt_ratio(v)}"
         notes[v.threshold] = "; ".join(filter(None, [notes.get(v.threshold), verdict]))
     events.add(experiment(keys, values, metric_names(sweep.metric, sweep.thresholds, notes)))
     if layout:
