@@ -198,6 +198,34 @@ def test_the_sweep_ends_with_the_verdict_on_the_final_runs_and_the_report_draws_
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
+    "options",
+    [
+        ["sampler=tpe", "pruner=hyperband", "batch=3", "sampler_seed=1"],
+        ["sampler=random", "pruner=none", "target=0.5", "reduction_factor=2"],
+    ],
+    ids=["tpe_hyperband_batches", "random_unpruned_target"],
+)
+def test_every_sampler_and_pruner_gives_each_arm_its_trials(tmp_path, options):
+    proc = bnlab(*SWEEP, *(f"hydra.sweeper.{o}" for o in options), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    record = Tuning.load(tmp_path / "s")
+    settings = dict(o.split("=") for o in options)
+    assert record.sampler == settings["sampler"] and record.pruner == settings["pruner"]
+    assert all(len(record.trials_of(arm.label)) == 6 for arm in record.arms)
+    lrs = [t.params["optim.lr"] for t in record.results]
+    assert all(0.01 <= lr <= 1 for lr in lrs)
+    assert all(lr != float(f"{lr:.4g}") for lr in lrs)  # drawn by Optuna's sampler, not the enqueued Halton points
+    if settings["pruner"] == "none":
+        assert record.rung_steps == [] and {t.state for t in record.results} == {COMPLETE}
+        assert record.threshold == 0.5 and record.steps_trained == record.steps_unpruned
+    else:  # batches of 3: each arm's trials asked 3 at a time
+        assert record.rung_steps == [3, 9] and {t.state for t in record.results} <= {COMPLETE, PRUNED}
+        out = proc.stdout
+        assert "tuning: 6 trials x 2 seeds to step 3" in out  # 3 per arm in the first batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
     "override, key",
     [
         ("optim.lr=interval(10,1)", "optim.lr"),

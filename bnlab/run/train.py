@@ -579,6 +579,10 @@ class Loop:
             run.loop_time += time.perf_counter() - self.start
             if run.status == Status.RUNNING:
                 run.status = run.end_status(self.data.num_classes)
+        if stop.requested and not any(r.status == Status.INTERRUPTED for r in self.runs):
+            # it came after the last step the loop looked at (while the runs ended or paused): never lost, it stops
+            # the sweep once their summaries are written
+            raise KeyboardInterrupt
 
     def read(self, step: int, write: bool) -> None:
         """Read the unread steps up to `step` and record them; runs that stop there leave `active`."""
