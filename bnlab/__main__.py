@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import sys
 
-from bnlab.face.interrupts import after_imports, stop_on_sigterm
+from bnlab.face.interrupts import after_imports, stop_on_signals
 
 
 def main() -> None:
-    stop_on_sigterm()
+    stop_on_signals()
     try:
         with after_imports():
             from bnlab.face.cli import main as run

@@ -73,6 +73,15 @@ def test_the_quasi_random_points_are_reproducible_within_the_intervals_and_sprea
     assert all(abs(n - 16) <= 2 for n in quarters)
 
 
+def test_ctrl_c_is_answered_even_where_the_parent_ignored_it():
+    code = "import signal; from bnlab.face.interrupts import stop_on_signals; stop_on_signals(); " + (
+        "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    )
+    ignored = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731  a script's background job
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=ignored).stdout
+    assert out.strip() == "True"
+
+
 def test_a_second_process_on_the_same_tuning_sweep_is_refused(tmp_path):
     first, second = object.__new__(Tuner), object.__new__(Tuner)
     first.root = second.root = tmp_path
@@ -254,7 +263,9 @@ def test_an_interrupted_tuning_sweep_resumes_without_running_a_finished_trial_ag
     longer = ["trainer.max_steps=900", "trainer.eval_every=30", "data.image_size=28", "model.widths=[256,256]"]
     sweep = [a for a in SWEEP if a.split("=")[0] not in {o.split("=")[0] for o in longer}] + longer
     log = (tmp_path / "out.txt").open("w")
-    proc = subprocess.Popen([*CLI, *sweep], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    # started as a script's background job is: with SIGINT ignored, which bnlab answers all the same
+    ignored = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
+    proc = subprocess.Popen([*CLI, *sweep], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, preexec_fn=ignored)
     root = tmp_path / "s"
     deadline = time.time() + 120
     while not any(state != "running" for state, _ in _trials(root).values()) and time.time() < deadline:
