@@ -21,11 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep, Override, ValueType
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 
 from bnlab.core.norms import NORMS
 from bnlab.face.callbacks import check_job, name_runs_by_what_varies
@@ -67,8 +70,6 @@ class Space:
     integer: bool
 
     def distribution(self) -> Any:
-        import optuna
-
         kind = optuna.distributions.IntDistribution if self.integer else optuna.distributions.FloatDistribution
         return kind(self.low, self.high, log=self.log)
 
@@ -217,7 +218,7 @@ class Tuner:
         self.max_steps, every = first.trainer.max_steps, first.trainer.eval_every
         self.rung_steps = self.rungs(self.max_steps, every)
         seeds = list(range(self.s.seeds))
-        final_seeds = list(range(self.s.seeds, self.s.seeds + self.s.final_seeds))
+        self.final_seeds = final_seeds = list(range(self.s.seeds, self.s.seeds + self.s.final_seeds))
         self.plan, self.labels, self.keys, self.seeds = p, labels, keys, seeds
         self.arms = [Arm(label, arm, k) for label, arm, k in zip(labels, p.arms, keys)]
         # final runs are named by what varies between them: the arm's keys, the searched ones and the seed
@@ -229,7 +230,7 @@ class Tuner:
         ]
         name_runs_by_what_varies(self.config, examples)
         with self.locked():
-            self.studies = [self.study(label, arm_keys, i) for i, (label, arm_keys) in enumerate(zip(labels, keys))]
+            self.studies = [self.study(label, arm_keys) for label, arm_keys in zip(labels, keys)]
             try:
                 self.search()
                 self.final(final_seeds)
@@ -260,11 +261,7 @@ class Tuner:
             steps.append(first * eta ** len(steps))
         return steps
 
-    def study(self, label: str, keys: list[str], index: int) -> Any:
-        import optuna
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
+    def study(self, label: str, keys: list[str]) -> Any:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = JournalStorage(JournalFileBackend(str(self.root / JOURNAL)))
         seed = self.s.sampler_seed
@@ -285,8 +282,6 @@ class Tuner:
         return study
 
     def pruner(self) -> Any:
-        import optuna
-
         eta, first = self.s.reduction_factor, self.rung_steps[0] if self.rung_steps else 1
         if self.s.pruner == "halving":
             return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=eta)
@@ -297,8 +292,6 @@ class Tuner:
     def search(self) -> None:
         """Every arm's trials, a batch at a time (each arm's next hydra.sweeper.batch trials, all of them by
         default), rung by rung; trials left running by an interrupted sweep first, from the rung they reached."""
-        import optuna
-
         batch = self.continuing()
         while True:
             for i, study in enumerate(self.studies):
@@ -324,8 +317,6 @@ class Tuner:
     def continuing(self) -> list[TrialRun]:
         """The trials an interrupted sweep left running, each at the next rung it has to train to; one that had
         reported a rung before it was stopped is first judged there."""
-        import optuna
-
         out = []
         for i, study in enumerate(self.studies):
             for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -344,8 +335,6 @@ class Tuner:
         of one arm with them where they differ only in member keys such as the lr) to the rung's step, pause,
         and report their objective; the pruner then stops the poor ones, in trial order (as if each had
         arrived there in turn). At max_steps a trial is complete."""
-        import optuna
-
         for k, step in enumerate([*self.rung_steps, self.max_steps]):
             here = [t for t in batch if t.rung == k]
             if not here:
@@ -417,8 +406,6 @@ class Tuner:
 
     def record(self) -> None:
         """tuning.json, after every rung: the studies as they stand."""
-        import optuna
-
         states = {
             optuna.trial.TrialState.COMPLETE: COMPLETE,
             optuna.trial.TrialState.PRUNED: PRUNED,
@@ -454,7 +441,7 @@ class Tuner:
             self.max_steps,
             self.s.trials,
             self.seeds,
-            list(range(self.s.seeds, self.s.seeds + self.s.final_seeds)),
+            self.final_seeds,
             self.s.sampler,
             self.s.pruner,
             self.rung_steps,
