@@ -82,10 +82,23 @@ def bnlab(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproces
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of a run's TensorBoard events: tag -> [(step, value), ...]."""
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    """Every scalar of a run's TensorBoard events: tag -> [(step, value), ...], its event files read in the order
+    they were written (by their names' time and counter, as numbers: a run resumed in the same process and
+    second has a counter 10 that TensorBoard's name order puts before 9, and its points then come out of order)."""
+
+    def written(f: Path) -> tuple[int, int]:
+        parts = f.name.split(".")
+        return int(parts[3]), int(parts[-1])
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for f in sorted(run_dir.glob("events.out.tfevents.*"), key=written):
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            new = [(e.step, e.value) for e in acc.Scalars(tag)]
+            # a resumed run writes again from its checkpoint: as TensorBoard does, the older points from there go
+            out[tag] = [p for p in out.get(tag, []) if p[0] < new[0][0]] + new
+    return out
 
 
 def start(*args: str, cwd: Path, output: bool = False) -> subprocess.Popen:

@@ -344,6 +344,7 @@ MEMBER_CASES = {
     "trainer.stop_loss": (["trainer.stop_patience=15"], [0.0, 0.5, 1.0]),  # 0.5 and 1.0 stop them at step 15
     "trainer.stop_patience": (["trainer.stop_loss=1.0"], [16, 30, 100]),  # 16 stops the first after the resume
     "trainer.precise_bn": ([], [0, 2, 5]),
+    "trainer.shift": (["trainer.precise_bn=2"], ["none", "noise", "noise"]),
     "threshold.metric": ([], ["test_acc", "train_acc", "train_loss"]),
     "threshold.values": ([], [[0.3], [0.2, 0.9], [0.1, 0.4, 0.6]]),
 }

@@ -206,6 +206,16 @@ def _linear_regression(cfg: DataConfig) -> tuple[Split, int]:
     return (*sample(cfg.num_train), *sample(cfg.num_test)), cfg.dim
 
 
+def shifted(x: torch.Tensor, train_x: torch.Tensor, shift: str, seed: int = 0) -> torch.Tensor:
+    """Images under trainer.shift, a change of domain the model never trained on: noise adds Gaussian noise
+    whose std is the training images' std (a signal-to-noise ratio of 1), drawn from a generator seeded
+    with `seed`, so every run sees the same noisy images."""
+    if shift == "noise":
+        generator = torch.Generator(device=x.device).manual_seed(seed)
+        return x + train_x.std() * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x
+
+
 def load_data(cfg: DataConfig, device: torch.device) -> Dataset:
     """The whole dataset on device: pixels in [0, 1] (custom: as its function returns them), or standardized
     per channel with train statistics."""

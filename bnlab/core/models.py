@@ -47,7 +47,13 @@ class Unit(nn.Module):
     """
 
     def __init__(
-        self, layer: nn.Module, norm: nn.Module, act: nn.Module, norm_before_act: bool, fixup: bool = False
+        self,
+        layer: nn.Module,
+        norm: nn.Module,
+        act: nn.Module,
+        norm_before_act: bool,
+        fixup: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         # registered before the layer: the parameters that come before W_i (bnlab.run.diagnostics' ICS)
@@ -55,6 +61,7 @@ class Unit(nn.Module):
         self.layer, self.norm, self.act = layer, norm, act
         self.norm_before_act = norm_before_act
         self.bias_act = Scalar(0.0, multiply=False) if fixup else None
+        self.dropout = nn.Dropout(dropout) if dropout else None  # on the unit's output, whichever the placement
 
     def forward(self, x: Tensor, branch: nn.Module | None = None, shortcut: Tensor | None = None) -> Tensor:
         if self.bias_in is not None:
@@ -67,7 +74,8 @@ class Unit(nn.Module):
         if self.bias_act is not None:
             x = self.bias_act(x)
         x = self.act(x)
-        return x if self.norm_before_act else self.norm(x)
+        x = x if self.norm_before_act else self.norm(x)
+        return x if self.dropout is None else self.dropout(x)
 
 
 def use_bias(model: ModelConfig, norm: NormConfig, norm_follows: bool) -> bool:
@@ -83,7 +91,7 @@ def unit(make_layer: Callable[[bool], nn.Module], channels: int, model: ModelCon
     before = norm.placement == "before_act"
     layer = make_layer(use_bias(model, norm, norm_follows=before))
     fixup = model.residual_init == "fixup"
-    return Unit(layer, create_norm(channels, norm), ACTIVATIONS[model.activation](), before, fixup)
+    return Unit(layer, create_norm(channels, norm), ACTIVATIONS[model.activation](), before, fixup, model.dropout)
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1) -> Callable[[bool], nn.Conv2d]:
@@ -93,13 +101,15 @@ def conv3x3(c_in: int, c_out: int, stride: int = 1) -> Callable[[bool], nn.Conv2
 class MLP(nn.Sequential):
     """Flatten -> one Unit per hidden width -> Linear to the classes (784-100-100-100-10 by default).
 
-    With model.activation=identity it is a deep linear network: len(widths) + 1 linear layers."""
+    With model.activation=identity it is a deep linear network: len(widths) + 1 linear layers. With
+    model.input_norm the norm also normalizes the raw input features, before the first layer."""
 
     def __init__(self, in_shape: tuple[int, ...], num_classes: int, model: ModelConfig, norm: NormConfig) -> None:
         widths = [prod(in_shape), *model.widths]
         linear = [lambda b, i=i, o=o: nn.Linear(i, o, bias=b) for i, o in zip(widths, widths[1:])]
         hidden = [unit(make, o, model, norm) for make, o in zip(linear, widths[1:])]
-        super().__init__(nn.Flatten(), *hidden, nn.Linear(widths[-1], num_classes))
+        inputs = [create_norm(widths[0], norm)] if model.input_norm else []
+        super().__init__(nn.Flatten(), *inputs, *hidden, nn.Linear(widths[-1], num_classes))
 
 
 class CNN(nn.Sequential):

@@ -420,9 +420,19 @@ NORMS: dict[str, Norm] = {
 }
 
 
+NORM_MARK = "_bnlab_norm"  # set on every layer create_norm makes; copies (and a fused model's stacks) keep it
+
+
 def create_norm(channels: int, cfg: NormConfig) -> nn.Module:
     """The normalization layer `cfg.name` for `channels` channels (nn.Identity for `none`)."""
-    return NORMS[cfg.name].build(channels, cfg)
+    layer = NORMS[cfg.name].build(channels, cfg)
+    setattr(layer, NORM_MARK, True)
+    return layer
+
+
+def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the model's norm layers (gamma, beta, ...), in the model's order."""
+    return [p for m in model.modules() if getattr(m, NORM_MARK, False) for p in m.parameters()]
 
 
 def fusable(cfg: NormConfig) -> bool:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from bnlab.core.norms import norm_parameters
+
 if TYPE_CHECKING:
     from bnlab.schema.config import OptimConfig
 
@@ -90,10 +92,20 @@ def clip_before_steps(optimizer: torch.optim.Optimizer, model: nn.Module, clippi
         optimizer.register_step_pre_hook(lambda *_: clip_gradients(params, clipping))
 
 
+def param_groups(model: nn.Module, cfg: OptimConfig, no_decay: Any = 0.0) -> list[dict[str, Any]]:
+    """The model's parameters as the optimizer takes them: one group, or with optim.decay_norm=false the norm
+    layers' parameters in a second group whose weight decay is `no_decay` (a fused run's: 0 per member)."""
+    norms = {id(p) for p in norm_parameters(model)}
+    if cfg.decay_norm or not norms:
+        return [{"params": list(model.parameters())}]
+    rest = [p for p in model.parameters() if id(p) not in norms]
+    return [{"params": rest}, {"params": [p for p in model.parameters() if id(p) in norms], "weight_decay": no_decay}]
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The optimizer of the model's parameters that cfg names, clipping adaptively with optim.agc > 0."""
     entry = OPTIMIZERS[cfg.name]
-    optimizer = entry.cls(model.parameters(), **entry.settings(cfg))
+    optimizer = entry.cls(param_groups(model, cfg), **entry.settings(cfg))
     clip_before_steps(optimizer, model, [cfg.agc])
     return optimizer
 

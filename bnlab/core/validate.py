@@ -23,6 +23,7 @@ from bnlab.schema.config import (
     INIT_CHOICES,
     PLACEMENTS,
     PRECISIONS,
+    SHIFTS,
     SYNC_BUFFERS,
     ConfigError,
     DataConfig,
@@ -81,6 +82,8 @@ def _check_model(m: ModelConfig, n: NormConfig, d: DataConfig) -> None:
     _require(widths_ok, "model.widths", m.widths, "a non-empty list of positive integers")
     _require(m.blocks >= 1, "model.blocks", m.blocks, "an integer >= 1")
     _require(m.init_std > 0, "model.init_std", m.init_std, "a number > 0")
+    _require(0 <= m.dropout < 1, "model.dropout", m.dropout, "a fraction in [0, 1)")
+    _require(not m.input_norm or m.name == "mlp", "model.input_norm", m.input_norm, f"false with model={m.name} (mlp)")
 
 
 def _check_norm(n: NormConfig, m: ModelConfig) -> None:
@@ -113,6 +116,7 @@ def _check_data(cfg: TrainConfig) -> None:
         _require(m.name == "mlp", "model", m.name, f"mlp (data={d.name} gives vectors, not images)")
         _require(d.dim >= 1, "data.dim", d.dim, "an integer >= 1")
         _require(t.precise_bn == 0, "trainer.precise_bn", t.precise_bn, f"0 with data={d.name} (it measures accuracy)")
+        _require(t.shift == "none", "trainer.shift", t.shift, f"none with data={d.name} (it shifts images)")
     norm = NORMS[n.name]
     per_process = 2 if norm.batch_stats and not norm.synced else 1  # examples each process normalizes over
     min_batch = max(per_process * t.devices, 2 if norm.batch_stats else 1)
@@ -122,6 +126,14 @@ def _check_data(cfg: TrainConfig) -> None:
     _require(d.batch_size >= min_batch, "data.batch_size", d.batch_size, accepted)
     accepted = f"a multiple of trainer.devices={t.devices} (each process takes an equal share of every batch)"
     _require(d.batch_size % t.devices == 0, "data.batch_size", d.batch_size, accepted)
+    _require(t.accumulate >= 1, "trainer.accumulate", t.accumulate, "an integer >= 1")
+    share = d.batch_size // t.devices  # each process's examples per step, in trainer.accumulate micro-batches
+    accepted = (
+        f"a divisor of the {share} examples each process takes per step that leaves micro-batches of at least "
+        f"{per_process} with norm={n.name}"
+    )
+    fits = share % t.accumulate == 0 and share // t.accumulate >= per_process
+    _require(fits, "trainer.accumulate", t.accumulate, accepted)
 
 
 def _check_optim(o: OptimConfig) -> None:
@@ -153,6 +165,7 @@ def _check_trainer(t: TrainerConfig, diag: DiagConfig) -> None:
     _require(t.stop_patience >= 1, "trainer.stop_patience", t.stop_patience, "an integer >= 1")
     _require(t.precise_bn >= 0, "trainer.precise_bn", t.precise_bn, "an integer >= 0 (0: off)")
     _require(t.log_every > 0, "trainer.log_every", t.log_every, "an integer > 0")
+    check_choice("trainer.shift", t.shift, SHIFTS)
     check_choice("trainer.precision", t.precision, PRECISIONS)
     check_choice("trainer.fuse", fuse_mode(t), FUSE_CHOICES)
     check_choice("trainer.sync_buffers", t.sync_buffers, SYNC_BUFFERS)

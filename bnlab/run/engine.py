@@ -17,7 +17,7 @@ import logging
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any, Protocol
 
@@ -208,6 +208,28 @@ def run_scores(task: Task, outputs: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return task.mean_loss(outputs, y), right
 
 
+def forward_backward(
+    scores: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Tensor, y: Tensor, passes: int, dim: int = 0
+) -> tuple[Tensor, Tensor]:
+    """One step's forward and backward: `scores(x, y)` gives the loss (a run's, or each member's) and the count
+    of correct predictions, and the gradient of the (summed) loss is accumulated. trainer.accumulate splits
+    the examples along `dim` into `passes` equal micro-batches, each loss weighted by its share of the
+    examples, so the gradients add up to the whole batch's; a norm still sees one micro-batch at a time
+    (batch statistics over fewer examples; LayerNorm's output is the same). Returns the step's loss and
+    counts, detached."""
+    if passes == 1:  # one pass: no weighting op (each op costs a few microseconds of a small model's step)
+        loss, correct = scores(x, y)
+        (loss.sum() if loss.dim() else loss).backward()
+        return loss.detach(), correct
+    total, right = 0.0, 0
+    for xs, ys in zip(x.chunk(passes, dim), y.chunk(passes, dim)):
+        loss, correct = scores(xs, ys)
+        share = xs.shape[dim] / x.shape[dim]
+        ((loss.sum() if loss.dim() else loss) * share).backward()
+        total, right = total + loss.detach() * share, right + correct
+    return total, right
+
+
 def examples_per_pass(model: nn.Module, x: Tensor, members: int = 1) -> int:
     """How many of x's examples one evaluation pass of `model` (of `members` fused members) takes: as many as
     keep the outputs of all its layers within EVAL_BYTES, or on a GPU within a quarter of its free memory."""
@@ -361,10 +383,8 @@ class Single:
     def step(self, step: int) -> tuple[Tensor, Tensor]:
         idx = self.group.share(next(self.order))
         x, y = self.data.train_x.index_select(0, idx), self.data.train_y.index_select(0, idx)  # faster than x[idx]
-        with autocast(self.cfg.trainer, self.device):
-            loss, correct = run_scores(self.data.task, self.net(x), y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, correct = forward_backward(self.scores, x, y, self.cfg.trainer.accumulate)
         schedule_lr(self.optimizer, self.cfg.optim, step, self.cfg.trainer.max_steps)
         due = self.diagnostics.due(step)
         if due:  # at the step's weights and gradients, before the update
@@ -372,7 +392,11 @@ class Single:
         self.optimizer.step()
         if due:
             self.diagnostics.after_step(step, x, y)
-        return self.finish_step(loss.detach(), correct)
+        return self.finish_step(loss, correct)
+
+    def scores(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        with autocast(self.cfg.trainer, self.device):
+            return run_scores(self.data.task, self.net(x), y)
 
     def finish_step(self, loss: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
         """After the update: the step's loss and count of correct predictions as the loop reads them (a

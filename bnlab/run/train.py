@@ -34,7 +34,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary as TensorBoardSummary
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from bnlab.core.data import Dataset, has_accuracy, shape
+from bnlab.core.data import Dataset, has_accuracy, shape, shifted
 from bnlab.core.validate import validate
 from bnlab.record.console import make_console, shell_path
 from bnlab.record.files import OutputError, owned
@@ -58,7 +58,7 @@ from bnlab.run.fused.engine import Fused
 from bnlab.run.threads import usable_cores
 from bnlab.schema import tags
 from bnlab.schema.config import TrainConfig, flatten
-from bnlab.schema.metrics import Thresholds, measured
+from bnlab.schema.metrics import METRICS, Thresholds, measured
 
 log = logging.getLogger(__name__)
 
@@ -642,27 +642,46 @@ class Loop:
             self.evaluate([n for n in unevaluated if runs[n].steps == step], step)
         for n in members:
             run = runs[n]
-            if run.cfg.trainer.precise_bn and not run.status.unfinished:
-                run.final.update(eval_modes(self.engine.member_model(n), self.data, run.cfg, self.engine.group))
-                train_mode, precise = run.final["test_acc_train_mode"], run.final["test_acc_precise_bn"]
-                log.info("%stest accuracy in train mode %.4f, after precise BN %.4f", run.label, train_mode, precise)
+            t = run.cfg.trainer
+            if (t.precise_bn or t.shift != "none") and not run.status.unfinished:
+                modes = eval_modes(self.engine.member_model(n), self.data, run.cfg, self.engine.group)
+                run.final.update(modes)
+                accuracies = ", ".join(f"{METRICS[k].label} {v:.4f}" for k, v in modes.items())
+                log.info("%s%s", run.label, accuracies)
             self.save_checkpoint(n, finished=not run.status.unfinished)
 
 
 def eval_modes(model: nn.Module, data: Dataset, cfg: TrainConfig, group: Processes = LOCAL) -> dict[str, float]:
     """Test accuracy of a trained model in train mode (batch statistics of test batches of data.batch_size:
-    the forgotten model.eval()) and in eval mode after precise BN over trainer.precise_bn batches; on a
+    the forgotten model.eval()) and in eval mode after precise BN over trainer.precise_bn batches; with
+    trainer.shift, on the shifted test images as trained and after AdaBN. Precise BN and AdaBN work on a
     copy, so the model keeps its own running statistics. In a distributed run every process takes part,
     each with its share of every batch as in training: the sums are reduced and precise BN's statistics
     averaged over the processes."""
-    probe = copy.deepcopy(model)
-    ((_, train_mode),) = evaluate_shared(
-        group, probe, data.test_x, data.test_y, data.task, cfg.data.batch_size, train_mode=True
-    ).tolist()
-    generator = torch.Generator(device=data.train_x.device).manual_seed(cfg.seed)
-    precise_bn(probe, data.train_x, cfg.data.batch_size, cfg.trainer.precise_bn, generator, group)
-    ((_, precise),) = evaluate_shared(group, probe, data.test_x, data.test_y, data.task).tolist()
-    return {"test_acc_train_mode": train_mode, "test_acc_precise_bn": precise}
+    t, out = cfg.trainer, {}
+
+    def accuracy(model: nn.Module, test_x: Tensor, **kwargs: Any) -> float:
+        ((_, acc),) = evaluate_shared(group, model, test_x, data.test_y, data.task, **kwargs).tolist()
+        return acc
+
+    def precise(train_x: Tensor) -> nn.Module:
+        probe = copy.deepcopy(model)
+        generator = torch.Generator(device=data.train_x.device).manual_seed(cfg.seed)
+        precise_bn(probe, train_x, cfg.data.batch_size, t.precise_bn, generator, group)
+        return probe
+
+    if t.precise_bn:
+        # on a copy: in train mode the norms update their running statistics
+        probe = copy.deepcopy(model)
+        out["test_acc_train_mode"] = accuracy(probe, data.test_x, chunk=cfg.data.batch_size, train_mode=True)
+        out["test_acc_precise_bn"] = accuracy(precise(data.train_x), data.test_x)
+    if t.shift != "none":  # AdaBN (Li et al. 2016): the statistics re-estimated on unlabelled shifted images
+        test_x = shifted(data.test_x, data.train_x, t.shift)
+        out["test_acc_shifted"] = accuracy(model, test_x)
+        if t.precise_bn:
+            unlabelled = shifted(data.train_x, data.train_x, t.shift, seed=1)  # other noise than the test images'
+            out["test_acc_adabn"] = accuracy(precise(unlabelled), test_x)
+    return out
 
 
 def _log_hparams(writer: SummaryWriter, summary: Summary) -> None:

@@ -48,6 +48,8 @@ class ModelConfig:
     bias: str = "auto"  # auto: drop the bias of a layer that a norm follows | true | false
     residual_init: str = "default"  # resnet: default | skipinit (scalar 0 on each residual branch) | fixup
     weight_standardization: bool = False  # every layer but the classifier scaled-standardized (Brock et al.)
+    dropout: float = 0.0  # fraction of each hidden unit's outputs zeroed in training (after its norm and act)
+    input_norm: bool = False  # mlp, cnn: the norm also on the raw inputs, before the first layer
     target: str = ""  # custom: import path of a class or function called as target(in_shape, num_classes, **kwargs)
     kwargs: Any = None  # custom: keyword arguments of model.target (a dict)
 
@@ -98,6 +100,7 @@ class OptimConfig:
     lr: float = member(0.01)  # learning rate per step
     momentum: float = member(0.0)  # sgd: heavy-ball momentum (0 = plain SGD)
     weight_decay: float = member(0.0)  # L2 penalty coefficient
+    decay_norm: bool = True  # weight decay on the norm layers' gamma and beta too (false: on the other layers only)
     betas: list[float] = member([0.9, 0.999])  # adam: moving-average decays
     eps: float = member(1e-8)  # adam: added to the root of the second moment
     agc: float = member(0.0)  # > 0: adaptive gradient clipping at this lambda, e.g. 0.01 (Brock et al.; not the head)
@@ -125,6 +128,10 @@ class TrainerConfig:
     stop_patience: int = member(100)  # ... for this many consecutive steps
     deterministic: bool = False  # GPU: deterministic kernels only (slower); CPU runs are deterministic anyway
     precise_bn: int = member(0)  # > 0: after training, also test in train mode and after precise BN over N batches
+    # after training, also test on shifted test images: none | noise (Gaussian, std = the training images' std);
+    # with precise_bn > 0 also after AdaBN: precise BN over that many batches of shifted training images
+    shift: str = member("none")
+    accumulate: int = 1  # micro-batches per step: data.batch_size examples in this many passes, gradients summed
     log_every: int = (
         10  # steps between reads of the training loss and accuracy from the device (TensorBoard gets their mean)
     )
@@ -219,6 +226,7 @@ def run_name(overrides: str, limit: int = 200) -> str:
 BIAS_CHOICES = ("auto", "true", "false")
 INIT_CHOICES = ("default", "normal", "glorot")
 PLACEMENTS = ("before_act", "after_act")
+SHIFTS = ("none", "noise")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp64")
 SYNC_BUFFERS = ("broadcast", "average")

@@ -24,6 +24,8 @@ METRICS: dict[str, Metric] = {
     "train_loss": Metric("training loss (cross-entropy in nats; regression: MSE)", False, tags.TRAIN_LOSS),
     "test_acc_train_mode": Metric("test accuracy in train mode (batch statistics)", True, accuracy=True),
     "test_acc_precise_bn": Metric("test accuracy after precise BN", True, accuracy=True),
+    "test_acc_shifted": Metric("test accuracy on shifted images (trainer.shift)", True, accuracy=True),
+    "test_acc_adabn": Metric("test accuracy on shifted images after AdaBN", True, accuracy=True),
 }
 THRESHOLD_METRICS = tuple(name for name, m in METRICS.items() if m.tag)  # those measured during training
 

@@ -22,7 +22,17 @@ from bnlab.core.models import MODELS, build_model
 from bnlab.core.norms import NORMS, fusable
 from bnlab.core.optim import OPTIMIZERS
 from bnlab.run.diagnostics import DiagnosticLog
-from bnlab.run.engine import LOCAL, Single, autocast, batches, evaluate, member_scores, prepare_model, skip
+from bnlab.run.engine import (
+    LOCAL,
+    Single,
+    autocast,
+    batches,
+    evaluate,
+    forward_backward,
+    member_scores,
+    prepare_model,
+    skip,
+)
 from bnlab.run.fused.optim import STACKED, build_stacked_optimizer
 from bnlab.run.fused.stacking import FusedModel, member_part
 from bnlab.schema.config import BOOKKEEPING_KEYS, MEMBER_KEYS, ConfigError, TrainConfig, flatten
@@ -46,6 +56,10 @@ def can_fuse(cfgs: Sequence[TrainConfig]) -> str | None:
         if others:
             return f"{key} differs ({value} vs {', '.join(sorted(others))}); only {', '.join(MEMBER_KEYS)} may"
     cfg = cfgs[0]
+    if cfg.model.dropout:  # the members' masks would come from one stream of random numbers, not each its own
+        return "model.dropout > 0 has no stacked form"
+    if cfg.model.input_norm:  # the members share their inputs, so a norm on them has nothing to stack
+        return "model.input_norm=true has no stacked form"
     if cfg.model.name == "custom":
         names = [name for name in MODELS if name != "custom"]
         return f"model=custom has no stacked form (fusable: {', '.join(names)})"
@@ -150,11 +164,8 @@ class Fused:
         data = self.data
         # (K, B, ...) views of the K batches' examples and targets; member n's are x[n // per], y[n // per]
         x, y = (t.index_select(0, idx).unflatten(0, (-1, k)).transpose(0, 1) for t in (data.train_x, data.train_y))
-        with autocast(self.cfgs[0].trainer, self.device):
-            outputs = self.model(x)
-            losses, correct = member_scores(data.task, outputs, y.repeat_interleave(per, 0) if per > 1 else y)
         self.optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()
+        losses, correct = forward_backward(self.scores, x, y, self.cfgs[0].trainer.accumulate, dim=1)
         self.optimizer.schedule([c.optim for c in self.cfgs], step, self.cfgs[0].trainer.max_steps)
         due = [(n, d) for n, d in enumerate(self.diagnostics) if d.due(step)]
         for n, diagnostics in due:  # at the step's weights and gradients, before the update
@@ -165,7 +176,13 @@ class Fused:
         for n, diagnostics in due:
             diagnostics.model = self.member_model(n)
             diagnostics.after_step(step, x[n // per], y[n // per])
-        return losses.detach().float(), correct
+        return losses.float(), correct
+
+    def scores(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Each member's mean loss and correct count on (K, B, ...) batches, K distinct inputs for N members."""
+        per = self.members // self.inputs
+        with autocast(self.cfgs[0].trainer, self.device):
+            return member_scores(self.data.task, self.model(x), y.repeat_interleave(per, 0) if per > 1 else y)
 
     def evaluate(self) -> Tensor:
         with autocast(self.cfgs[0].trainer, self.device):

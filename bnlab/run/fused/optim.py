@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from bnlab.core.optim import OPTIMIZERS, clip_before_steps, lr_factor
+from bnlab.core.optim import OPTIMIZERS, clip_before_steps, lr_factor, param_groups
 
 if TYPE_CHECKING:
     from bnlab.schema.config import OptimConfig
@@ -163,6 +163,7 @@ def build_stacked_optimizer(model: nn.Module, cfgs: Sequence[OptimConfig]) -> _S
     member n taking cfgs[n]'s values (lr, momentum, ..., optim.agc)."""
     entry = OPTIMIZERS[cfgs[0].name]
     per_member = [entry.settings(c) for c in cfgs]
-    optimizer = STACKED[entry.cls](model.parameters(), len(cfgs), **{k: [s[k] for s in per_member] for k in entry.keys})
+    groups = param_groups(model, cfgs[0], no_decay=[0.0] * len(cfgs))  # optim.decay_norm is shared by the members
+    optimizer = STACKED[entry.cls](groups, len(cfgs), **{k: [s[k] for s in per_member] for k in entry.keys})
     clip_before_steps(optimizer, model, [c.agc for c in cfgs])
     return optimizer
