@@ -31,10 +31,8 @@ from rich.table import Table
 from bnlab.face.overrides import quote
 from bnlab.record.provenance import cpu_kernels
 from bnlab.results.analysis import RunGroup, load_sweep
+from bnlab.results.recorded import spreads
 from bnlab.results.summarize import record
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling script, imported as a module
-from record_result import spreads  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SET_ANEW = ("hydra.sweep.dir=", "hydra.run.dir=", "trainer.resume=")  # this invocation's own

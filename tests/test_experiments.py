@@ -27,6 +27,20 @@ REDUCED = {
     # 2 trials of none and batch, a seed each, and a final seed: the tuning sweeper chooses the seeds itself
     "tune_mnist": ["norm=none,batch", "hydra.sweeper.trials=2", "hydra.sweeper.seeds=1", "hydra.sweeper.final_seeds=1"],
 }
+# the claims ledger's presets (bnlab/claims/)
+REDUCED |= {
+    "regularization": ["data.batch_size=8,16"],
+    "bias": [],
+    "affine": [],
+    "input_norm": [],
+    "dropout": [],
+    "weight_decay": [],
+    "adabn": ["trainer.precise_bn=3"],
+    "norm_cost": [],
+    "accumulate": [],
+    "small_batch": ["data.batch_size=4,16"],
+    "grad_flow": ["model.widths=[8,8,8],[8,8,8,8,8]"],
+}
 SEEDED_BY_THE_SWEEPER = {"tune_mnist"}
 
 
@@ -80,6 +94,12 @@ def test_preset_runs_end_to_end(tmp_path, name):
         assert sum(s["config"]["model"]["weight_standardization"] for s in summaries.values()) == 2  # gn_ws, 2 lrs
         assert bnlab("report", "sweep", cwd=tmp_path).returncode == 0
         assert "## Each norm at its best learning rate" in (tmp_path / "sweep" / "report.md").read_text()
+    if name == "adabn":
+        assert all({"test_acc_shifted", "test_acc_adabn"} <= set(s["final"]) for s in summaries.values())
+    if name == "accumulate":
+        assert {s["config"]["trainer"]["accumulate"] for s in summaries.values()} == {1, 4}
+    if name == "grad_flow":
+        assert all("grad_norm/layer2" in scalars(run) for run in summaries)
     if name == "batch_size":
         assert {s["config"]["optim"]["lr"] for s in summaries.values()} == {0.05 * 2 / 32, 0.05 * 16 / 32}
     if name.startswith("santurkar"):  # the DLN at the setup's two lrs, losses only

@@ -1,5 +1,5 @@
 """The `bnlab` command: `train` (the Hydra app of bnlab/face/app.py), `resume`, `data fetch|list`,
-`summarize`, `report` and `tb`. Bad usage exits 2 with one paragraph (README, "When things go wrong")."""
+`summarize`, `report`, `claims` and `tb`. Bad usage exits 2 with one paragraph (README, "When things go wrong")."""
 
 from __future__ import annotations
 
@@ -189,6 +189,13 @@ def parser() -> argparse.ArgumentParser:
     for q in (summ, report):
         q.add_argument("--failed", action="store_true", help="show failed runs too (left out by default)")
         q.add_argument("--out", type=Path, help="write the files into this folder (default: the sweep's own)")
+    claims = sub.add_parser("claims", help="the claims ledger: each claim about BN, bnlab's verdict and its numbers")
+    claims.add_argument(
+        "words", nargs="*", metavar="NAME | check NAME", help="one claim in detail; check: re-run it small, decide anew"
+    )
+    claims.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    claims.add_argument("--scale", type=float, default=0.25, help="check: the recorded step budget's factor")
+    claims.add_argument("--results", type=Path, help="the recorded results (default: docs/results of the checkout)")
     tb = sub.add_parser("tb", help="open TensorBoard on a folder of runs (tensorboard --logdir DIR ...)")
     tb.add_argument("dir", type=existing_folder)
     tb.add_argument("tensorboard_args", nargs=argparse.REMAINDER, help="passed on to tensorboard, e.g. --port 6007")
@@ -226,6 +233,10 @@ def main(argv: list[str] | None = None) -> None:
             console.print(f"report: {write_report(args.dir, include_failed=args.failed, out=args.out)}")
         except OSError as e:  # a read-only sweep, say
             refuse(f"{e}: the report cannot be written there; give another folder with --out DIR")
+    elif args.command == "claims":
+        from bnlab.face.claims import claims
+
+        sys.exit(claims(console, args.words, args.results, args.scale, args.json))
     elif args.command == "tb":
         from bnlab.results.dashboard import QUERY, write_dashboard
 

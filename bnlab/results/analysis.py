@@ -32,7 +32,7 @@ from bnlab.record.tuning import SEARCH
 from bnlab.results.verdict import Comparison, MedianSteps, Times, compare, median_steps
 from bnlab.schema import tags
 from bnlab.schema.config import BOOKKEEPING_KEYS, NO_NORM, flatten
-from bnlab.schema.metrics import METRICS, higher_is_better, reaches
+from bnlab.schema.metrics import GAPS, METRICS, higher_is_better, reaches
 
 Curve = tuple[np.ndarray, np.ndarray]  # (steps, values), sorted by step
 logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its event reader logs every file it finishes
@@ -204,7 +204,11 @@ class RunGroup:
         return ", ".join(f"{_short(k)}={v}" for k, v in self.keys.items() if k not in keys) or "all runs"
 
     def final(self, metric: str) -> list[float]:
-        """`metric`'s final value over the runs that count (where it was recorded and finite)."""
+        """`metric`'s final value over the runs that count (where it was recorded and finite); a derived one
+        (metrics.GAPS) from its two metrics of each run."""
+        if metric in GAPS:
+            a, b = GAPS[metric]
+            return [f[a] - f[b] for r in self.results if a in (f := r.summary.final) and b in f]
         return [v for r in self.results if (v := r.summary.final.get(metric)) is not None]
 
     def mean_std(self, metric: str) -> tuple[float | None, float | None]:
@@ -404,11 +408,36 @@ def load_sweep(root: Path, keys: list[str] | None = None, include_failed: bool =
 def over_training(group: RunGroup, tag: str) -> tuple[float, float | None, float, float] | None:
     """`tag` (a diagnostic's TensorBoard scalar) in one number per run, its median over the steps logged, and
     those over the group's seeds: (mean, std, min, max); None where no run logged it."""
-    medians = [float(np.nanmedian(c[1])) for r in group.results if (c := r.curve(tag)) is not None and len(c[1])]
-    if not medians:
+    return _over_seeds(
+        [float(np.nanmedian(c[1])) for r in group.results if (c := r.curve(tag)) is not None and len(c[1])]
+    )
+
+
+def _over_seeds(values: list[float]) -> tuple[float, float | None, float, float] | None:
+    """(mean, std, min, max) of one number per seed; None where there is none."""
+    if not values:
         return None
-    std = statistics.stdev(medians) if len(medians) > 1 else None
-    return statistics.fmean(medians), std, min(medians), max(medians)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, min(values), max(values)
+
+
+def grad_norm_ratios(group: RunGroup) -> dict[str, tuple[float, float | None, float, float]]:
+    """From each run's per-layer weight-gradient norms (diag.grad_norms) at each logged step: the first hidden
+    layer's over the last's (`first_over_last`; above 1: gradients grow towards the input) and the largest over
+    the smallest (`range`), each at the first logged step (`@start`, the initialization) and as its median over
+    training; in one number per run, over the seeds (mean, std, min, max). Empty without grad_norms."""
+    per_run: dict[str, list[float]] = {}
+    for r in group.results:
+        layers = sorted(
+            (t for t in r.scalars if t.startswith(f"{tags.GRAD_NORM}/layer")),
+            key=lambda t: int(t.rsplit("layer", 1)[1]),
+        )
+        if len(layers) < 2:
+            continue
+        norms = np.array([r.scalars[t][1] for t in layers])  # (layers, steps), logged at the same steps
+        for name, ratio in (("first_over_last", norms[0] / norms[-1]), ("range", norms.max(0) / norms.min(0))):
+            per_run.setdefault(f"{tags.GRAD_NORM}/{name}@start", []).append(float(ratio[0]))
+            per_run.setdefault(f"{tags.GRAD_NORM}/{name}", []).append(float(np.nanmedian(ratio)))
+    return {k: _over_seeds(v) for k, v in per_run.items()}
 
 
 # ---------------------------------------------------------------- the learning rate that still trains

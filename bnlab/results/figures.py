@@ -1,6 +1,6 @@
 """The report's figures, each a function of the analysed sweep (bnlab.results.analysis) that returns its `Section`
 (title, caption, the matplotlib figure, markdown after it) or None when no run logged what it needs;
-`FIGURES` names each figure's PNG file once.
+`FIGURES` names each figure's PNG file once. And the claims ledger's figure of one claim (`claim`).
 
 Every figure draws a group with the same look (`Looks`): its norm's colour (norm=none dark grey), its
 learning rate's line style (bars: its hatch), and a marker for whatever else varies; every legend
@@ -9,6 +9,7 @@ entry names one group. Medians over seeds, with min-max bands or error bars.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter
 
 from bnlab.record.summary import Summary
 from bnlab.record.tuning import COMPLETE, PRUNED, Tuning
@@ -41,9 +43,11 @@ from bnlab.results.analysis import (
     over_training,
     training_edges,
 )
+from bnlab.results.claims import Verdict
 from bnlab.results.summarize import fmt_iters, fmt_mean_std, fmt_ratio, fmt_spread
 from bnlab.results.verdict import LOWER, UPPER
 from bnlab.schema import tags
+from bnlab.schema.claims import FAILS, HOLDS, MIXED
 from bnlab.schema.config import LANDSCAPE_STEPS, NO_NORM
 from bnlab.schema.metrics import METRICS, higher_is_better
 
@@ -1103,3 +1107,52 @@ FIGURES: dict[str, Callable[[Sweep], Section | None]] = {  # PNG file name -> th
     "precise_bn.png": train_eval_precise_bn,
     "speedup.png": baseline_speedup,
 }
+
+
+# ---------------------------------------------------------------- the claims ledger
+
+
+VERDICT_COLOURS = {HOLDS: "tab:green", FAILS: "tab:red", MIXED: "tab:orange"}
+
+
+def claim(v: Verdict) -> Figure:
+    """One claim of the ledger: each comparison's estimate with its 95 % interval (an arrow where it is open),
+    the line of no effect, and shaded where the claim's prediction counts (beyond its tolerance, or within it
+    for `equal`); ratios on a log scale. Colour: the comparison's verdict."""
+    rows = v.estimates
+    fig, axes = _figure(len(rows), 1, width=8.0, height=1.0 + 1.1 * len(rows))
+    for ax, e in zip(axes[:, 0], rows):
+        c, colour = e.comparison, VERDICT_COLOURS[e.verdict]
+        none, tol = (1.0, c.tolerance) if c.ratio else (0.0, c.tolerance)
+        finite = [x for x in (e.low, e.high, e.value, none) if math.isfinite(x) and (x > 0 or not c.ratio)]
+        lo, hi = min(finite), max(finite)
+        if c.ratio:
+            ax.set_xscale("log")
+            lo, hi = min(lo, 1 / tol, none) / 1.5, max(hi, tol, none) * 1.5
+            for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+                axis(FuncFormatter(lambda x, _: f"{x:.3g}x"))
+        else:
+            pad = max(hi - lo, 2 * tol, 1e-6) * 0.3
+            lo, hi = min(lo, -tol) - pad, max(hi, tol) + pad
+        band = {
+            "higher": (tol, hi),
+            "lower": ((1 / tol if c.ratio else -tol), lo),
+            "equal": ((1 / tol if c.ratio else -tol), tol),
+        }[c.expect]
+        ax.axvspan(*sorted(band), color="tab:green", alpha=0.12, lw=0)
+        ax.axvline(none, color="0.3", lw=1)
+        left, right = max(e.low, lo), min(e.high, hi)
+        ax.plot([left, right], [0, 0], color=colour, lw=3, solid_capstyle="butt")
+        for end, open_end in ((left, e.low < lo), (right, e.high > hi)):
+            ax.plot([end], [0], marker=("<" if end == left else ">") if open_end else "|", ms=10, color=colour)
+        ax.plot([e.value], [0], "o", color=colour, ms=8)
+        ax.set_xlim(lo, hi)
+        ax.set_yticks([])
+        ax.set_ylim(-1, 1)
+        unit = {"steps": "speed-up: the reference's steps over the arm's", "speed": "ratio, arm over reference"}.get(
+            c.kind, "difference, arm minus reference"
+        )
+        ax.set_title(f"{c.why or c.metric}: {e.verdict}", fontsize=9, loc="left", color=colour)
+        ax.set_xlabel(f"{c.metric} ({unit}; 95 % interval: {e.interval})", fontsize=8)
+    fig.suptitle(f"{v.claim.name}: {v.verdict} (shaded: what the claim predicts)", fontsize=10)
+    return fig

@@ -38,8 +38,11 @@ FINAL_NAMES = {  # final metrics -> their column
     "test_loss": "final test loss",  # the column of a regression, which has no accuracy
     "test_acc_train_mode": "test acc, train mode",
     "test_acc_precise_bn": "test acc, precise BN",
+    "test_acc_shifted": "test acc, shifted",
+    "test_acc_adabn": "test acc, AdaBN",
 }
-FINALS = ("test_acc_train_mode", "test_acc_precise_bn")  # shown when some run recorded them (trainer.precise_bn)
+# shown when some run recorded them (trainer.precise_bn, trainer.shift)
+FINALS = ("test_acc_train_mode", "test_acc_precise_bn", "test_acc_shifted", "test_acc_adabn")
 
 
 def fmt_threshold(t: float) -> str:
@@ -260,7 +263,7 @@ def record(group: RunGroup) -> dict[str, Any]:
         ],
         "final": {
             m: {**dict(zip(("mean", "std"), group.mean_std(m))), "min": min(v), "max": max(v)}
-            for m in FINAL_NAMES
+            for m in METRICS
             if (v := group.final(m))
         },
         "max_steps": group.budget,

@@ -26,7 +26,10 @@ METRICS: dict[str, Metric] = {
     "test_acc_precise_bn": Metric("test accuracy after precise BN", True, accuracy=True),
     "test_acc_shifted": Metric("test accuracy on shifted images (trainer.shift)", True, accuracy=True),
     "test_acc_adabn": Metric("test accuracy on shifted images after AdaBN", True, accuracy=True),
+    # derived from two others per run (bnlab.results.analysis.RunGroup.final), not recorded by the run itself
+    "acc_gap": Metric("training minus test accuracy (the generalization gap)", False, accuracy=True),
 }
+GAPS = {"acc_gap": ("train_acc", "test_acc")}  # a derived metric -> the two final metrics it is the difference of
 THRESHOLD_METRICS = tuple(name for name, m in METRICS.items() if m.tag)  # those measured during training
 
 
