@@ -195,8 +195,8 @@ def test_switched_on_diagnostics_are_logged_every_k_steps(tiny_config, tmp_path,
     }
     assert expected <= set(s)
     assert any(tag.startswith("stat_drift/") for tag in s)
-    assert [step for step, _ in s["ics/layer1/l2"]] == [3, 6]
-    assert s["ics/layer0/cos"] == [(3, 1.0), (6, 1.0)]  # nothing comes before the first layer
+    assert [step for step, _ in s["ics/layer1/l2"]] == [1, 3, 6]  # the initial weights' step, then every 3
+    assert s["ics/layer0/cos"] == [(1, 1.0), (3, 1.0), (6, 1.0)]  # nothing comes before the first layer
     p15, p50, p85 = (s[f"act/-1/{p}"][0][1] for p in ("p15", "p50", "p85"))
     assert p15 <= p50 <= p85
 

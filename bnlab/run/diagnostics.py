@@ -274,7 +274,7 @@ def precise_bn(
 
 
 class DiagnosticLog:
-    """Runs the diagnostics that `cfg` (DiagConfig) switches on every `cfg.every` steps and logs them to
+    """Runs the diagnostics that `cfg` (DiagConfig) switches on at step 1 and every `cfg.every` steps and logs them to
     TensorBoard: `act/L/p15|p50|p85` (all units of layer L) and `act/L/unit0/...` with histograms `act/L`,
     `ics/layer{i}/l2|cos`, `landscape/<metric>`, `grad_norm/layer{i}` and `stat_drift/<buffer>`.
 
@@ -298,7 +298,8 @@ class DiagnosticLog:
         self.before: dict[str, Tensor] = {}
 
     def due(self, step: int) -> bool:
-        return self.on and step % self.cfg.every == 0
+        """At the first step (the gradients of the initial weights) and every diag.every steps."""
+        return self.on and (step % self.cfg.every == 0 or step == 1)
 
     def _log(self, prefix: str, values: dict, step: int) -> None:
         for k, v in values.items():

@@ -157,7 +157,7 @@ class ThresholdConfig:
 
 @dataclass
 class DiagConfig:
-    every: int = 100  # steps between the diagnostics switched on below
+    every: int = 100  # steps between the diagnostics switched on below (and at step 1, the initial weights)
     layers: list[int] = field(
         default_factory=lambda: [-1]
     )  # hidden layers whose activations are tracked (-1: the last)
