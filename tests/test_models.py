@@ -5,18 +5,23 @@ from torch import nn
 from bnlab.core.models import MODELS, Unit, build_model
 from bnlab.core.norms import NORMS
 from bnlab.run.train import train
-from bnlab.schema.config import PLACEMENTS
+from bnlab.schema.config import NORM_POSITIONS, PLACEMENTS
 
-SMALL = {"mlp": "model.widths=[16,16]", "cnn": "model.widths=[8,16]", "resnet": "model.widths=[8,16]"}
+# a ViT of 2 blocks on the 8 x 8 images: 4 patches of 4 x 4 and a class token, 8 channels in 2 heads
+VIT = ["model=vit", "model.widths=[8]", "model.heads=2", "model.depth=2", "model.patch=4"]
+SMALL = {"mlp": ["model.widths=[16,16]"], "cnn": ["model.widths=[8,16]"], "resnet": ["model.widths=[8,16]"], "vit": VIT}
 # model=custom and norm=custom are the user's: tests/test_custom.py
 BUILT_IN_MODELS, BUILT_IN_NORMS = sorted(set(MODELS) - {"custom"}), sorted(set(NORMS) - {"custom"})
+UNIT_MODELS = [m for m in BUILT_IN_MODELS if m != "vit"]  # built from Units: their norm.placement, their biases
+# where the norm sits: by norm.placement in the models built from Units, by model.norm_position in the ViT
+PLACES = [(m, f"norm.placement={p}") for m in UNIT_MODELS for p in PLACEMENTS]
+PLACES += [("vit", f"model.norm_position={p}") for p in NORM_POSITIONS]
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("norm", BUILT_IN_NORMS)
-@pytest.mark.parametrize("model", BUILT_IN_MODELS)
+@pytest.mark.parametrize(("model", "placement"), PLACES)
 def test_every_model_norm_and_placement_trains(tiny_config, tmp_path, model, norm, placement):
-    cfg = tiny_config(f"model={model}", SMALL[model], f"norm={norm}", f"norm.placement={placement}", "norm.groups=2")
+    cfg = tiny_config(f"model={model}", *SMALL[model], f"norm={norm}", placement, "norm.groups=2")
     summary = train(cfg, tmp_path)
     assert summary.status.done  # ran to its last step (a 3-step run on noise may end at chance: stalled)
     assert summary.steps == 3
@@ -28,17 +33,17 @@ def units(model: nn.Module) -> list[Unit]:
     return [m for m in model.modules() if isinstance(m, Unit)]
 
 
-@pytest.mark.parametrize("model", BUILT_IN_MODELS)
+@pytest.mark.parametrize("model", UNIT_MODELS)
 def test_norm_placement_sets_the_order_of_norm_and_activation(tiny_config, model):
     for placement, before in [("before_act", True), ("after_act", False)]:
-        net = build_model(tiny_config(f"model={model}", SMALL[model], f"norm.placement={placement}"), (1, 8, 8), 10)
+        net = build_model(tiny_config(f"model={model}", *SMALL[model], f"norm.placement={placement}"), (1, 8, 8), 10)
         assert units(net) and all(u.norm_before_act is before for u in units(net))
 
 
-@pytest.mark.parametrize("model", BUILT_IN_MODELS)
+@pytest.mark.parametrize("model", UNIT_MODELS)
 def test_auto_bias_is_dropped_only_where_a_norm_follows(tiny_config, model):
     def biases(*overrides):
-        net = build_model(tiny_config(f"model={model}", SMALL[model], *overrides), (1, 8, 8), 10)
+        net = build_model(tiny_config(f"model={model}", *SMALL[model], *overrides), (1, 8, 8), 10)
         return [u.layer.bias is not None for u in units(net)]
 
     assert not any(biases("norm=batch", "norm.placement=before_act"))
@@ -72,7 +77,7 @@ def test_normal_init_draws_weights_with_the_given_std(tiny_config, std):
 @pytest.mark.parametrize("model", ["cnn", "resnet"])
 @pytest.mark.parametrize("size", [28, 32])
 def test_conv_models_take_mnist_and_cifar_sizes(tiny_config, model, size):
-    net = build_model(tiny_config(f"model={model}", SMALL[model]), (3, size, size), 10)
+    net = build_model(tiny_config(f"model={model}", *SMALL[model]), (3, size, size), 10)
     assert net(torch.randn(4, 3, size, size)).shape == (4, 10)
 
 

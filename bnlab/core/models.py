@@ -1,5 +1,6 @@
-"""The models (MLP, CNN, ResNet), all built from one `Unit`: layer, norm and activation; and `custom`,
-the user's own model built from model.target.
+"""The models (MLP, CNN, ResNet), all built from one `Unit`: layer, norm and activation; a small vision
+transformer (ViT), its norms on tokens (`TokenNorm`) before or after each residual sum; and `custom`, the
+user's own model built from model.target.
 
 Where the norm sits (before or after the activation), which norm it is and whether the layer keeps
 its bias are decided in `unit` alone, so every model treats them the same way. The no-normalization
@@ -15,10 +16,11 @@ from math import prod
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnlab.core.baselines import Scalar, gamma, standardize_weights
-from bnlab.core.norms import create_norm
+from bnlab.core.norms import NORMS, create_norm
 from bnlab.core.targets import locate
 from bnlab.schema.config import NO_NORM
 
@@ -174,6 +176,106 @@ class ResNet(nn.Sequential):
         super().__init__(*layers, *head)
 
 
+class TokenNorm(nn.Module):
+    """The norm of a transformer block on its tokens (B, T, C): a norm that normalizes each example over its
+    features (layer, group, rms: `Norm.token_rows`) sees each token as a row (B*T, C); any other sees the
+    tokens as a feature map (B, C, 1, T), so batch norm's statistics (and running statistics) are per channel
+    over the batch and the tokens, and instance norm's over each example's tokens."""
+
+    def __init__(self, channels: int, norm: NormConfig) -> None:
+        super().__init__()
+        self.norm = create_norm(channels, norm)
+        self.rows = NORMS[norm.name].token_rows
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        if self.rows:
+            return self.norm(x.reshape(b * t, c)).view(b, t, c)
+        # (B, C, 1, T), a channels-last view: as (B, C, T, 1) its layout would be both contiguous and channels-last,
+        # and torch's CPU batch norm then computes some gradients of a chunk of it wrong (ghost batch norm's)
+        return self.norm(x.transpose(1, 2).unsqueeze(2)).squeeze(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over tokens (B, T, C): queries, keys and values by Linear layers, scaled
+    dot-product attention per head of `head_dim` channels, and an output projection. The keys have no bias:
+    it would add the same q.b to all of a query's scores, which the softmax ignores, so its gradient is
+    rounding noise, which Adam scales up to full steps. The head count is read from the channels, so N fused
+    members' stacked channels (bnlab.run.fused.stacking) are N times the heads, each member's in its own."""
+
+    def __init__(self, width: int, heads: int, bias: bool) -> None:
+        super().__init__()
+        self.head_dim = width // heads
+        self.q, self.v, self.proj = (nn.Linear(width, width, bias=bias) for _ in range(3))
+        self.k = nn.Linear(width, width, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        heads = c // self.head_dim
+        q, k, v = (f(x).view(b, t, heads, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim)
+        return self.proj(out.transpose(1, 2).reshape(b, t, c))
+
+
+class Block(nn.Module):
+    """A transformer block: attention and an MLP (Linear, activation, Linear), each with its residual.
+    model.norm_position=pre (GPT-2 and later): x + attn(norm1(x)), then x + mlp(norm2(x)); post (the original
+    transformer): norm1(x + attn(x)), then norm2(x + mlp(x))."""
+
+    def __init__(self, width: int, model: ModelConfig, norm: NormConfig) -> None:
+        super().__init__()
+        bias = use_bias(model, norm, norm_follows=False)  # model.bias=auto keeps a transformer's biases
+        self.pre = model.norm_position == "pre"
+        self.norm1, self.attn = TokenNorm(width, norm), Attention(width, model.heads, bias)
+        self.norm2 = TokenNorm(width, norm)
+        hidden = model.mlp_ratio * width
+        act = ACTIVATIONS[model.activation]()
+        self.mlp = nn.Sequential(nn.Linear(width, hidden, bias=bias), act, nn.Linear(hidden, width, bias=bias))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pre:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x))
+        return self.norm2(x + self.mlp(x))
+
+
+class Embedding(nn.Module):
+    """The patches' feature map (B, C, H', W') as tokens (B, T, C), a learned class token put before them and a
+    learned position embedding added to all T + 1; both per channel along dim 0, N(0, 0.02) at the start."""
+
+    def __init__(self, width: int, tokens: int) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(width) * 0.02)
+        self.pos = nn.Parameter(torch.randn(width, tokens + 1) * 0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = x.flatten(2).transpose(1, 2)
+        return torch.cat([self.cls.expand(x.shape[0], 1, -1), tokens], 1) + self.pos.T
+
+
+class ClassToken(nn.Module):
+    """The class token's channels (B, C), what the head classifies."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[:, 0]
+
+
+class ViT(nn.Sequential):
+    """A small vision transformer: model.patch x model.patch patches embedded by a strided conv into
+    widths[0] channels, a class token and position embeddings, model.depth Blocks (model.heads heads, an MLP
+    of model.mlp_ratio times the width), with pre-norm a final norm, and a Linear head on the class token."""
+
+    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, model: ModelConfig, norm: NormConfig) -> None:
+        channels, height, width_px = in_shape
+        width, p = model.widths[0], model.patch
+        tokens = (height // p) * (width_px // p)
+        blocks = [Block(width, model, norm) for _ in range(model.depth)]
+        final = [TokenNorm(width, norm)] if model.norm_position == "pre" else []
+        embed = [nn.Conv2d(channels, width, p, stride=p), Embedding(width, tokens)]
+        super().__init__(*embed, *blocks, *final, ClassToken(), nn.Linear(width, num_classes))
+
+
 def custom_model(in_shape: tuple[int, int, int], num_classes: int, model: ModelConfig, norm: NormConfig) -> nn.Module:
     """model=custom: the user's model `target(in_shape, num_classes, **kwargs)` (model.target, model.kwargs),
     in_shape (channels, height, width); it maps examples (B, *in_shape) to logits (B, num_classes)."""
@@ -188,6 +290,7 @@ MODELS: dict[str, Callable[[tuple[int, ...], int, ModelConfig, NormConfig], nn.M
     "mlp": MLP,
     "cnn": CNN,
     "resnet": ResNet,
+    "vit": ViT,
     "custom": custom_model,
 }
 

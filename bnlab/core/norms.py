@@ -384,6 +384,10 @@ class Norm:
     # normalizes each example over its features in groups (norm.groups, else 1): an MLP's feature vectors need
     # 2 or more features in every group, or there is nothing to normalize over
     example_groups: bool = False
+    # a transformer's tokens (bnlab.core.models.TokenNorm) reach it as rows (B*T, C), each token normalized over
+    # its channels (layer, group, rms); otherwise as a feature map (B, C, 1, T): batch statistics per channel
+    # over the batch and the tokens, instance norm's over each example's tokens
+    token_rows: bool = False
     # Its batch statistics span every process of a distributed run (trainer.devices > 1); a batch_stats
     # norm without it normalizes over each process's share of the batch.
     synced: bool = False
@@ -402,15 +406,15 @@ _RENORM = (*_BN, "r_max", "d_max", "renorm_warmup", "r_max_steps", "d_max_steps"
 NORMS: dict[str, Norm] = {
     NO_NORM: Norm(nn.Identity, fuse=()),
     "batch": Norm(BatchNorm, _BN, batch_stats=True, running_stats=True, fuse=("num_features",)),
-    "layer": Norm(LayerNorm, ("eps", "affine"), example_groups=True, fuse=_GROUPS),
-    "group": Norm(GroupNorm, ("groups", "eps", "affine"), example_groups=True, fuse=_GROUPS),
+    "layer": Norm(LayerNorm, ("eps", "affine"), example_groups=True, token_rows=True, fuse=_GROUPS),
+    "group": Norm(GroupNorm, ("groups", "eps", "affine"), example_groups=True, token_rows=True, fuse=_GROUPS),
     "instance": Norm(InstanceNorm, ("eps", "affine"), example_groups=True, fuse=(*_GROUPS, "members")),
     "batch_renorm": Norm(BatchRenorm, _RENORM, batch_stats=True, running_stats=True, fuse=()),
     # its chunks split the batch dim, the same for every member
     "ghost_batch": Norm(
         GhostBatchNorm, (*_BN, "virtual_batch_size"), batch_stats=True, running_stats=True, fuse=("num_features",)
     ),
-    "rms": Norm(RMSNorm, ("eps", "affine"), fuse=("members",)),
+    "rms": Norm(RMSNorm, ("eps", "affine"), token_rows=True, fuse=("members",)),
     "batch_manual": Norm(ManualBatchNorm, _BN, batch_stats=True, running_stats=True, fuse=()),
     "noisy_batch": Norm(NoisyBatchNorm, _BN, batch_stats=True, running_stats=True),
     "sync_batch": Norm(SyncBatchNorm, _BN, batch_stats=True, running_stats=True, synced=True, fuse=("num_features",)),

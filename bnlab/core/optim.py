@@ -36,6 +36,7 @@ class Optimizer:
 OPTIMIZERS: dict[str, Optimizer] = {
     "sgd": Optimizer(torch.optim.SGD, ("lr", "momentum", "weight_decay")),
     "adam": Optimizer(torch.optim.Adam, ("lr", "betas", "eps", "weight_decay")),
+    "adamw": Optimizer(torch.optim.AdamW, ("lr", "betas", "eps", "weight_decay")),  # weight decay decoupled
 }
 
 

@@ -21,6 +21,7 @@ from bnlab.schema.config import (
     DEVICES,
     FUSE_CHOICES,
     INIT_CHOICES,
+    NORM_POSITIONS,
     PLACEMENTS,
     PRECISIONS,
     SHIFTS,
@@ -83,7 +84,25 @@ def _check_model(m: ModelConfig, n: NormConfig, d: DataConfig) -> None:
     _require(m.blocks >= 1, "model.blocks", m.blocks, "an integer >= 1")
     _require(m.init_std > 0, "model.init_std", m.init_std, "a number > 0")
     _require(0 <= m.dropout < 1, "model.dropout", m.dropout, "a fraction in [0, 1)")
+    check_choice("model.norm_position", m.norm_position, NORM_POSITIONS)
+    if m.name == "vit":
+        _check_vit(m, n)
+    else:
+        accepted = f"pre (the default) with model={m.name}: only model=vit has residual blocks whose norm it places"
+        _require(m.norm_position == "pre", "model.norm_position", m.norm_position, accepted)
     _require(not m.input_norm or m.name == "mlp", "model.input_norm", m.input_norm, f"false with model={m.name} (mlp)")
+
+
+def _check_vit(m: ModelConfig, n: NormConfig) -> None:
+    """model=vit's own keys, and what it does not take."""
+    _require(len(m.widths) == 1, "model.widths", m.widths, "one width with model=vit, e.g. [64]")
+    for key in ("depth", "heads", "mlp_ratio", "patch"):
+        _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "an integer >= 1")
+    accepted = f"a multiple of model.heads={m.heads} (each head takes widths[0] / heads channels)"
+    _require(m.widths[0] % m.heads == 0, "model.widths", m.widths, accepted)
+    accepted = "before_act with model=vit (model.norm_position=pre|post places its norms)"
+    _require(n.placement == "before_act", "norm.placement", n.placement, accepted)
+    _require(m.dropout == 0, "model.dropout", m.dropout, "0 with model=vit")
 
 
 def _check_norm(n: NormConfig, m: ModelConfig) -> None:
@@ -117,6 +136,10 @@ def _check_data(cfg: TrainConfig) -> None:
         _require(d.dim >= 1, "data.dim", d.dim, "an integer >= 1")
         _require(t.precise_bn == 0, "trainer.precise_bn", t.precise_bn, f"0 with data={d.name} (it measures accuracy)")
         _require(t.shift == "none", "trainer.shift", t.shift, f"none with data={d.name} (it shifts images)")
+    if m.name == "vit" and classes:
+        (_, height, width), _ = shape(d)
+        accepted = f"a divisor of the images' {height} x {width} pixels with model=vit"
+        _require(height % m.patch == 0 and width % m.patch == 0, "model.patch", m.patch, accepted)
     norm = NORMS[n.name]
     per_process = 2 if norm.batch_stats and not norm.synced else 1  # examples each process normalizes over
     min_batch = max(per_process * t.devices, 2 if norm.batch_stats else 1)
@@ -285,7 +308,7 @@ def memory_estimate(cfg: TrainConfig) -> int | None:
                     m.register_forward_hook(count)
                 model(torch.zeros(cfg.data.batch_size, *in_shape))
             params = sum(p.numel() for p in model.parameters())
-            slots = 2 if cfg.optim.name == "adam" else 1
+            slots = 2 if cfg.optim.name in ("adam", "adamw") else 1
             width = 8 if cfg.trainer.precision == "fp64" else 4
             _estimates[key] = width * (params * (2 + slots) + 2 * outputs)
         except Exception:

@@ -37,11 +37,18 @@ def bookkeeping(default: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"  # mlp | cnn | resnet | custom
+    name: str = "mlp"  # mlp | cnn | resnet | vit | custom
     widths: list[int] = field(
         default_factory=lambda: [100, 100, 100]
-    )  # mlp: units per hidden layer; cnn, resnet: channels per stage
+    )  # mlp: units per hidden layer; cnn, resnet: channels per stage; vit: [the tokens' channels]
     blocks: int = 1  # resnet: basic residual blocks per stage
+    depth: int = 6  # vit: transformer blocks (attention + MLP, each with its residual)
+    heads: int = 4  # vit: attention heads (each widths[0] / heads channels)
+    mlp_ratio: int = 2  # vit: the MLP's hidden channels per channel of the tokens
+    patch: int = 7  # vit: patch height and width in pixels (28 x 28 MNIST: 16 patches, and a class token)
+    norm_position: str = (
+        "pre"  # vit: pre (norm on each residual branch's input, and a final norm) | post (after the sum)
+    )
     activation: str = "relu"  # relu | sigmoid | tanh | gelu | identity (no nonlinearity: a deep linear network)
     init: str = member("default")  # default: PyTorch's; normal: N(0, init_std) weights; glorot: Glorot; biases 0
     init_std: float = member(0.05)  # std of the normal init (docs/literature.md, section 4: 0.05 good, 5 bad)
@@ -96,7 +103,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adam
+    name: str = "sgd"  # sgd | adam | adamw
     lr: float = member(0.01)  # learning rate per step
     momentum: float = member(0.0)  # sgd: heavy-ball momentum (0 = plain SGD)
     weight_decay: float = member(0.0)  # L2 penalty coefficient
@@ -226,6 +233,7 @@ def run_name(overrides: str, limit: int = 200) -> str:
 BIAS_CHOICES = ("auto", "true", "false")
 INIT_CHOICES = ("default", "normal", "glorot")
 PLACEMENTS = ("before_act", "after_act")
+NORM_POSITIONS = ("pre", "post")  # model.norm_position, the ViT's
 SHIFTS = ("none", "noise")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp64")

@@ -22,6 +22,8 @@ class _StackedOptimizer(torch.optim.Optimizer):
     member (lr, weight decay, momentum, ...), applied along dim 0 of every parameter, whose i-th of N
     equal parts is member i's; `scale` holds each member's schedule factor of its lr (`schedule`)."""
 
+    decoupled = False  # weight decay added to the gradient (L2); AdamW's decays the weights themselves
+
     def __init__(self, params: Iterable[Tensor], members: int, **settings: Sequence) -> None:
         for name, values in settings.items():
             if len(values) != members:
@@ -68,7 +70,10 @@ class _StackedOptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 w, g = self._view(p), self._view(p.grad)
-                if any(group["weight_decay"]):
+                if any(group["weight_decay"]) and self.decoupled:  # AdamW: w * (1 - lr * wd), then the update
+                    lr, factor = self._lr(group, p)
+                    w.mul_(1 - lr * factor * self._per_member("weight_decay", group["weight_decay"], p))
+                elif any(group["weight_decay"]):
                     g = torch.addcmul(g, self._per_member("weight_decay", group["weight_decay"], p), w)  # g + wd * w
                 self._update(p, w, g, group)
         return loss
@@ -152,9 +157,17 @@ class StackedAdam(_StackedOptimizer):
         w.addcdiv_(step_size * exp_avg, denom, value=-1.0)  # w - step_size * exp_avg / denom
 
 
+class StackedAdamW(StackedAdam):
+    """torch.optim.AdamW: Adam with decoupled weight decay (each weight times 1 - lr * weight decay before the
+    update), with each member's lr, betas, eps and weight decay."""
+
+    decoupled = True
+
+
 STACKED: dict[type[torch.optim.Optimizer], type[_StackedOptimizer]] = {
     torch.optim.SGD: StackedSGD,
     torch.optim.Adam: StackedAdam,
+    torch.optim.AdamW: StackedAdamW,
 }
 
 

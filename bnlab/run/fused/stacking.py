@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from bnlab.core import models
 from bnlab.core.baselines import Scalar, WSConv2d, WSLinear, standardize
-from bnlab.core.models import ACTIVATIONS
+from bnlab.core.models import ACTIVATIONS, Embedding
 from bnlab.core.norms import NORMS, CustomNorm, per_channel
 
 MODELS_MODULE = models.__name__
@@ -120,7 +120,8 @@ class _BatchedLinear(torch.autograd.Function):
 
 
 class StackedLinear(nn.Module):
-    """N Linear layers as one batched matmul, (B, N*in) -> (B, N*out); weight (N*out, in) and bias
+    """N Linear layers as one batched matmul, (B, N*in) -> (B, N*out) (or a transformer's tokens (B, T, N*in),
+    the members' channels last); weight (N*out, in) and bias
     (N*out,) are the members' weights and biases one after another. As the model's first layer it may take
     K < N inputs (B, K*in), input k shared by the N/K members k*N/K, ... (`inputs`, set by FusedModel): K
     matmuls of N/K members' weights each, not N over K inputs copied N/K times."""
@@ -137,11 +138,11 @@ class StackedLinear(nn.Module):
         return self.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        k, b, out = self.inputs, x.shape[0], self.members * self.out_features
+        k, lead, out = self.inputs, x.shape[:-1], self.members * self.out_features  # lead: (B,) or (B, T) tokens
         w = self._weight().view(k, out // k, self.in_features)  # input k's members' weights, one after another
         bias = None if self.bias is None else self.bias.view(k, out // k)
-        y = _BatchedLinear.apply(x.reshape(b, k, self.in_features), w, bias)  # (K, B, N/K*out)
-        return y.transpose(0, 1).reshape(b, out)  # row-major again, as norms and activations like it
+        y = _BatchedLinear.apply(x.reshape(-1, k, self.in_features), w, bias)  # (K, B, N/K*out)
+        return y.transpose(0, 1).reshape(*lead, out)  # row-major again, as norms and activations like it
 
 
 class StackedWSLinear(StackedLinear):
@@ -180,6 +181,7 @@ STATELESS = (*{type(make()) for make in ACTIVATIONS.values()}, nn.MaxPool2d, nn.
 STACKERS: dict[type, Callable[[nn.Module, int], nn.Module]] = {
     nn.Linear: StackedLinear,
     nn.Conv2d: lambda m, n: widen(m, n, "in_channels", "out_channels", "groups"),
+    Embedding: widen,  # the ViT's class token and position embedding, per channel along dim 0
     WSLinear: StackedWSLinear,
     WSConv2d: lambda m, n: widen(m, n, "in_channels", "out_channels", "groups"),
     Scalar: widen,
