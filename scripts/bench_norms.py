@@ -1,8 +1,9 @@
-"""What a norm layer costs alone: forward and backward of each built-in norm (bnlab.core.norms, as
+"""What a norm costs: forward and backward of each built-in norm layer alone (bnlab.core.norms, as
 bnlab.core.norms.create_norm builds it) on (batch, channels) activations, in microseconds per call and as a
-ratio to LayerNorm's, at the MNIST MLP's size (60 x 100) and a transformer-like one (4096 x 512). The
-claims ledger's rms_faster and bn_cost claims are decided on the whole model's steps/s (the norm_cost
-preset); this script shows the layer alone beside them.
+ratio to LayerNorm's, at the MNIST MLP's size (60 x 100) and a transformer-like one (4096 x 512); and a whole
+training step (forward, backward, AdamW) of the MNIST ViT (model=vit, depth 6, batch 60) with each norm. The
+claims ledger's rms_faster and bn_cost claims are decided on the MLP's steps/s (the norm_cost preset); this
+script shows the layer alone and the transformer beside them.
 
 Each time is the median of ROUNDS interleaved rounds (the norms alternate within a round, so a busy moment
 of the machine hits all alike), each the mean of at least 10 calls after a warm-up, on one torch thread. Not a test:
@@ -36,6 +37,41 @@ def per_call(layer: torch.nn.Module, x: torch.Tensor) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def vit_steps() -> None:
+    """Milliseconds per training step of the MNIST ViT with each norm, interleaved rounds of 10 steps."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from bnlab.core.models import build_model
+    from bnlab.core.optim import build_optimizer
+
+    x, y = torch.randn(60, 1, 28, 28), torch.randint(0, 10, (60,))
+    steps = {}
+    for name in ("layer", "rms", "batch"):
+        with initialize_config_module("bnlab.conf", version_base="1.3"):
+            cfg = OmegaConf.to_object(compose("train", overrides=["model=vit", "optim=adamw", f"norm={name}"]))
+        model = build_model(cfg, (1, 28, 28), 10)
+        steps[name] = (model, build_optimizer(model, cfg.optim))
+
+    def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(ROUNDS + 1):
+        for name, (model, optimizer) in steps.items():
+            start = time.perf_counter()
+            for _ in range(10):
+                step(model, optimizer)
+            if round_:  # the first round warms up
+                times[name].append((time.perf_counter() - start) / 10)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    print(f"MNIST ViT (depth 6, width 64, batch 60), a training step with AdamW, median of {ROUNDS} rounds:")
+    for name, t in medians.items():
+        print(f"  {name:6s} {t * 1e3:9.2f} ms   {t / medians['layer']:.3f}x LayerNorm's time")
+
+
 def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -52,6 +88,7 @@ def main() -> None:
         print(f"{examples} x {channels}, forward + backward, median of {ROUNDS} rounds:")
         for name, t in medians.items():
             print(f"  {name:6s} {t * 1e6:9.1f} us   {t / medians['layer']:.3f}x LayerNorm's time")
+    vit_steps()
 
 
 if __name__ == "__main__":

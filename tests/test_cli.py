@@ -20,10 +20,10 @@ def test_train_help_lists_the_config_groups(tmp_path):
     out = bnlab("train", "--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     for group in (
-        "model: cnn, custom, dln, mlp, resnet",
+        "model: cnn, custom, dln, mlp, resnet, vit",
         "norm: batch, batch_manual, batch_renorm, custom, ghost_batch, group, instance, layer, noisy_batch, none, rms",
         "baseline: bn, fixup, gn_ws, none, skipinit",
-        "optim: adam, sgd",
+        "optim: adam, adamw, sgd",
     ):
         assert group in out.stdout
 

@@ -40,6 +40,9 @@ REDUCED |= {
     "accumulate": [],
     "small_batch": ["data.batch_size=4,16"],
     "grad_flow": ["model.widths=[8,8,8],[8,8,8,8,8]"],
+    # the ViT on the 8 x 8 synthetic images: 4 patches of 4 x 4, 8 channels in 2 heads
+    "transformer_norms": ["model.patch=4", "model.widths=[8]", "model.heads=2", "model.depth=1", "optim.lr=0.003"],
+    "transformer_depth": ["model.patch=4", "model.widths=[8]", "model.heads=2", "model.depth=1,2"],
 }
 SEEDED_BY_THE_SWEEPER = {"tune_mnist"}
 
@@ -98,6 +101,9 @@ def test_preset_runs_end_to_end(tmp_path, name):
         assert all({"test_acc_shifted", "test_acc_adabn"} <= set(s["final"]) for s in summaries.values())
     if name == "accumulate":
         assert {s["config"]["trainer"]["accumulate"] for s in summaries.values()} == {1, 4}
+    if name.startswith("transformer"):
+        assert {s["config"]["model"]["norm_position"] for s in summaries.values()} == {"pre", "post"}
+        assert all(s["config"]["model"]["name"] == "vit" and s["fused_members"] == 1 for s in summaries.values())
     if name == "grad_flow":
         assert all("grad_norm/layer2" in scalars(run) for run in summaries)
     if name == "batch_size":

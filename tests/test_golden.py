@@ -68,8 +68,10 @@ def one_run(preset: str) -> list[str]:
 def numbers(preset: str, tmp_path: Path) -> dict:
     """What one reduced run of the preset ends with (on the synthetic task, unless the preset's own data is
     generated too: the deep linear network's regression keeps its task)."""
-    own = compose_config([f"+experiment={preset}", *one_run(preset)]).data.name
-    settings = [o for o in SETTINGS if not (DATASETS[own].make and o.startswith(("data=", "data.image_size")))]
+    own = compose_config([f"+experiment={preset}", *one_run(preset)])
+    generated = DATASETS[own.data.name].make
+    settings = [o for o in SETTINGS if not (generated and o.startswith(("data=", "data.image_size")))]
+    settings += ["model.patch=4"] if own.model.name == "vit" else []  # 4 patches of the 8 x 8 images
     cfg = compose_config([f"+experiment={preset}", *one_run(preset), *settings])
     summary = train(cfg, tmp_path)
     logged = scalars(tmp_path)
