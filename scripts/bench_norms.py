@@ -42,6 +42,7 @@ def vit_steps() -> None:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
+    import bnlab.face.hydra_setup  # noqa: F401  what conf/ needs to compose
     from bnlab.core.models import build_model
     from bnlab.core.optim import build_optimizer
 
