@@ -371,7 +371,11 @@ def metric_curves(sweep: Sweep) -> Section | None:
     extras = [
         (bool(sweep.thresholds), Line2D([], [], color="0.35", ls=":", lw=1.0), "the thresholds"),
         (apart, Line2D([], [], color="0.3", lw=0.8, alpha=0.7), "one run, where it leaves\nthe median (stopped early)"),
-        (bool(diverged), Line2D([], [], color="0.2", marker="x", ms=9, mew=2, ls="none"), "a run diverged here"),
+        (
+            bool(diverged),
+            Line2D([], [], color="0.2", marker="x", ms=9, mew=2, ls="none"),
+            "a run diverged or\nstalled here",
+        ),
     ]
     _legend(fig, handles + [h for shown, h, _ in extras if shown], labels + [lab for shown, _, lab in extras if shown])
     return Section(
