@@ -99,8 +99,10 @@ def param_groups(model: nn.Module, cfg: OptimConfig, no_decay: Any = 0.0) -> lis
     norms = {id(p) for p in norm_parameters(model)}
     if cfg.decay_norm or not norms:
         return [{"params": list(model.parameters())}]
-    rest = [p for p in model.parameters() if id(p) not in norms]
-    return [{"params": rest}, {"params": [p for p in model.parameters() if id(p) in norms], "weight_decay": no_decay}]
+    decayed, undecayed = [], []
+    for p in model.parameters():
+        (undecayed if id(p) in norms else decayed).append(p)
+    return [{"params": decayed}, {"params": undecayed, "weight_decay": no_decay}]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

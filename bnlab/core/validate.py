@@ -21,6 +21,7 @@ from bnlab.schema.config import (
     DEVICES,
     FUSE_CHOICES,
     INIT_CHOICES,
+    NO_SHIFT,
     NORM_POSITIONS,
     PLACEMENTS,
     PRECISIONS,
@@ -135,7 +136,7 @@ def _check_data(cfg: TrainConfig) -> None:
         _require(m.name == "mlp", "model", m.name, f"mlp (data={d.name} gives vectors, not images)")
         _require(d.dim >= 1, "data.dim", d.dim, "an integer >= 1")
         _require(t.precise_bn == 0, "trainer.precise_bn", t.precise_bn, f"0 with data={d.name} (it measures accuracy)")
-        _require(t.shift == "none", "trainer.shift", t.shift, f"none with data={d.name} (it shifts images)")
+        _require(t.shift == NO_SHIFT, "trainer.shift", t.shift, f"{NO_SHIFT} with data={d.name} (it shifts images)")
     if m.name == "vit" and classes:
         (_, height, width), _ = shape(d)
         accepted = f"a divisor of the images' {height} x {width} pixels with model=vit"

@@ -19,8 +19,19 @@ from rich.table import Table
 
 from bnlab.face.overrides import quote, refuse
 from bnlab.record.console import shell_path
-from bnlab.results.claims import RecordError, Verdict, as_json, figures, fmt_estimate, judge, judge_recorded
-from bnlab.schema.claims import FAILS, HOLDS, Claim, group_keys, load_claims
+from bnlab.results.claims import (
+    RecordError,
+    Verdict,
+    as_json,
+    figures,
+    fmt_estimate,
+    fmt_keys,
+    fmt_tolerance,
+    judge,
+    judge_recorded,
+    tally,
+)
+from bnlab.schema.claims import FAILS, HOLDS, Claim, load_claims
 from bnlab.schema.config import ConfigError
 
 COLOURS = {HOLDS: "green", FAILS: "red"}  # mixed: yellow
@@ -79,11 +90,6 @@ def ledger_table(verdicts: list[Verdict]) -> Table:
     return table
 
 
-def tally(verdicts: list[Verdict]) -> str:
-    counts = {k: sum(v.verdict == k for v in verdicts) for k in (HOLDS, FAILS, "mixed")}
-    return f"{len(verdicts)} claims: {counts[HOLDS]} hold, {counts[FAILS]} do not hold, {counts['mixed']} mixed"
-
-
 def detail(console: Console, v: Verdict, results: Path) -> None:
     """One claim: what it says, where it comes from, each comparison with both groups' numbers, the verdict."""
     c = v.claim
@@ -92,15 +98,13 @@ def detail(console: Console, v: Verdict, results: Path) -> None:
     console.print(f"tested by: {c.run} (recorded {v.recorded}: {shell_path(results / f'{c.record}.json')})")
     for e in v.estimates:
         x = e.comparison
-        arm = ", ".join(f"{k}={val}" for k, val in group_keys(x.arm).items())
-        ref = ", ".join(f"{k}={val}" for k, val in group_keys(x.reference).items())
-        tolerance = f"{x.tolerance:g}x" if x.ratio else f"{x.tolerance:g}"
         console.print(f"- {x.why or x.metric}", highlight=False)
         console.print(
-            f"  {x.metric} of {arm}: {e.arm:.6g}; {x.reference_metric or x.metric} of {ref}: {e.reference:.6g}",
+            f"  {x.metric} of {fmt_keys(x.arm)}: {e.arm:.6g}; "
+            f"{x.reference_metric or x.metric} of {fmt_keys(x.reference)}: {e.reference:.6g}",
             highlight=False,
         )
-        console.print(f"  {fmt_estimate(e)}; expected {x.expect} (tolerance {tolerance}): {_verdict(e.verdict)}")
+        console.print(f"  {fmt_estimate(e)}; expected {x.expect} (tolerance {fmt_tolerance(x)}): {_verdict(e.verdict)}")
     console.print(f"verdict: {_verdict(v.verdict)}")
     if c.note:
         console.print(f"note: {c.note}", highlight=False)

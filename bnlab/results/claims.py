@@ -171,6 +171,21 @@ def judge_recorded(claim: Claim, results: Path) -> Verdict:
 # ---------------------------------------------------------------- how the numbers read
 
 
+def tally(verdicts: list[Verdict]) -> str:
+    """'28 claims: 13 hold, 6 do not hold, 9 mixed'."""
+    counts = {k: sum(v.verdict == k for v in verdicts) for k in (HOLDS, FAILS, MIXED)}
+    return f"{len(verdicts)} claims: {counts[HOLDS]} hold, {counts[FAILS]} do not hold, {counts[MIXED]} mixed"
+
+
+def fmt_keys(keys: dict[str, Any]) -> str:
+    """A comparison's group as its keys read: 'norm.name=batch, optim.lr=0.1'."""
+    return ", ".join(f"{k}={v}" for k, v in group_keys(keys).items())
+
+
+def fmt_tolerance(c: Comparison) -> str:
+    return f"{c.tolerance:g}x" if c.ratio else f"{c.tolerance:g}"
+
+
 def fmt_number(x: float, ratio: bool) -> str:
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
@@ -236,7 +251,6 @@ def _cell(text: str) -> str:
 def markdown(verdicts: list[Verdict], results: Path) -> str:
     """docs/claims.md: the summary table, then each claim with its comparisons, note, figures and command."""
     docs = results.parent
-    counts = {k: sum(v.verdict == k for v in verdicts) for k in (HOLDS, FAILS, MIXED)}
     lines = [
         "# The claims ledger",
         "",
@@ -257,7 +271,7 @@ def markdown(verdicts: list[Verdict], results: Path) -> str:
         "the Kaplan-Meier medians' intervals where the record has them, else the range over seeds; `>=` marks",
         "a lower bound, where the slower group never reached the threshold within its step budget.",
         "",
-        f"{len(verdicts)} claims: {counts[HOLDS]} hold, {counts[FAILS]} do not hold, {counts[MIXED]} mixed.",
+        f"{tally(verdicts)}.",
         "",
         "| claim | verdict | deciding numbers (95 % interval) | reproduce |",
         "|---|---|---|---|",
@@ -284,13 +298,10 @@ def markdown(verdicts: list[Verdict], results: Path) -> str:
         ]
         for e in v.estimates:
             x = e.comparison
-            arm = ", ".join(f"{k}={val}" for k, val in group_keys(x.arm).items())
-            ref = ", ".join(f"{k}={val}" for k, val in group_keys(x.reference).items())
-            tolerance = f"{x.tolerance:g}x" if x.ratio else f"{x.tolerance:g}"
             lines.append(
-                f"- {x.why or x.metric}: `{x.metric}` of {arm} is {e.arm:.4g}, `{x.reference_metric or x.metric}` "
-                f"of {ref} is {e.reference:.4g}: {fmt_estimate(e)}; expected {x.expect} (tolerance {tolerance}): "
-                f"**{e.verdict}**."
+                f"- {x.why or x.metric}: `{x.metric}` of {fmt_keys(x.arm)} is {e.arm:.4g}, "
+                f"`{x.reference_metric or x.metric}` of {fmt_keys(x.reference)} is {e.reference:.4g}: "
+                f"{fmt_estimate(e)}; expected {x.expect} (tolerance {fmt_tolerance(x)}): **{e.verdict}**."
             )
         if c.note:
             lines += ["", c.note]

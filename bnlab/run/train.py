@@ -57,7 +57,7 @@ from bnlab.run.engine import (
 from bnlab.run.fused.engine import Fused
 from bnlab.run.threads import usable_cores
 from bnlab.schema import tags
-from bnlab.schema.config import TrainConfig, flatten
+from bnlab.schema.config import NO_SHIFT, TrainConfig, flatten
 from bnlab.schema.metrics import METRICS, Thresholds, measured
 
 log = logging.getLogger(__name__)
@@ -643,7 +643,7 @@ class Loop:
         for n in members:
             run = runs[n]
             t = run.cfg.trainer
-            if (t.precise_bn or t.shift != "none") and not run.status.unfinished:
+            if (t.precise_bn or t.shift != NO_SHIFT) and not run.status.unfinished:
                 modes = eval_modes(self.engine.member_model(n), self.data, run.cfg, self.engine.group)
                 run.final.update(modes)
                 accuracies = ", ".join(f"{METRICS[k].label} {v:.4f}" for k, v in modes.items())
@@ -675,7 +675,7 @@ def eval_modes(model: nn.Module, data: Dataset, cfg: TrainConfig, group: Process
         probe = copy.deepcopy(model)
         out["test_acc_train_mode"] = accuracy(probe, data.test_x, chunk=cfg.data.batch_size, train_mode=True)
         out["test_acc_precise_bn"] = accuracy(precise(data.train_x), data.test_x)
-    if t.shift != "none":  # AdaBN (Li et al. 2016): the statistics re-estimated on unlabelled shifted images
+    if t.shift != NO_SHIFT:  # AdaBN (Li et al. 2016): the statistics re-estimated on unlabelled shifted images
         test_x = shifted(data.test_x, data.train_x, t.shift)
         out["test_acc_shifted"] = accuracy(model, test_x)
         if t.precise_bn:

@@ -63,6 +63,7 @@ class ModelConfig:
 
 LANDSCAPE_STEPS = (0.5, 4.0)  # diag.landscape_steps: Santurkar et al.'s range for VGG
 NO_NORM = "none"  # the baseline every norm is compared with: no normalization layer (conf/norm/none.yaml)
+NO_SHIFT = "none"  # trainer.shift: the test images as they are
 
 
 @dataclass
@@ -137,7 +138,7 @@ class TrainerConfig:
     precise_bn: int = member(0)  # > 0: after training, also test in train mode and after precise BN over N batches
     # after training, also test on shifted test images: none | noise (Gaussian, std = the training images' std);
     # with precise_bn > 0 also after AdaBN: precise BN over that many batches of shifted training images
-    shift: str = member("none")
+    shift: str = member(NO_SHIFT)
     accumulate: int = 1  # micro-batches per step: data.batch_size examples in this many passes, gradients summed
     log_every: int = (
         10  # steps between reads of the training loss and accuracy from the device (TensorBoard gets their mean)
@@ -234,7 +235,7 @@ BIAS_CHOICES = ("auto", "true", "false")
 INIT_CHOICES = ("default", "normal", "glorot")
 PLACEMENTS = ("before_act", "after_act")
 NORM_POSITIONS = ("pre", "post")  # model.norm_position, the ViT's
-SHIFTS = ("none", "noise")
+SHIFTS = (NO_SHIFT, "noise")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp64")
 SYNC_BUFFERS = ("broadcast", "average")

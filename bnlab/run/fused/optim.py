@@ -70,11 +70,13 @@ class _StackedOptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 w, g = self._view(p), self._view(p.grad)
-                if any(group["weight_decay"]) and self.decoupled:  # AdamW: w * (1 - lr * wd), then the update
-                    lr, factor = self._lr(group, p)
-                    w.mul_(1 - lr * factor * self._per_member("weight_decay", group["weight_decay"], p))
-                elif any(group["weight_decay"]):
-                    g = torch.addcmul(g, self._per_member("weight_decay", group["weight_decay"], p), w)  # g + wd * w
+                if any(group["weight_decay"]):
+                    wd = self._per_member("weight_decay", group["weight_decay"], p)
+                    if self.decoupled:  # AdamW: w * (1 - lr * wd), then the update
+                        lr, factor = self._lr(group, p)
+                        w.mul_(1 - lr * factor * wd)
+                    else:
+                        g = torch.addcmul(g, wd, w)  # g + wd * w
                 self._update(p, w, g, group)
         return loss
 
