@@ -28,7 +28,8 @@ from bnlab.face.overrides import (
 )
 from bnlab.record.console import make_console, shell_path
 from bnlab.record.summary import FILE, existing
-from bnlab.run.job import OK
+from bnlab.run.job import OK, REFUSED
+from bnlab.run.world import World, world
 from bnlab.schema.config import BOOKKEEPING_KEYS, ConfigError, DataConfig
 from hydra_plugins.bnlab_sweeper import TuneSweeperConf
 
@@ -44,12 +45,37 @@ def train(args: list[str]) -> None:
     except ConfigError as e:
         refuse(e)
     sys.argv = [f"{Path(sys.argv[0]).name} train", *args]
+    launched = world()  # one run on the processes torchrun or srun started, each running this command
+    if launched and not PRINT_ONLY_FLAGS.intersection(args):
+        joined_run(launched, args)
+        return
     if not PRINT_ONLY_FLAGS.intersection(args):  # --help, --cfg, ... print and exit: no torch for them
         with after_imports():
             import bnlab.run.train  # noqa: F401  torch, once, now that the overrides passed their check
     from bnlab.face.app import train_app
 
     train_app()
+
+
+def joined_run(launched: World, args: list[str]) -> None:
+    """`bnlab train ARGS` on each of torchrun's or srun's processes: rank 0 is a single run (Hydra, its folder,
+    its record) that the others join when it trains; they never start Hydra (bnlab.run.distributed)."""
+    if "-m" in args or "--multirun" in args:
+        if launched.rank:
+            sys.exit(REFUSED)  # rank 0 says why
+        refuse(
+            f"`bnlab train -m` is not accepted on the {launched.size} processes that {launched.by} started: they "
+            f"train one run together. Start a sweep once, not under {launched.by}; its runs can each train on "
+            f"several processes with trainer.devices=N (one node), or run this command without -m."
+        )
+    with after_imports():
+        from bnlab.run import distributed
+    if launched.rank:
+        distributed.follow(launched)  # exits
+    from bnlab.face.app import train_app
+
+    with distributed.leading(launched):
+        train_app()
 
 
 def _task_overrides(overrides: list[str]) -> list[str]:

@@ -12,7 +12,13 @@ needs: shares, sums, averages and the agreement to stop.
 
 A process that dies, fails or stops answering ends the run with a `DistributedError` that names it: a
 collective with a process that died fails at once, one that hangs fails after trainer.timeout_s, and
-rank 0 then stops the others. One node only.
+rank 0 then stops the others.
+
+Started by another launcher instead (torchrun, or `srun -n N`, on one node or several: bnlab.run.world), every
+process runs `bnlab train` with the same arguments. Rank 0 goes through Hydra as a single run does and joins the
+others when it trains (`joined`); the others skip Hydra and wait for it (`follow`), then run the same loop on
+the config it sends them. Where rank 0 ends before it trains (a refused config, a completed run), it tells
+them with what exit code (`leading`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import os
 import pickle
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +38,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
@@ -41,12 +49,13 @@ from torch.nn.parallel import DistributedDataParallel
 from bnlab.core.data import Dataset
 from bnlab.core.norms import with_torch_sync_batch_norm
 from bnlab.run.engine import Processes, Single, resolve_device
+from bnlab.run.world import World
 from bnlab.schema.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
-HOST = "127.0.0.1"  # every process on this node: multi-node runs are out of scope
+HOST = "127.0.0.1"  # the processes bnlab starts itself are all on this node
 # DDP's switch for syncing buffers before every forward pass: forward_sync_buffers in recent torch, where the
 # older name broadcast_buffers is deprecated
 BUFFER_SYNC_OPTION = next(
@@ -66,9 +75,11 @@ class ProcessGroup(Processes):
     """The processes of a distributed run, with torch.distributed collectives over them. The stop flag
     goes over gloo (on CUDA a second, CPU group), so that agreeing on it never waits for a GPU."""
 
-    def __init__(self, rank: int, size: int, device: torch.device) -> None:
+    def __init__(self, rank: int, size: int, device: torch.device, mixed: bool = False) -> None:
+        """`mixed`: the group was made with gloo for CPU tensors and nccl for CUDA ones (`_join`)."""
         self.rank, self.size, self.device = rank, size, device
-        self.control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+        side = device.type == "cuda" and not mixed
+        self.control = dist.new_group(backend="gloo") if side else dist.group.WORLD
 
     def share(self, batch: Tensor) -> Tensor:
         return batch.tensor_split(self.size)[self.rank]
@@ -222,7 +233,7 @@ def processes(
         _wait_for_joining(store, workers, size, timeout_s)
         yield _connect(0, size, store, device_name, timeout_s)
     except BaseException as e:
-        error = _explain(e, workers, size, timeout_s)
+        error = _explain(e, lambda: _fates(workers), f"trainer.devices={size}", timeout_s)
         _end(workers, kill=True)
         if error is e:
             raise
@@ -250,25 +261,25 @@ def _wait_for_joining(store: dist.Store, workers: list[_Worker], size: int, time
         time.sleep(0.05)
 
 
-def _explain(error: BaseException, workers: list[_Worker], size: int, timeout_s: float) -> BaseException:
-    """The error to raise for `error` on rank 0: a DistributedError naming the process that died or failed,
-    or saying that they stopped answering; otherwise (rank 0's own error, Ctrl-C) the error itself."""
+def _explain(error: BaseException, fates: Callable[[], list[str]], who: str, timeout_s: float) -> BaseException:
+    """The error to raise for `error` on rank 0: a DistributedError naming the process that died or failed
+    (`fates()`: how each that ended badly ended), or saying that they stopped answering; otherwise (rank 0's
+    own error, Ctrl-C) the error itself. `who`: the run's processes, as the message starts."""
     if isinstance(error, DistributedError) or not isinstance(error, RuntimeError):  # collectives raise RuntimeErrors
         return error
     timed_out = "timed out" in str(error).lower()
     deadline = time.monotonic() + (0 if timed_out else GRACE_S)  # a process that hangs does not exit by itself
-    while not (fates := _fates(workers)) and time.monotonic() < deadline:
+    while not (ended := fates()) and time.monotonic() < deadline:
         time.sleep(0.05)
     # gloo's message: "[path/to/source.cc:545] Read error [127.0.0.1]:38599: Connection reset by peer. This is ..."
     message = re.sub(r"^\[[^\]]*\]\s*", "", str(error).splitlines()[0] if str(error) else "")
     first_sentence = re.split(r"(?<=\.) ", message)[0][:300]
     detail = f"{type(error).__name__}: {first_sentence}"
-    if fates:
-        return DistributedError(f"trainer.devices={size}: {'; '.join(fates)}; the run stopped ({detail})")
+    if ended:
+        return DistributedError(f"{who}: {'; '.join(ended)}; the run stopped ({detail})")
     if timed_out:
         return DistributedError(
-            f"trainer.devices={size}: a process stopped answering for trainer.timeout_s={timeout_s:g} s; "
-            f"the run stopped ({detail})"
+            f"{who}: a process stopped answering for trainer.timeout_s={timeout_s:g} s; the run stopped ({detail})"
         )
     return error
 
@@ -286,3 +297,127 @@ def _end(workers: list[_Worker], kill: bool, timeout_s: float = 0.0) -> None:
         if w.process.poll() is None:
             w.process.kill()
         w.process.wait()
+
+
+# ---------------------------------------------------------------- processes another launcher started
+
+JOIN_TIMEOUT_S = 300.0  # how long ranks > 0 wait for rank 0 to reach training (its checks, loading its data)
+_told: list[bool] = []  # rank 0 has sent the others their work or their exit code
+
+
+def _join(world: World, timeout_s: float) -> bool:
+    """Join the process group of torchrun's or srun's processes; True where it has gloo for CPU tensors and
+    nccl for CUDA ones (a machine with GPUs: the stop flag and the objects below then go over gloo)."""
+    mixed = torch.cuda.is_available()
+    backend = "cpu:gloo,cuda:nccl" if mixed else "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    if world.by == "torchrun":  # torchrun's agent keeps the store at MASTER_ADDR:MASTER_PORT
+        dist.init_process_group(backend, init_method="env://", timeout=timeout)
+    else:  # srun starts no store: rank 0 keeps it
+        store = dist.TCPStore(world.addr, world.port, world.size, is_master=world.rank == 0, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.size, timeout=timeout)
+    return mixed
+
+
+def _tell(message: tuple) -> None:
+    """Rank 0 sends the others `message`: ("train", trainer.device, work, args) or ("exit", code, None, ())."""
+    dist.broadcast_object_list([message], src=0)
+    _told.append(True)
+
+
+@contextlib.contextmanager
+def joined(
+    world: World, device_name: str, timeout_s: float, work: Callable[..., None], *args
+) -> Iterator[ProcessGroup]:
+    """Rank 0 of torchrun's or srun's processes: join them, send each `work(group, *args)` to run, and run
+    the block as rank 0's part. An error in a collective is raised as a DistributedError that names the
+    processes on this node that ended (those on other nodes: their launcher names them)."""
+    mixed = _join(world, timeout_s)
+    who = f"{world.by} with {world.size} processes"
+    peers: list = [None] * world.size
+    try:
+        _tell(("train", device_name, work, args))
+        dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+        shown = ", ".join(f"rank {r}: pid {pid} on {host}" for r, (host, pid) in enumerate(peers) if r)
+        log.info("%s: the processes joined (%s)", who, shown)
+        device = resolve_device(device_name, world.size, world.rank)
+        yield ProcessGroup(world.rank, world.size, device, mixed)
+    except BaseException as e:
+        error = _explain(e, lambda: _ended_peers(peers), who, timeout_s)
+        if error is e:
+            raise
+        raise error from e
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _ended_peers(peers: list) -> list[str]:
+    """The processes of this node (hostname, pid per rank) that are no longer there."""
+    here = socket.gethostname()
+    return [f"rank {r} (pid {p[1]}) ended" for r, p in enumerate(peers) if r and p and p[0] == here and _gone(p[1])]
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie that its launcher has yet to reap counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:  # no /proc (macOS): it is there
+        return False
+
+
+@contextlib.contextmanager
+def leading(world: World) -> Iterator[None]:
+    """Around rank 0's whole command: where it ends without having sent the others their work (its config
+    refused, its run already completed, an error before training), they are told its exit code, and end too."""
+    code = 1
+    try:
+        yield
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        raise
+    except KeyboardInterrupt:
+        code = 130
+        raise
+    finally:
+        if not _told:
+            with contextlib.suppress(Exception):
+                _join(world, JOIN_TIMEOUT_S)
+                _tell(("exit", code, None, ()))
+                dist.destroy_process_group()
+
+
+def follow(world: World) -> None:
+    """Ranks > 0 of torchrun's or srun's processes: join rank 0, run the work it sends (or end with its exit
+    code) and exit. rank 0 logs and writes for the run; a failure here is one line on stderr, exit code 1.
+    The process ends without the interpreter's teardown, in which gloo's threads can abort."""
+    logging.getLogger().addHandler(logging.NullHandler())
+    warnings.simplefilter("ignore")
+    code = 0
+    try:
+        mixed = _join(world, JOIN_TIMEOUT_S)
+        message: list = [None]
+        dist.broadcast_object_list(message, src=0)
+        what, value, work, args = message[0]
+        if what == "exit":
+            code = value
+        else:
+            dist.all_gather_object([None] * world.size, (socket.gethostname(), os.getpid()))
+            device = resolve_device(value, world.size, world.rank)
+            work(ProcessGroup(world.rank, world.size, device, mixed), *args)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException as e:
+        print(f"bnlab: {world.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        code = 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

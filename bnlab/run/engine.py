@@ -29,6 +29,7 @@ from bnlab.core.models import Unit, build_model
 from bnlab.core.optim import build_optimizer, schedule_lr
 from bnlab.run.diagnostics import DiagnosticLog
 from bnlab.run.threads import auto_threads
+from bnlab.run.world import world
 from bnlab.schema.config import ConfigError, TrainConfig, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ EVAL_BYTES = 128 * 2**20
 
 def resolve_device(name: str, devices: int = 1, rank: int = 0) -> torch.device:
     """trainer.device: auto picks cuda, then mps, then cpu; a named device must exist here. A run over
-    several processes (trainer.devices) trains on CPUs or on one GPU per process, rank r on cuda:r."""
+    several processes (trainer.devices) trains on CPUs or on one GPU per process, rank r on cuda:r (under
+    torchrun or srun: the process's rank on its node)."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
         name = next(d for d, ok in available.items() if ok)
@@ -56,6 +58,13 @@ def resolve_device(name: str, devices: int = 1, rank: int = 0) -> torch.device:
         raise ConfigError(
             f"trainer.device={name!r} is not accepted with trainer.devices={devices}; accepted values: cpu, cuda."
         )
+    if (launched := world()) is not None:  # torchrun's or srun's processes: the GPU of the process's rank on its node
+        if torch.cuda.device_count() <= launched.local_rank:
+            raise ConfigError(
+                f"{launched.name} has local rank {launched.local_rank}, but this node has "
+                f"{torch.cuda.device_count()} GPUs: start at most one process per GPU on each node."
+            )
+        return torch.device("cuda", launched.local_rank)
     if torch.cuda.device_count() < devices:
         raise ConfigError(
             f"trainer.devices={devices} is not accepted with trainer.device=cuda; accepted values here: 1 to "
@@ -95,7 +104,8 @@ def thread_count(cfgs: list[TrainConfig], cores: int) -> int:
     t = cfgs[0].trainer
     if t.threads != "auto":
         return int(t.threads)
-    return auto_threads(step_flops(cfgs[0]) * len(cfgs), max(1, cores // t.devices))
+    here = 1 if world() else t.devices  # processes of the run that share `cores` (another launcher's: not)
+    return auto_threads(step_flops(cfgs[0]) * len(cfgs), max(1, cores // here))
 
 
 def prepare(cfg: TrainConfig, rank: int = 0) -> tuple[torch.device, Dataset]:

@@ -13,6 +13,7 @@ from rich.console import Console
 from bnlab.core.datafiles import DataError
 from bnlab.record.files import OutputError
 from bnlab.record.summary import Status, Summary
+from bnlab.run.world import world
 from bnlab.schema.config import ConfigError, TrainConfig
 
 # Exit codes of `bnlab train` (README "When things go wrong")
@@ -34,6 +35,13 @@ def job_config(dcfg: DictConfig) -> TrainConfig:
     # Key by key, leaving the hydra node out (a copy of the whole config would cost several times more).
     values = {f.name: dcfg[f.name] for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: OmegaConf.to_object(v) if isinstance(v, DictConfig) else v for k, v in values.items()})
+    if (launched := world()) is not None:  # the run trains on the processes torchrun or srun started
+        if cfg.trainer.devices not in (1, launched.size):
+            raise ConfigError(
+                f"trainer.devices={cfg.trainer.devices} is not accepted under {launched.by}, which started "
+                f"{launched.size} processes for this run; accepted values: 1 (the default) or {launched.size}."
+            )
+        cfg.trainer.devices = launched.size
     validate(cfg)
     _converted[id(dcfg)] = (dcfg, cfg)
     return cfg

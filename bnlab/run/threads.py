@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from bnlab.run.world import local_processes
+
 # FLOPs of one training step (forward and backward, bnlab.run.engine.step_flops) that each thread must have before
 # the next one is used. scripts/bench_threads.py on a 2-core Xeon (2026-12-05): a second thread slows the MNIST
 # MLP (0.02 GFLOP a step) to 0.55x on a quiet machine; from about 0.5 GFLOP it gains 1.2-1.7x there, but beside
@@ -20,14 +22,18 @@ from collections.abc import Callable
 # gain 1.5-1.7x quiet and lose at most 19 % beside busy work; every preset's model stays at one.
 MIN_FLOPS_PER_THREAD = 2e9
 CORES_ENV = "BNLAB_CORES"  # set by bnlab's launcher for each worker process: the cores that worker may use
+SLURM_CPUS_ENV = "SLURM_CPUS_PER_TASK"  # set in a SLURM job that asked for --cpus-per-task
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity: a container's or a scheduler's limit), or fewer
-    when bnlab's launcher gave this worker a share of them (BNLAB_CORES)."""
+    """The cores this process may run on: its CPU affinity (a container's or a scheduler's limit), at most
+    the CPUs SLURM gave its task (SLURM_CPUS_PER_TASK: a job without task affinity still sees every core of
+    the node), shared with the other processes torchrun started here, and fewer when bnlab's launcher gave
+    this worker a share of them (BNLAB_CORES)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    share = os.environ.get(CORES_ENV, "")
-    return max(1, min(cores, int(share))) if share.isdigit() else cores
+    limits = [os.environ.get(CORES_ENV, ""), os.environ.get(SLURM_CPUS_ENV, "")]
+    cores = min([cores, *(int(n) for n in limits if n.isdigit())]) // local_processes()
+    return max(1, cores)
 
 
 def cores_per_job(parallel: int | None) -> int:

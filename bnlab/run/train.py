@@ -42,7 +42,7 @@ from bnlab.record.hparams import iterations, session
 from bnlab.record.summary import CHANCE_MARGIN, FILE, Status, Summary, existing
 from bnlab.run import checkpoint
 from bnlab.run.diagnostics import precise_bn
-from bnlab.run.distributed import Replica, processes
+from bnlab.run.distributed import Replica, joined, processes
 from bnlab.run.engine import (
     LOCAL,
     Engine,
@@ -56,6 +56,7 @@ from bnlab.run.engine import (
 )
 from bnlab.run.fused.engine import Fused
 from bnlab.run.threads import usable_cores
+from bnlab.run.world import world
 from bnlab.schema import tags
 from bnlab.schema.config import NO_SHIFT, TrainConfig, flatten
 from bnlab.schema.metrics import METRICS, Thresholds, measured
@@ -429,8 +430,8 @@ def _output_error_message(e: OutputError, runs: list[Run]) -> str:
 
 def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None, cores: int) -> None:
     """Validate, decide the thread count, set up the device and data, and train: in this process, or with
-    trainer.devices > 1 as rank 0 of a distributed run whose other processes bnlab.run.distributed starts (each
-    runs `_replica`)."""
+    trainer.devices > 1 as rank 0 of a distributed run whose other processes bnlab.run.distributed starts, or
+    torchrun or srun started (each runs `_replica`)."""
     for run in runs:
         validate(run.cfg)
     threads = thread_count([run.cfg for run in runs], cores)
@@ -445,7 +446,13 @@ def _fit(runs: list[Run], console: Console, checkpoints: list[dict] | None, core
         if t.devices == 1:
             _drive(runs, data, device, checkpoints, LOCAL, console)
             return
-        with processes(t.devices, t.device, t.timeout_s, _replica, cfg, runs[0].run_dir, bool(checkpoints)) as group:
+        args = (_replica, cfg, runs[0].run_dir, bool(checkpoints))
+        launched = world()  # torchrun's or srun's processes, else bnlab starts its own
+        with (
+            joined(launched, t.device, t.timeout_s, *args)
+            if launched
+            else processes(t.devices, t.device, t.timeout_s, *args) as group
+        ):
             _drive(runs, data, device, checkpoints, group, console)
     except BaseException:
         forget_shared_data()  # the error may be torch refusing an in-place change to the shared data, made anyway
