@@ -350,8 +350,10 @@ def test_several_processes_train_on_cpus_or_one_gpu_each(monkeypatch):
         resolve_device("mps", 2, 0)
 
 
-def test_the_slurm_launcher_asks_for_a_gpu_per_process_on_one_node():
+@pytest.mark.parametrize("device, gpus", [("cuda", 4), ("auto", 0), ("cpu", 0)])
+def test_the_slurm_launcher_asks_for_a_gpu_per_process_on_one_node_where_the_runs_use_cuda(device, gpus):
+    overrides = ["hydra/launcher=slurm", "trainer.devices=4", f"trainer.device={device}"]
     with initialize_config_module("bnlab.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer.devices=4"], return_hydra_config=True)
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
     launcher = cfg.hydra.launcher
-    assert (launcher.gpus_per_node, launcher.nodes, launcher.tasks_per_node) == (4, 1, 1)
+    assert (launcher.gpus_per_node, launcher.nodes, launcher.tasks_per_node) == (gpus, 1, 1)

@@ -86,8 +86,8 @@ def test_the_slurm_launcher_config_composes(tmp_path):
     assert (
         "SlurmLauncher" in out.stdout
         and "partition: gpu" in out.stdout
-        and "gpus_per_node: ${trainer.devices}" in out.stdout
-    )  # 1 by default
+        and "gpus_per_node: ${bnlab.gpus:${trainer.device},${trainer.devices}}" in out.stdout
+    )  # no GPU unless trainer.device=cuda
 
 
 def free_port() -> int:

@@ -17,6 +17,7 @@ from rich.syntax import Syntax
 
 import bnlab.face.hydra_setup  # noqa: F401  the structured config and the resolvers, before Hydra composes
 from bnlab.face.overrides import FUSING_LAUNCHER, untrusted
+from bnlab.face.slurm import in_submitted_job
 from bnlab.record.console import make_console, shell_path
 from bnlab.record.summary import Summary
 from bnlab.record.tuning import SEARCH
@@ -81,7 +82,8 @@ def one_line(summary: Summary) -> str:
 def report(outcome: Outcome) -> None:
     """Show how the job ended and exit with its code where it must: a refused or failed single run
     (2 or 1), any interruption (130; a sweep starts no further run and shows its table first). A failed
-    run of a sweep is logged and the sweep goes on (its table counts it, and the sweep exits 1)."""
+    run of a sweep is logged and the sweep goes on (its table counts it, and the sweep exits 1). A job that
+    submitit started (SLURM) only says how its run ended: the command that submitted it owns the sweep."""
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = hc.runtime.output_dir
@@ -89,7 +91,8 @@ def report(outcome: Outcome) -> None:
         log.info("skipped: another process is training %s", run_dir)
         return
     if outcome.interrupted:
-        if multirun:
+        submitted = in_submitted_job()  # its sweep's table and exit status are the submitting command's
+        if multirun and not submitted:
             summarize(Path(hc.sweep.dir), console)
         steps = f" at step {outcome.summary.steps}" if outcome.summary else ""
         trust = " --trust" if untrusted([*hc.overrides.task, *hc.overrides.hydra]) else ""  # the user's own code
@@ -103,7 +106,9 @@ def report(outcome: Outcome) -> None:
             f"{os.path.relpath(run_dir)}; continue {again}",
             soft_wrap=True,
         )
-        sys.exit(outcome.exit_code)
+        if not submitted:
+            sys.exit(outcome.exit_code)
+        return
     if outcome.error is not None:
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or not (outcome.refused or multirun):
             raise outcome.error

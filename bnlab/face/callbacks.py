@@ -22,7 +22,7 @@ from bnlab.face.hydra_private import BASIC_SWEEPER, ComposeOnce, expand_sweep
 from bnlab.face.overrides import DEFAULTS, EXCLUDE_KEYS, FUSING_LAUNCHER, refuse
 from bnlab.record import provenance
 from bnlab.record.console import make_console, shell_path
-from bnlab.record.summary import FILE, existing
+from bnlab.record.summary import FILE, Status, existing
 from bnlab.results.dashboard import write_dashboard
 from bnlab.results.summarize import summarize
 from bnlab.run.engine import resolve_device
@@ -235,7 +235,7 @@ class Provenance(Callback):
     @staticmethod
     def _start(folder: Path, config: DictConfig, launcher: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        provenance.start(folder, sys.argv[1:], config.trainer.device, launcher)
+        provenance.start(folder, sys.argv[1:], config.trainer.device, launcher, resumed=config.trainer.resume)
 
     @staticmethod
     def _end(folder: Path) -> None:
@@ -249,7 +249,7 @@ class Provenance(Callback):
 
 class SweepTable(Callback):
     """At the end of a multirun: the sweep's table, summary files and TensorBoard dashboard; exit 1 if any
-    run failed."""
+    run failed or did not finish (its job ended first: then with the `bnlab resume` line)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         root = Path(config.hydra.sweep.dir)
@@ -261,5 +261,17 @@ class SweepTable(Callback):
         if lost:
             runs = f"{len(lost)} run{'s' if len(lost) > 1 else ''}"
             console.print(f"{runs} left no summary.json (not in the table): {', '.join(lost)}", soft_wrap=True)
-        if lost or (sweep is not None and (sweep.failed or sweep.unreadable)):
+        # runs whose jobs ended before them (cancelled, a time limit): the sweep goes on where they stopped
+        stopped = [r for r in (sweep.runs if sweep else []) if r.summary.status in (Status.INTERRUPTED, Status.RUNNING)]
+        if stopped or lost:
+            n = len(stopped) + len(lost)
+            timed = "timeout_min" in config.hydra.launcher  # a launcher with time limits (SLURM)
+            limit = " (a longer time limit: add hydra.launcher.timeout_min=MINUTES)" if timed else ""
+            console.print(
+                f"{n} run{'s' if n > 1 else ''} did not finish (a job cancelled, preempted or at its time limit): "
+                f"continue the sweep with `bnlab resume {shell_path(root)}`{limit}; it trains only the runs that "
+                "have not completed",
+                soft_wrap=True,
+            )
+        if stopped or lost or (sweep is not None and (sweep.failed or sweep.unreadable)):
             sys.exit(FAILED)

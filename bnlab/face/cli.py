@@ -26,12 +26,15 @@ from bnlab.face.overrides import (
     refuse,
     untrusted,
 )
+from bnlab.record import provenance
 from bnlab.record.console import make_console, shell_path
 from bnlab.record.summary import FILE, existing
 from bnlab.run.job import OK, REFUSED
 from bnlab.run.world import World, world
 from bnlab.schema.config import BOOKKEEPING_KEYS, ConfigError, DataConfig
 from hydra_plugins.bnlab_sweeper import TuneSweeperConf
+
+LAUNCHER_KEYS = "hydra.launcher."  # what `bnlab resume` may change
 
 # Each command imports what it needs when it runs: torch (seconds) only where a model trains.
 console = make_console()
@@ -119,21 +122,30 @@ def _started_with(path: Path, overrides: list[str]) -> bool:
     return _task_overrides(list(task)) == overrides
 
 
-def resume(folder: Path, trust: bool = False) -> None:
-    """`bnlab resume DIR`: continue a run folder, or every run of a sweep folder that has not completed, in
-    place, with the overrides it was started with; those that name code to run only with `trust`."""
+def resume(folder: Path, trust: bool = False, launcher: list[str] | None = None) -> None:
+    """`bnlab resume DIR [hydra.launcher.KEY=VALUE ...]`: continue a run folder, or every run of a sweep folder
+    that has not completed, in place, with the overrides it was started with (those that name code to run only
+    with `trust`) and the launcher's settings changed as given (a SLURM job's time limit, its partition)."""
+    launcher = launcher or []
+    if wrong := [o for o in launcher if not o.startswith(LAUNCHER_KEYS)]:
+        refuse(
+            f"bnlab resume {shell_path(folder)} does not accept {wrong[0]!r}: a run resumes with the config it was "
+            f"started with; accepted values: the launcher's settings, {LAUNCHER_KEYS}KEY=VALUE (for example "
+            f"{LAUNCHER_KEYS}timeout_min=240 or {LAUNCHER_KEYS}partition=NAME)."
+        )
+    provenance.invoked = ["bnlab", "resume", str(folder), *launcher]
     if (folder / "multirun.yaml").is_file():
         from bnlab.face.hydra_private import expand_sweep
 
         saved = OmegaConf.load(folder / "multirun.yaml")
         task = [o for o in saved.hydra.overrides.task if not o.startswith("trainer.resume=")]
-        made = ("hydra.sweep.dir", "hydra.mode", EXCLUDE_KEYS)  # set anew by this invocation
+        made = ("hydra.sweep.dir", "hydra.mode", EXCLUDE_KEYS, *(o.split("=")[0] for o in launcher))  # set anew
         keep = [o for o in saved.hydra.overrides.hydra if o.split("=")[0] not in made]
         params = [f"{k}={v}" for k, v in (saved.hydra.sweeper.get("params") or {}).items()]
         check_trust(folder, [*params, *task, *keep], trust)
         if saved.hydra.sweeper.get("_target_") == TuneSweeperConf._target_:  # its studies know what is left
             console.print(f"resuming the tuning sweep {shell_path(folder)}: its finished trials are kept")
-            train(["-m", *task, *keep, "trainer.resume=true", f"hydra.sweep.dir={quote(str(folder))}"])
+            train(["-m", *task, *keep, *launcher, "trainer.resume=true", f"hydra.sweep.dir={quote(str(folder))}"])
             return
         jobs = expand_sweep([*params, *task])
         done = sum(s.status.done for p in folder.glob(f"*/{FILE}") if (s := existing(p)))
@@ -141,14 +153,14 @@ def resume(folder: Path, trust: bool = False) -> None:
             console.print(f"nothing to resume: all {len(jobs)} runs of {shell_path(folder)} completed")
             sys.exit(OK)
         console.print(f"resuming {shell_path(folder)}: {len(jobs) - done} of its {len(jobs)} runs have not completed")
-        train(["-m", *task, *keep, "trainer.resume=true", f"hydra.sweep.dir={quote(str(folder))}"])
+        train(["-m", *task, *keep, *launcher, "trainer.resume=true", f"hydra.sweep.dir={quote(str(folder))}"])
     elif (folder / ".hydra" / "overrides.yaml").is_file():
         if (summary := existing(folder / FILE)) and summary.status.done:
             console.print(f"nothing to resume: {shell_path(folder)} completed its {summary.steps} steps")
             sys.exit(OK)
         task = [o for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml") if not o.startswith("trainer.resume=")]
         check_trust(folder, task, trust)
-        train([*task, "trainer.resume=true", f"hydra.run.dir={quote(str(folder))}"])
+        train([*task, *launcher, "trainer.resume=true", f"hydra.run.dir={quote(str(folder))}"])
     else:
         refuse(
             f"{folder} is neither a run folder (it would hold .hydra/overrides.yaml) nor a sweep folder "
@@ -202,6 +214,9 @@ def parser() -> argparse.ArgumentParser:
     res = sub.add_parser("resume", help="continue an interrupted run, or the unfinished runs of a sweep, in place")
     res.add_argument("dir", type=existing_folder, help="the run folder or sweep folder")
     res.add_argument("--trust", action="store_true", help="replay its overrides that name code (a folder you made)")
+    res.add_argument(
+        "launcher", nargs="*", metavar="hydra.launcher.KEY=VALUE", help="the launcher's settings changed (time limit)"
+    )
     data = sub.add_parser("data", help="fetch and check the datasets").add_subparsers(dest="action", required=True)
     fetch_p = data.add_parser("fetch", help="download or copy a dataset into the data root and verify it")
     fetch_p.add_argument("name", choices=list(FILES))
@@ -235,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     args = parser().parse_args(argv)
     if args.command == "resume":
-        resume(args.dir, args.trust)
+        resume(args.dir, args.trust, args.launcher)
     elif args.command == "data" and args.action == "fetch":
         try:
             fetch(args.name, data_root(args.root), log=console.print)

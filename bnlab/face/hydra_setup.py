@@ -7,8 +7,10 @@ The resolvers: a run folder is named by its overrides (`norm=batch,optim.lr=0.1`
 bookkeeping keys left out (${bnlab.bookkeeping:}), in a folder no other invocation has (${bnlab.unique:...});
 presets scale with the batch size: ${bnlab.div:60000,${data.batch_size}} steps is one MNIST epoch,
 ${bnlab.scale:0.05,${data.batch_size},32} is lr 0.05 at batch 32, linearly scaled (Goyal et al. 2017),
-${bnlab.part:N,10} a tenth of N steps, at least 1 (presets made small: scripts/bench_suite.py), and
-${bnlab.if_none:${norm.name},A,B} is A without a norm and B with one (a preset's per-norm training changes).
+${bnlab.part:N,10} a tenth of N steps, at least 1 (presets made small: scripts/bench_suite.py),
+${bnlab.if_none:${norm.name},A,B} is A without a norm and B with one (a preset's per-norm training changes), and
+${bnlab.gpus:${trainer.device},${trainer.devices}} the GPUs a SLURM job asks for: trainer.devices with
+trainer.device=cuda, else none.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ RESOLVERS = {
     "bnlab.scale": lambda x, b, ref: float(x) * float(b) / float(ref),
     "bnlab.part": lambda n, d: max(1, int(n) // int(d)),
     "bnlab.if_none": lambda norm, plain, normed: plain if norm == NO_NORM else normed,
+    "bnlab.gpus": lambda device, devices: int(devices) if device == "cuda" else 0,
 }
 CACHED = {"bnlab.unique"}  # resolved once per config: every read of hydra.run.dir gives the same folder
 

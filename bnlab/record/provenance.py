@@ -18,6 +18,7 @@ from typing import Any
 from bnlab.record.files import read_json, write_json
 
 FILE = "provenance.json"
+invoked: list[str] | None = None  # the command as the user typed it, where it was not `bnlab train` (bnlab resume)
 
 
 def commit() -> str | None:
@@ -67,14 +68,29 @@ def device_name(device: str) -> str:
     return "cpu"
 
 
-def start(folder: Path, args: list[str], device: str, launcher: str) -> None:
-    """Write the folder's provenance.json as a run or sweep starts: `args`, those of `bnlab train`."""
+def start(folder: Path, args: list[str], device: str, launcher: str, resumed: bool = False) -> None:
+    """Write the folder's provenance.json as a run or sweep starts: `args`, those of `bnlab train`. A resume
+    (`resumed`) of a folder that has one keeps it, the command that started the folder first, and appends what
+    this invocation is to its `resumes`."""
     import torch
 
+    command = " ".join(map(shlex.quote, invoked)) if invoked else " ".join(["bnlab", "train", *map(shlex.quote, args)])
+    earlier = read_json(folder / FILE) if resumed and (folder / FILE).exists() else None
+    this = {
+        "command": command,
+        "bnlab_commit": commit(),
+        "launcher": launcher,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "start_time": time.time(),
+    }
+    if earlier and "command" in earlier:
+        earlier.setdefault("resumes", []).append(this)
+        write_json(folder / FILE, earlier)
+        return
     write_json(
         folder / FILE,
         {
-            "command": " ".join(["bnlab", "train", *map(shlex.quote, args)]),
+            "command": command,
             "bnlab_version": version("bnlab"),
             "bnlab_commit": commit(),
             "python": platform.python_version(),
@@ -91,13 +107,13 @@ def start(folder: Path, args: list[str], device: str, launcher: str) -> None:
 
 def end(folder: Path, statuses: dict[str, int], threads: list[int]) -> dict[str, Any]:
     """Add to the folder's provenance.json when it ended, its wall time, its runs' statuses and the torch
-    threads they trained with (one count, or each count that some run had)."""
+    threads they trained with (one count, or each count that some run had); for a resume, when the resume
+    ended and its wall time, and the statuses as they stand after it."""
     record = read_json(folder / FILE)
-    record.update(
-        ended=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        wall_time_s=round(time.time() - record.pop("start_time"), 1),
-        runs=statuses,
-        torch_threads=threads[0] if len(threads) == 1 else threads,  # per run (trainer.threads as resolved)
-    )
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    invocation = record["resumes"][-1] if record.get("resumes") else record
+    if "start_time" in invocation:
+        invocation.update(ended=now, wall_time_s=round(time.time() - invocation.pop("start_time"), 1))
+    record.update(runs=statuses, torch_threads=threads[0] if len(threads) == 1 else threads)  # per run, as resolved
     write_json(folder / FILE, record)
     return record
