@@ -29,11 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
+from bnlab.face.hydra_private import hydra_state
 from bnlab.face.overrides import refuse
 from bnlab.record.summary import FILE, existing
 
@@ -94,7 +94,7 @@ def launch_jobs(launcher: Any, job_overrides: Any, initial_job_idx: int) -> list
     ]
     for overrides, _, idx, _ in params:
         log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-    jobs = _submit(launcher, [(*p, Singleton.get_state()) for p in params], sweep_dir)
+    jobs = _submit(launcher, [(*p, hydra_state()) for p in params], sweep_dir)
     log.info(
         "submitted %d jobs (SLURM job %s) to partition %s; waiting for them (squeue every %g s)",
         len(jobs),
