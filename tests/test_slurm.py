@@ -97,27 +97,46 @@ def equal_numbers(a: dict[str, dict], b: dict[str, dict]) -> None:
         assert steps[0] == steps[1], run
 
 
+def wait_for_task(state: Path, task: str, proc: subprocess.Popen) -> str:
+    deadline = time.monotonic() + 60
+    while not (found := [p.stem for p in state.glob(f"*_{task}.pgid")]):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    return found[0]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("accounting", [True, False], ids=["accounting", "no accounting"])
-def test_a_cancelled_job_ends_the_sweep_with_its_table_and_resume_completes_it(tmp_path, cluster, unbroken, accounting):
+@pytest.mark.parametrize(
+    "accounting, when",
+    [(True, "while it trains"), (False, "while it trains"), (False, "before its run began")],
+    ids=["accounting", "no accounting", "before its run began"],
+)
+def test_a_cancelled_job_ends_the_sweep_with_its_table_and_resume_completes_it(
+    tmp_path, cluster, unbroken, accounting, when
+):
     env = cluster | {"FAKE_SLURM_ACCOUNTING": "1" if accounting else "0"}
-    proc = submit(tmp_path, env)
-    wait_for_checkpoint(tmp_path, "seed=1", proc)
     state = Path(env["FAKE_SLURM_DIR"])
-    (task,) = [p.stem for p in state.glob("*_1.pgid")]
+    proc = submit(tmp_path, env)
+    task = wait_for_task(state, "1", proc)  # seed=1's job has started; its Python has yet to import torch
+    if when == "while it trains":
+        wait_for_checkpoint(tmp_path, "seed=1", proc)
     subprocess.run(["scancel", task], env=env, check=True)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 1, err[-3000:]
     assert "Traceback" not in out + err and "UncompletedJobError" not in out + err
     folder = sweep_dir(tmp_path)
     runs = summaries(folder)
-    assert runs["seed=0"]["status"] == "completed" and runs["seed=1"]["status"] == "interrupted"
     assert "1 run did not finish" in " ".join(out.split()) and f"bnlab resume {folder.relative_to(tmp_path)}" in out
-    why = "CANCELLED by 0" if accounting else "this cluster keeps no accounting to say why"
-    assert (f"ended without a result: {why}" in err) or "interrupted" in runs["seed=1"]["status"]
-    assert provenance(folder)["runs"] == {"completed": 1, "interrupted": 1} and "ended" in provenance(folder)
-    sweep = json.loads((folder / "sweep.json").read_text())
-    assert sum(g["runs"] for g in sweep["groups"]) == 2  # written once, by the command, with both runs
+    if when == "while it trains":  # SIGTERM stopped it after a step; it wrote its summary and its job its result
+        assert runs["seed=0"]["status"] == "completed" and runs["seed=1"]["status"] == "interrupted"
+        assert provenance(folder)["runs"] == {"completed": 1, "interrupted": 1} and "ended" in provenance(folder)
+        sweep = json.loads((folder / "sweep.json").read_text())
+        assert sum(g["runs"] for g in sweep["groups"]) == 2  # written once, by the command, with both runs
+    else:  # killed before its run had a folder: the job left no result, which the command says
+        why = "CANCELLED by 0" if accounting else "no longer queued (this cluster keeps no accounting to say why)"
+        said = " ".join((out + err).split())
+        assert f"job {task} (" in said and f"seed=1) ended without a result: {why}" in said
+        assert list(runs) == ["seed=0"] and provenance(folder)["runs"] == {"completed": 1}
 
     resumed = bnlab("resume", str(folder), "hydra.launcher.timeout_min=30", cwd=tmp_path, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

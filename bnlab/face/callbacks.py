@@ -251,20 +251,30 @@ class SweepTable(Callback):
     """At the end of a multirun: the sweep's table, summary files and TensorBoard dashboard; exit 1 if any
     run failed or did not finish (its job ended first: then with the `bnlab resume` line)."""
 
+    expected: int | None = None  # the jobs of a sweep that the basic sweeper expands: each should leave a run
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.sweeper.get("_target_") == BASIC_SWEEPER:
+            params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+            loader = GlobalHydra.instance().config_loader()
+            self.expected = len(expand_sweep([*params, *config.hydra.overrides.task], loader))
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         root = Path(config.hydra.sweep.dir)
         console = make_console()
         sweep = summarize(root, console)
         write_dashboard(root)
+        started = [d for d in sorted(root.iterdir()) if (d / ".hydra").is_dir()]
         # a run whose summary.json could not be written (a full disk) is not in the table: never a success
-        lost = [d.name for d in sorted(root.iterdir()) if (d / ".hydra").is_dir() and not (d / FILE).exists()]
+        lost = [d.name for d in started if not (d / FILE).exists()]
         if lost:
             runs = f"{len(lost)} run{'s' if len(lost) > 1 else ''}"
             console.print(f"{runs} left no summary.json (not in the table): {', '.join(lost)}", soft_wrap=True)
-        # runs whose jobs ended before them (cancelled, a time limit): the sweep goes on where they stopped
+        # runs whose jobs ended before them (cancelled, a time limit), or before they began: the sweep goes on
         stopped = [r for r in (sweep.runs if sweep else []) if r.summary.status in (Status.INTERRUPTED, Status.RUNNING)]
-        if stopped or lost:
-            n = len(stopped) + len(lost)
+        never = max(0, (self.expected or 0) - len(started))
+        if stopped or lost or never:
+            n = len(stopped) + len(lost) + never
             timed = "timeout_min" in config.hydra.launcher  # a launcher with time limits (SLURM)
             limit = " (a longer time limit: add hydra.launcher.timeout_min=MINUTES)" if timed else ""
             console.print(
@@ -273,5 +283,5 @@ class SweepTable(Callback):
                 "have not completed",
                 soft_wrap=True,
             )
-        if stopped or lost or (sweep is not None and (sweep.failed or sweep.unreadable)):
+        if stopped or lost or never or (sweep is not None and (sweep.failed or sweep.unreadable)):
             sys.exit(FAILED)
