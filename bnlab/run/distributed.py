@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -173,8 +173,7 @@ def _start(rank: int, size: int, port: int, device_name: str, timeout_s: float, 
 
 def _worker_main() -> None:
     """The body of a rank > 0, as `_start` runs it: join the group and run `work(group, *args)`; a failure is
-    written to rank 0's pipe and ends the process with exit code 1. The process ends as multiprocessing ends
-    its own, without the interpreter's teardown, in which the threads of gloo's process group can abort."""
+    written to rank 0's pipe and ends the process with exit code 1 (`_exit`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process of the terminal: rank 0 stops them
     logging.getLogger().addHandler(logging.NullHandler())  # rank 0 logs and warns for the run
     warnings.simplefilter("ignore")
@@ -190,11 +189,17 @@ def _worker_main() -> None:
             pipe.write(f"{type(e).__name__}: {e}")
         code = 1
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _exit(code)
+
+
+def _exit(code: int) -> NoReturn:
+    """End a process of a run (not rank 0) as multiprocessing ends its own: without the interpreter's teardown,
+    in which the threads of gloo's process group can abort."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @dataclass
@@ -394,8 +399,8 @@ def leading(world: World) -> Iterator[None]:
 
 def follow(world: World) -> None:
     """Ranks > 0 of torchrun's or srun's processes: join rank 0, run the work it sends (or end with its exit
-    code) and exit. rank 0 logs and writes for the run; a failure here is one line on stderr, exit code 1.
-    The process ends without the interpreter's teardown, in which gloo's threads can abort."""
+    code) and exit (`_exit`). Rank 0 logs and writes for the run; a failure here is one line on stderr, exit
+    code 1."""
     logging.getLogger().addHandler(logging.NullHandler())
     warnings.simplefilter("ignore")
     code = 0
@@ -416,8 +421,4 @@ def follow(world: World) -> None:
         print(f"bnlab: {world.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
         code = 1
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _exit(code)
