@@ -3,7 +3,8 @@ each task of the array here at once (its batch script with SLURM's variables, an
 job step), `squeue -h -r -u USER -o %i` lists the tasks still running, `scancel ID` ends one as SLURM does
 (SIGTERM to its processes, SIGKILL after KILL_WAIT_S), `#SBATCH --time` and `--signal=USR2@S` are kept with
 a minute of MINUTE_S seconds (USR2 to the job step S "seconds" before the limit, then SIGTERM and SIGKILL at
-it), and `sacct` answers with the tasks' states where FAKE_SLURM_ACCOUNTING=1, else fails as on a cluster
+it), `scontrol requeue ID` starts the task again when it ends (SLURM_RESTART_COUNT one more), and `sacct`
+answers with the tasks' states where FAKE_SLURM_ACCOUNTING=1, else fails as on a cluster
 without accounting. `sbatch` refuses a script with --gpus-per-node above 0, as a CPU partition does.
 
 tests/test_slurm.py puts a folder of shims (`sbatch` -> `python fake_slurm.py sbatch ...`) first on PATH;
@@ -79,9 +80,24 @@ def _task(script: str, job: str, task: str) -> None:
         SLURM_CPUS_PER_TASK=opts.get("cpus-per-task", "1"),
         FAKE_SLURM_TASK=name,
     )
-    with open(path(opts["output"]), "a") as out, open(path(opts["error"]), "a") as err:
-        batch = subprocess.Popen(["bash", script], env=env, stdout=out, stderr=err, start_new_session=True)
-    (STATE / f"{name}.pgid").write_text(str(batch.pid))
+    requeued = STATE / f"{name}.requeue"
+    for restarts in range(100):
+        env["SLURM_RESTART_COUNT"] = str(restarts)
+        with open(path(opts["output"]), "a") as out, open(path(opts["error"]), "a") as err:
+            batch = subprocess.Popen(["bash", script], env=env, stdout=out, stderr=err, start_new_session=True)
+        (STATE / f"{name}.pgid").write_text(str(batch.pid))
+        _watch(name, batch, opts)
+        if not requeued.exists():
+            break
+        requeued.unlink()  # `scontrol requeue`: the job starts again, with its restart count
+        (STATE / f"{name}.state").unlink(missing_ok=True)
+    state = STATE / f"{name}.state"
+    if not state.exists():
+        state.write_text("COMPLETED" if batch.returncode == 0 else "FAILED")
+
+
+def _watch(name: str, batch: subprocess.Popen, opts: dict[str, str]) -> None:
+    """Wait for the batch script to end: its job step warned (USR2) and the job ended at its time limit."""
     limit = float(opts["time"]) * MINUTE_S if "time" in opts else float("inf")
     warn = re.match(r"USR2@(\d+)", opts.get("signal", ""))
     warn_at = limit - float(warn.group(1)) * MINUTE_S / 60 if warn else float("inf")
@@ -94,9 +110,6 @@ def _task(script: str, job: str, task: str) -> None:
         if elapsed >= limit:
             _end(name, batch.pid, "TIMEOUT")
         time.sleep(0.1)
-    state = STATE / f"{name}.state"
-    if not state.exists():
-        state.write_text("COMPLETED" if batch.returncode == 0 else "FAILED")
 
 
 def srun(args: list[str]) -> None:
@@ -133,7 +146,9 @@ def _end(name: str, pgid: int, state: str) -> None:
 
 
 def running() -> list[str]:
-    return [p.stem for p in STATE.glob("*.pgid") if not (STATE / f"{p.stem}.state").exists()]
+    """The tasks in the queue: running, or requeued (their state is set again when they end)."""
+    states = {p.stem: STATE / f"{p.stem}.state" for p in STATE.glob("*.pgid")}
+    return [name for name, state in states.items() if not state.exists() or state.read_text() == "REQUEUED"]
 
 
 def main() -> None:
@@ -149,6 +164,9 @@ def main() -> None:
     elif command == "scancel":
         for name in args:
             _end(name, int((STATE / f"{name}.pgid").read_text()), "CANCELLED by 0")
+    elif command == "scontrol" and args[0] == "requeue":  # submitit's requeue of a job at its time limit
+        (STATE / f"{args[1]}.requeue").write_text("")
+        _end(args[1], int((STATE / f"{args[1]}.pgid").read_text()), "REQUEUED")
     elif command == "sacct":
         if os.environ.get("FAKE_SLURM_ACCOUNTING") != "1":
             print("sacct: error: Slurm accounting storage is disabled", file=sys.stderr)

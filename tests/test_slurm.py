@@ -35,7 +35,7 @@ def cluster(tmp_path) -> dict[str, str]:
     """The environment of a shell on a "login node": SLURM's commands are tests/fake_slurm.py's."""
     shims = tmp_path / "slurm-bin"
     shims.mkdir()
-    for command in ("sbatch", "squeue", "scancel", "sacct", "srun"):
+    for command in ("sbatch", "squeue", "scancel", "sacct", "srun", "scontrol"):
         shim = shims / command
         shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" {command} "$@"\n')
         shim.chmod(0o755)
@@ -187,3 +187,16 @@ def test_resume_accepts_only_the_launchers_settings(tmp_path):
     done = subprocess.run([*CLI, "resume", str(tmp_path), "optim.lr=0.5"], capture_output=True, text=True)
     assert done.returncode == 2
     assert "does not accept 'optim.lr=0.5'" in done.stderr and "hydra.launcher.timeout_min" in done.stderr
+
+
+@pytest.mark.slow
+def test_with_max_num_timeout_a_job_at_its_time_limit_is_requeued_and_its_run_resumes(tmp_path, cluster, unbroken):
+    env = cluster | {"FAKE_SLURM_MINUTE_S": "24"}  # about 12 s of training per attempt: two requeues or more
+    limit = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=5"]
+    proc = submit(tmp_path, env, *limit)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    folder = sweep_dir(tmp_path)
+    equal_numbers(summaries(folder), unbroken)
+    logs = "".join(p.read_text() for p in folder.glob("*/train.log"))
+    assert logs.count("resuming from the checkpoint at step") >= 2  # requeued twice or more, each resumed

@@ -18,6 +18,7 @@ checkpoint. A job never writes the sweep's files.
 from __future__ import annotations
 
 import contextlib
+import copy
 import getpass
 import io
 import logging
@@ -66,7 +67,9 @@ def run_job(launcher: Any, run: Any, sweep_overrides: list[str], *args: Any) -> 
     signal.signal(signal.SIGUSR2, time_limit_warning)
     # before and after training, where submitit would let SIGTERM pass (its SIGKILL follows): the job stops now
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    submitted = copy.deepcopy(launcher.config)  # running the job leaves it read-only, which a requeue pickles
     done = run(sweep_overrides, *args)
+    launcher.config = submitted
     if warned and launcher.params.get("max_num_timeout", 0) > 0 and callable(submitit_handler):
         import submitit
 
