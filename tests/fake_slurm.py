@@ -5,7 +5,8 @@ job step), `squeue -h -r -u USER -o %i` lists the tasks still running, `scancel 
 a minute of MINUTE_S seconds (USR2 to the job step S "seconds" before the limit, then SIGTERM and SIGKILL at
 it), `scontrol requeue ID` starts the task again when it ends (SLURM_RESTART_COUNT one more), and `sacct`
 answers with the tasks' states where FAKE_SLURM_ACCOUNTING=1, else fails as on a cluster
-without accounting. `sbatch` refuses a script with --gpus-per-node above 0, as a CPU partition does.
+without accounting. `sbatch` refuses a script with --gpus-per-node above 0, as a CPU partition does, and
+queues one with more than NODE_CPUS CPUs per task never to start it.
 
 tests/test_slurm.py puts a folder of shims (`sbatch` -> `python fake_slurm.py sbatch ...`) first on PATH;
 the state is kept in FAKE_SLURM_DIR: per task, `ID.pgid` (its batch script), `ID.step` (its job step's pid)
@@ -24,6 +25,7 @@ from pathlib import Path
 STATE = Path(os.environ.get("FAKE_SLURM_DIR", "/tmp/fake_slurm"))
 MINUTE_S = float(os.environ.get("FAKE_SLURM_MINUTE_S", "60"))
 KILL_WAIT_S = 3.0
+NODE_CPUS = 2  # a job asking for more CPUs per task waits forever (reason PartitionConfig), as on a real node
 GPU_REFUSAL = "sbatch: error: Batch job submission failed: Requested node configuration is not available"
 
 
@@ -42,6 +44,9 @@ def sbatch(script: str) -> None:
         first, last = re.match(r"(\d+)-(\d+)", opts["array"]).groups()
         tasks = [str(t) for t in range(int(first), int(last) + 1)]
     for task in tasks:
+        if int(opts.get("cpus-per-task", "1")) > NODE_CPUS:  # SLURM queues it, never to start
+            (STATE / f"{job}_{task}.pending").write_text("PartitionConfig")
+            continue
         subprocess.Popen(
             [sys.executable, __file__, "_task", script, str(job), task],
             start_new_session=True,
@@ -145,10 +150,12 @@ def _end(name: str, pgid: int, state: str) -> None:
         pass
 
 
-def running() -> list[str]:
-    """The tasks in the queue: running, or requeued (their state is set again when they end)."""
+def queue() -> list[str]:
+    """squeue -o "%i %r": the tasks running or requeued (their state is set again when they end), and those
+    pending with their reason."""
     states = {p.stem: STATE / f"{p.stem}.state" for p in STATE.glob("*.pgid")}
-    return [name for name, state in states.items() if not state.exists() or state.read_text() == "REQUEUED"]
+    running = [name for name, state in states.items() if not state.exists() or state.read_text() == "REQUEUED"]
+    return [f"{name} None" for name in running] + [f"{p.stem} {p.read_text()}" for p in STATE.glob("*.pending")]
 
 
 def main() -> None:
@@ -160,10 +167,14 @@ def main() -> None:
     elif command == "srun":
         srun(args)
     elif command == "squeue":
-        print("\n".join(running()))
+        print("\n".join(queue()))
     elif command == "scancel":
         for name in args:
-            _end(name, int((STATE / f"{name}.pgid").read_text()), "CANCELLED by 0")
+            if (pending := STATE / f"{name}.pending").exists():
+                pending.unlink()
+                (STATE / f"{name}.state").write_text("CANCELLED by 0")
+            else:
+                _end(name, int((STATE / f"{name}.pgid").read_text()), "CANCELLED by 0")
     elif command == "scontrol" and args[0] == "requeue":  # submitit's requeue of a job at its time limit
         (STATE / f"{args[1]}.requeue").write_text("")
         _end(args[1], int((STATE / f"{args[1]}.pgid").read_text()), "REQUEUED")

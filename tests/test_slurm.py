@@ -200,3 +200,20 @@ def test_with_max_num_timeout_a_job_at_its_time_limit_is_requeued_and_its_run_re
     equal_numbers(summaries(folder), unbroken)
     logs = "".join(p.read_text() for p in folder.glob("*/train.log"))
     assert logs.count("resuming from the checkpoint at step") >= 2  # requeued twice or more, each resumed
+
+
+@pytest.mark.slow
+def test_jobs_that_can_never_start_are_named_and_cancelling_them_ends_the_sweep(tmp_path, cluster):
+    proc = submit(tmp_path, cluster, "hydra.launcher.cpus_per_task=4")  # the node has 2
+    state = Path(cluster["FAKE_SLURM_DIR"])
+    deadline = time.monotonic() + 60
+    while len(pending := sorted(p.stem for p in state.glob("*.pending"))) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(2)  # a few polls
+    subprocess.run(["scancel", *pending], env=cluster, check=True)
+    out, err = proc.communicate(timeout=120)
+    said = " ".join((out + err).split())
+    assert proc.returncode == 1
+    assert said.count("waits with reason PartitionConfig: the partition cannot give what the job asks") == 1
+    assert "2 runs did not finish" in said

@@ -42,6 +42,13 @@ log = logging.getLogger("bnlab")
 
 GRACE_POLLS = 3  # a job that left the queue has this many more polls to show its result file (a shared file system)
 RESUMED = "trainer.resume=true"
+# squeue's reasons for a pending job that waiting does not cure (SLURM's "Resource Limits" and "Job Reason Codes")
+NEVER_STARTS = {
+    "PartitionConfig": "the partition cannot give what the job asks (CPUs, memory or GPUs per node)",
+    "PartitionNodeLimit": "the job asks for more nodes than the partition allows",
+    "PartitionTimeLimit": "the job's time limit exceeds the partition's (hydra.launcher.timeout_min)",
+    "BadConstraints": "no node satisfies the job's constraints",
+}
 
 
 def in_submitted_job() -> bool:
@@ -152,7 +159,7 @@ def wait_for(jobs: list, names: list[str], poll_s: float) -> list[JobReturn | No
     (cancelled, killed at its time limit, its node lost), said once per job."""
     returns: dict[int, JobReturn | None] = {}
     gone_since: dict[int, float] = {}
-    queue_warned = False
+    queue_warned, said = False, set()
     while len(returns) < len(jobs):
         queued = _queued()
         if queued is None and not queue_warned:
@@ -161,6 +168,16 @@ def wait_for(jobs: list, names: list[str], poll_s: float) -> list[JobReturn | No
         for n, job in enumerate(jobs):
             if n in returns:
                 continue
+            reason = (queued or {}).get(job.job_id, "")
+            if reason in NEVER_STARTS and reason not in said:
+                said.add(reason)
+                log.warning(
+                    "job %s waits with reason %s: %s; it will not start as asked. scancel the sweep's jobs (this "
+                    "command then ends with the resume line) and resume with other hydra.launcher.* settings",
+                    job.job_id,
+                    reason,
+                    NEVER_STARTS[reason],
+                )
             if job.paths.result_pickle.exists():
                 returns[n] = _result(job, names[n])
             elif queued is not None and job.job_id not in queued:
@@ -173,15 +190,18 @@ def wait_for(jobs: list, names: list[str], poll_s: float) -> list[JobReturn | No
     return [returns[n] for n in range(len(jobs))]
 
 
-def _queued() -> set[str] | None:
-    """The ids of this user's jobs in the queue (array tasks one by one: 123_4), or None if squeue fails."""
+def _queued() -> dict[str, str] | None:
+    """This user's jobs in the queue (array tasks one by one: 123_4), each with the reason it waits for
+    (Resources, Priority, PartitionConfig, ...; None where it runs), or None if squeue fails."""
     try:
         out = subprocess.run(
-            ["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i"], capture_output=True, text=True, timeout=60
+            ["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i %r"], capture_output=True, text=True, timeout=60
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return set(out.stdout.split()) if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return {job: reason for job, _, reason in (line.partition(" ") for line in out.stdout.splitlines() if line)}
 
 
 def _how_it_ended(job: Any) -> str:
