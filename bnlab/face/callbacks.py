@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 from bnlab.core.datafiles import DataError
 from bnlab.core.validate import check_memory, check_targets
-from bnlab.face.hydra_private import BASIC_SWEEPER, ComposeOnce, expand_sweep
+from bnlab.face.hydra_private import BASIC_SWEEPER, ComposeOnce, expand_sweep, sweeper_params
 from bnlab.face.overrides import DEFAULTS, EXCLUDE_KEYS, FUSING_LAUNCHER, refuse
 from bnlab.record import provenance
 from bnlab.record.console import make_console, shell_path
@@ -64,8 +64,7 @@ class Preflight(Callback):
             log.warning("trainer.fuse=true fuses runs only with hydra/launcher=bnlab (the default): these run alone")
         loader = GlobalHydra.instance().config_loader()
         ComposeOnce(loader, config)
-        params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
-        overrides = expand_sweep([*params, *config.hydra.overrides.task], loader)  # the command line wins
+        overrides = expand_sweep([*sweeper_params(config), *config.hydra.overrides.task], loader)  # the command wins
         name_runs_by_what_varies(config, overrides)
         jobs = [loader.load_sweep_config(config, job) for job in overrides]
         try:
@@ -255,9 +254,8 @@ class SweepTable(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.sweeper.get("_target_") == BASIC_SWEEPER:
-            params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
             loader = GlobalHydra.instance().config_loader()
-            self.expected = len(expand_sweep([*params, *config.hydra.overrides.task], loader))
+            self.expected = len(expand_sweep([*sweeper_params(config), *config.hydra.overrides.task], loader))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         root = Path(config.hydra.sweep.dir)

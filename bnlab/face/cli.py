@@ -17,6 +17,7 @@ from bnlab.face.interrupts import after_imports
 from bnlab.face.overrides import (
     EXCLUDE_KEYS,
     PRINT_ONLY_FLAGS,
+    RESUME,
     RUNS,
     SWEEPS,
     check_overrides,
@@ -48,11 +49,11 @@ def train(args: list[str]) -> None:
     except ConfigError as e:
         refuse(e)
     sys.argv = [f"{Path(sys.argv[0]).name} train", *args]
-    launched = world()  # one run on the processes torchrun or srun started, each running this command
-    if launched and not PRINT_ONLY_FLAGS.intersection(args):
+    print_only = PRINT_ONLY_FLAGS.intersection(args)  # --help, --cfg, ... print and exit: no torch for them
+    if (launched := world()) and not print_only:  # one run on the processes torchrun or srun started
         joined_run(launched, args)
         return
-    if not PRINT_ONLY_FLAGS.intersection(args):  # --help, --cfg, ... print and exit: no torch for them
+    if not print_only:
         with after_imports():
             import bnlab.run.train  # noqa: F401  torch, once, now that the overrides passed their check
     from bnlab.face.app import train_app
@@ -135,17 +136,17 @@ def resume(folder: Path, trust: bool = False, launcher: list[str] | None = None)
         )
     provenance.invoked = ["bnlab", "resume", str(folder), *launcher]
     if (folder / "multirun.yaml").is_file():
-        from bnlab.face.hydra_private import expand_sweep
+        from bnlab.face.hydra_private import expand_sweep, sweeper_params
 
         saved = OmegaConf.load(folder / "multirun.yaml")
         task = [o for o in saved.hydra.overrides.task if not o.startswith("trainer.resume=")]
         made = ("hydra.sweep.dir", "hydra.mode", EXCLUDE_KEYS, *(o.split("=")[0] for o in launcher))  # set anew
         keep = [o for o in saved.hydra.overrides.hydra if o.split("=")[0] not in made]
-        params = [f"{k}={v}" for k, v in (saved.hydra.sweeper.get("params") or {}).items()]
+        params = sweeper_params(saved)
         check_trust(folder, [*params, *task, *keep], trust)
         if saved.hydra.sweeper.get("_target_") == TuneSweeperConf._target_:  # its studies know what is left
             console.print(f"resuming the tuning sweep {shell_path(folder)}: its finished trials are kept")
-            train(["-m", *task, *keep, *launcher, "trainer.resume=true", f"hydra.sweep.dir={quote(str(folder))}"])
+            train(["-m", *task, *keep, *launcher, RESUME, f"hydra.sweep.dir={quote(str(folder))}"])
             return
         jobs = expand_sweep([*params, *task])
         done = sum(s.status.done for p in folder.glob(f"*/{FILE}") if (s := existing(p)))
@@ -153,14 +154,14 @@ def resume(folder: Path, trust: bool = False, launcher: list[str] | None = None)
             console.print(f"nothing to resume: all {len(jobs)} runs of {shell_path(folder)} completed")
             sys.exit(OK)
         console.print(f"resuming {shell_path(folder)}: {len(jobs) - done} of its {len(jobs)} runs have not completed")
-        train(["-m", *task, *keep, *launcher, "trainer.resume=true", f"hydra.sweep.dir={quote(str(folder))}"])
+        train(["-m", *task, *keep, *launcher, RESUME, f"hydra.sweep.dir={quote(str(folder))}"])
     elif (folder / ".hydra" / "overrides.yaml").is_file():
         if (summary := existing(folder / FILE)) and summary.status.done:
             console.print(f"nothing to resume: {shell_path(folder)} completed its {summary.steps} steps")
             sys.exit(OK)
         task = [o for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml") if not o.startswith("trainer.resume=")]
         check_trust(folder, task, trust)
-        train([*task, *launcher, "trainer.resume=true", f"hydra.run.dir={quote(str(folder))}"])
+        train([*task, *launcher, RESUME, f"hydra.run.dir={quote(str(folder))}"])
     else:
         refuse(
             f"{folder} is neither a run folder (it would hold .hydra/overrides.yaml) nor a sweep folder "

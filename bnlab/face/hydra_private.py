@@ -38,6 +38,11 @@ def expand_sweep(overrides: list[str], loader: Any = None) -> list[list[str]]:
     return jobs
 
 
+def sweeper_params(config: Any) -> list[str]:
+    """A preset's hydra.sweeper.params as overrides ("key=values"), which go before the command line's."""
+    return [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+
+
 def hydra_state() -> dict[str, Any]:
     """Hydra's global state (its config store, plugins and OmegaConf's resolvers), for a worker process."""
     return Singleton.get_state()

@@ -56,6 +56,7 @@ VALUED_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", 
 PRINT_ONLY_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
 INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info [TOPIC]
 SLURM_LAUNCHERS = {"slurm", "submitit_slurm"}
+RESUME = "trainer.resume=true"  # the override that continues a run from its folder
 EXCLUDE_KEYS = "hydra.job.config.override_dirname.exclude_keys"  # keys left out of a run folder's name
 FUSING_LAUNCHER = f"{BnlabLauncher.__module__}.{BnlabLauncher.__name__}"  # bnlab's own launcher
 SCHEMA = OmegaConf.structured(TrainConfig)

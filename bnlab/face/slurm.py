@@ -35,13 +35,12 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
 from bnlab.face.hydra_private import hydra_state
-from bnlab.face.overrides import refuse
+from bnlab.face.overrides import RESUME, refuse
 from bnlab.record.summary import FILE, existing
 
 log = logging.getLogger("bnlab")
 
 GRACE_POLLS = 3  # a job that left the queue has this many more polls to show its result file (a shared file system)
-RESUMED = "trainer.resume=true"
 # squeue's reasons for a pending job that waiting does not cure (SLURM's "Resource Limits" and "Job Reason Codes")
 NEVER_STARTS = {
     "PartitionConfig": "the partition cannot give what the job asks (CPUs, memory or GPUs per node)",
@@ -61,8 +60,8 @@ def run_job(launcher: Any, run: Any, sweep_overrides: list[str], *args: Any) -> 
     """The job, on the cluster (`run`: hydra-submitit-launcher's job with these arguments): the run (resumed
     when SLURM requeued the job), stopped cleanly at the time limit's warning, and the job requeued after it
     where hydra.launcher.max_num_timeout allows."""
-    if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and RESUMED not in sweep_overrides:
-        sweep_overrides = [*sweep_overrides, RESUMED]  # requeued: go on from the checkpoint
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and RESUME not in sweep_overrides:
+        sweep_overrides = [*sweep_overrides, RESUME]  # requeued: go on from the checkpoint
     warned: list[int] = []
     submitit_handler = signal.getsignal(signal.SIGUSR2)
 
@@ -89,22 +88,23 @@ def launch_jobs(launcher: Any, job_overrides: Any, initial_job_idx: int) -> list
     """Submit the jobs as one job array, wait for each to end, and hand Hydra each one's return (those that
     ended without one: an empty return; the sweep's table then shows how their runs stand)."""
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
-    loader = launcher.hydra_context.config_loader
-    configs = [loader.load_sweep_config(launcher.config, list(o)) for o in job_overrides]
-    todo = [i for i, c in enumerate(configs) if not _completed(sweep_dir / str(c.hydra.sweep.subdir), c)]
-    if len(todo) < len(configs):
-        log.info("%d of the %d runs completed before: not submitted again", len(configs) - len(todo), len(configs))
+    todo = list(range(len(job_overrides)))
+    if launcher.config.trainer.resume:  # the runs that completed stay as they are
+        todo = [i for i in todo if not _completed(launcher, sweep_dir, job_overrides[i])]
+        done, total = len(job_overrides) - len(todo), len(job_overrides)
+        if done:
+            log.info("%d of the %d runs completed before: not submitted again", done, total)
     returns = [JobReturn(overrides=list(o), status=JobStatus.COMPLETED) for o in job_overrides]
     if not todo:
         return returns
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    params = [
-        (list(job_overrides[i]), "hydra.sweep.dir", initial_job_idx + i, f"job_id_for_{initial_job_idx + i}")
-        for i in todo
-    ]
-    for overrides, _, idx, _ in params:
-        log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-    jobs = _submit(launcher, [(*p, hydra_state()) for p in params], sweep_dir)
+    names = [" ".join(filter_overrides(job_overrides[i])) for i in todo]
+    params = []
+    for i, name in zip(todo, names):
+        idx = initial_job_idx + i
+        log.info("\t#%d : %s", idx, name)
+        params.append((list(job_overrides[i]), "hydra.sweep.dir", idx, f"job_id_for_{idx}", hydra_state()))
+    jobs = _submit(launcher, params, sweep_dir)
     log.info(
         "submitted %d jobs (SLURM job %s) to partition %s; waiting for them (squeue every %g s)",
         len(jobs),
@@ -112,7 +112,7 @@ def launch_jobs(launcher: Any, job_overrides: Any, initial_job_idx: int) -> list
         launcher.params.get("partition") or "(the default)",
         launcher.poll_s,
     )
-    for i, ret in zip(todo, wait_for(jobs, [" ".join(filter_overrides(p[0])) for p in params], launcher.poll_s)):
+    for i, ret in zip(todo, wait_for(jobs, names, launcher.poll_s)):
         returns[i] = ret or returns[i]
     return returns
 
@@ -149,9 +149,10 @@ def _submit(launcher: Any, job_params: list[tuple], sweep_dir: Path) -> list:
         )
 
 
-def _completed(run_dir: Path, config: Any) -> bool:
-    """The job's run completed before and trainer.resume=true leaves it as it is."""
-    return bool(config.trainer.resume and (s := existing(run_dir / FILE)) and s.status.done)
+def _completed(launcher: Any, sweep_dir: Path, overrides: list[str]) -> bool:
+    """The job's run (in the folder its config names) completed before."""
+    config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+    return bool((s := existing(sweep_dir / str(config.hydra.sweep.subdir) / FILE)) and s.status.done)
 
 
 def wait_for(jobs: list, names: list[str], poll_s: float) -> list[JobReturn | None]:

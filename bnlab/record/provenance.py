@@ -75,7 +75,6 @@ def start(folder: Path, args: list[str], device: str, launcher: str, resumed: bo
     import torch
 
     command = " ".join(map(shlex.quote, invoked)) if invoked else " ".join(["bnlab", "train", *map(shlex.quote, args)])
-    earlier = read_json(folder / FILE) if resumed and (folder / FILE).exists() else None
     this = {
         "command": command,
         "bnlab_commit": commit(),
@@ -83,26 +82,20 @@ def start(folder: Path, args: list[str], device: str, launcher: str, resumed: bo
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "start_time": time.time(),
     }
+    earlier = read_json(folder / FILE) if resumed and (folder / FILE).exists() else None
     if earlier and "command" in earlier:
         earlier.setdefault("resumes", []).append(this)
         write_json(folder / FILE, earlier)
         return
-    write_json(
-        folder / FILE,
-        {
-            "command": command,
-            "bnlab_version": version("bnlab"),
-            "bnlab_commit": commit(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}",
-            "device": device_name(device),
-            "cpu_kernels": cpu_kernels(),
-            "launcher": launcher,
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "start_time": time.time(),
-        },
-    )
+    machine = {
+        "bnlab_version": version("bnlab"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}",
+        "device": device_name(device),
+        "cpu_kernels": cpu_kernels(),
+    }
+    write_json(folder / FILE, {**this, **machine})
 
 
 def end(folder: Path, statuses: dict[str, int], threads: list[int]) -> dict[str, Any]:
